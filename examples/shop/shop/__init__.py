@@ -1,0 +1,1 @@
+"""The reference shop: every atoll capability, exercised by a small store."""

@@ -1,0 +1,102 @@
+"""inventory: stock levels and reservations. Stock never goes negative."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from fastapi import HTTPException
+
+from atoll import Context, Service
+from shop.messages import ReserveStock, StockRejected, StockReserved
+
+#: Loaded once, on the first start of a fresh database.
+SEED_STOCK: dict[str, tuple[str, int]] = {
+    "apple": ("Apple", 100),
+    "banana": ("Banana", 50),
+    "cherry": ("Cherry (box)", 20),
+    "durian": ("Durian", 2),
+    "elderberry": ("Elderberry jam", 0),
+}
+
+service = Service(
+    "inventory",
+    schema=[
+        """CREATE TABLE IF NOT EXISTS stock (
+            sku TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            available INTEGER NOT NULL CHECK (available >= 0)
+        )""",
+        """CREATE TABLE IF NOT EXISTS reservations (
+            order_id TEXT PRIMARY KEY,
+            items TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ],
+)
+service.migration(
+    "seed-stock",
+    [
+        f"INSERT INTO stock (sku, name, available) VALUES ('{sku}', '{name}', {qty})"
+        for sku, (name, qty) in SEED_STOCK.items()
+    ],
+)
+
+
+@service.handles(ReserveStock)
+async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
+    """Reserve every line or none. Runs in one transaction with its reply."""
+    if await ctx.fetch_value(
+        "SELECT 1 FROM reservations WHERE order_id = ?", command.order_id
+    ):
+        ctx.reply(StockReserved(order_id=command.order_id))
+        return
+    wanted = Counter[str]()
+    for line in command.items:
+        wanted[line.sku] += line.qty
+    problems = []
+    for sku, qty in sorted(wanted.items()):
+        if qty <= 0:
+            problems.append(f"{sku}: quantity must be positive")
+            continue
+        available = await ctx.fetch_value("SELECT available FROM stock WHERE sku = ?", sku)
+        if available is None:
+            problems.append(f"{sku}: unknown SKU")
+        elif available < qty:
+            problems.append(f"{sku}: only {available} left, {qty} wanted")
+    if problems:
+        ctx.reply(StockRejected(order_id=command.order_id, reason="; ".join(problems)))
+        return
+    for sku, qty in wanted.items():
+        await ctx.execute(
+            "UPDATE stock SET available = available - ? WHERE sku = ? AND available >= ?",
+            qty,
+            sku,
+            qty,
+        )
+    await ctx.execute(
+        "INSERT INTO reservations (order_id, items, created_at) VALUES (?, ?, ?)",
+        command.order_id,
+        json.dumps(dict(wanted)),
+        ctx.clock.time(),
+    )
+    ctx.reply(StockReserved(order_id=command.order_id))
+
+
+@service.http.get("/stock")
+async def list_stock() -> list[dict[str, Any]]:
+    """Every SKU with what is available."""
+    async with service.read() as db:
+        rows = await db.fetch_all("SELECT sku, name, available FROM stock ORDER BY sku")
+    return [{"sku": r[0], "name": r[1], "available": r[2]} for r in rows]
+
+
+@service.http.get("/stock/{sku}")
+async def get_stock(sku: str) -> dict[str, Any]:
+    """One SKU."""
+    async with service.read() as db:
+        row = await db.fetch_one("SELECT sku, name, available FROM stock WHERE sku = ?", sku)
+    if row is None:
+        raise HTTPException(404, f"no SKU {sku!r}")
+    return {"sku": row[0], "name": row[1], "available": row[2]}

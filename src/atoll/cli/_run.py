@@ -1,0 +1,193 @@
+"""Serving services in this process: used by ``atoll run`` and ``atoll up --single-process``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Generator, Sequence
+from pathlib import Path
+
+import uvicorn
+
+from atoll._errors import AtollError
+from atoll.config import ConfigError, LoadedConfig
+from atoll.determinism import RandomSource, SystemClock
+from atoll.persistence import database_from_url
+from atoll.service import Service, ServiceRuntime
+from atoll.transport import transport_from_url
+
+log = logging.getLogger("atoll.run")
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us: shutdown order matters."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def import_service(loaded: LoadedConfig, name: str) -> Service:
+    """Import the :class:`Service` that ``services.NAME.app`` points at."""
+    spec = loaded.service(name)
+    for entry in reversed(loaded.config.system.python_path):
+        path = str((loaded.base_dir / entry).resolve())
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    module_name, _, attribute = spec.app.partition(":")
+    key = f"services.{name}.app"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(str(loaded.path), key, f"cannot import {module_name!r}: {exc}") from None
+    service = getattr(module, attribute, None)
+    if not isinstance(service, Service):
+        raise ConfigError(
+            str(loaded.path), key, f"{spec.app!r} is {type(service).__name__}, not an atoll Service"
+        )
+    if service.name != name:
+        raise ConfigError(
+            str(loaded.path), key, f"{spec.app!r} is service {service.name!r}, not {name!r}"
+        )
+    return service
+
+
+def bind_socket(host: str, port: int, what: str) -> socket.socket:
+    """A listening socket, or an error naming who could not listen where."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise AtollError(f"{what} cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(loaded: LoadedConfig, names: Sequence[str], *, single_process: bool) -> None:
+    """Run ``names`` in this process until SIGINT or SIGTERM, then stop gracefully.
+
+    Shutdown order: every service reports not ready and stops consuming (finishing the
+    batch in hand); HTTP servers stop accepting and finish in-flight requests; outboxes
+    are flushed; then databases and the transport close.
+    """
+    system = loaded.config.system
+    data_dir = loaded.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    clock = SystemClock()
+    random = RandomSource(clock=clock)
+    if system.transport.startswith("memory:") and not single_process:
+        raise ConfigError(
+            str(loaded.path),
+            "system.transport",
+            "memory:// lives in one process; use `atoll up --single-process` or the"
+            " embedded sqlite:/// transport",
+        )
+    services = [import_service(loaded, name) for name in names]
+    transport = transport_from_url(
+        system.transport,
+        base_dir=data_dir,
+        clock=clock,
+        random=random,
+        synchronous=system.sqlite_synchronous,
+    )
+    runtimes = [
+        ServiceRuntime(
+            service,
+            database=database_from_url(
+                loaded.database_url(service.name),
+                base_dir=data_dir,
+                clock=clock,
+                synchronous=system.sqlite_synchronous,
+            ),
+            transport=transport,
+            owns_transport=False,
+            clock=clock,
+            random=random,
+            max_batch=loaded.service(service.name).max_batch,
+            drain_timeout=system.drain_timeout,
+        )
+        for service in services
+    ]
+    sockets = []
+    try:
+        for service in services:
+            spec = loaded.service(service.name)
+            sockets.append(bind_socket(spec.host, spec.port, f"service {service.name}"))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    started: list[ServiceRuntime] = []
+    servers: list[tuple[_Server, asyncio.Task[None]]] = []
+    try:
+        await transport.connect()
+        for runtime in runtimes:
+            await runtime.start()
+            started.append(runtime)
+        for runtime, sock in zip(runtimes, sockets, strict=True):
+            config = uvicorn.Config(
+                runtime.service.http,
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(system.drain_timeout),
+                server_header=False,
+            )
+            server = _Server(config)
+            servers.append((server, loop.create_task(server.serve(sockets=[sock]))))
+        for server, task in servers:
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)  # noqa: ASYNC110 - uvicorn exposes no start event
+            if task.done():
+                task.result()
+        for runtime in runtimes:
+            spec = loaded.service(runtime.service.name)
+            log.info("%s ready on http://%s:%d", runtime.service.name, spec.host, spec.port)
+        waiter = loop.create_task(stop.wait())
+        await asyncio.wait([waiter, *(t for _, t in servers)], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+    finally:
+        log.info("stopping: no new messages; finishing in-flight work")
+        for runtime in started:
+            await runtime.stop_consuming()
+        for server, _ in servers:
+            server.should_exit = True
+        if servers:
+            await asyncio.wait([t for _, t in servers])
+        for runtime in started:
+            await runtime.stop()
+        await transport.close()
+        for sock in sockets:
+            sock.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+def run(loaded: LoadedConfig, names: Sequence[str], *, single_process: bool) -> None:
+    """Run :func:`serve` on uvloop when available."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+    except ImportError:
+        asyncio.run(serve(loaded, names, single_process=single_process))
+    else:
+        uvloop.run(serve(loaded, names, single_process=single_process))
+
+
+def data_path(loaded: LoadedConfig) -> Path:
+    """The data directory, created if needed."""
+    loaded.data_dir.mkdir(parents=True, exist_ok=True)
+    return loaded.data_dir

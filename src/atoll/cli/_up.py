@@ -1,0 +1,195 @@
+"""``atoll up``: every service of a system as its own process, supervised."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from atoll.config import LoadedConfig
+from atoll.determinism import SystemClock
+
+_COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
+
+
+@dataclass
+class _Child:
+    name: str
+    color: str
+    url: str
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ready: bool = False
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class Supervisor:
+    """Starts each service as ``python -m atoll run NAME``, prefixes its output, restarts
+    it with backoff if it dies, and stops all of them gracefully on Ctrl-C or SIGTERM.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        names: list[str],
+        *,
+        console: Console,
+        restart: bool = True,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self.loaded = loaded
+        self.console = console
+        self.restart = restart
+        self.ready_timeout = ready_timeout
+        self.clock = SystemClock()
+        width = max(len(n) for n in names)
+        self._width = width
+        self.children = [
+            _Child(
+                name,
+                _COLORS[i % len(_COLORS)],
+                f"http://{loaded.service(name).host}:{loaded.service(name).port}",
+            )
+            for i, name in enumerate(names)
+        ]
+        self._stopping = False
+
+    def _say(self, child: _Child | None, line: str, style: str = "") -> None:
+        prefix = Text(f"{(child.name if child else 'atoll'):<{self._width}} | ", style=child.color if child else "bold")
+        self.console.print(prefix + Text.from_ansi(line, style=style), soft_wrap=True, highlight=False)
+
+    async def _pump(self, child: _Child, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            self._say(child, line.decode(errors="replace").rstrip())
+
+    async def _spawn(self, child: _Child) -> None:
+        env = dict(os.environ)
+        env.update(self.loaded.service(child.name).env)
+        env.setdefault("ATOLL_LOG_FORMAT", "console")
+        env.setdefault("ATOLL_LOG_COLOR", "1" if self.console.is_terminal else "0")
+        env["PYTHONUNBUFFERED"] = "1"
+        child.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "atoll", "run", child.name, "--config", str(self.loaded.path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+        )
+        assert child.process.stdout is not None
+        child.pumps = [asyncio.get_running_loop().create_task(self._pump(child, child.process.stdout))]
+
+    async def _await_ready(self, client: httpx.AsyncClient, child: _Child) -> bool:
+        deadline = self.clock.monotonic() + self.ready_timeout
+        while self.clock.monotonic() < deadline and not self._stopping:
+            if child.process is not None and child.process.returncode is not None:
+                return False
+            with contextlib.suppress(httpx.HTTPError):
+                response = await client.get(f"{child.url}/readyz", timeout=1.0)
+                if response.status_code == 200:
+                    child.ready = True
+                    return True
+            await self.clock.sleep(0.1)
+        return False
+
+    async def _watch(self, child: _Child) -> None:
+        """Restart a child that exits while we are not stopping, with backoff."""
+        while not self._stopping:
+            assert child.process is not None
+            code = await child.process.wait()
+            for pump in child.pumps:
+                with contextlib.suppress(Exception):
+                    await pump
+            if self._stopping:
+                return
+            child.ready = False
+            self._say(None, f"{child.name} exited with code {code}", style="bold red")
+            if not self.restart:
+                return
+            child.restarts += 1
+            delay = min(10.0, 0.5 * 2 ** min(child.restarts, 5))
+            self._say(None, f"restarting {child.name} in {delay:.1f}s", style="yellow")
+            await self.clock.sleep(delay)
+            if not self._stopping:
+                await self._spawn(child)
+
+    def _summary(self) -> None:
+        table = Table(title=f"{self.loaded.config.system.name} is up", title_justify="left")
+        table.add_column("service")
+        table.add_column("url")
+        table.add_column("ready")
+        for child in self.children:
+            table.add_row(
+                Text(child.name, style=child.color),
+                child.url,
+                Text("yes", style="green") if child.ready else Text("no", style="red"),
+            )
+        self.console.print(table)
+        first = self.children[0]
+        self.console.print(
+            f"Try: curl -X POST {first.url}/orders -H 'content-type: application/json' "
+            """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'"""
+            if first.name == "orders"
+            else f"Services answer at the URLs above; /readyz shows each one's state.",
+            highlight=False,
+        )
+        self.console.print("Press Ctrl-C to stop.", style="dim")
+
+    async def run(self) -> int:
+        """Run until Ctrl-C or SIGTERM; return the exit code."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watchers: list[asyncio.Task[None]] = []
+        code = 0
+        try:
+            for child in self.children:
+                await self._spawn(child)
+            async with httpx.AsyncClient() as client:
+                ready = await asyncio.gather(*(self._await_ready(client, c) for c in self.children))
+            if not all(ready) and not stop.is_set():
+                failed = ", ".join(c.name for c, ok in zip(self.children, ready, strict=True) if not ok)
+                self._say(None, f"not ready: {failed}; stopping", style="bold red")
+                code = 1
+            else:
+                self._summary()
+                watchers = [loop.create_task(self._watch(c)) for c in self.children]
+                await stop.wait()
+        finally:
+            self._stopping = True
+            self._say(None, "stopping services (finishing in-flight work)")
+            await self._stop_all()
+            for watcher in watchers:
+                watcher.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return code
+
+    async def _stop_all(self) -> None:
+        drain = self.loaded.config.system.drain_timeout + 5.0
+        running = [c for c in self.children if c.process and c.process.returncode is None]
+        for child in running:
+            assert child.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGTERM)
+        for child in running:
+            assert child.process is not None
+            try:
+                await asyncio.wait_for(child.process.wait(), drain)
+            except TimeoutError:
+                self._say(None, f"{child.name} did not stop in {drain:.0f}s; killing it", style="red")
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+                await child.process.wait()
+            for pump in child.pumps:
+                with contextlib.suppress(Exception):
+                    await pump
+        self._say(None, "all services stopped")

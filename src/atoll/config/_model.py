@@ -1,0 +1,44 @@
+"""The shape of ``atoll.toml``."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SystemSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[system]``: what all services share."""
+
+    name: str = "atoll"
+    #: Where embedded databases, the embedded bus and logs live (relative to the file).
+    data_dir: str = ".atoll"
+    #: The transport every service uses: ``sqlite:///path``, ``memory://`` (single process
+    #: only), or a broker URL.
+    transport: str = "sqlite:///bus.db"
+    #: Folders added to ``sys.path`` to import services (relative to the file).
+    python_path: list[str] = msgspec.field(default_factory=lambda: ["."])
+    #: Seconds a stopping service waits for in-flight handlers.
+    drain_timeout: float = 30.0
+    #: Default durability of embedded SQLite files: ``FULL`` or ``NORMAL``.
+    sqlite_synchronous: str = "FULL"
+
+
+class ServiceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[services.NAME]``: one service."""
+
+    #: ``package.module:attribute`` of the :class:`atoll.Service`.
+    app: str
+    host: str = "127.0.0.1"
+    port: int
+    #: The service's own database. Default: ``sqlite:///<data_dir>/<name>.db``.
+    database: str | None = None
+    #: Largest batch of messages handled in one transaction.
+    max_batch: int = 100
+    #: Extra environment variables for the service's process.
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class AtollConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole ``atoll.toml``."""
+
+    system: SystemSection = msgspec.field(default_factory=SystemSection)
+    services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)

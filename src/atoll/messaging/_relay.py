@@ -1,0 +1,145 @@
+"""The outbox relay: committed messages from a service's outbox to the transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from atoll._crash import crashpoint
+from atoll.determinism import Clock, RandomSource
+from atoll.persistence import Database
+from atoll.transport import OutgoingMessage, Transport
+
+log = logging.getLogger("atoll.relay")
+
+
+class OutboxRelay:
+    """Publishes a service's committed outbox records, oldest commit first.
+
+    Guarantees: a record is deleted only after :meth:`Transport.publish` returned for it
+    (the transport confirmed it), so a crash at any point re-publishes at worst; the
+    message id is the one written at commit, so consumers' inboxes drop the duplicate.
+    Records are published in outbox order, which is commit order, so every key keeps
+    its order. Only the holder of the ``relay:<service>`` lease publishes, so several
+    instances sharing a database do not publish the same records twice in the normal
+    path. While the transport is down, records wait and the relay backs off with
+    jitter (``backoff_cap`` at most).
+
+    It wakes when a local commit adds records (a hint) and polls every
+    ``poll_interval`` seconds for anything else (other processes, scheduled messages).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        database: Database,
+        transport: Transport,
+        *,
+        clock: Clock,
+        random: RandomSource,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        backoff_cap: float = 10.0,
+        lease_ttl: float = 15.0,
+    ) -> None:
+        self.name = name
+        self._db = database
+        self._transport = transport
+        self._clock = clock
+        self._random = random
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._backoff_cap = backoff_cap
+        self._lease_ttl = lease_ttl
+        self._owner = random.new_id()
+        self._lease_name = f"relay:{name}"
+        self._lease_until = 0.0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop after a last pass over what is due, so a clean shutdown leaves nothing behind."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.warning("relay %s could not flush at shutdown: %s", self.name, exc)
+        await self._db.release_lease(self._lease_name, self._owner)
+
+    async def _hold_lease(self) -> bool:
+        now = self._clock.monotonic()
+        if now < self._lease_until - self._lease_ttl / 3:
+            return True
+        if await self._db.try_lease(self._lease_name, self._owner, self._lease_ttl):
+            self._lease_until = now + self._lease_ttl
+            return True
+        self._lease_until = 0.0
+        return False
+
+    async def flush(self) -> int:
+        """Publish everything due now; return how many records were published."""
+        total = 0
+        while True:
+            if not await self._hold_lease():
+                return total
+            records = await self._db.outbox_fetch(self._batch_size)
+            if not records:
+                return total
+            await self._transport.publish(
+                [OutgoingMessage(r.topic, r.message_id, r.key, r.body) for r in records]
+            )
+            crashpoint("relay.after_publish")
+            await self._db.outbox_delete([r.seq for r in records])
+            total += len(records)
+            self.published += len(records)
+            if len(records) < self._batch_size:
+                return total
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                self.failures += 1
+                text = f"{type(exc).__name__}: {exc}"
+                if text != self.last_error:
+                    count, _, _ = await _safe_stats(self._db)
+                    log.warning(
+                        "relay %s cannot publish (%s); the outbox holds %s messages, retrying",
+                        self.name,
+                        text,
+                        count,
+                    )
+                self.last_error = text
+                cap = min(self._backoff_cap, 0.05 * 2**attempt)
+                await self._clock.sleep(self._random.uniform(0, cap))
+                continue
+            if attempt:
+                log.info("relay %s publishes again", self.name)
+            attempt = 0
+            self.last_error = None
+            scheduled = await self._db.outbox_next_scheduled()
+            timeout = self._poll_interval
+            if scheduled is not None:
+                timeout = max(0.0, min(timeout, scheduled - self._clock.time()))
+            await self._db.wait_for_outbox(timeout)
+
+
+async def _safe_stats(db: Database) -> tuple[int, float | None, float | None]:
+    try:
+        return await db.outbox_stats()
+    except Exception:
+        return (-1, None, None)

@@ -1,0 +1,73 @@
+"""Structured logs: JSON for machines, colours for people, one format for every logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["json", "console"]
+
+
+def configure_logging(
+    *, service: str | None = None, fmt: LogFormat | None = None, level: str | None = None
+) -> None:
+    """Route stdlib ``logging`` and structlog through one renderer.
+
+    ``fmt`` defaults to ``$ATOLL_LOG_FORMAT`` or, failing that, ``console`` on a terminal
+    and ``json`` otherwise. Every record carries ``service`` when given.
+    """
+    chosen = fmt or os.environ.get("ATOLL_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
+    level_name = (level or os.environ.get("ATOLL_LOG_LEVEL") or "INFO").upper()
+
+    def add_service(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+        if service is not None:
+            event.setdefault("service", service)
+        return event
+
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        add_service,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *_extra_processors,
+    ]
+    renderer: structlog.types.Processor
+    if chosen == "json":
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        colors = os.environ.get("NO_COLOR") is None and (
+            sys.stderr.isatty() or os.environ.get("ATOLL_LOG_COLOR") == "1"
+        )
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level_name)
+    for noisy in ("uvicorn.access",):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+#: Processors added by other parts of atoll (tracing adds trace and span ids).
+_extra_processors: list[structlog.types.Processor] = []
+
+
+def add_log_processor(processor: structlog.types.Processor) -> None:
+    """Add a processor to every record, e.g. one that adds the current trace id."""
+    _extra_processors.append(processor)

@@ -1,0 +1,17 @@
+"""Services: declaring handlers and HTTP APIs, and running them."""
+
+from atoll.service._context import Context
+from atoll.service._http import PROBLEM_JSON, problem
+from atoll.service._runtime import RuntimeStats, ServiceRuntime
+from atoll.service._service import HandlerSpec, Service, ServiceNotRunningError
+
+__all__ = [
+    "PROBLEM_JSON",
+    "Context",
+    "HandlerSpec",
+    "RuntimeStats",
+    "Service",
+    "ServiceNotRunningError",
+    "ServiceRuntime",
+    "problem",
+]

@@ -1,0 +1,203 @@
+"""What handlers and HTTP routes use: their unit of work plus messaging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from atoll.determinism import Clock, RandomSource
+from atoll.messages import (
+    Command,
+    Envelope,
+    Event,
+    Message,
+    Reply,
+    encode_envelope,
+    encode_payload,
+    utc_from_timestamp,
+)
+from atoll.persistence import Row, Session, UnitOfWork
+from atoll.transport import command_topic, event_topic
+
+if TYPE_CHECKING:
+    from atoll.service._service import Service
+
+
+class Context(Session):
+    """A unit of work of one service, with messaging.
+
+    Queries (:meth:`execute`, :meth:`fetch_all`, ...) run in the unit of work's
+    transaction; :meth:`send`, :meth:`publish` and :meth:`reply` write to the outbox in
+    that same transaction. So the state change, the messages it causes and (in a
+    message handler) the record that the incoming message was handled become durable
+    together or not at all.
+
+    Outgoing messages inherit the correlation id, trace context and deadline of the
+    incoming message; their causation id is the incoming message's id. Their key
+    defaults to the correlation id, so one business flow's messages stay in order.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_random",
+        "_service",
+        "_uow",
+        "correlation_id",
+        "deadline",
+        "envelope",
+        "message",
+        "trace",
+    )
+
+    def __init__(
+        self,
+        service: Service,
+        uow: UnitOfWork,
+        *,
+        clock: Clock,
+        random: RandomSource,
+        envelope: Envelope | None = None,
+        message: Message | None = None,
+        correlation_id: str | None = None,
+        trace: dict[str, str] | None = None,
+        deadline: datetime | None = None,
+    ) -> None:
+        self._service = service
+        self._uow = uow
+        self._clock = clock
+        self._random = random
+        self.envelope = envelope
+        self.message = message
+        self.correlation_id = (
+            envelope.correlation_id if envelope is not None else correlation_id or random.new_id()
+        )
+        self.trace = dict(envelope.trace) if envelope is not None else dict(trace or {})
+        self.deadline = envelope.deadline if envelope is not None else deadline
+
+    @property
+    def service_name(self) -> str:
+        """The name of the service this unit of work belongs to."""
+        return self._service.name
+
+    @property
+    def clock(self) -> Clock:
+        """The clock of the running service."""
+        return self._clock
+
+    @property
+    def random(self) -> RandomSource:
+        """The random source of the running service."""
+        return self._random
+
+    @property
+    def unit_of_work(self) -> UnitOfWork:
+        """The underlying unit of work (for libraries built on atoll)."""
+        return self._uow
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def execute(self, sql: str, *params: Any) -> int:
+        return await self._uow.execute(sql, *params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._uow.executemany(sql, rows)
+
+    async def fetch_all(self, sql: str, *params: Any) -> list[Row]:
+        return await self._uow.fetch_all(sql, *params)
+
+    async def fetch_one(self, sql: str, *params: Any) -> Row | None:
+        return await self._uow.fetch_one(sql, *params)
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this unit of work is durably committed."""
+        self._uow.on_commit(callback)
+
+    # -- messaging ------------------------------------------------------------------------
+
+    def send(
+        self,
+        command: Command,
+        *,
+        to: str,
+        key: str | None = None,
+        delay: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Send ``command`` to service ``to``; return its message id.
+
+        ``delay`` (seconds) holds it in the outbox until then: a durable timer.
+        """
+        if not isinstance(command, Command):
+            raise TypeError(f"send() takes a Command, not {type(command).__name__}")
+        return self._emit(command, command_topic(to), to, key, delay, headers, reply_to=None)
+
+    def publish(
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        delay: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Publish ``event`` to every service subscribed to its type; return its message id."""
+        if not isinstance(event, Event):
+            raise TypeError(f"publish() takes an Event, not {type(event).__name__}")
+        return self._emit(
+            event, event_topic(event.message_type), event.message_type, key, delay, headers, None
+        )
+
+    def reply(
+        self,
+        reply: Reply,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Send ``reply`` back to the service that sent the message being handled."""
+        if not isinstance(reply, Reply):
+            raise TypeError(f"reply() takes a Reply, not {type(reply).__name__}")
+        if self.envelope is None:
+            raise RuntimeError("reply() needs an incoming message; use send() from HTTP routes")
+        target = self.envelope.reply_to or self.envelope.source
+        return self._emit(
+            reply, command_topic(target), target, key or self.envelope.key, None, headers, None
+        )
+
+    def _emit(
+        self,
+        message: Message,
+        topic: str,
+        destination: str,
+        key: str | None,
+        delay: float | None,
+        headers: dict[str, str] | None,
+        reply_to: str | None,
+    ) -> str:
+        now = self._clock.time()
+        message_id = self._random.new_id()
+        envelope = Envelope(
+            id=message_id,
+            type=message.message_type,
+            version=message.message_version,
+            kind=message.message_kind,
+            source=self._service.name,
+            destination=destination,
+            correlation_id=self.correlation_id,
+            causation_id=self.envelope.id if self.envelope is not None else None,
+            created_at=utc_from_timestamp(now),
+            key=key if key is not None else self.correlation_id,
+            reply_to=reply_to,
+            deadline=self.deadline,
+            trace=self.trace,
+            headers=headers or {},
+            payload=encode_payload(message),
+        )
+        self._uow.add_outgoing(
+            message_id=message_id,
+            topic=topic,
+            key=envelope.key,
+            body=encode_envelope(envelope),
+            deliver_at=None if delay is None else now + delay,
+        )
+        return message_id

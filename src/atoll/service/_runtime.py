@@ -1,0 +1,332 @@
+"""Running a service: lifecycle, the consumer, the relay and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from atoll.determinism import Clock, RandomSource, SystemClock
+from atoll.messages import Envelope, Message, MessageError, decode_envelope
+from atoll.messaging._relay import OutboxRelay
+from atoll.persistence import Database, TransientDatabaseError
+from atoll.service._context import Context
+from atoll.service._service import HandlerSpec, Service
+from atoll.transport import (
+    Ack,
+    Consumer,
+    DeadLetter,
+    Delivery,
+    Outcome,
+    Retry,
+    Transport,
+    command_topic,
+    event_topic,
+)
+
+log = logging.getLogger("atoll.service")
+
+State = Literal["created", "starting", "ready", "stopping", "stopped", "failed"]
+
+
+@dataclass(slots=True)
+class RuntimeStats:
+    """Counters of one running service, for readiness details and metrics."""
+
+    handled: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    index: int
+    delivery: Delivery
+    envelope: Envelope
+    message: Message
+    spec: HandlerSpec
+
+
+class ServiceRuntime:
+    """Runs one :class:`Service`: its database, outbox relay, consumer and health.
+
+    Lifecycle: :meth:`start` opens the database, applies migrations, runs start hooks,
+    connects the transport, starts the relay and then the consumer, and only then reports
+    ready. :meth:`stop` reports not ready at once, stops taking new messages, waits (up
+    to ``drain_timeout``) for the batch in hand to be handled and settled, flushes the
+    outbox once more, and closes.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        database: Database,
+        transport: Transport,
+        clock: Clock | None = None,
+        random: RandomSource | None = None,
+        owns_transport: bool = True,
+        max_batch: int = 100,
+        relay_batch: int = 500,
+        relay_poll_interval: float = 1.0,
+        drain_timeout: float = 30.0,
+        inbox_retention: float = 7 * 86_400.0,
+    ) -> None:
+        self.service = service
+        self.database = database
+        self.transport = transport
+        self.clock: Clock = clock or SystemClock()
+        self.random = random or RandomSource(clock=self.clock)
+        self.state: State = "created"
+        self.stats = RuntimeStats()
+        self._owns_transport = owns_transport
+        self._max_batch = max_batch
+        self._drain_timeout = drain_timeout
+        self._inbox_retention = inbox_retention
+        self._consumer: Consumer | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self.relay = OutboxRelay(
+            service.name,
+            database,
+            transport,
+            clock=self.clock,
+            random=self.random,
+            batch_size=relay_batch,
+            poll_interval=relay_poll_interval,
+        )
+
+    def __repr__(self) -> str:
+        return f"ServiceRuntime({self.service.name!r}, state={self.state!r})"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the service takes work: started and not stopping."""
+        return self.state == "ready"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything; raise (and stay not ready) if any part fails."""
+        if self.state not in ("created", "stopped"):
+            raise RuntimeError(f"cannot start {self!r}")
+        self.state = "starting"
+        self.service.attach(self)
+        try:
+            await self.database.open()
+            for name, statements in self.service.migrations:
+                await self.database.migrate(name, statements)
+            for hook in self.service.start_hooks:
+                await hook(self)
+            await self.transport.connect()
+            self.relay.start()
+            topics = [command_topic(self.service.name)]
+            topics += [event_topic(t) for t in self.service.event_types]
+            self._consumer = await self.transport.subscribe(
+                self.service.name,
+                topics,
+                self._handle_batch,
+                policy=self.service.redelivery,
+                max_batch=self._max_batch,
+            )
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+        except BaseException:
+            self.state = "failed"
+            await self._close_quietly()
+            raise
+        self.state = "ready"
+        log.info("service %s ready", self.service.name)
+
+    async def stop_consuming(self) -> None:
+        """Report not ready and stop taking messages; wait for the batch in hand.
+
+        HTTP routes keep working until :meth:`stop`, so in-flight requests can finish.
+        """
+        if self.state in ("stopped", "created"):
+            return
+        self.state = "stopping"
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        if self._consumer is not None:
+            try:
+                await asyncio.wait_for(self._consumer.stop(), self._drain_timeout)
+            except TimeoutError:
+                log.warning(
+                    "service %s: handlers still running after %.0fs; their messages will be"
+                    " redelivered",
+                    self.service.name,
+                    self._drain_timeout,
+                )
+            self._consumer = None
+
+    async def stop(self) -> None:
+        """Stop taking work, drain what is in hand, flush the outbox, close."""
+        if self.state in ("stopped", "created"):
+            return
+        await self.stop_consuming()
+        await self.relay.stop()
+        await self._close_quietly()
+        self.state = "stopped"
+        self.service.attach(None)
+
+    async def _close_quietly(self) -> None:
+        if self._owns_transport:
+            try:
+                await self.transport.close()
+            except Exception as exc:
+                log.warning("closing the transport failed: %s", exc)
+        try:
+            await self.database.close()
+        except Exception as exc:
+            log.warning("closing the database failed: %s", exc)
+
+    async def _maintain(self) -> None:
+        """Prune the inbox of records older than the retention, once an hour."""
+        while True:
+            try:
+                await self.database.prune_inbox(self.clock.time() - self._inbox_retention)
+            except Exception as exc:
+                log.warning("service %s: pruning the inbox failed: %s", self.service.name, exc)
+            await self.clock.sleep(3600.0)
+
+    # -- units of work --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def unit_of_work(
+        self,
+        *,
+        correlation_id: str | None = None,
+        trace: dict[str, str] | None = None,
+        deadline: datetime | None = None,
+    ) -> AsyncIterator[Context]:
+        """A unit of work with messaging (see :class:`Context`)."""
+        async with self.database.unit_of_work() as uow:
+            yield Context(
+                self.service,
+                uow,
+                clock=self.clock,
+                random=self.random,
+                correlation_id=correlation_id,
+                trace=trace,
+                deadline=deadline,
+            )
+
+    # -- consuming ------------------------------------------------------------------------
+
+    def _decode(self, index: int, delivery: Delivery) -> _Decoded | DeadLetter:
+        try:
+            envelope = decode_envelope(delivery.body)
+        except MessageError as exc:
+            return DeadLetter(reason=str(exc))
+        spec = self.service.handlers.get(envelope.type)
+        if spec is None:
+            return DeadLetter(
+                reason=f"service {self.service.name!r} has no handler for message type"
+                f" {envelope.type!r} (v{envelope.version}, from {envelope.source!r})"
+            )
+        try:
+            message = self.service.registry.decode(envelope)
+        except MessageError as exc:
+            return DeadLetter(reason=str(exc))
+        return _Decoded(index, delivery, envelope, message, spec)
+
+    async def _handle_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Handle a batch in one transaction, each message in its own savepoint.
+
+        A message whose handler raises is rolled back alone and retried; later messages
+        with the same key are put back untried, so the key's order holds. Outcomes are
+        returned only after the batch's commit is durable; if the commit fails, every
+        message is retried and nothing was kept.
+        """
+        self.stats.batches += 1
+        outcomes: list[Outcome] = []
+        decoded: list[_Decoded] = []
+        for index, delivery in enumerate(deliveries):
+            item = self._decode(index, delivery)
+            if isinstance(item, DeadLetter):
+                log.warning(
+                    "service %s: dead-lettering message %s: %s",
+                    self.service.name,
+                    delivery.message_id,
+                    item.reason,
+                )
+                self.stats.dead_lettered += 1
+                outcomes.append(item)
+            else:
+                outcomes.append(Ack())
+                decoded.append(item)
+        if not decoded:
+            return outcomes
+        failed_keys: set[str] = set()
+        handled = duplicates = 0
+        consumer = self.service.name
+        try:
+            async with self.database.batch():
+                for item in decoded:
+                    key = item.delivery.key
+                    if key is not None and key in failed_keys:
+                        outcomes[item.index] = Retry(error="held behind an earlier failure", count=False)
+                        continue
+                    try:
+                        async with self.database.unit_of_work() as uow:
+                            if not await uow.claim_inbox(consumer, item.envelope.id):
+                                duplicates += 1
+                                continue
+                            ctx = Context(
+                                self.service,
+                                uow,
+                                clock=self.clock,
+                                random=self.random,
+                                envelope=item.envelope,
+                                message=item.message,
+                            )
+                            await item.spec.handler(item.message, ctx)
+                        handled += 1
+                    except Exception as exc:
+                        self.stats.failed += 1
+                        if key is not None:
+                            failed_keys.add(key)
+                        log.warning(
+                            "service %s: handler for %s failed on attempt %d: %r",
+                            self.service.name,
+                            item.envelope.type,
+                            item.delivery.attempt,
+                            exc,
+                        )
+                        outcomes[item.index] = Retry(error=f"{type(exc).__name__}: {exc}")
+        except TransientDatabaseError as exc:
+            log.warning("service %s: batch not committed: %s", self.service.name, exc)
+            return [
+                o if isinstance(o, DeadLetter) else Retry(error=str(exc), delay=0.5, count=False)
+                for o in outcomes
+            ]
+        self.stats.handled += handled
+        self.stats.duplicates += duplicates
+        return outcomes
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """Readiness details for ``/readyz``."""
+        details: dict[str, Any] = {"service": self.service.name, "status": self.state}
+        try:
+            count, oldest, _ = await self.database.outbox_stats()
+            details["outbox"] = {
+                "pending": count,
+                "oldest_age_seconds": None if oldest is None else self.clock.time() - oldest,
+            }
+        except Exception as exc:
+            details["outbox"] = {"error": str(exc)}
+        details["relay"] = {"published": self.relay.published, "last_error": self.relay.last_error}
+        details["consumer"] = {
+            "handled": self.stats.handled,
+            "duplicates": self.stats.duplicates,
+            "failed": self.stats.failed,
+            "dead_lettered": self.stats.dead_lettered,
+        }
+        return details

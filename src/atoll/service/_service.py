@@ -1,0 +1,159 @@
+"""Declaring a service: its messages, handlers, schema and HTTP API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import FastAPI
+
+from atoll.messages import Command, Event, Message, MessageRegistry, Reply
+from atoll.service._context import Context
+from atoll.service._http import install_http_defaults
+from atoll.transport import RedeliveryPolicy
+
+if TYPE_CHECKING:
+    from atoll.service._runtime import ServiceRuntime
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[M, Context], Awaitable[None]]
+StartHook = Callable[["ServiceRuntime"], Awaitable[None]]
+_AnyHandler = Callable[[Any, Context], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """A handler registered for one message type."""
+
+    message_type: str
+    message_class: type[Message]
+    handler: _AnyHandler
+    is_event: bool
+
+
+class ServiceNotRunningError(RuntimeError):
+    """The service is declared but no runtime is serving it in this process."""
+
+
+class Service:
+    """A service: its own database, the messages it handles and its HTTP API.
+
+    Declare it at module level and let ``atoll up`` (or :class:`ServiceRuntime`) run it::
+
+        inventory = Service("inventory", schema=["CREATE TABLE IF NOT EXISTS stock (...)"])
+
+        @inventory.handles(ReserveStock)
+        async def reserve(command: ReserveStock, ctx: Context) -> None:
+            ...
+            ctx.reply(StockReserved(order_id=command.order_id))
+
+        @inventory.http.get("/stock/{sku}")
+        async def stock(sku: str) -> dict[str, int]:
+            async with inventory.read() as db:
+                ...
+
+    ``handles`` takes commands and replies addressed to this service; ``subscribes``
+    takes events published by any service. Each message type has one handler.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        schema: Sequence[str] = (),
+        redelivery: RedeliveryPolicy | None = None,
+        title: str | None = None,
+        version: str = "1",
+    ) -> None:
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"service name {name!r} must be letters, digits, '-' or '_'")
+        self.name = name
+        self.registry = MessageRegistry()
+        self.handlers: dict[str, HandlerSpec] = {}
+        self.migrations: list[tuple[str, list[str]]] = []
+        if schema:
+            self.migrations.append((f"{name}:schema", list(schema)))
+        self.redelivery = redelivery or RedeliveryPolicy()
+        self.start_hooks: list[StartHook] = []
+        self.http = FastAPI(title=title or name, version=version)
+        self._runtime: ServiceRuntime | None = None
+        install_http_defaults(self.http, self)
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r})"
+
+    # -- declarations ---------------------------------------------------------------------
+
+    def handles(self, message_class: type[M]) -> Callable[[Handler[M]], Handler[M]]:
+        """Register the handler of a command or reply addressed to this service."""
+        if not issubclass(message_class, Command | Reply):
+            raise TypeError(
+                f"handles() takes a Command or Reply class; use subscribes() for "
+                f"{message_class.__qualname__}"
+            )
+        return self._register(message_class, is_event=False)
+
+    def subscribes(self, message_class: type[M]) -> Callable[[Handler[M]], Handler[M]]:
+        """Register the handler of an event, published by any service."""
+        if not issubclass(message_class, Event):
+            raise TypeError(f"subscribes() takes an Event class, not {message_class.__qualname__}")
+        return self._register(message_class, is_event=True)
+
+    def _register(
+        self, message_class: type[M], *, is_event: bool
+    ) -> Callable[[Handler[M]], Handler[M]]:
+        def decorator(fn: Handler[M]) -> Handler[M]:
+            if message_class.message_type in self.handlers:
+                raise ValueError(
+                    f"service {self.name!r} already handles {message_class.message_type!r}"
+                )
+            self.registry.register(message_class)
+            self.handlers[message_class.message_type] = HandlerSpec(
+                message_class.message_type, message_class, fn, is_event
+            )
+            return fn
+
+        return decorator
+
+    def migration(self, name: str, statements: Sequence[str]) -> None:
+        """Add a schema migration, applied once, in declaration order, at start."""
+        self.migrations.append((f"{self.name}:{name}", list(statements)))
+
+    def on_start(self, hook: StartHook) -> StartHook:
+        """Run ``hook(runtime)`` at start, after migrations and before consuming."""
+        self.start_hooks.append(hook)
+        return hook
+
+    @property
+    def event_types(self) -> list[str]:
+        """The event types this service subscribes to."""
+        return [spec.message_type for spec in self.handlers.values() if spec.is_event]
+
+    # -- use while running ----------------------------------------------------------------
+
+    @property
+    def runtime(self) -> ServiceRuntime:
+        """The runtime serving this service in this process."""
+        if self._runtime is None:
+            raise ServiceNotRunningError(f"service {self.name!r} is not running in this process")
+        return self._runtime
+
+    def attach(self, runtime: ServiceRuntime | None) -> None:
+        """Bind (or with ``None`` unbind) the runtime serving this service."""
+        self._runtime = runtime
+
+    @asynccontextmanager
+    async def unit_of_work(
+        self, *, correlation_id: str | None = None, trace: dict[str, str] | None = None
+    ) -> AsyncIterator[Context]:
+        """Open a unit of work with messaging, for HTTP routes and hooks."""
+        async with self.runtime.unit_of_work(correlation_id=correlation_id, trace=trace) as ctx:
+            yield ctx
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Any]:
+        """A read-only session on this service's database."""
+        async with self.runtime.database.read() as session:
+            yield session
