@@ -33,7 +33,7 @@ def arm(name: str | None, *, hits: int = 1, handler: Callable[[str], None] | Non
 
     ``handler`` replaces the SIGKILL, for in-process simulated crashes.
     """
-    global _armed_name, _armed_hits, _hits, _handler  # noqa: PLW0603 - process-wide test switch
+    global _armed_name, _armed_hits, _hits, _handler
     _armed_name, _armed_hits, _hits, _handler = name, hits, 0, handler
 
 

@@ -47,9 +47,7 @@ service.migration(
 @service.handles(ReserveStock)
 async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
     """Reserve every line or none. Runs in one transaction with its reply."""
-    if await ctx.fetch_value(
-        "SELECT 1 FROM reservations WHERE order_id = ?", command.order_id
-    ):
+    if await ctx.fetch_value("SELECT 1 FROM reservations WHERE order_id = ?", command.order_id):
         ctx.reply(StockReserved(order_id=command.order_id))
         return
     wanted = Counter[str]()

@@ -72,6 +72,109 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+class SystemProcess:
+    """Some services of a system, served by this process, sharing one transport."""
+
+    def __init__(self, loaded: LoadedConfig, names: Sequence[str], *, single_process: bool) -> None:
+        system = loaded.config.system
+        if system.transport.startswith("memory:") and not single_process:
+            raise ConfigError(
+                str(loaded.path),
+                "system.transport",
+                "memory:// lives in one process; use `atoll up --single-process` or the"
+                " embedded sqlite:/// transport",
+            )
+        self.loaded = loaded
+        self.clock = SystemClock()
+        self.random = RandomSource(clock=self.clock)
+        data_dir = loaded.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        services = [import_service(loaded, name) for name in names]
+        self.transport = transport_from_url(
+            system.transport,
+            base_dir=data_dir,
+            clock=self.clock,
+            random=self.random,
+            synchronous=system.sqlite_synchronous,
+        )
+        self.runtimes = [
+            ServiceRuntime(
+                service,
+                database=database_from_url(
+                    loaded.database_url(service.name),
+                    base_dir=data_dir,
+                    clock=self.clock,
+                    synchronous=system.sqlite_synchronous,
+                ),
+                transport=self.transport,
+                owns_transport=False,
+                clock=self.clock,
+                random=self.random,
+                max_batch=loaded.service(service.name).max_batch,
+                drain_timeout=system.drain_timeout,
+            )
+            for service in services
+        ]
+        self._started: list[ServiceRuntime] = []
+        self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
+        self._sockets: list[socket.socket] = []
+
+    async def start(self) -> None:
+        """Bind every port first (a clear error if one is taken), then start services."""
+        for runtime in self.runtimes:
+            spec = self.loaded.service(runtime.service.name)
+            self._sockets.append(bind_socket(spec.host, spec.port, f"service {spec.app}"))
+        await self.transport.connect()
+        for runtime in self.runtimes:
+            await runtime.start()
+            self._started.append(runtime)
+        loop = asyncio.get_running_loop()
+        for runtime, sock in zip(self.runtimes, self._sockets, strict=True):
+            config = uvicorn.Config(
+                runtime.service.http,
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(self.loaded.config.system.drain_timeout),
+                server_header=False,
+            )
+            server = _Server(config)
+            self._servers.append((server, loop.create_task(server.serve(sockets=[sock]))))
+        for server, task in self._servers:
+            # uvicorn exposes no start event; its flag flips within a few loop turns.
+            while not server.started and not task.done():
+                await self.clock.sleep(0.01)
+            if task.done():
+                task.result()
+        for runtime in self.runtimes:
+            spec = self.loaded.service(runtime.service.name)
+            log.info("%s ready on http://%s:%d", runtime.service.name, spec.host, spec.port)
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Return when ``stop`` is set or an HTTP server ends."""
+        waiter = asyncio.get_running_loop().create_task(stop.wait())
+        await asyncio.wait(
+            [waiter, *(task for _, task in self._servers)], return_when=asyncio.FIRST_COMPLETED
+        )
+        waiter.cancel()
+
+    async def shutdown(self) -> None:
+        """Stop consuming everywhere, finish HTTP requests, flush outboxes, close."""
+        log.info("stopping: no new messages; finishing in-flight work")
+        for runtime in self._started:
+            await runtime.stop_consuming()
+        for server, _ in self._servers:
+            server.should_exit = True
+        if self._servers:
+            await asyncio.wait([task for _, task in self._servers])
+        for runtime in self._started:
+            await runtime.stop()
+        await self.transport.close()
+        for sock in self._sockets:
+            sock.close()
+        log.info("stopped")
+
+
 async def serve(loaded: LoadedConfig, names: Sequence[str], *, single_process: bool) -> None:
     """Run ``names`` in this process until SIGINT or SIGTERM, then stop gracefully.
 
@@ -79,102 +182,18 @@ async def serve(loaded: LoadedConfig, names: Sequence[str], *, single_process: b
     batch in hand); HTTP servers stop accepting and finish in-flight requests; outboxes
     are flushed; then databases and the transport close.
     """
-    system = loaded.config.system
-    data_dir = loaded.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    clock = SystemClock()
-    random = RandomSource(clock=clock)
-    if system.transport.startswith("memory:") and not single_process:
-        raise ConfigError(
-            str(loaded.path),
-            "system.transport",
-            "memory:// lives in one process; use `atoll up --single-process` or the"
-            " embedded sqlite:/// transport",
-        )
-    services = [import_service(loaded, name) for name in names]
-    transport = transport_from_url(
-        system.transport,
-        base_dir=data_dir,
-        clock=clock,
-        random=random,
-        synchronous=system.sqlite_synchronous,
-    )
-    runtimes = [
-        ServiceRuntime(
-            service,
-            database=database_from_url(
-                loaded.database_url(service.name),
-                base_dir=data_dir,
-                clock=clock,
-                synchronous=system.sqlite_synchronous,
-            ),
-            transport=transport,
-            owns_transport=False,
-            clock=clock,
-            random=random,
-            max_batch=loaded.service(service.name).max_batch,
-            drain_timeout=system.drain_timeout,
-        )
-        for service in services
-    ]
-    sockets = []
-    try:
-        for service in services:
-            spec = loaded.service(service.name)
-            sockets.append(bind_socket(spec.host, spec.port, f"service {service.name}"))
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
+    process = SystemProcess(loaded, names, single_process=single_process)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    started: list[ServiceRuntime] = []
-    servers: list[tuple[_Server, asyncio.Task[None]]] = []
     try:
-        await transport.connect()
-        for runtime in runtimes:
-            await runtime.start()
-            started.append(runtime)
-        for runtime, sock in zip(runtimes, sockets, strict=True):
-            config = uvicorn.Config(
-                runtime.service.http,
-                lifespan="off",
-                log_config=None,
-                access_log=False,
-                timeout_graceful_shutdown=int(system.drain_timeout),
-                server_header=False,
-            )
-            server = _Server(config)
-            servers.append((server, loop.create_task(server.serve(sockets=[sock]))))
-        for server, task in servers:
-            while not server.started and not task.done():
-                await asyncio.sleep(0.01)  # noqa: ASYNC110 - uvicorn exposes no start event
-            if task.done():
-                task.result()
-        for runtime in runtimes:
-            spec = loaded.service(runtime.service.name)
-            log.info("%s ready on http://%s:%d", runtime.service.name, spec.host, spec.port)
-        waiter = loop.create_task(stop.wait())
-        await asyncio.wait([waiter, *(t for _, t in servers)], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
+        await process.start()
+        await process.wait(stop)
     finally:
-        log.info("stopping: no new messages; finishing in-flight work")
-        for runtime in started:
-            await runtime.stop_consuming()
-        for server, _ in servers:
-            server.should_exit = True
-        if servers:
-            await asyncio.wait([t for _, t in servers])
-        for runtime in started:
-            await runtime.stop()
-        await transport.close()
-        for sock in sockets:
-            sock.close()
+        await process.shutdown()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        log.info("stopped")
 
 
 def run(loaded: LoadedConfig, names: Sequence[str], *, single_process: bool) -> None:

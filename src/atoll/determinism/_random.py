@@ -19,7 +19,7 @@ class RandomSource:
     __slots__ = ("_clock", "_last_ms", "_random", "_seq")
 
     def __init__(self, seed: int | None = None, *, clock: Clock | None = None) -> None:
-        self._random = _random_module.Random(
+        self._random = _random_module.Random(  # noqa: S311 - jitter and ids, not secrets
             seed if seed is not None else int.from_bytes(os.urandom(16), "big")
         )
         self._clock: Clock = clock or SystemClock()

@@ -9,7 +9,7 @@ import msgspec
 MessageKind = Literal["command", "event", "reply"]
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True):
+class Message(msgspec.Struct, kw_only=True):
     """Base of every message. Declare a message by subclassing :class:`Command`,
     :class:`Event` or :class:`Reply` and annotating its fields::
 
@@ -35,19 +35,19 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
             raise TypeError(f"{cls.__qualname__}.message_version must be an int >= 1")
 
 
-class Command(Message, frozen=True, kw_only=True):
+class Command(Message, kw_only=True):
     """A request to one service to do something. Sent point-to-point."""
 
     message_kind: ClassVar[MessageKind] = "command"
 
 
-class Event(Message, frozen=True, kw_only=True):
+class Event(Message, kw_only=True):
     """A fact that happened. Published to every subscribing service."""
 
     message_kind: ClassVar[MessageKind] = "event"
 
 
-class Reply(Message, frozen=True, kw_only=True):
+class Reply(Message, kw_only=True):
     """The answer to a command, sent back to the command's source service."""
 
     message_kind: ClassVar[MessageKind] = "reply"

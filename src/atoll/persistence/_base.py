@@ -219,8 +219,10 @@ def core_schema(*, autoincrement: str, blob: str, real: str) -> list[str]:
             created_at {real} NOT NULL,
             deliver_at {real}
         )""",
-        "CREATE INDEX IF NOT EXISTS atoll_outbox_scheduled ON atoll_outbox (deliver_at)"
-        " WHERE deliver_at IS NOT NULL",
+        (
+            "CREATE INDEX IF NOT EXISTS atoll_outbox_scheduled ON atoll_outbox (deliver_at)"
+            " WHERE deliver_at IS NOT NULL"
+        ),
         f"""CREATE TABLE IF NOT EXISTS atoll_inbox (
             consumer TEXT NOT NULL,
             message_id TEXT NOT NULL,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -32,9 +33,7 @@ from atoll.persistence._errors import (
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-_SCHEMA = core_schema(
-    autoincrement="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB", real="REAL"
-)
+_SCHEMA = core_schema(autoincrement="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB", real="REAL")
 
 #: The batch (if any) the current task has open, per database.
 _current_batch: contextvars.ContextVar[SQLiteDatabase | None] = contextvars.ContextVar(
@@ -107,7 +106,7 @@ class SQLiteSession(Session):
 
     async def fetch_all(self, sql: str, *params: Any) -> list[Row]:
         try:
-            return self._conn.execute(sql, params).fetchall()  # type: ignore[no-any-return]
+            return self._conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, self._what) from exc
 
@@ -307,21 +306,10 @@ class SQLiteDatabase(Database):
         try:
             await self._in_thread(lambda: conn.execute("COMMIT"))
         except BaseException as exc:
-            # The transaction is gone either way: roll back what may remain so the next
-            # unit of work starts clean, and fail every unit that waited on this commit.
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if group is not None and not group.done.done():
-                error: BaseException = exc
-                if isinstance(exc, sqlite3.Error):
-                    error = map_sqlite_error(exc, f"committing to {self.what}")
-                group.done.set_result(error)
-            if isinstance(exc, sqlite3.Error):
-                raise map_sqlite_error(exc, f"committing to {self.what}") from exc
-            raise
+            error = self._commit_failed(conn, group, exc)
+            if error is exc:
+                raise
+            raise error from exc
         if group is not None:
             if not group.done.done():
                 group.done.set_result(None)
@@ -330,14 +318,31 @@ class SQLiteDatabase(Database):
             for callback in group.callbacks:
                 callback()
 
+    def _commit_failed(
+        self, conn: sqlite3.Connection, group: _Group | None, exc: BaseException
+    ) -> BaseException:
+        """Clean up after a failed COMMIT; fail the group; return the error to raise.
+
+        The transaction is gone either way: roll back what may remain so the next unit of
+        work starts clean, and fail every unit that waited on this commit.
+        """
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        error: BaseException = exc
+        if isinstance(exc, sqlite3.Error):
+            error = map_sqlite_error(exc, f"committing to {self.what}")
+        if group is not None and not group.done.done():
+            group.done.set_result(error)
+        return error
+
     async def _scheduled_commit(self) -> None:
         async with self._lock:
             self._commit_scheduled = False
             if self._in_tx:
-                try:
+                # A failure reaches every waiter through the group's future.
+                with contextlib.suppress(Exception):
                     await self._commit_locked()
-                except Exception:  # noqa: S110 - the failure reaches every waiter via the group
-                    pass
 
     def _schedule_commit(self) -> None:
         if not self._commit_scheduled:

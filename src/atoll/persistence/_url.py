@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,10 +48,12 @@ def database_from_url(
         )
     if scheme in ("postgresql", "postgres"):
         try:
-            from atoll.persistence.postgres import PostgresDatabase  # noqa: PLC0415 - optional extra
+            module = importlib.import_module("atoll.persistence.postgres")
         except ImportError as exc:
             raise URLError(
-                f"{redact(url)}: PostgreSQL support is not available ({exc}); install atoll[postgres]"
+                f"{redact(url)}: PostgreSQL support is not available ({exc});"
+                " install atoll[postgres]"
             ) from None
-        return PostgresDatabase.from_url(url, clock=clock)
+        database: Database = module.PostgresDatabase.from_url(url, clock=clock)
+        return database
     raise URLError(f"{redact(url)}: no database backend for scheme {scheme!r}")

@@ -130,7 +130,9 @@ class Context(Session):
         """
         if not isinstance(command, Command):
             raise TypeError(f"send() takes a Command, not {type(command).__name__}")
-        return self._emit(command, command_topic(to), to, key, delay, headers, reply_to=None)
+        return self._emit(
+            command, topic=command_topic(to), destination=to, key=key, delay=delay, headers=headers
+        )
 
     def publish(
         self,
@@ -144,7 +146,12 @@ class Context(Session):
         if not isinstance(event, Event):
             raise TypeError(f"publish() takes an Event, not {type(event).__name__}")
         return self._emit(
-            event, event_topic(event.message_type), event.message_type, key, delay, headers, None
+            event,
+            topic=event_topic(event.message_type),
+            destination=event.message_type,
+            key=key,
+            delay=delay,
+            headers=headers,
         )
 
     def reply(
@@ -161,18 +168,23 @@ class Context(Session):
             raise RuntimeError("reply() needs an incoming message; use send() from HTTP routes")
         target = self.envelope.reply_to or self.envelope.source
         return self._emit(
-            reply, command_topic(target), target, key or self.envelope.key, None, headers, None
+            reply,
+            topic=command_topic(target),
+            destination=target,
+            key=key or self.envelope.key,
+            delay=None,
+            headers=headers,
         )
 
     def _emit(
         self,
         message: Message,
+        *,
         topic: str,
         destination: str,
         key: str | None,
         delay: float | None,
         headers: dict[str, str] | None,
-        reply_to: str | None,
     ) -> str:
         now = self._clock.time()
         message_id = self._random.new_id()
@@ -187,7 +199,6 @@ class Context(Session):
             causation_id=self.envelope.id if self.envelope is not None else None,
             created_at=utc_from_timestamp(now),
             key=key if key is not None else self.correlation_id,
-            reply_to=reply_to,
             deadline=self.deadline,
             trace=self.trace,
             headers=headers or {},

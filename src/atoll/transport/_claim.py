@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
+
+from atoll.transport._base import BatchHandler, Delivery, Outcome, Retry
 
 
 class Candidate(NamedTuple):
@@ -39,3 +41,16 @@ def claimable(rows: Iterable[Candidate], now: float, limit: int) -> list[int]:
         if len(chosen) >= limit:
             break
     return chosen
+
+
+async def call_handler(handler: BatchHandler, batch: Sequence[Delivery]) -> Sequence[Outcome]:
+    """Run a batch handler; a failure or a wrong number of outcomes retries the whole batch."""
+    try:
+        outcomes = await handler(batch)
+    except Exception as exc:
+        return [Retry(error=f"batch handler failed: {exc!r}")] * len(batch)
+    if len(outcomes) != len(batch):
+        return [
+            Retry(error=f"batch handler returned {len(outcomes)} outcomes for {len(batch)}")
+        ] * len(batch)
+    return outcomes

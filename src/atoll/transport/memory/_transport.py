@@ -16,14 +16,12 @@ from atoll.transport._base import (
     DeadLetterRecord,
     DeadLetterStore,
     Delivery,
-    OutgoingMessage,
     Outcome,
+    OutgoingMessage,
     RedeliveryPolicy,
-    Retry,
     Transport,
-    TransportError,
 )
-from atoll.transport._claim import Candidate, claimable
+from atoll.transport._claim import Candidate, call_handler, claimable
 
 
 @dataclass(slots=True)
@@ -83,16 +81,10 @@ class _InMemoryConsumer:
                     await self._transport._sleep_until_due(self._group)
                     continue
                 try:
-                    outcomes: Sequence[Outcome] = await self._handler(batch)
-                    if len(outcomes) != len(batch):
-                        raise TransportError(
-                            f"handler returned {len(outcomes)} outcomes for {len(batch)} deliveries"
-                        )
+                    outcomes = await call_handler(self._handler, batch)
                 except asyncio.CancelledError:
                     self._transport._release(self._group, self._id)
                     raise
-                except Exception as exc:
-                    outcomes = [Retry(error=f"batch handler failed: {exc!r}")] * len(batch)
                 crashpoint("consumer.before_ack")
                 self._transport._settle(self._group, batch, outcomes, clock.time())
         finally:

@@ -21,15 +21,14 @@ from atoll.transport._base import (
     DeadLetterRecord,
     DeadLetterStore,
     Delivery,
-    OutgoingMessage,
     Outcome,
+    OutgoingMessage,
     RedeliveryPolicy,
-    Retry,
     Transport,
     TransportError,
     TransportUnavailableError,
 )
-from atoll.transport._claim import Candidate, claimable
+from atoll.transport._claim import Candidate, call_handler, claimable
 from atoll.transport.sqlite._wake import WakeListener, WakeSender
 
 T = TypeVar("T")
@@ -156,9 +155,7 @@ class _SQLiteConsumer:
         if self in self._transport._consumers:
             self._transport._consumers.remove(self)
         with contextlib.suppress(Exception):
-            await self._transport._run(
-                self._transport._unregister_listener, self._listener.address
-            )
+            await self._transport._run(self._transport._unregister_listener, self._listener.address)
         self._listener.close()
 
     async def _loop(self) -> None:
@@ -170,8 +167,13 @@ class _SQLiteConsumer:
             self._listener.event.clear()
             try:
                 batch, next_due = await transport._run(
-                    transport._settle_and_claim, self._group, self._owner, settle, limit,
-                    self._policy, self._window
+                    transport._settle_and_claim,
+                    self._group,
+                    self._owner,
+                    settle,
+                    limit,
+                    self._policy,
+                    self._window,
                 )
             except Exception as exc:
                 failures += 1
@@ -185,14 +187,7 @@ class _SQLiteConsumer:
             if not batch:
                 await self._sleep(next_due)
                 continue
-            try:
-                outcomes = await self._handler(batch)
-                if len(outcomes) != len(batch):
-                    raise TransportError(
-                        f"handler returned {len(outcomes)} outcomes for {len(batch)} deliveries"
-                    )
-            except Exception as exc:
-                outcomes = [Retry(error=f"batch handler failed: {exc!r}")] * len(batch)
+            outcomes = await call_handler(self._handler, batch)
             crashpoint("consumer.before_ack")
             settle = (batch, outcomes)
 
@@ -220,8 +215,7 @@ class _SQLiteDeadLetters(DeadLetterStore):
         return await self._t._run(self._t._dead_list, group, limit)
 
     async def get(self, record_id: str) -> DeadLetterRecord | None:
-        found = await self._t._run(self._t._dead_get, record_id)
-        return found
+        return await self._t._run(self._t._dead_get, record_id)
 
     async def replay(self, record_id: str) -> bool:
         replayed, groups = await self._t._run(self._t._dead_replay, record_id)
@@ -306,7 +300,9 @@ class SQLiteTransport(Transport):
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise TransportError(str(map_sqlite_error(exc, f"embedded transport {self.path}"))) from exc
+            raise TransportError(
+                str(map_sqlite_error(exc, f"embedded transport {self.path}"))
+            ) from exc
         return result
 
     def _log_failure(self, what: str, exc: BaseException) -> None:
@@ -381,7 +377,7 @@ class SQLiteTransport(Transport):
             subscribers: dict[str, list[str]] = {}
             for topic, grp in conn.execute("SELECT topic, grp FROM atoll_subscriptions"):
                 subscribers.setdefault(topic, []).append(grp)
-            rows = []
+            rows: list[tuple[str, str, str, str | None, bytes, float]] = []
             for m in messages:
                 fresh = conn.execute(
                     "INSERT INTO atoll_published (message_id, published_at) VALUES (?, ?)"
@@ -399,7 +395,9 @@ class SQLiteTransport(Transport):
                 rows,
             )
             if gone:
-                conn.executemany("DELETE FROM atoll_listeners WHERE address = ?", [(a,) for a in gone])
+                conn.executemany(
+                    "DELETE FROM atoll_listeners WHERE address = ?", [(a,) for a in gone]
+                )
             if now - self._last_prune > 60.0:
                 self._last_prune = now
                 conn.execute(
@@ -449,9 +447,11 @@ class SQLiteTransport(Transport):
         self._tx(work)
 
     def _unregister_listener(self, address: str) -> None:
-        self._tx(lambda conn: conn.execute("DELETE FROM atoll_listeners WHERE address = ?", (address,)))
+        self._tx(
+            lambda conn: conn.execute("DELETE FROM atoll_listeners WHERE address = ?", (address,))
+        )
 
-    def _settle_and_claim(
+    def _settle_and_claim(  # noqa: PLR0917 - called through run_in_executor, which passes positionals
         self,
         group: str,
         owner: str,
@@ -464,19 +464,19 @@ class SQLiteTransport(Transport):
 
         def work(conn: sqlite3.Connection) -> tuple[list[Delivery], float | None]:
             if settle is not None:
-                self._settle(conn, group, settle[0], settle[1], policy, now)
+                self._settle(conn, settle[0], settle[1], policy=policy, now=now)
             if limit <= 0:
                 return [], None
-            return self._claim(conn, group, owner, limit, window, now)
+            return self._claim(conn, group, owner, limit=limit, window=window, now=now)
 
         return self._tx(work)
 
     def _settle(
         self,
         conn: sqlite3.Connection,
-        group: str,
         batch: Sequence[Delivery],
         outcomes: Sequence[Outcome],
+        *,
         policy: RedeliveryPolicy,
         now: float,
     ) -> None:
@@ -523,6 +523,7 @@ class SQLiteTransport(Transport):
         conn: sqlite3.Connection,
         group: str,
         owner: str,
+        *,
         limit: int,
         window: int,
         now: float,
@@ -535,14 +536,12 @@ class SQLiteTransport(Transport):
         alive: dict[str, bool] = {}
         candidates = []
         next_due: float | None = None
-        for seq, key, available_at, lease_until, lease_owner in head:
+        for seq, key, available_at, leased_until, lease_owner in head:
+            lease_until = leased_until
             if lease_until is not None and lease_until > now and lease_owner != owner:
+                # Same machine: a lease held by a dead process is free now, not in 30 s.
                 pid = int(lease_owner.split(":", 1)[0])
-                if pid == os.getpid():
-                    is_alive = True
-                else:
-                    is_alive = alive.setdefault(lease_owner, _pid_alive(pid))
-                if not is_alive:
+                if pid != os.getpid() and not alive.setdefault(lease_owner, _pid_alive(pid)):
                     lease_until = None
             candidates.append(Candidate(seq, key, available_at, lease_until))
             wake_at = max(available_at, lease_until or 0.0)
@@ -612,7 +611,10 @@ class SQLiteTransport(Transport):
             )
             conn.execute("DELETE FROM atoll_dead_letters WHERE id = ?", (record_id,))
             addresses = [
-                a for (a,) in conn.execute("SELECT address FROM atoll_listeners WHERE grp = ?", (row[0],))
+                a
+                for (a,) in conn.execute(
+                    "SELECT address FROM atoll_listeners WHERE grp = ?", (row[0],)
+                )
             ]
             return True, addresses
 
@@ -620,9 +622,10 @@ class SQLiteTransport(Transport):
 
     def _dead_purge(self, record_id: str) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
-            return conn.execute(
-                "DELETE FROM atoll_dead_letters WHERE id = ?", (record_id,)
-            ).rowcount == 1
+            return (
+                conn.execute("DELETE FROM atoll_dead_letters WHERE id = ?", (record_id,)).rowcount
+                == 1
+            )
 
         return self._tx(work)
 

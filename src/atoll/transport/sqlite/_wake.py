@@ -16,10 +16,13 @@ import tempfile
 
 from atoll.determinism import RandomSource
 
+#: Linux has an abstract socket namespace (a variable, so type checkers keep both paths).
+ABSTRACT_NAMESPACE = sys.platform.startswith("linux")
+
 
 def _new_address(random: RandomSource) -> str:
     token = random.new_id()[:20]
-    if sys.platform.startswith("linux"):
+    if ABSTRACT_NAMESPACE:
         # The abstract namespace: no file to clean up, gone when the process dies.
         return f"\0atoll-{token}"
     return os.path.join(tempfile.gettempdir(), f"atoll-{token}.sock")  # noqa: PTH118 - a socket path string
