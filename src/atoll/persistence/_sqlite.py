@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,19 @@ _SCHEMA = core_schema(autoincrement="INTEGER PRIMARY KEY AUTOINCREMENT", blob="B
 _current_batch: contextvars.ContextVar[SQLiteDatabase | None] = contextvars.ContextVar(
     "atoll_sqlite_batch", default=None
 )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def map_sqlite_error(exc: sqlite3.Error, what: str) -> DatabaseError:
@@ -318,6 +332,18 @@ class SQLiteDatabase(Database):
             for callback in group.callbacks:
                 callback()
 
+    async def _rollback_locked(self) -> None:
+        """Roll back the open transaction: every unit in it fails. Caller holds the lock."""
+        conn = self._conn
+        group, self._group = self._group, None
+        self._in_tx = False
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        if group is not None and not group.done.done():
+            group.done.set_result(CommitFailedError("the batch holding this unit of work failed"))
+
     def _commit_failed(
         self, conn: sqlite3.Connection, group: _Group | None, exc: BaseException
     ) -> BaseException:
@@ -414,9 +440,12 @@ class SQLiteDatabase(Database):
             token = _current_batch.set(self)
             try:
                 yield
-            finally:
+            except BaseException:
                 _current_batch.reset(token)
-                await self._commit_locked()
+                await self._rollback_locked()
+                raise
+            _current_batch.reset(token)
+            await self._commit_locked()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Session]:
@@ -472,8 +501,20 @@ class SQLiteDatabase(Database):
         self._outbox_event.clear()
 
     async def try_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew a lease; one held by a dead process of this machine is free.
+
+        Owners named ``"<pid>:<token>"`` are checked: a SQLite file is shared only by
+        processes of one machine, so a holder whose pid is gone cannot renew.
+        """
         now = self.now()
         async with self.unit_of_work() as uow:
+            holder = await uow.fetch_one(
+                "SELECT owner, expires_at FROM atoll_leases WHERE name = ?", name
+            )
+            if holder is not None and holder[0] != owner and holder[1] >= now:
+                pid, sep, _ = str(holder[0]).partition(":")
+                if sep and pid.isdigit() and not pid_alive(int(pid)):
+                    await uow.execute("DELETE FROM atoll_leases WHERE name = ?", name)
             changed = await uow.execute(
                 "INSERT INTO atoll_leases (name, owner, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
