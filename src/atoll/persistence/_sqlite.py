@@ -221,7 +221,6 @@ class SQLiteDatabase(Database):
         self._read_conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
-        self._in_tx = False
         self._group: _Group | None = None
         self._commit_scheduled = False
         self._outbox_event = asyncio.Event()
@@ -301,66 +300,75 @@ class SQLiteDatabase(Database):
         self._executor.shutdown(wait=True)
         self._executor = None
 
+    @property
+    def _in_tx(self) -> bool:
+        # Derived from the connection itself: a cancelled BEGIN or COMMIT still runs to
+        # completion on the writer thread, so no flag of ours could be trusted after one.
+        return self._conn is not None and self._conn.in_transaction
+
     async def _begin_locked(self) -> None:
         conn = self._conn_or_raise()
         try:
             await self._in_thread(lambda: conn.execute("BEGIN IMMEDIATE"))
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, f"starting a transaction on {self.what}") from exc
-        self._in_tx = True
-        self._group = _Group(asyncio.get_running_loop())
+        finally:
+            if conn.in_transaction and self._group is None:
+                self._group = _Group(asyncio.get_running_loop())
 
     async def _commit_locked(self) -> None:
         """COMMIT the open transaction and settle its group. Caller holds the lock."""
         conn = self._conn
         group, self._group = self._group, None
-        self._in_tx = False
         if conn is None:
             return
         try:
             await self._in_thread(lambda: conn.execute("COMMIT"))
+        except asyncio.CancelledError:
+            # The COMMIT ran to completion on its thread; settle the group as it ended.
+            if conn.in_transaction:
+                self._fail_transaction(conn, group, CommitFailedError("commit interrupted"))
+            else:
+                self._committed(group)
+            raise
         except BaseException as exc:
-            error = self._commit_failed(conn, group, exc)
+            error: BaseException = exc
+            if isinstance(exc, sqlite3.Error):
+                error = map_sqlite_error(exc, f"committing to {self.what}")
+            self._fail_transaction(conn, group, error)
             if error is exc:
                 raise
             raise error from exc
-        if group is not None:
-            if not group.done.done():
-                group.done.set_result(None)
-            if group.outgoing:
-                self._outbox_event.set()
-            for callback in group.callbacks:
-                callback()
+        self._committed(group)
+
+    def _committed(self, group: _Group | None) -> None:
+        if group is None:
+            return
+        if not group.done.done():
+            group.done.set_result(None)
+        if group.outgoing:
+            self._outbox_event.set()
+        for callback in group.callbacks:
+            callback()
 
     async def _rollback_locked(self) -> None:
         """Roll back the open transaction: every unit in it fails. Caller holds the lock."""
         conn = self._conn
         group, self._group = self._group, None
-        self._in_tx = False
         if conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-        if group is not None and not group.done.done():
-            group.done.set_result(CommitFailedError("the batch holding this unit of work failed"))
+            self._fail_transaction(
+                conn, group, CommitFailedError("the batch holding this unit of work failed")
+            )
 
-    def _commit_failed(
-        self, conn: sqlite3.Connection, group: _Group | None, exc: BaseException
-    ) -> BaseException:
-        """Clean up after a failed COMMIT; fail the group; return the error to raise.
-
-        The transaction is gone either way: roll back what may remain so the next unit of
-        work starts clean, and fail every unit that waited on this commit.
-        """
+    def _fail_transaction(
+        self, conn: sqlite3.Connection, group: _Group | None, error: BaseException
+    ) -> None:
+        """Roll back what may remain (so the next unit starts clean); fail every waiter."""
         with contextlib.suppress(sqlite3.Error):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-        error: BaseException = exc
-        if isinstance(exc, sqlite3.Error):
-            error = map_sqlite_error(exc, f"committing to {self.what}")
         if group is not None and not group.done.done():
             group.done.set_result(error)
-        return error
 
     async def _scheduled_commit(self) -> None:
         async with self._lock:

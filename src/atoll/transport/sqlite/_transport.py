@@ -105,7 +105,7 @@ def _sleep_in_thread(seconds: float) -> None:
     # Runs on the transport's own thread, never on the event loop: a plain blocking wait.
     import time  # noqa: PLC0415 - the one place this module blocks a thread on purpose
 
-    time.sleep(seconds)
+    time.sleep(seconds)  # determinism: allowed - a blocking retry on the transport thread
 
 
 class _SQLiteConsumer:
