@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import statistics
 import subprocess
@@ -109,10 +110,13 @@ async def produce_paced(runtime: ServiceRuntime, count: int, rate: float) -> Non
         await send(runtime, n)
 
 
+SYNCHRONOUS = os.environ.get("BENCH_SYNCHRONOUS", "FULL")
+
+
 def make_runtime(service: Service, db: Path, transport: Transport, *, owns: bool) -> ServiceRuntime:
     return ServiceRuntime(
         service,
-        database=SQLiteDatabase(db),
+        database=SQLiteDatabase(db, synchronous=SYNCHRONOUS),  # type: ignore[arg-type]
         transport=transport,
         owns_transport=owns,
         max_batch=256,
@@ -125,7 +129,7 @@ def make_runtime(service: Service, db: Path, transport: Transport, *, owns: bool
 
 async def child(role: str, workdir: Path, count: int, mode: str) -> None:
     progress.reset(count)
-    transport = SQLiteTransport(workdir / "bus.db")
+    transport = SQLiteTransport(workdir / "bus.db", synchronous=SYNCHRONOUS)  # type: ignore[arg-type]
     if role == "consumer":
         runtime = make_runtime(consumer, workdir / "consumer.db", transport, owns=True)
         await runtime.start()
@@ -216,11 +220,11 @@ async def in_memory(count: int) -> float:
 
 
 def raw_commits(count: int) -> float:
-    """One-row commits with atoll's default durability (WAL, synchronous=FULL)."""
+    """One-row commits with the same durability as atoll (default WAL, synchronous=FULL)."""
     with tempfile.TemporaryDirectory() as tmp:
         conn = sqlite3.connect(Path(tmp) / "raw.db", isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
         conn.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, at REAL NOT NULL)")
         start = time.perf_counter()
         for n in range(count):
@@ -235,8 +239,17 @@ def raw_commits(count: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--synchronous",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="SQLite durability for atoll and the raw limit alike (atoll ships FULL)",
+    )
     parser.add_argument("--child", nargs=4, metavar=("ROLE", "DIR", "COUNT", "MODE"))
     args = parser.parse_args()
+    os.environ["BENCH_SYNCHRONOUS"] = args.synchronous
+    global SYNCHRONOUS  # noqa: PLW0603 - children read it from the environment too
+    SYNCHRONOUS = args.synchronous
     if args.child:
         role, workdir, count, mode = args.child
         asyncio.run(child(role, Path(workdir), int(count), mode))
@@ -244,7 +257,7 @@ def main() -> None:
     flood = 5_000 if args.quick else 30_000
     paced = 300 if args.quick else 1_000
     raw = raw_commits(3_000 if args.quick else 10_000)
-    print(f"raw one-row commits (WAL, synchronous=FULL): {raw:,.0f}/s")
+    print(f"raw one-row commits (WAL, synchronous={SYNCHRONOUS}): {raw:,.0f}/s")
     e2e = run_pair(flood, "flood")
     print(f"exactly-once, embedded SQLite transport, 2 processes: {e2e['rate']:,.0f} msg/s")
     memory = asyncio.run(in_memory(flood))

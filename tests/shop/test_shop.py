@@ -142,3 +142,56 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
         if shop.process is not None and shop.process.poll() is None:
             shop.process.kill()
             shop.process.wait()
+
+
+@pytest.mark.timeout(120)
+async def test_the_shop_runs_in_one_process_on_the_in_memory_transport(tmp_path):
+    shop = Shop(tmp_path)
+    env = dict(os.environ)
+    env["ATOLL__SYSTEM__DATA_DIR"] = str(tmp_path / "data")
+    env["ATOLL__SYSTEM__TRANSPORT"] = "memory://"
+    for name, port in shop.ports.items():
+        env[f"ATOLL__SERVICES__{name.upper()}__PORT"] = str(port)
+    with shop.log.open("w") as log:
+        shop.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "atoll",
+                "up",
+                "--single-process",
+                "--config",
+                str(SHOP / "atoll.toml"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await shop.wait_ready(client)
+            placed = await final(
+                client, shop, await order(client, shop, [{"sku": "banana", "qty": 2}])
+            )
+            assert placed["status"] == "CONFIRMED"
+        assert shop.stop() == 0
+    finally:
+        if shop.process.poll() is None:
+            shop.process.kill()
+            shop.process.wait()
+
+
+def test_memory_transport_without_single_process_is_refused_clearly(tmp_path):
+    env = dict(os.environ, ATOLL__SYSTEM__TRANSPORT="memory://")
+    result = subprocess.run(
+        [sys.executable, "-m", "atoll", "up", "--config", str(SHOP / "atoll.toml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "system.transport" in result.stderr
+    assert "--single-process" in result.stderr
