@@ -11,16 +11,20 @@ from atoll.testing._crash_kit import (
     SimulatedCrash,
 )
 from atoll.testing._database_kit import DatabaseConformance
+from atoll.testing._outage_kit import BrokerOutageConformance
+from atoll.testing._proxy import TcpProxy
 from atoll.testing._transport_kit import Recorder, TransportConformance
 from atoll.testing._waiting import wait_until
 
 __all__ = [
     "CRASH_POINTS",
+    "BrokerOutageConformance",
     "DatabaseConformance",
     "ExactlyOnceCrashConformance",
     "InProcessCrashConformance",
     "Recorder",
     "SimulatedCrash",
+    "TcpProxy",
     "TransportConformance",
     "wait_until",
 ]

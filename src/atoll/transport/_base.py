@@ -120,6 +120,13 @@ class Consumer(Protocol):
         """Stop fetching; wait for the batch being handled to be settled, then return."""
         ...
 
+    def abandon(self) -> None:
+        """Stop at once without settling, as a crash would (for crash tests).
+
+        What it held must be delivered again: at once or when its lease or ack wait ends.
+        """
+        ...
+
 
 class DeadLetterStore(abc.ABC):
     """Where messages go that could not be handled.
