@@ -126,9 +126,20 @@ class OutboxRelay:
         while not self._stopping:
             try:
                 await self.flush()
+                if attempt:
+                    log.info("relay %s publishes again", self.name)
+                attempt = 0
+                self.last_error = None
+                scheduled = await self._db.outbox_next_scheduled()
+                timeout = self._poll_interval
+                if scheduled is not None:
+                    timeout = max(0.0, min(timeout, scheduled - self._clock.time()))
+                await self._db.wait_for_outbox(timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # Nothing the database or the transport does may end the relay: records
+                # wait in the outbox and the relay tries again, backing off with jitter.
                 attempt += 1
                 self.failures += 1
                 text = f"{type(exc).__name__}: {exc}"
@@ -143,16 +154,6 @@ class OutboxRelay:
                 self.last_error = text
                 cap = min(self._backoff_cap, 0.05 * 2**attempt)
                 await self._clock.sleep(self._random.uniform(0, cap))
-                continue
-            if attempt:
-                log.info("relay %s publishes again", self.name)
-            attempt = 0
-            self.last_error = None
-            scheduled = await self._db.outbox_next_scheduled()
-            timeout = self._poll_interval
-            if scheduled is not None:
-                timeout = max(0.0, min(timeout, scheduled - self._clock.time()))
-            await self._db.wait_for_outbox(timeout)
 
 
 async def _safe_stats(db: Database) -> tuple[int, float | None, float | None]:

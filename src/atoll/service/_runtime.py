@@ -286,7 +286,6 @@ class ServiceRuntime:
             return outcomes
         failed_keys: set[str] = set()
         handled = duplicates = 0
-        consumer = self.service.name
         try:
             async with self.database.batch():
                 for item in decoded:
@@ -297,21 +296,15 @@ class ServiceRuntime:
                         )
                         continue
                     try:
-                        async with self.database.unit_of_work() as uow:
-                            if not await uow.claim_inbox(consumer, item.envelope.id):
-                                duplicates += 1
-                                continue
-                            ctx = Context(
-                                self.service,
-                                uow,
-                                clock=self.clock,
-                                random=self.random,
-                                envelope=item.envelope,
-                                message=item.message,
-                            )
-                            await item.spec.handler(item.message, ctx)
-                        handled += 1
+                        if await self._handle_one(item):
+                            handled += 1
+                        else:
+                            duplicates += 1
                         crashpoint("consumer.mid_batch")
+                    except TransientDatabaseError:
+                        # The database failed, not the handler: the whole batch's
+                        # transaction is suspect, so give it all back untried.
+                        raise
                     except Exception as exc:
                         self.stats.failed += 1
                         if key is not None:
@@ -333,6 +326,22 @@ class ServiceRuntime:
         self.stats.handled += handled
         self.stats.duplicates += duplicates
         return outcomes
+
+    async def _handle_one(self, item: _Decoded) -> bool:
+        """Run one handler in its own unit of work; ``False`` if it was a duplicate."""
+        async with self.database.unit_of_work() as uow:
+            if not await uow.claim_inbox(self.service.name, item.envelope.id):
+                return False
+            ctx = Context(
+                self.service,
+                uow,
+                clock=self.clock,
+                random=self.random,
+                envelope=item.envelope,
+                message=item.message,
+            )
+            await item.spec.handler(item.message, ctx)
+        return True
 
     # -- health ---------------------------------------------------------------------------
 

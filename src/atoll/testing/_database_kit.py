@@ -34,6 +34,10 @@ class DatabaseConformance(abc.ABC):
     async def make_database(self, tmp_path: Path, clock: VirtualClock) -> Database:
         """A new database with none of atoll's tables yet (or empty ones)."""
 
+    async def destroy_database(self, database: Database) -> None:
+        """Remove what :meth:`make_database` created (e.g. a schema on a shared server)."""
+        del database
+
     @pytest.fixture
     def clock(self) -> VirtualClock:
         """The database's clock."""
@@ -56,6 +60,7 @@ class DatabaseConformance(abc.ABC):
             yield database
         finally:
             await database.close()
+            await self.destroy_database(database)
 
     async def count(self, db: Database, sql: str, *params: object) -> int:
         """The first column of ``sql`` as an int."""
