@@ -24,8 +24,10 @@ SETUP = [
     f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE",
     f"CREATE SCHEMA {SCHEMA}",
     f"CREATE TABLE {SCHEMA}.state (id BIGINT PRIMARY KEY, v TEXT)",
-    f"CREATE TABLE {SCHEMA}.inbox"
-    " (consumer TEXT, message_id TEXT, PRIMARY KEY (consumer, message_id))",
+    (
+        f"CREATE TABLE {SCHEMA}.inbox"
+        " (consumer TEXT, message_id TEXT, PRIMARY KEY (consumer, message_id))"
+    ),
     f"CREATE TABLE {SCHEMA}.outbox (seq BIGSERIAL PRIMARY KEY, message_id TEXT, body BYTEA)",
 ]
 

@@ -257,15 +257,8 @@ class ServiceRuntime:
             return DeadLetter(reason=str(exc))
         return _Decoded(index, delivery, envelope, message, spec)
 
-    async def _handle_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
-        """Handle a batch in one transaction, each message in its own savepoint.
-
-        A message whose handler raises is rolled back alone and retried; later messages
-        with the same key are put back untried, so the key's order holds. Outcomes are
-        returned only after the batch's commit is durable; if the commit fails, every
-        message is retried and nothing was kept.
-        """
-        self.stats.batches += 1
+    def _decode_batch(self, deliveries: Sequence[Delivery]) -> tuple[list[Outcome], list[_Decoded]]:
+        """Dead-letter what cannot be decoded; the rest is acknowledged unless it fails."""
         outcomes: list[Outcome] = []
         decoded: list[_Decoded] = []
         for index, delivery in enumerate(deliveries):
@@ -282,6 +275,18 @@ class ServiceRuntime:
             else:
                 outcomes.append(Ack())
                 decoded.append(item)
+        return outcomes, decoded
+
+    async def _handle_batch(self, deliveries: Sequence[Delivery]) -> list[Outcome]:
+        """Handle a batch in one transaction, each message in its own savepoint.
+
+        A message whose handler raises is rolled back alone and retried; later messages
+        with the same key are put back untried, so the key's order holds. Outcomes are
+        returned only after the batch's commit is durable; if the commit fails, every
+        message is retried and nothing was kept.
+        """
+        self.stats.batches += 1
+        outcomes, decoded = self._decode_batch(deliveries)
         if not decoded:
             return outcomes
         failed_keys: set[str] = set()
