@@ -103,3 +103,41 @@ def test_a_missing_or_broken_file_is_named(tmp_path):
         load_config(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[system\n"), environ={})
+
+
+PROFILES = (
+    GOOD
+    + """
+[profiles.production.system]
+transport = "nats://127.0.0.1:4222"
+
+[profiles.production.services.orders]
+database = "postgresql://app:${DB_PASSWORD}@db/shop?schema=orders"
+"""
+)
+
+
+def test_a_profile_overlays_the_file_and_variables_fill_in_secrets(tmp_path):
+    path = write(tmp_path, PROFILES)
+    plain = load_config(path, environ={})
+    assert plain.config.system.transport == "sqlite:///bus.db"
+    assert plain.service("orders").database is None
+    prod = load_config(path, environ={"DB_PASSWORD": "pw"}, profile="production")
+    assert prod.profile == "production"
+    assert prod.config.system.transport == "nats://127.0.0.1:4222"
+    assert prod.service("orders").database == "postgresql://app:pw@db/shop?schema=orders"
+    assert prod.service("orders").port == 8080, "the profile dropped keys it did not set"
+    via_env = load_config(path, environ={"ATOLL_PROFILE": "production", "DB_PASSWORD": "x"})
+    assert via_env.profile == "production"
+
+
+def test_an_unknown_profile_or_missing_variable_is_named(tmp_path):
+    path = write(tmp_path, PROFILES)
+    with pytest.raises(
+        ConfigError, match=r"profiles\.staging: no such profile \(known: production\)"
+    ):
+        load_config(path, environ={}, profile="staging")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={}, profile="production")
+    assert caught.value.key == "services.orders.database"
+    assert "DB_PASSWORD is not set" in caught.value.problem

@@ -14,8 +14,10 @@ from support import SHOP, free_port
 
 
 class Shop:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, extra_env=None, args=()):
         self.tmp_path = tmp_path
+        self.extra_env = extra_env or {}
+        self.args = list(args)
         self.ports = {"orders": free_port(), "inventory": free_port()}
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
         self.inventory = f"http://127.0.0.1:{self.ports['inventory']}"
@@ -27,9 +29,18 @@ class Shop:
         env["ATOLL__SYSTEM__DATA_DIR"] = str(self.tmp_path / "data")
         for name, port in self.ports.items():
             env[f"ATOLL__SERVICES__{name.upper()}__PORT"] = str(port)
+        env.update(self.extra_env)
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "atoll", "up", "--config", str(SHOP / "atoll.toml")],
+                [
+                    sys.executable,
+                    "-m",
+                    "atoll",
+                    "up",
+                    "--config",
+                    str(SHOP / "atoll.toml"),
+                    *self.args,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -195,3 +206,48 @@ def test_memory_transport_without_single_process_is_refused_clearly(tmp_path):
     assert result.returncode == 2
     assert "system.transport" in result.stderr
     assert "--single-process" in result.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+async def test_the_shop_runs_unchanged_on_postgresql(tmp_path):
+    import asyncpg  # noqa: PLC0415 - only this test needs it
+
+    token = tmp_path.name[-8:].replace("-", "_")
+    schemas = {name: f"shop_test_{token}_{name}" for name in ("orders", "inventory")}
+    env = {
+        f"ATOLL__SERVICES__{name.upper()}__DATABASE": (
+            f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}"
+        )
+        for name, schema in schemas.items()
+    }
+    shop = Shop(tmp_path, extra_env=env)
+    shop.start()
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await shop.wait_ready(client)
+            placed = await final(
+                client, shop, await order(client, shop, [{"sku": "apple", "qty": 1}])
+            )
+            assert placed["status"] == "CONFIRMED"
+            rejected = await final(
+                client, shop, await order(client, shop, [{"sku": "durian", "qty": 9}])
+            )
+            assert rejected["status"] == "REJECTED"
+            ids = await asyncio.gather(
+                *(order(client, shop, [{"sku": "cherry", "qty": 3}], f"c{i}") for i in range(10))
+            )
+            outcomes = [
+                o["status"] for o in await asyncio.gather(*(final(client, shop, i) for i in ids))
+            ]
+            assert outcomes.count("CONFIRMED") == 6, outcomes  # 20 boxes, 3 per order
+            assert await stock(client, shop, "cherry") == 2
+        assert shop.stop() == 0
+    finally:
+        if shop.process is not None and shop.process.poll() is None:
+            shop.process.kill()
+            shop.process.wait()
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+        for schema in schemas.values():
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()

@@ -36,6 +36,12 @@ ConfigOption = Annotated[
     Path,
     typer.Option("--config", "-c", help="The system's atoll.toml.", envvar="ATOLL_CONFIG"),
 ]
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile", "-p", help="Overlay [profiles.NAME] of atoll.toml.", envvar="ATOLL_PROFILE"
+    ),
+]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -44,9 +50,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _load(path: Path) -> LoadedConfig:
+def _load(path: Path, profile: str | None = None) -> LoadedConfig:
     try:
-        return load_config(path)
+        return load_config(path, profile=profile)
     except ConfigError as exc:
         fail(str(exc))
 
@@ -70,6 +76,7 @@ def _root(
 @app.command()
 def up(
     config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
     single_process: Annotated[
         bool, typer.Option("--single-process", help="Run every service in this one process.")
     ] = False,
@@ -83,7 +90,7 @@ def up(
     from atoll.cli._up import Supervisor  # noqa: PLC0415 - same
     from atoll.observability import configure_logging  # noqa: PLC0415 - same
 
-    loaded = _load(config)
+    loaded = _load(config, profile)
     names = service or list(loaded.config.services)
     for name in names:
         try:
@@ -112,12 +119,13 @@ def up(
 def run(
     name: Annotated[list[str], typer.Argument(help="Service names.")],
     config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
 ) -> None:
     """Run services in this process (what `atoll up` starts for each service)."""
     from atoll.cli._run import run as run_services  # noqa: PLC0415 - keep `atoll --help` fast
     from atoll.observability import configure_logging  # noqa: PLC0415 - same
 
-    loaded = _load(config)
+    loaded = _load(config, profile)
     configure_logging(service=name[0] if len(name) == 1 else None)
     try:
         run_services(loaded, name, single_process=False)
@@ -130,6 +138,7 @@ def run(
 @dlq_app.command("list")
 def dlq_list(
     config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
     group: Annotated[str | None, typer.Option(help="Only this consumer group (service).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
@@ -137,7 +146,7 @@ def dlq_list(
     """List dead letters, oldest first."""
     from atoll.cli._dlq import timestamp, with_store  # noqa: PLC0415 - keep `atoll --help` fast
 
-    loaded = _load(config)
+    loaded = _load(config, profile)
     records = with_store(loaded, lambda store: store.list(group=group, limit=limit))
     if as_json:
         for r in records:
@@ -154,11 +163,13 @@ def dlq_list(
 
 
 @dlq_app.command("show")
-def dlq_show(record_id: str, config: ConfigOption = Path("atoll.toml")) -> None:
+def dlq_show(
+    record_id: str, config: ConfigOption = Path("atoll.toml"), profile: ProfileOption = None
+) -> None:
     """Show one dead letter with its envelope."""
     from atoll.cli._dlq import with_store  # noqa: PLC0415 - keep `atoll --help` fast
 
-    loaded = _load(config)
+    loaded = _load(config, profile)
     record = with_store(loaded, lambda store: store.get(record_id))
     if record is None:
         fail(f"no dead letter {record_id!r}", 1)
@@ -169,6 +180,7 @@ def dlq_show(record_id: str, config: ConfigOption = Path("atoll.toml")) -> None:
 def dlq_replay(
     record_id: Annotated[list[str] | None, typer.Argument(help="Dead letter ids.")] = None,
     config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
     group: Annotated[str | None, typer.Option(help="With --all: only this group.")] = None,
 ) -> None:
@@ -177,7 +189,7 @@ def dlq_replay(
 
     if not record_id and not replay_all:
         fail("give dead letter ids, or --all")
-    loaded = _load(config)
+    loaded = _load(config, profile)
 
     async def replay(store: object) -> tuple[int, list[str]]:
         from atoll.transport import DeadLetterStore  # noqa: PLC0415 - typing only
@@ -199,11 +211,12 @@ def dlq_replay(
 def dlq_purge(
     record_id: Annotated[list[str], typer.Argument(help="Dead letter ids.")],
     config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
 ) -> None:
     """Delete dead letters for good."""
     from atoll.cli._dlq import with_store  # noqa: PLC0415 - keep `atoll --help` fast
 
-    loaded = _load(config)
+    loaded = _load(config, profile)
 
     async def purge(store: object) -> list[str]:
         from atoll.transport import DeadLetterStore  # noqa: PLC0415 - typing only

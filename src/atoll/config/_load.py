@@ -48,6 +48,7 @@ class LoadedConfig:
 
     config: AtollConfig
     path: Path
+    profile: str | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -120,13 +121,52 @@ def _check_url(source: str, key: str, url: str) -> None:
         )
 
 
-def load_config(
-    path: str | Path = "atoll.toml", environ: Mapping[str, str] | None = None
-) -> LoadedConfig:
-    """Read, override from the environment, and validate a configuration file.
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> None:
+    """Deep-merge ``overlay`` into ``base``: tables merge, other values replace."""
+    for key, value in overlay.items():
+        current = base.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            _merge(current, value)
+        else:
+            base[key] = value
 
-    Every problem raises :class:`ConfigError` naming the file (or the environment
-    variable) and the dotted key.
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(source: str, key: str, value: Any, environ: Mapping[str, str]) -> Any:
+    """Replace ``${NAME}`` in strings with environment variables (secrets stay out of files)."""
+    if isinstance(value, dict):
+        return {
+            k: _expand(source, f"{key}.{k}" if key else k, v, environ) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand(source, key, v, environ) for v in value]
+    if isinstance(value, str) and "${" in value:
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(source, key, f"environment variable {name} is not set")
+            return environ[name]
+
+        return _VARIABLE.sub(lookup, value)
+    return value
+
+
+def load_config(
+    path: str | Path = "atoll.toml",
+    environ: Mapping[str, str] | None = None,
+    *,
+    profile: str | None = None,
+) -> LoadedConfig:
+    """Read, overlay a profile, override from the environment, and validate.
+
+    ``profile`` (or ``$ATOLL_PROFILE``) names a ``[profiles.NAME]`` table whose keys are
+    merged over the file's (``[profiles.production.system] transport = "nats://..."``).
+    Then ``ATOLL__SECTION__KEY`` variables override, and ``${NAME}`` in string values is
+    replaced by that environment variable. Every problem raises :class:`ConfigError`
+    naming the file (or the environment variable) and the dotted key.
     """
     file = Path(path).resolve()
     source = str(path)
@@ -141,7 +181,18 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"is not valid TOML: {exc}") from None
+    profiles = data.pop("profiles", {})
+    profile = profile or environ.get("ATOLL_PROFILE") or None
+    if not isinstance(profiles, dict):
+        raise ConfigError(source, "profiles", "must be a table of profiles")
+    if profile is not None:
+        overlay = profiles.get(profile)
+        if not isinstance(overlay, dict):
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(source, f"profiles.{profile}", f"no such profile (known: {known})")
+        _merge(data, overlay)
     _apply_env(data, environ)
+    data = _expand(source, "", data, environ)
     services = data.pop("services", {})
     if not isinstance(services, dict):
         raise ConfigError(source, "services", "must be a table of services")
@@ -149,7 +200,7 @@ def load_config(
     for name, section in services.items():
         config.services[name] = _convert(source, f"services.{name}", section, ServiceSection)
     _validate(source, config)
-    return LoadedConfig(config, file)
+    return LoadedConfig(config, file, profile)
 
 
 def _convert(source: str, prefix: str, data: object, kind: type[T]) -> T:
