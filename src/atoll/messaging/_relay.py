@@ -5,11 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource
-from atoll.persistence import Database
+from atoll.observability import attributes
+from atoll.observability._tracing import SpanKind, link_from_traceparent
+from atoll.persistence import Database, OutboxRecord
 from atoll.transport import OutgoingMessage, Transport
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+#: Links per publish span (OpenTelemetry's default limit is 128).
+MAX_LINKS = 128
 
 log = logging.getLogger("atoll.relay")
 
@@ -42,8 +51,10 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         backoff_cap: float = 10.0,
         lease_ttl: float = 6.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self.name = name
+        self._tracer = tracer
         self._db = database
         self._transport = transport
         self._clock = clock
@@ -76,6 +87,29 @@ class OutboxRelay:
         except Exception as exc:
             log.warning("relay %s could not flush at shutdown: %s", self.name, exc)
         await self._db.release_lease(self._lease_name, self._owner)
+
+    async def _publish_traced(
+        self, records: list[OutboxRecord], messages: list[OutgoingMessage]
+    ) -> None:
+        """One ``publish`` span per batch, linked to the span that committed each message."""
+        assert self._tracer is not None
+        links = [
+            link
+            for link in (link_from_traceparent(r.traceparent) for r in records[:MAX_LINKS])
+            if link is not None
+        ]
+        with self._tracer.start_as_current_span(
+            "publish",
+            kind=SpanKind.PRODUCER,
+            links=links,
+            attributes={
+                attributes.MESSAGING_SYSTEM: "atoll",
+                attributes.MESSAGING_OPERATION_TYPE: "send",
+                attributes.MESSAGING_BATCH_COUNT: len(messages),
+                attributes.SERVICE: self.name,
+            },
+        ):
+            await self._transport.publish(messages)
 
     def abandon(self) -> None:
         """Stop at once, as a crash would (for crash tests)."""
@@ -111,9 +145,11 @@ class OutboxRelay:
             if not records:
                 return total
             crashpoint("relay.before_publish")
-            await self._transport.publish(
-                [OutgoingMessage(r.topic, r.message_id, r.key, r.body) for r in records]
-            )
+            messages = [OutgoingMessage(r.topic, r.message_id, r.key, r.body) for r in records]
+            if self._tracer is None:
+                await self._transport.publish(messages)
+            else:
+                await self._publish_traced(records, messages)
             crashpoint("relay.after_publish")
             await self._db.outbox_delete([r.seq for r in records])
             total += len(records)

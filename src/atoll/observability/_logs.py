@@ -38,6 +38,7 @@ def configure_logging(
         structlog.stdlib.add_logger_name,
         add_service,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
         *_extra_processors,
     ]
     renderer: structlog.types.Processor
@@ -67,6 +68,23 @@ def configure_logging(
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+def add_trace_ids(
+    _: object, __: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """``trace_id`` and ``span_id`` of the current span, when there is one."""
+    if _get_current_span is not None:
+        context = _get_current_span().get_span_context()
+        if context.is_valid:
+            event.setdefault("trace_id", f"{context.trace_id:032x}")
+            event.setdefault("span_id", f"{context.span_id:016x}")
+    return event
+
+
+try:
+    from opentelemetry.trace import get_current_span as _get_current_span
+except ImportError:  # pragma: no cover - without the otel extra
+    _get_current_span = None  # type: ignore[assignment]
 
 #: Processors added by other parts of atoll (tracing adds trace and span ids).
 _extra_processors: list[structlog.types.Processor] = []

@@ -25,6 +25,8 @@ class OutboxRecord(msgspec.Struct, frozen=True):
     key: str | None
     body: bytes
     created_at: float
+    #: The W3C traceparent of the span that committed it, for the relay's span links.
+    traceparent: str | None = None
 
 
 class Session(abc.ABC):
@@ -86,6 +88,7 @@ class UnitOfWork(Session):
         key: str | None,
         body: bytes,
         deliver_at: float | None = None,
+        traceparent: str | None = None,
     ) -> None:
         """Queue a message in the outbox as part of this unit of work.
 
@@ -218,7 +221,8 @@ def core_schema(*, autoincrement: str, blob: str, real: str) -> list[str]:
             key TEXT,
             body {blob} NOT NULL,
             created_at {real} NOT NULL,
-            deliver_at {real}
+            deliver_at {real},
+            traceparent TEXT
         )""",
         (
             "CREATE INDEX IF NOT EXISTS atoll_outbox_scheduled ON atoll_outbox (deliver_at)"

@@ -150,12 +150,14 @@ class SQLiteUnitOfWork(SQLiteSession, UnitOfWork):
         key: str | None,
         body: bytes,
         deliver_at: float | None = None,
+        traceparent: str | None = None,
     ) -> None:
         try:
             self._conn.execute(
-                "INSERT INTO atoll_outbox (message_id, topic, key, body, created_at, deliver_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (message_id, topic, key, body, self._db.now(), deliver_at),
+                "INSERT INTO atoll_outbox"
+                " (message_id, topic, key, body, created_at, deliver_at, traceparent)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (message_id, topic, key, body, self._db.now(), deliver_at, traceparent),
             )
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, self._what) from exc
@@ -264,6 +266,9 @@ class SQLiteDatabase(Database):
             try:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                columns = {row[1] for row in conn.execute("PRAGMA table_info(atoll_outbox)")}
+                if "traceparent" not in columns:  # files made by atoll 0.1.0 before tracing
+                    conn.execute("ALTER TABLE atoll_outbox ADD COLUMN traceparent TEXT")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -464,12 +469,13 @@ class SQLiteDatabase(Database):
     async def outbox_fetch(self, limit: int) -> list[OutboxRecord]:
         async with self.read() as session:
             rows = await session.fetch_all(
-                "SELECT seq, message_id, topic, key, body, created_at FROM atoll_outbox"
-                " WHERE deliver_at IS NULL OR deliver_at <= ? ORDER BY seq LIMIT ?",
+                "SELECT seq, message_id, topic, key, body, created_at, traceparent"
+                " FROM atoll_outbox WHERE deliver_at IS NULL OR deliver_at <= ?"
+                " ORDER BY seq LIMIT ?",
                 self.now(),
                 limit,
             )
-        return [OutboxRecord(r[0], r[1], r[2], r[3], bytes(r[4]), r[5]) for r in rows]
+        return [OutboxRecord(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
 
     async def outbox_delete(self, seqs: Sequence[int]) -> None:
         if not seqs:

@@ -17,6 +17,7 @@ from atoll.messages import (
     encode_payload,
     utc_from_timestamp,
 )
+from atoll.observability._tracing import inject_current
 from atoll.persistence import Row, Session, UnitOfWork
 from atoll.transport import command_topic, event_topic
 
@@ -40,6 +41,7 @@ class Context(Session):
 
     __slots__ = (
         "_clock",
+        "_propagate",
         "_random",
         "_service",
         "_uow",
@@ -62,8 +64,10 @@ class Context(Session):
         correlation_id: str | None = None,
         trace: dict[str, str] | None = None,
         deadline: datetime | None = None,
+        propagate: bool = False,
     ) -> None:
         self._service = service
+        self._propagate = propagate
         self._uow = uow
         self._clock = clock
         self._random = random
@@ -188,6 +192,9 @@ class Context(Session):
     ) -> str:
         now = self._clock.time()
         message_id = self._random.new_id()
+        # With tracing on, a message carries the span that commits it (this request or
+        # handler); without, it passes on the context it arrived with.
+        trace = (inject_current() or self.trace) if self._propagate else self.trace
         envelope = Envelope(
             id=message_id,
             type=message.message_type,
@@ -200,7 +207,7 @@ class Context(Session):
             created_at=utc_from_timestamp(now),
             key=key if key is not None else self.correlation_id,
             deadline=self.deadline,
-            trace=self.trace,
+            trace=trace,
             headers=headers or {},
             payload=encode_payload(message),
         )
@@ -210,5 +217,6 @@ class Context(Session):
             key=envelope.key,
             body=encode_envelope(envelope),
             deliver_at=None if delay is None else now + delay,
+            traceparent=trace.get("traceparent"),
         )
         return message_id

@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atoll.persistence import TransientDatabaseError
 
 if TYPE_CHECKING:
+    from atoll.observability import Tracing
     from atoll.service._service import Service
 
 log = logging.getLogger("atoll.http")
@@ -54,6 +56,13 @@ def install_http_defaults(app: FastAPI, service: Service) -> None:
             return JSONResponse({"service": service.name, "status": "stopped"}, status_code=503)
         details = await runtime.readiness()
         return JSONResponse(details, status_code=200 if runtime.ready else 503)
+
+    @app.get("/metrics", tags=["atoll"], summary="Prometheus metrics of this service")
+    async def metrics() -> Response:
+        runtime = service._runtime
+        if runtime is None:
+            return Response(b"", media_type=CONTENT_TYPE_LATEST, status_code=503)
+        return Response(await runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -97,3 +106,22 @@ def install_http_defaults(app: FastAPI, service: Service) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return problem(500, "internal error", instance=request.url.path)
+
+
+#: Paths that are not traced: probes and scrapes would drown the traces that matter.
+UNTRACED_PATHS = "healthz,readyz,metrics"
+
+
+def instrument_http(service: Service, tracing: Tracing) -> None:
+    """Trace the service's HTTP server (W3C context in, server span per request)."""
+    if tracing.provider is None or getattr(service.http, "_atoll_traced", False):
+        return
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor  # noqa: PLC0415
+
+    FastAPIInstrumentor.instrument_app(
+        service.http,
+        tracer_provider=tracing.provider,
+        excluded_urls=UNTRACED_PATHS,
+        exclude_spans=["receive", "send"],
+    )
+    service.http._atoll_traced = True  # type: ignore[attr-defined]

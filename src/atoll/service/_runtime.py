@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry
+from structlog.contextvars import bound_contextvars
 
 from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
+from atoll.observability import ServiceMetrics, Tracing, attributes, extract
+from atoll.observability._tracing import SpanKind
 from atoll.persistence import Database, TransientDatabaseError
 from atoll.service._context import Context
+from atoll.service._http import instrument_http
 from atoll.service._service import HandlerSpec, Service
 from atoll.transport import (
     Ack,
@@ -41,6 +48,9 @@ class RuntimeStats:
     failed: int = 0
     dead_lettered: int = 0
     batches: int = 0
+    redeliveries: int = 0
+    #: (message type, outcome) -> count, for metrics.
+    by_type: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,8 @@ class ServiceRuntime:
         relay_batch: int = 500,
         relay_poll_interval: float = 1.0,
         relay_lease_ttl: float = 6.0,
+        tracing: Tracing | None = None,
+        metrics_registry: CollectorRegistry | None = None,
         drain_timeout: float = 30.0,
         inbox_retention: float = 7 * 86_400.0,
     ) -> None:
@@ -85,6 +97,7 @@ class ServiceRuntime:
         self.random = random or RandomSource(clock=self.clock)
         self.state: State = "created"
         self.stats = RuntimeStats()
+        self.tracing = tracing if tracing is not None else Tracing(service.name)
         self._owns_transport = owns_transport
         self._max_batch = max_batch
         self._drain_timeout = drain_timeout
@@ -100,7 +113,9 @@ class ServiceRuntime:
             batch_size=relay_batch,
             poll_interval=relay_poll_interval,
             lease_ttl=relay_lease_ttl,
+            tracer=self.tracing.tracer,
         )
+        self.metrics = ServiceMetrics(self, metrics_registry)
 
     def __repr__(self) -> str:
         return f"ServiceRuntime({self.service.name!r}, state={self.state!r})"
@@ -118,6 +133,8 @@ class ServiceRuntime:
             raise RuntimeError(f"cannot start {self!r}")
         self.state = "starting"
         self.service.attach(self)
+        if self.tracing.enabled:
+            instrument_http(self.service, self.tracing)
         try:
             await self.database.open()
             for name, statements in self.service.migrations:
@@ -176,6 +193,7 @@ class ServiceRuntime:
         await self.stop_consuming()
         await self.relay.stop()
         await self._close_quietly()
+        self.tracing.shutdown()
         self.state = "stopped"
         self.service.attach(None)
 
@@ -236,6 +254,7 @@ class ServiceRuntime:
                 correlation_id=correlation_id,
                 trace=trace,
                 deadline=deadline,
+                propagate=self.tracing.enabled,
             )
 
     # -- consuming ------------------------------------------------------------------------
@@ -333,7 +352,54 @@ class ServiceRuntime:
         return outcomes
 
     async def _handle_one(self, item: _Decoded) -> bool:
-        """Run one handler in its own unit of work; ``False`` if it was a duplicate."""
+        """Run one handler in its own unit of work; ``False`` if it was a duplicate.
+
+        Traced as a ``process`` span whose parent is the span that committed the message,
+        timed into the handler histogram, and logged with its correlation id.
+        """
+        envelope = item.envelope
+        if item.delivery.attempt > 1:
+            self.stats.redeliveries += 1
+        started = self.clock.monotonic()
+        outcome = "failed"
+        try:
+            with bound_contextvars(correlation_id=envelope.correlation_id, message_id=envelope.id):
+                tracer = self.tracing.tracer
+                if tracer is None:
+                    handled = await self._run_handler(item, propagate=False)
+                else:
+                    with tracer.start_as_current_span(
+                        f"process {envelope.type}",
+                        context=extract(envelope.trace),
+                        kind=SpanKind.CONSUMER,
+                        attributes=self._span_attributes(item),
+                    ) as span:
+                        handled = await self._run_handler(item, propagate=True)
+                        if not handled:
+                            span.set_attribute(attributes.OUTCOME, "duplicate")
+            outcome = "handled" if handled else "duplicate"
+            return handled
+        finally:
+            self.stats.by_type[(envelope.type, outcome)] += 1
+            self.metrics.handler_seconds.labels(self.service.name, envelope.type).observe(
+                self.clock.monotonic() - started
+            )
+
+    def _span_attributes(self, item: _Decoded) -> dict[str, str | int]:
+        envelope = item.envelope
+        return {
+            attributes.MESSAGING_SYSTEM: "atoll",
+            attributes.MESSAGING_OPERATION_TYPE: "process",
+            attributes.MESSAGING_DESTINATION: item.delivery.topic,
+            attributes.MESSAGING_MESSAGE_ID: envelope.id,
+            attributes.MESSAGING_CONVERSATION_ID: envelope.correlation_id,
+            attributes.MESSAGING_CONSUMER_GROUP: self.service.name,
+            attributes.MESSAGING_DELIVERY_ATTEMPT: item.delivery.attempt,
+            attributes.MESSAGE_TYPE: envelope.type,
+            attributes.SERVICE: self.service.name,
+        }
+
+    async def _run_handler(self, item: _Decoded, *, propagate: bool) -> bool:
         async with self.database.unit_of_work() as uow:
             if not await uow.claim_inbox(self.service.name, item.envelope.id):
                 return False
@@ -344,6 +410,7 @@ class ServiceRuntime:
                 random=self.random,
                 envelope=item.envelope,
                 message=item.message,
+                propagate=propagate,
             )
             await item.spec.handler(item.message, ctx)
         return True

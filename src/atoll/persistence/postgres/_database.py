@@ -133,6 +133,7 @@ class _Outgoing:
     key: str | None
     body: bytes
     deliver_at: float | None
+    traceparent: str | None
 
 
 class PostgresSession(Session):
@@ -195,8 +196,9 @@ class PostgresUnitOfWork(PostgresSession, UnitOfWork):
         key: str | None,
         body: bytes,
         deliver_at: float | None = None,
+        traceparent: str | None = None,
     ) -> None:
-        self._outgoing.append(_Outgoing(message_id, topic, key, body, deliver_at))
+        self._outgoing.append(_Outgoing(message_id, topic, key, body, deliver_at, traceparent))
 
     async def claim_inbox(self, consumer: str, message_id: str) -> bool:
         return (
@@ -230,9 +232,10 @@ async def _write_outbox(
         )
     now = db.now()
     await conn.executemany(
-        "INSERT INTO atoll_outbox (message_id, topic, key, body, created_at, deliver_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
-        [(r.message_id, r.topic, r.key, r.body, now, r.deliver_at) for r in rows],
+        "INSERT INTO atoll_outbox"
+        " (message_id, topic, key, body, created_at, deliver_at, traceparent)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        [(r.message_id, r.topic, r.key, r.body, now, r.deliver_at, r.traceparent) for r in rows],
     )
 
 
@@ -371,6 +374,8 @@ class PostgresDatabase(Database):
             await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", _LOCK_MIGRATIONS)
             for statement in _SCHEMA:
                 await conn.execute(statement)
+            # Tables made by atoll 0.1.0 before tracing lack the column.
+            await conn.execute("ALTER TABLE atoll_outbox ADD COLUMN IF NOT EXISTS traceparent TEXT")
         await self._listen()
 
     async def _listen(self) -> None:
@@ -554,12 +559,13 @@ class PostgresDatabase(Database):
     async def outbox_fetch(self, limit: int) -> list[OutboxRecord]:
         async with self.read() as session:
             rows = await session.fetch_all(
-                "SELECT seq, message_id, topic, key, body, created_at FROM atoll_outbox"
-                " WHERE deliver_at IS NULL OR deliver_at <= ? ORDER BY seq LIMIT ?",
+                "SELECT seq, message_id, topic, key, body, created_at, traceparent"
+                " FROM atoll_outbox WHERE deliver_at IS NULL OR deliver_at <= ?"
+                " ORDER BY seq LIMIT ?",
                 self.now(),
                 limit,
             )
-        return [OutboxRecord(r[0], r[1], r[2], r[3], bytes(r[4]), r[5]) for r in rows]
+        return [OutboxRecord(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
 
     async def outbox_delete(self, seqs: Sequence[int]) -> None:
         if not seqs:

@@ -1,0 +1,203 @@
+"""Tracing with OpenTelemetry: one trace across HTTP, outboxes, transports and handlers.
+
+Propagation is W3C (``traceparent``, ``tracestate``, ``baggage``) in HTTP headers and in
+each message envelope's ``trace`` field. A message carries the context of the span that
+committed it (the request or handler that sent it); the consumer's ``process`` span is
+that span's child, so the trace continues across the outbox, and the relay's ``publish``
+span links to every message's committing span.
+
+Export is OTLP over HTTP to ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (the standard variables, including
+``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` and ``OTEL_RESOURCE_ATTRIBUTES``),
+batched on a background thread: an unreachable collector never slows a request; when the
+queue is full spans are dropped and counted. Without an endpoint, or without the
+``atoll[otel]`` extra, tracing is off and costs nothing.
+
+Instrumenting more of atoll (the hook): take ``tracing.tracer`` from the service's
+runtime (``runtime.tracing``) or :func:`get_tracer` and use the attribute names in
+:mod:`atoll.observability._attributes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context as OtelContext
+    from opentelemetry.sdk.trace import ReadableSpan, Span, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.trace import Tracer
+
+__all__ = [
+    "OTEL_AVAILABLE",
+    "SpanKind",
+    "Tracing",
+    "extract",
+    "get_tracer",
+    "inject_current",
+    "link_from_traceparent",
+    "otlp_endpoint",
+]
+
+log = logging.getLogger("atoll.tracing")
+
+try:
+    from opentelemetry import propagate, trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+
+    OTEL_AVAILABLE = True
+except ImportError:  # pragma: no cover - the otel extra is not installed
+    OTEL_AVAILABLE = False
+
+
+def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """The traces endpoint the standard OpenTelemetry variables name, if any."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return None
+    explicit = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if explicit:
+        return explicit
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if base:
+        return base.rstrip("/") + "/v1/traces"
+    return None
+
+
+if OTEL_AVAILABLE:
+
+    class DropCountingSpanProcessor(SpanProcessor):
+        """A :class:`BatchSpanProcessor` that counts the spans it drops on a full queue."""
+
+        def __init__(self, exporter: SpanExporter, *, max_queue_size: int = 2048) -> None:
+            self.batch = BatchSpanProcessor(
+                exporter,
+                max_queue_size=max_queue_size,
+                max_export_batch_size=min(512, max_queue_size),
+            )
+            self.max_queue_size = max_queue_size
+            self.dropped = 0
+            inner = getattr(self.batch, "_batch_processor", None)
+            self._queue = getattr(inner, "_queue", None)
+
+        def on_start(self, span: Span, parent_context: OtelContext | None = None) -> None:
+            self.batch.on_start(span, parent_context)
+
+        def on_end(self, span: ReadableSpan) -> None:
+            if self._queue is not None and len(self._queue) >= self.max_queue_size:
+                self.dropped += 1
+            self.batch.on_end(span)
+
+        def shutdown(self) -> None:
+            self.batch.shutdown()  # type: ignore[no-untyped-call]
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return self.batch.force_flush(timeout_millis)
+
+
+class Tracing:
+    """Tracing for one service: its tracer provider, tracer and propagation helpers.
+
+    ``enabled`` is ``False`` when no exporter is configured; every helper then does
+    nothing, cheaply.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        exporter: SpanExporter | None = None,
+        endpoint: str | None = None,
+        max_queue_size: int = 2048,
+    ) -> None:
+        self.service = service
+        self.provider: TracerProvider | None = None
+        self.processor: Any = None
+        self.tracer: Tracer | None = None
+        if not OTEL_AVAILABLE:
+            return
+        if exporter is None:
+            endpoint = endpoint or otlp_endpoint()
+            if endpoint is None:
+                return
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+                OTLPSpanExporter,
+            )
+
+            exporter = OTLPSpanExporter(endpoint=endpoint)
+        resource = Resource.create({"service.name": service})
+        self.provider = SdkTracerProvider(resource=resource)
+        self.processor = DropCountingSpanProcessor(exporter, max_queue_size=max_queue_size)
+        self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer("atoll")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether spans are recorded and exported."""
+        return self.tracer is not None
+
+    @property
+    def dropped_spans(self) -> int:
+        """Spans dropped because the export queue was full."""
+        return 0 if self.processor is None else int(self.processor.dropped)
+
+    def make_global(self) -> None:
+        """Make this the process's default tracer provider (one service per process)."""
+        if self.provider is not None:
+            trace.set_tracer_provider(self.provider)
+
+    def shutdown(self) -> None:
+        """Export what is queued (bounded by the exporter's timeout) and stop."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+def inject_current() -> dict[str, str]:
+    """The current span's context as W3C headers (empty without OpenTelemetry)."""
+    if not OTEL_AVAILABLE:
+        return {}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract(carrier: Mapping[str, str]) -> OtelContext | None:
+    """The context W3C headers carry (``None`` without OpenTelemetry)."""
+    if not OTEL_AVAILABLE or not carrier:
+        return None
+    return propagate.extract(carrier)
+
+
+def link_from_traceparent(traceparent: str | None) -> Any:
+    """A span link to the context a W3C ``traceparent`` names, or ``None``."""
+    if not OTEL_AVAILABLE or not traceparent:
+        return None
+    parts = traceparent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        context = SpanContext(
+            trace_id=int(parts[1], 16),
+            span_id=int(parts[2], 16),
+            is_remote=True,
+            trace_flags=TraceFlags(int(parts[3], 16)),
+        )
+    except ValueError:
+        return None
+    return Link(context)
+
+
+def get_tracer(name: str = "atoll") -> Tracer | None:
+    """The process's default tracer, for code outside a service runtime."""
+    if not OTEL_AVAILABLE:
+        return None
+    return trace.get_tracer(name)
