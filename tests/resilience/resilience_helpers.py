@@ -3,7 +3,7 @@
 import asyncio
 
 
-class Boom(Exception):
+class BoomError(Exception):
     pass
 
 
@@ -12,7 +12,7 @@ async def ok(value=1):
 
 
 async def fail(exc=None):
-    raise exc or Boom("boom")
+    raise exc or BoomError("boom")
 
 
 async def settle(rounds=10):

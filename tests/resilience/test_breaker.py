@@ -2,7 +2,7 @@ import asyncio
 
 import httpx
 import pytest
-from resilience_helpers import Boom, fail, ok
+from resilience_helpers import BoomError, fail, ok
 
 from atoll.resilience import (
     HTTP,
@@ -23,7 +23,7 @@ async def outcomes(breaker, pattern):
     for ch in pattern:
         try:
             await breaker.call(ok if ch == "S" else fail)
-        except Boom:
+        except BoomError:
             pass
         except BreakerOpenError:
             refused += 1
@@ -280,7 +280,7 @@ async def test_calls_started_in_an_earlier_state_do_not_count(clock):
 
     async def slow_failure():
         await release.wait()
-        raise Boom
+        raise BoomError
 
     straggler = asyncio.create_task(breaker.call(slow_failure))
     await asyncio.sleep(0)
@@ -296,7 +296,7 @@ async def test_calls_started_in_an_earlier_state_do_not_count(clock):
     probe_task = asyncio.create_task(breaker.call(probe))
     await asyncio.sleep(0)
     release.set()
-    with pytest.raises(Boom):
+    with pytest.raises(BoomError):
         await straggler  # started while closed: not a failed trial
     assert breaker.state is BreakerState.HALF_OPEN
     probe_release.set()
@@ -401,12 +401,12 @@ async def test_as_context_manager_and_decorator(clock):
     assert await double(4) == 8
     assert double.__name__ == "double"
     assert asyncio.iscoroutinefunction(double)
-    with pytest.raises(Boom):
+    with pytest.raises(BoomError):
         async with breaker:
-            raise Boom
-    with pytest.raises(Boom):
+            raise BoomError
+    with pytest.raises(BoomError):
         async with breaker:
-            raise Boom
+            raise BoomError
     assert breaker.state is BreakerState.OPEN
     with pytest.raises(BreakerOpenError):
         async with breaker:

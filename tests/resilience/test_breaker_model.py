@@ -18,7 +18,7 @@ from atoll.determinism import VirtualClock
 from atoll.resilience import BreakerOpenError, BulkheadFullError, CircuitBreaker
 
 
-class Failure(Exception):
+class FailureError(Exception):
     pass
 
 
@@ -128,6 +128,7 @@ class BreakerMachine(RuleBasedStateMachine):
     )
     def configure(
         self,
+        *,
         size,
         minimum,
         rate,
@@ -201,7 +202,7 @@ class BreakerMachine(RuleBasedStateMachine):
         if outcome == "success":
             gate.set_result("ok")
         else:
-            exc = Failure() if outcome == "failure" else BulkheadFullError("local", "full")
+            exc = FailureError() if outcome == "failure" else BulkheadFullError("local", "full")
             gate.set_exception(exc)
         self.loop.run_until_complete(asyncio.wait([task]))
         if exc is None:
