@@ -16,6 +16,9 @@ from atoll.resilience._shared import SharedState, StoreLink
 
 T = TypeVar("T")
 
+# Float arithmetic on the arrival time leaves dust: a permit due "1e-17 s from now" is due.
+_EPSILON = 1e-9
+
 
 class RateLimiter(Policy):
     """At most ``rate`` calls per second on average, with bursts of up to ``burst`` calls.
@@ -98,11 +101,11 @@ class RateLimiter(Policy):
         now = self._clock.monotonic()
         tat = max(now, self._tat)
         wait = tat - self._tolerance - now
-        if wait > max_wait:
+        if wait > max_wait + _EPSILON:
             self.rejected_total += 1
             raise RateLimitedError(self._name, wait)
         self._tat = tat + interval
-        return wait if wait > 0 else 0.0
+        return wait if wait > _EPSILON else 0.0
 
     async def _reserve(self) -> tuple[float, bool]:
         """Seconds to wait for a permit, and whether it was reserved locally."""

@@ -34,6 +34,7 @@ class RetryBudget:
 
     __slots__ = (
         "_calls",
+        "_calls_in_window",
         "_clock",
         "_end",
         "_floor",
@@ -41,11 +42,10 @@ class RetryBudget:
         "_name",
         "_ratio",
         "_retries",
+        "_retries_in_window",
         "_slot",
         "_width",
-        "calls_in_window",
         "exhausted_total",
-        "retries_in_window",
     )
 
     def __init__(
@@ -69,8 +69,8 @@ class RetryBudget:
         self._head = 0
         self._slot = 0
         self._end = self._width
-        self.calls_in_window = 0
-        self.retries_in_window = 0
+        self._calls_in_window = 0
+        self._retries_in_window = 0
         #: Retries refused because the budget was spent.
         self.exhausted_total = 0
 
@@ -79,17 +79,34 @@ class RetryBudget:
         """The budget's name."""
         return self._name
 
+    @property
+    def calls_in_window(self) -> int:
+        """Calls (first attempts) counted in the current window."""
+        self._refresh()
+        return self._calls_in_window
+
+    @property
+    def retries_in_window(self) -> int:
+        """Retries taken in the current window."""
+        self._refresh()
+        return self._retries_in_window
+
+    def _refresh(self) -> None:
+        now = self._clock.monotonic()
+        if now >= self._end:
+            self._roll(now)
+
     def _roll(self, now: float) -> None:
         epoch = int(now // self._width)
         if epoch - self._head >= _BUCKETS:
             self._calls = [0] * _BUCKETS
             self._retries = [0] * _BUCKETS
-            self.calls_in_window = self.retries_in_window = 0
+            self._calls_in_window = self._retries_in_window = 0
         else:
             for k in range(self._head + 1, epoch + 1):
                 slot = k % _BUCKETS
-                self.calls_in_window -= self._calls[slot]
-                self.retries_in_window -= self._retries[slot]
+                self._calls_in_window -= self._calls[slot]
+                self._retries_in_window -= self._retries[slot]
                 self._calls[slot] = self._retries[slot] = 0
         self._head = epoch
         self._slot = epoch % _BUCKETS
@@ -101,18 +118,18 @@ class RetryBudget:
         if now >= self._end:
             self._roll(now)
         self._calls[self._slot] += 1
-        self.calls_in_window += 1
+        self._calls_in_window += 1
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; ``False`` (and nothing taken) if it is spent."""
         now = self._clock.monotonic()
         if now >= self._end:
             self._roll(now)
-        if self.retries_in_window + 1 > self._floor + self._ratio * self.calls_in_window:
+        if self._retries_in_window + 1 > self._floor + self._ratio * self._calls_in_window:
             self.exhausted_total += 1
             return False
         self._retries[self._slot] += 1
-        self.retries_in_window += 1
+        self._retries_in_window += 1
         return True
 
     def __repr__(self) -> str:
