@@ -67,6 +67,9 @@ return tostring(until_ms)
 
 # KEYS[1]: the limiter's theoretical arrival time. ARGV: now, interval, tolerance,
 # max wait (all ms). Returns {granted (0/1), wait or retry-after (ms, as a string)}.
+# Numbers are written with '%.3f': Lua's tostring keeps 14 significant digits, which at
+# epoch milliseconds (13 digits) would leave 0.1 ms steps and spurious refusals; the
+# comparison tolerates 1 microsecond of float dust for the same reason.
 _GCRA = """
 local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
@@ -75,13 +78,13 @@ local max_wait = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - tolerance - now
-if wait > max_wait then
-  return {0, tostring(wait)}
+if wait > max_wait + 0.001 then
+  return {0, string.format('%.3f', wait)}
 end
 local new_tat = tat + interval
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-if wait < 0 then wait = 0 end
-return {1, tostring(wait)}
+redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+if wait < 0.001 then wait = 0 end
+return {1, string.format('%.3f', wait)}
 """
 
 
