@@ -12,7 +12,7 @@ from atoll.resilience import _check
 from atoll.resilience._deadline import Deadline, _current
 from atoll.resilience._errors import CallTimeoutError, DeadlineExceededError
 from atoll.resilience._policy import Policy
-from atoll.resilience._timer import race, skips_waiting, uses_loop_timer
+from atoll.resilience._timer import FifoTimer, race, skips_waiting, uses_loop_timer
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class Timeout(Policy):
     deadline while it ran.
     """
 
-    __slots__ = ("_clock", "_loop_timer", "_name", "_seconds", "_test_mode")
+    __slots__ = ("_clock", "_fifo", "_loop_timer", "_name", "_seconds", "_test_mode")
 
     def __init__(
         self, seconds: float, *, name: str = "timeout", clock: Clock | None = None
@@ -41,6 +41,7 @@ class Timeout(Policy):
         self._clock: Clock = clock or SystemClock()
         self._loop_timer = uses_loop_timer(self._clock)
         self._test_mode = skips_waiting(self._clock)
+        self._fifo = FifoTimer(self._seconds)
 
     @property
     def name(self) -> str:
@@ -83,7 +84,17 @@ class Timeout(Policy):
         token = _current.set(Deadline(clock.monotonic() + seconds, clock))
         timeout: asyncio.Timeout | None = None
         try:
-            if self._loop_timer:
+            if self._loop_timer and not by_deadline:
+                ticket = self._fifo.enter()
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    if self._fifo.settle(ticket, exc):
+                        raise self._expired(seconds, by_deadline) from exc
+                    raise
+                self._fifo.settle(ticket, None)
+                return result
+            if self._loop_timer:  # a shorter deadline: not in this policy's FIFO order
                 timeout = asyncio.timeout(seconds)
                 async with timeout:
                     return await fn(*args, **kwargs)
