@@ -231,9 +231,9 @@ class CircuitBreaker(Policy):
         # Whether recording an outcome needs the time: for slow calls, or to find the
         # bucket of a time window. A count window without slow calls needs none.
         self._needs_now = window == "time" or self._slow_duration is not None
-        # Lean: a count window, no slow calls, not shared. Successes then take the
-        # inlined path of ``_record_lean_success``; ``_count`` is only read then.
-        self._lean = window == "count" and self._slow_duration is None and shared is None
+        # Lean: a count window, not shared. Successes (not slow) then take the inlined
+        # path of ``_record_lean_success``; ``_count`` is only read then.
+        self._lean = window == "count" and shared is None
         self._count = self._window if isinstance(self._window, CountWindow) else CountWindow(1)
         self._state = _CLOSED
         self._gen = 0
@@ -359,6 +359,12 @@ class CircuitBreaker(Policy):
         if predicate is not None and predicate(result):
             self._on_outcome(gen, start, FAILED)
         elif self._lean and gen == self._gen and not self._state:
+            slow = self._slow_duration
+            if slow is not None:
+                now = self._monotonic()
+                if now - start >= slow:
+                    self._record(gen, now, SLOW)
+                    return result
             self.successes_total += 1
             window = self._count
             pos = window._pos + 1
@@ -373,12 +379,14 @@ class CircuitBreaker(Policy):
     def wrap(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         breaker = self
         lean = self._lean
-        timed = self._slow_duration is not None
+        slow = self._slow_duration
+        timed = slow is not None
         predicate = self._result_predicate
         monotonic = self._monotonic
         on_exception = self._on_exception
         on_abandoned = self._on_abandoned
         on_outcome = self._on_outcome
+        record = self._record
         record_lean_success = self._record_lean_success
         window = self._count
         size = window._size
@@ -398,6 +406,11 @@ class CircuitBreaker(Policy):
             if predicate is not None and predicate(result):
                 on_outcome(gen, start, FAILED)
             elif lean and gen == breaker._gen and not breaker._state:
+                if slow is not None:
+                    now = monotonic()
+                    if now - start >= slow:
+                        record(gen, now, SLOW)
+                        return result
                 breaker.successes_total += 1
                 pos = window._pos + 1
                 if window._ring[pos - 1] or window.calls != size:
@@ -411,9 +424,9 @@ class CircuitBreaker(Policy):
         return wrapper
 
     def _record_lean_success(self) -> None:
-        """Record a success in a count window when the breaker is closed and timing is off.
+        """Record a success (not slow) in a count window while the breaker is closed.
 
-        Equivalent to ``_on_outcome(gen, 0.0, 0)`` in that case, minus the branches that
+        Equivalent to ``_record(gen, now, 0)`` in that case, minus the branches that
         cannot apply; a success can only open the breaker by bringing the window up to
         ``minimum_calls`` while it holds failures, so only then is it evaluated.
         """
@@ -487,6 +500,9 @@ class CircuitBreaker(Policy):
             slow = self._slow_duration
             if slow is not None and now - start >= slow:
                 code |= SLOW
+        self._record(gen, now, code)
+
+    def _record(self, gen: int, now: float, code: int) -> None:
         if not code:
             self.successes_total += 1
         elif code == FAILED:
