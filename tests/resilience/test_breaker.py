@@ -441,7 +441,9 @@ async def test_reset_closes_and_forgets(clock):
         ({"wait": 10, "max_wait": 5}, "max_wait"),
         ({"minimum_calls": True}, "minimum_calls"),
         ({"wait": float("nan")}, "wait"),
-        ({"shared": object()}, "shared"),
+        ({"shared": object(), "window": "time"}, "shared"),
+        ({"sync_interval": 0}, "sync_interval"),
+        ({"shared_timeout": -1}, "shared_timeout"),
     ],
 )
 def test_invalid_configuration_is_refused(kwargs, field):

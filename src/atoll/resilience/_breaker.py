@@ -251,6 +251,8 @@ class CircuitBreaker(Policy):
         self.ignored_total = 0
         self.rejected_total = 0
         self.transitions_total = 0
+        shared_timeout = _check.duration("shared_timeout", shared_timeout, positive=True)
+        sync_interval = _check.duration("sync_interval", sync_interval, positive=True)
         self._shared: _SharedBreaker | None = None
         if shared is not None:
             self._shared = self._share(shared, shared_timeout, sync_interval)
@@ -258,6 +260,8 @@ class CircuitBreaker(Policy):
     def _share(
         self, store: SharedState, shared_timeout: float, sync_interval: float
     ) -> _SharedBreaker:
+        if not isinstance(store, SharedState):
+            raise InvalidPolicyError("shared", f"must be a SharedState, not {store!r}")
         if not isinstance(self._window, TimeWindow):
             raise InvalidPolicyError(
                 "shared",
@@ -268,12 +272,10 @@ class CircuitBreaker(Policy):
             store,
             what=f"circuit breaker {self._name!r}",
             clock=self._clock,
-            timeout=_check.duration("shared_timeout", shared_timeout, positive=True),
+            timeout=shared_timeout,
             retry_interval=1.0,
         )
-        return _SharedBreaker(
-            self, link, _check.duration("sync_interval", sync_interval, positive=True)
-        )
+        return _SharedBreaker(self, link, sync_interval)
 
     # -- introspection ------------------------------------------------------------------
 

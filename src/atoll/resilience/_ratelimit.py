@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from atoll.determinism import Clock, SystemClock
 from atoll.resilience import _check
 from atoll.resilience._deadline import _current
-from atoll.resilience._errors import RateLimitedError
+from atoll.resilience._errors import InvalidPolicyError, RateLimitedError
 from atoll.resilience._policy import Policy
 from atoll.resilience._shared import SharedState, StoreLink
 
@@ -73,13 +73,16 @@ class RateLimiter(Policy):
         self._degraded_interval = 1.0 / _check.duration("degraded_rate", degraded, positive=True)
         self._clock: Clock = clock or SystemClock()
         self._tat = float("-inf")
+        shared_timeout = _check.duration("shared_timeout", shared_timeout, positive=True)
         self._link: StoreLink | None = None
         if shared is not None:
+            if not isinstance(shared, SharedState):
+                raise InvalidPolicyError("shared", f"must be a SharedState, not {shared!r}")
             self._link = StoreLink(
                 shared,
                 what=f"rate limiter {name!r}",
                 clock=self._clock,
-                timeout=_check.duration("shared_timeout", shared_timeout, positive=True),
+                timeout=shared_timeout,
                 retry_interval=1.0,
             )
         #: Calls refused for want of a permit.
