@@ -140,6 +140,23 @@ async def test_opens_on_slow_call_rate(fast_clock):
     assert snap.successes_total == 1
 
 
+async def test_a_quick_success_that_reaches_minimum_calls_can_open_on_slow_calls(fast_clock):
+    """Found by the model test: the inlined success path must weigh slow calls too."""
+    breaker = CircuitBreaker(
+        "b",
+        window_size=2,
+        minimum_calls=2,
+        slow_call_duration=1.0,
+        slow_call_rate=0.5,
+        failure_rate=1.0,
+        clock=fast_clock,
+    )
+    await breaker.call(fast_clock.sleep, 1.0)  # slow, but only 1 call so far
+    assert breaker.state is BreakerState.CLOSED
+    await breaker.call(ok)  # 1 of 2 calls slow: 50 %
+    assert breaker.state is BreakerState.OPEN
+
+
 async def test_open_breaker_fails_fast_naming_itself_and_when(clock):
     breaker = CircuitBreaker("payments", window_size=2, minimum_calls=2, wait=12.5, clock=clock)
     await outcomes(breaker, "FF")

@@ -430,7 +430,8 @@ class CircuitBreaker(Policy):
 
         Equivalent to ``_record(gen, now, 0)`` in that case, minus the branches that
         cannot apply; a success can only open the breaker by bringing the window up to
-        ``minimum_calls`` while it holds failures, so only then is it evaluated.
+        ``minimum_calls`` while it holds failures or slow calls, so only then is it
+        evaluated.
         """
         window = self._count
         ring = window._ring
@@ -443,7 +444,7 @@ class CircuitBreaker(Policy):
             if window.calls == window._size:
                 return
             window.calls += 1
-        if window.failures:
+        if window.failures or window.slow:
             self._evaluate(0.0)
 
     def guard(self) -> AbstractAsyncContextManager[None]:
