@@ -159,6 +159,9 @@ DELETE = object()
         ("bulkhead.max_queue", -1, "must be at least 0"),
         ("bulkhead", "ten", "must be a table"),
         ("circuit", {}, "unknown key (known: "),
+        ("hedge.delay", DELETE, "is required"),
+        ("rate_limit.rate", DELETE, "is required"),
+        ("bulkhead.max_concurrent", DELETE, "is required"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(path, value, problem):

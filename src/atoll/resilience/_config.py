@@ -124,6 +124,9 @@ _SCHEMA: dict[str, dict[str, str]] = {
 }
 
 
+_REQUIRED = {"hedge": ("delay",), "rate_limit": ("rate",), "bulkhead": ("max_concurrent",)}
+
+
 def _type_ok(expected: str, value: object) -> bool:
     if expected == _NUMBER:
         return isinstance(value, int | float) and not isinstance(value, bool)
@@ -160,6 +163,9 @@ class _Reader:
             if not _type_ok(expected, item):
                 raise self.error(dotted, f"must be {expected}, not {_describe(item)}")
             out[str(key)] = item
+        for key in _REQUIRED.get(section, ()):
+            if key not in out:
+                raise self.error(f"{section}.{key}", "is required")
         return out
 
     def build(self, section: str, make: Callable[..., Any], options: dict[str, Any]) -> Any:
