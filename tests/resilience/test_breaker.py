@@ -467,3 +467,30 @@ def test_invalid_configuration_is_refused(kwargs, field):
     with pytest.raises(InvalidPolicyError) as info:
         CircuitBreaker("b", **kwargs)
     assert info.value.field == field
+
+
+async def test_one_breaker_as_context_manager_in_overlapping_tasks(clock):
+    """Each task's ``async with`` exits the guard it entered, whatever the interleaving."""
+    breaker = CircuitBreaker("b", window_size=10, minimum_calls=10, clock=clock)
+    first_in, second_in, release_first = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def first():
+        async with breaker:
+            first_in.set()
+            await release_first.wait()
+            raise BoomError
+
+    async def second():
+        await first_in.wait()
+        async with breaker, breaker:  # nested in one task too
+            second_in.set()
+
+    tasks = [asyncio.create_task(first()), asyncio.create_task(second())]
+    await second_in.wait()
+    await asyncio.sleep(0)
+    release_first.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[0], BoomError)
+    assert results[1] is None
+    snap = breaker.snapshot()
+    assert (snap.successes_total, snap.failures_total) == (2, 1)

@@ -154,3 +154,27 @@ async def test_fallback_leaves_non_failures_and_cancellation_alone():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_in_test_mode_hedges_start_only_on_failure(fast_clock):
+    hedge = Hedge(delay=0.1, clock=fast_clock)
+    calls = 0
+
+    async def slow_then_fine():
+        nonlocal calls
+        calls += 1
+        await fast_clock.sleep(5)  # slow in virtual time: no hedge races it
+        return calls
+
+    assert await hedge.call(slow_then_fine) == 1
+    assert hedge.hedges_total == 0
+    attempts = iter([BoomError(), "second"])
+
+    async def fails_first():
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert await hedge.call(fails_first) == "second"
+    assert hedge.hedges_total == 1
