@@ -92,6 +92,11 @@ class VirtualClock:
         await future
 
     @property
+    def auto_advance(self) -> bool:
+        """``True`` if every sleep returns at once and moves the clock (test mode)."""
+        return self._auto_advance
+
+    @property
     def pending_sleepers(self) -> int:
         """How many tasks are waiting on this clock."""
         return sum(1 for _, _, f in self._sleepers if not f.done())

@@ -1,0 +1,173 @@
+"""Rate limiting with the generic cell rate algorithm (GCRA), locally or shared."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+from atoll.determinism import Clock, SystemClock
+from atoll.resilience import _check
+from atoll.resilience._deadline import _current
+from atoll.resilience._errors import InvalidPolicyError, RateLimitedError
+from atoll.resilience._policy import Policy
+from atoll.resilience._shared import SharedState, StoreLink
+
+T = TypeVar("T")
+
+# Float arithmetic on the arrival time leaves dust: a permit due "1e-17 s from now" is due.
+_EPSILON = 1e-9
+
+
+class RateLimiter(Policy):
+    """At most ``rate`` calls per second on average, with bursts of up to ``burst`` calls.
+
+    GCRA (a token bucket without a refill timer): the limiter keeps a "theoretical
+    arrival time" and each permit moves it ``1/rate`` seconds on. A call without a
+    permit waits for one if that takes at most ``max_wait`` seconds (and ends before the
+    propagated deadline), and is refused with :class:`RateLimitedError` otherwise, which
+    says when a permit is free. Waiters are served in arrival order: each reserves its
+    permit before sleeping, and gives it back if cancelled.
+
+    ``shared`` makes instances share one limit through a :class:`SharedState` (each permit
+    is one store round trip bounded by ``shared_timeout``). While the store is slow or
+    down each instance limits itself locally to ``degraded_rate`` (default: ``rate``;
+    set it to ``rate / instances`` to keep the total), and never fails a call because
+    the store did.
+    """
+
+    __slots__ = (
+        "_burst",
+        "_clock",
+        "_degraded_interval",
+        "_interval",
+        "_link",
+        "_max_wait",
+        "_name",
+        "_tat",
+        "_tolerance",
+        "degraded_total",
+        "rejected_total",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rate: float,
+        burst: int = 1,
+        max_wait: float = 0.0,
+        clock: Clock | None = None,
+        shared: SharedState | None = None,
+        shared_timeout: float = 0.05,
+        degraded_rate: float | None = None,
+    ) -> None:
+        self._name = _check.name("name", name)
+        per_second = _check.duration("rate", rate, positive=True)
+        self._burst = _check.count("burst", burst)
+        self._max_wait = _check.duration("max_wait", max_wait)
+        self._interval = 1.0 / per_second
+        self._tolerance = (self._burst - 1) * self._interval
+        degraded = per_second if degraded_rate is None else degraded_rate
+        self._degraded_interval = 1.0 / _check.duration("degraded_rate", degraded, positive=True)
+        self._clock: Clock = clock or SystemClock()
+        self._tat = float("-inf")
+        shared_timeout = _check.duration("shared_timeout", shared_timeout, positive=True)
+        self._link: StoreLink | None = None
+        if shared is not None:
+            if not isinstance(shared, SharedState):
+                raise InvalidPolicyError("shared", f"must be a SharedState, not {shared!r}")
+            self._link = StoreLink(
+                shared,
+                what=f"rate limiter {name!r}",
+                clock=self._clock,
+                timeout=shared_timeout,
+                retry_interval=1.0,
+            )
+        #: Calls refused for want of a permit.
+        self.rejected_total = 0
+        #: Permits decided locally because the shared store was unavailable.
+        self.degraded_total = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _max_wait_now(self) -> float:
+        deadline = _current.get()
+        if deadline is None:
+            return self._max_wait
+        return min(self._max_wait, deadline.remaining())
+
+    def _reserve_local(self, interval: float, max_wait: float) -> float:
+        now = self._clock.monotonic()
+        tat = max(now, self._tat)
+        wait = tat - self._tolerance - now
+        if wait > max_wait + _EPSILON:
+            self.rejected_total += 1
+            raise RateLimitedError(self._name, wait)
+        self._tat = tat + interval
+        return wait if wait > _EPSILON else 0.0
+
+    async def _reserve(self) -> tuple[float, bool]:
+        """Seconds to wait for a permit, and whether it was reserved locally."""
+        max_wait = self._max_wait_now()
+        link = self._link
+        if link is None:
+            return self._reserve_local(self._interval, max_wait), True
+        if link.available:
+            clock = self._clock
+            reply = await link.run(
+                lambda: link.store.reserve_permit(
+                    self._name,
+                    now=clock.time(),
+                    interval=self._interval,
+                    tolerance=self._tolerance,
+                    max_wait=max_wait,
+                )
+            )
+            if reply is not None:
+                granted, seconds = reply
+                if not granted:
+                    self.rejected_total += 1
+                    raise RateLimitedError(self._name, seconds)
+                return seconds, False
+        self.degraded_total += 1
+        return self._reserve_local(self._degraded_interval, max_wait), True
+
+    async def _wait(self, seconds: float, local: bool) -> None:
+        try:
+            await self._clock.sleep(seconds)
+        except asyncio.CancelledError:
+            if local:  # give the reserved permit back
+                self._tat -= self._interval if self._link is None else self._degraded_interval
+            raise
+
+    async def _execute(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        if self._link is None:
+            wait = self._reserve_local(self._interval, self._max_wait_now())
+            local = True
+        else:
+            wait, local = await self._reserve()
+        if wait > 0:
+            await self._wait(wait, local)
+        return await fn(*args, **kwargs)
+
+    def guard(self) -> AbstractAsyncContextManager[None]:
+        return self._guard()
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        wait, local = await self._reserve()
+        if wait > 0:
+            await self._wait(wait, local)
+        yield
+
+    async def aclose(self) -> None:
+        """Nothing runs in the background; here for symmetry with the breaker."""
+
+    def __repr__(self) -> str:
+        return f"RateLimiter({self._name!r}, rate={1 / self._interval:g}/s, burst={self._burst})"
