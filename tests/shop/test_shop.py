@@ -18,7 +18,7 @@ class Shop:
         self.tmp_path = tmp_path
         self.extra_env = extra_env or {}
         self.args = list(args)
-        self.ports = {"orders": free_port(), "inventory": free_port()}
+        self.ports = {"orders": free_port(), "inventory": free_port(), "catalog": free_port()}
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
         self.inventory = f"http://127.0.0.1:{self.ports['inventory']}"
         self.process: subprocess.Popen[str] | None = None
@@ -101,7 +101,11 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
                 client, shop, await order(client, shop, [{"sku": "apple", "qty": 3}])
             )
             assert confirmed["status"] == "CONFIRMED"
-            assert confirmed["items"] == [{"sku": "apple", "qty": 3}]
+            assert confirmed["items"] == [
+                {"sku": "apple", "qty": 3, "unit_price_cents": 50, "price_source": "catalog"}
+            ]
+            assert confirmed["total_cents"] == 150
+            assert confirmed["priced_from_fallback"] is False
             assert await stock(client, shop, "apple") == apples - 3
 
             unknown = await final(
@@ -251,3 +255,73 @@ async def test_the_shop_runs_unchanged_on_postgresql(tmp_path):
         for schema in schemas.values():
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+
+
+@pytest.mark.timeout(180)
+async def test_the_catalog_breaker_opens_and_closes_while_orders_keep_coming(tmp_path):
+    shop = Shop(tmp_path)
+    catalog = f"http://127.0.0.1:{shop.ports['catalog']}"
+    shop.start()
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await shop.wait_ready(client)
+            # A first order teaches orders the price of apples.
+            first = await final(
+                client, shop, await order(client, shop, [{"sku": "apple", "qty": 1}])
+            )
+            assert first["items"][0]["price_source"] == "catalog"
+
+            async def breaker():
+                body = (await client.get(f"{shop.orders}/atoll/breakers")).json()
+                return next(b for b in body["breakers"] if b["name"] == "catalog")
+
+            assert (await breaker())["state"] == "closed"
+            faulty = await client.put(f"{catalog}/admin/faults", json={"error_rate": 1.0})
+            assert faulty.json() == {"latency_ms": 0, "error_rate": 1.0}
+            fallbacks = []
+            for i in range(4):
+                placed = await final(
+                    client, shop, await order(client, shop, [{"sku": "apple", "qty": 1}], f"f{i}")
+                )
+                fallbacks.append(placed)
+            assert all(o["priced_from_fallback"] for o in fallbacks)
+            assert all(o["items"][0]["unit_price_cents"] == 50 for o in fallbacks)
+            assert all(o["status"] == "CONFIRMED" for o in fallbacks)
+            open_breaker = await breaker()
+            assert open_breaker["state"] == "open", open_breaker
+            # A SKU never priced before cannot fall back: refused, nothing recorded.
+            unpriced = await client.post(
+                f"{shop.orders}/orders",
+                json={"customer_id": "c", "items": [{"sku": "banana", "qty": 1}]},
+            )
+            assert unpriced.status_code == 503
+            assert unpriced.headers["content-type"] == "application/problem+json"
+            assert "Retry-After" in unpriced.headers
+            # Heal catalog; after the breaker's wait, trial calls close it again.
+            await client.delete(f"{catalog}/admin/faults")
+
+            async def priced_by_catalog():
+                placed = await final(
+                    client, shop, await order(client, shop, [{"sku": "apple", "qty": 1}])
+                )
+                return not placed["priced_from_fallback"]
+
+            await wait_until(
+                priced_by_catalog, timeout=30, interval=0.5, what="catalog prices again"
+            )
+            await wait_until(
+                lambda: breaker_state_is(client, shop, "closed"),
+                timeout=30,
+                what="the breaker to close",
+            )
+        assert shop.stop() == 0
+    finally:
+        if shop.process is not None and shop.process.poll() is None:
+            shop.process.kill()
+            shop.process.wait()
+
+
+async def breaker_state_is(client, shop, state):
+    await order(client, shop, [{"sku": "apple", "qty": 1}])
+    body = (await client.get(f"{shop.orders}/atoll/breakers")).json()
+    return next(b for b in body["breakers"] if b["name"] == "catalog")["state"] == state

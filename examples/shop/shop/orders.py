@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import httpx
 from fastapi import Header, HTTPException, Response
 from pydantic import BaseModel, Field
 
 from atoll import Context, Service
+from atoll.resilience import HTTP, Fallback, ResilienceError
 from shop.messages import LineItem, ReserveStock, StockRejected, StockReserved
 
 service = Service(
@@ -27,6 +29,19 @@ service = Service(
         "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, created_at)",
     ],
 )
+service.migration(
+    "prices",
+    [
+        "ALTER TABLE orders ADD COLUMN total_cents INTEGER",
+        "ALTER TABLE orders ADD COLUMN priced_from_fallback INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE IF NOT EXISTS known_prices (
+            sku TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            price_cents INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+    ],
+)
 
 OrderStatus = Literal["PENDING", "CONFIRMED", "REJECTED"]
 
@@ -36,6 +51,16 @@ class OrderLine(BaseModel):
 
     sku: Annotated[str, Field(min_length=1, max_length=64)]
     qty: Annotated[int, Field(gt=0, le=10_000)]
+
+
+PriceSource = Literal["catalog", "last-known", "unknown-sku"]
+
+
+class PricedLine(OrderLine):
+    """A line with the price it was ordered at and where that price came from."""
+
+    unit_price_cents: int | None = None
+    price_source: PriceSource = "catalog"
 
 
 class PlaceOrder(BaseModel):
@@ -57,9 +82,39 @@ class OrderView(BaseModel):
 
     order_id: str
     customer_id: str
-    items: list[OrderLine]
+    items: list[PricedLine]
     status: OrderStatus
     reason: str | None
+    total_cents: int | None = None
+    #: True when catalog could not be reached and a line used the last known price.
+    priced_from_fallback: bool = False
+
+
+class PricesUnavailableError(Exception):
+    """catalog is unreachable and no price was ever seen for a SKU."""
+
+
+async def price_of(sku: str) -> PricedLine:
+    """The price of ``sku`` from catalog, through the ``catalog`` policy (timeout, retry
+    with a budget, breaker); when that fails, the last price this service saw."""
+
+    async def from_catalog() -> PricedLine:
+        response = await service.client.get("catalog", f"/products/{sku}")
+        if response.status_code == 404:
+            return PricedLine(sku=sku, qty=1, price_source="unknown-sku")
+        response.raise_for_status()
+        body = response.json()
+        return PricedLine(sku=sku, qty=1, unit_price_cents=body["price_cents"])
+
+    async def last_known(error: BaseException) -> PricedLine:
+        async with service.read() as db:
+            cents = await db.fetch_value("SELECT price_cents FROM known_prices WHERE sku = ?", sku)
+        if cents is None:
+            raise PricesUnavailableError(sku) from error
+        return PricedLine(sku=sku, qty=1, unit_price_cents=cents, price_source="last-known")
+
+    fallback = Fallback(last_known, classifier=HTTP)
+    return await fallback.call(from_catalog)
 
 
 @service.http.post("/orders", status_code=202, response_model=OrderAccepted)
@@ -68,19 +123,52 @@ async def place_order(
     response: Response,
     correlation_id: Annotated[str | None, Header(alias="X-Correlation-ID")] = None,
 ) -> OrderAccepted:
-    """Record a PENDING order and ask inventory to reserve its stock, atomically."""
+    """Price the order, then record it PENDING and ask inventory to reserve its stock,
+    atomically. Prices come from catalog, or from the last known price (and the order
+    says so) while catalog is failing."""
+    try:
+        prices = {sku: await price_of(sku) for sku in sorted({line.sku for line in order.items})}
+    except (PricesUnavailableError, ResilienceError, httpx.HTTPError) as exc:
+        raise HTTPException(
+            503, f"prices are unavailable: {exc}", headers={"Retry-After": "5"}
+        ) from exc
+    lines = [
+        PricedLine(
+            sku=line.sku,
+            qty=line.qty,
+            unit_price_cents=prices[line.sku].unit_price_cents,
+            price_source=prices[line.sku].price_source,
+        )
+        for line in order.items
+    ]
+    known = [line for line in lines if line.unit_price_cents is not None]
+    total = sum(line.qty * (line.unit_price_cents or 0) for line in known)
+    fallback = any(line.price_source == "last-known" for line in lines)
     async with service.unit_of_work(correlation_id=correlation_id) as ctx:
         order_id = ctx.random.new_id()
         now = ctx.clock.time()
         await ctx.execute(
-            "INSERT INTO orders (order_id, customer_id, items, status, created_at, updated_at)"
-            " VALUES (?, ?, ?, 'PENDING', ?, ?)",
+            "INSERT INTO orders (order_id, customer_id, items, status, created_at, updated_at,"
+            " total_cents, priced_from_fallback) VALUES (?, ?, ?, 'PENDING', ?, ?, ?, ?)",
             order_id,
             order.customer_id,
-            json.dumps([line.model_dump() for line in order.items]),
+            json.dumps([line.model_dump() for line in lines]),
             now,
             now,
+            total if len(known) == len(lines) else None,
+            1 if fallback else 0,
         )
+        for line in lines:
+            if line.price_source == "catalog" and line.unit_price_cents is not None:
+                await ctx.execute(
+                    "INSERT INTO known_prices (sku, name, price_cents, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (sku) DO UPDATE SET"
+                    " price_cents = excluded.price_cents, updated_at = excluded.updated_at",
+                    line.sku,
+                    line.sku,
+                    line.unit_price_cents,
+                    now,
+                )
         ctx.send(
             ReserveStock(
                 order_id=order_id,
@@ -98,7 +186,8 @@ async def get_order(order_id: str) -> OrderView:
     """An order and its status."""
     async with service.read() as db:
         row = await db.fetch_one(
-            "SELECT order_id, customer_id, items, status, reason FROM orders WHERE order_id = ?",
+            "SELECT order_id, customer_id, items, status, reason, total_cents,"
+            " priced_from_fallback FROM orders WHERE order_id = ?",
             order_id,
         )
     if row is None:
@@ -110,9 +199,11 @@ def _view(row: Any) -> OrderView:
     return OrderView(
         order_id=row[0],
         customer_id=row[1],
-        items=[OrderLine(**line) for line in json.loads(row[2])],
+        items=[PricedLine(**line) for line in json.loads(row[2])],
         status=row[3],
         reason=row[4],
+        total_cents=row[5],
+        priced_from_fallback=bool(row[6]),
     )
 
 

@@ -18,7 +18,9 @@ from atoll._errors import AtollError
 from atoll.config import ConfigError, LoadedConfig
 from atoll.determinism import RandomSource, SystemClock
 from atoll.persistence import database_from_url
+from atoll.resilience import ServiceClient, policy_from_config
 from atoll.service import Service, ServiceRuntime
+from atoll.service._context import outgoing_trace_headers
 from atoll.transport import transport_from_url
 
 log = logging.getLogger("atoll.run")
@@ -128,12 +130,47 @@ class SystemProcess:
                 random=self.random,
                 max_batch=loaded.service(service.name).max_batch,
                 drain_timeout=system.drain_timeout,
+                client=self._client(),
             )
             for service in services
         ]
         self._started: list[ServiceRuntime] = []
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
         self._sockets: list[socket.socket] = []
+
+    def _client(self) -> ServiceClient:
+        """A client for calls to the system's services, with the configured policies.
+
+        A policy named like a service (``[policies.catalog]``) applies to calls to it.
+        """
+        loaded = self.loaded
+        shared = None
+        if loaded.config.system.shared_state is not None:
+            from atoll.resilience.redis import RedisSharedState  # noqa: PLC0415 - optional
+
+            shared = RedisSharedState.from_url(loaded.config.system.shared_state)
+        addresses = {
+            name: f"http://{spec.host}:{spec.port}" for name, spec in loaded.config.services.items()
+        }
+        policies = {
+            name: policy_from_config(
+                table,
+                source=str(loaded.path),
+                name=name,
+                clock=self.clock,
+                random=self.random,
+                shared=shared,
+            )
+            for name, table in loaded.config.policies.items()
+            if name in addresses
+        }
+        return ServiceClient(
+            addresses,
+            policies=policies,
+            clock=self.clock,
+            random=self.random,
+            trace_headers=outgoing_trace_headers,
+        )
 
     async def start(self) -> None:
         """Bind every port first (a clear error if one is taken), then start services."""

@@ -200,6 +200,7 @@ def load_config(
     for name, section in services.items():
         config.services[name] = _convert(source, f"services.{name}", section, ServiceSection)
     _validate(source, config)
+    _validate_policies(source, config)
     return LoadedConfig(config, file, profile)
 
 
@@ -219,6 +220,22 @@ def _convert(source: str, prefix: str, data: object, kind: type[T]) -> T:
             message = "unknown key"
         key = ".".join(part for part in (prefix, where) if part)
         raise ConfigError(source, key, message[0].lower() + message[1:]) from None
+
+
+def _validate_policies(source: str, config: AtollConfig) -> None:
+    """Build every policy once, so a bad one is refused at start, naming its key."""
+    from atoll.resilience import policy_from_config  # noqa: PLC0415 - config stays light
+
+    shared = None
+    if config.system.shared_state is not None:
+        _check_url(source, "system.shared_state", config.system.shared_state)
+        from atoll.resilience.redis import RedisSharedState  # noqa: PLC0415 - optional
+
+        shared = RedisSharedState.from_url(config.system.shared_state)  # connects lazily
+    for name, table in config.policies.items():
+        if not isinstance(table, dict):
+            raise ConfigError(source, f"policies.{name}", "must be a table")
+        policy_from_config(table, source=source, name=name, shared=shared)
 
 
 def _validate(source: str, config: AtollConfig) -> None:

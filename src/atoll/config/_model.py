@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 
@@ -20,6 +22,9 @@ class SystemSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drain_timeout: float = 30.0
     #: Default durability of embedded SQLite files: ``FULL`` or ``NORMAL``.
     sqlite_synchronous: str = "FULL"
+    #: A Redis URL through which breakers and rate limiters with ``shared = true`` share
+    #: their windows across instances (decisions stay local when it is slow or down).
+    shared_state: str | None = None
 
 
 class ServiceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -42,3 +47,6 @@ class AtollConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     system: SystemSection = msgspec.field(default_factory=SystemSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
+    #: Resilience policies by name (``[policies.NAME]``, see ``docs/resilience.md``). A
+    #: policy named like a service applies to every call made to that service.
+    policies: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)

@@ -19,6 +19,7 @@ from atoll.messages import (
 )
 from atoll.observability._tracing import inject_current
 from atoll.persistence import Row, Session, UnitOfWork
+from atoll.resilience import current_deadline, current_trace_headers
 from atoll.transport import command_topic, event_topic
 
 if TYPE_CHECKING:
@@ -195,6 +196,10 @@ class Context(Session):
         # With tracing on, a message carries the span that commits it (this request or
         # handler); without, it passes on the context it arrived with.
         trace = (inject_current() or self.trace) if self._propagate else self.trace
+        deadline = self.deadline
+        if deadline is None:
+            current = current_deadline()  # an HTTP caller's X-Atoll-Deadline, for one
+            deadline = None if current is None else current.to_datetime()
         envelope = Envelope(
             id=message_id,
             type=message.message_type,
@@ -206,7 +211,7 @@ class Context(Session):
             causation_id=self.envelope.id if self.envelope is not None else None,
             created_at=utc_from_timestamp(now),
             key=key if key is not None else self.correlation_id,
-            deadline=self.deadline,
+            deadline=deadline,
             trace=trace,
             headers=headers or {},
             payload=encode_payload(message),
@@ -220,3 +225,9 @@ class Context(Session):
             traceparent=trace.get("traceparent"),
         )
         return message_id
+
+
+def outgoing_trace_headers() -> dict[str, str]:
+    """Trace headers for a call to another service: the current OpenTelemetry span's
+    context, or (with tracing off) the W3C headers the current request arrived with."""
+    return inject_current() or dict(current_trace_headers())

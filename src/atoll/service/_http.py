@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from atoll.persistence import TransientDatabaseError
+from atoll.resilience import PropagationMiddleware, snapshot_to_json
 
 if TYPE_CHECKING:
     from atoll.observability import Tracing
@@ -43,8 +44,15 @@ def problem(
 
 
 def install_http_defaults(app: FastAPI, service: Service) -> None:
-    """Add ``/healthz``, ``/readyz`` and problem+json error handlers to ``app``."""
+    """Add atoll's endpoints, deadline propagation and problem+json errors to ``app``."""
+    _install_endpoints(app, service)
+    # Adopts an incoming X-Atoll-Deadline (and W3C headers when tracing is off), and
+    # answers 504 at once when the caller's deadline has already passed.
+    app.add_middleware(PropagationMiddleware)
+    _install_error_handlers(app)
 
+
+def _install_endpoints(app: FastAPI, service: Service) -> None:
     @app.get("/healthz", tags=["atoll"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
         return {"status": "alive", "service": service.name}
@@ -57,6 +65,15 @@ def install_http_defaults(app: FastAPI, service: Service) -> None:
         details = await runtime.readiness()
         return JSONResponse(details, status_code=200 if runtime.ready else 503)
 
+    @app.get("/atoll/breakers", tags=["atoll"], summary="Circuit breakers of this service")
+    async def breakers() -> dict[str, Any]:
+        runtime = service._runtime
+        if runtime is None:
+            return {"breakers": []}
+        return {
+            "breakers": [snapshot_to_json(b.snapshot()) for b in runtime.client.registry.breakers]
+        }
+
     @app.get("/metrics", tags=["atoll"], summary="Prometheus metrics of this service")
     async def metrics() -> Response:
         runtime = service._runtime
@@ -64,6 +81,8 @@ def install_http_defaults(app: FastAPI, service: Service) -> None:
             return Response(b"", media_type=CONTENT_TYPE_LATEST, status_code=503)
         return Response(await runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [

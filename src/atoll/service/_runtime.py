@@ -21,7 +21,8 @@ from atoll.messaging._relay import OutboxRelay
 from atoll.observability import ServiceMetrics, Tracing, attributes, extract
 from atoll.observability._tracing import SpanKind
 from atoll.persistence import Database, TransientDatabaseError
-from atoll.service._context import Context
+from atoll.resilience import Deadline, ServiceClient, deadline_scope, install_metrics
+from atoll.service._context import Context, outgoing_trace_headers
 from atoll.service._http import instrument_http
 from atoll.service._service import HandlerSpec, Service
 from atoll.transport import (
@@ -87,6 +88,7 @@ class ServiceRuntime:
         relay_lease_ttl: float = 6.0,
         tracing: Tracing | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        client: ServiceClient | None = None,
         drain_timeout: float = 30.0,
         inbox_retention: float = 7 * 86_400.0,
     ) -> None:
@@ -116,6 +118,11 @@ class ServiceRuntime:
             tracer=self.tracing.tracer,
         )
         self.metrics = ServiceMetrics(self, metrics_registry)
+        #: Calls to other services by name, through their resilience policies.
+        self.client = client or ServiceClient(
+            {}, clock=self.clock, random=self.random, trace_headers=outgoing_trace_headers
+        )
+        install_metrics(self.client.registry, self.metrics.registry)
 
     def __repr__(self) -> str:
         return f"ServiceRuntime({self.service.name!r}, state={self.state!r})"
@@ -193,6 +200,7 @@ class ServiceRuntime:
         await self.stop_consuming()
         await self.relay.stop()
         await self._close_quietly()
+        await self.client.aclose()
         self.tracing.shutdown()
         self.state = "stopped"
         self.service.attach(None)
@@ -274,6 +282,11 @@ class ServiceRuntime:
             message = self.service.registry.decode(envelope)
         except MessageError as exc:
             return DeadLetter(reason=str(exc))
+        if envelope.deadline is not None and envelope.deadline.timestamp() <= self.clock.time():
+            # The sender has stopped waiting; doing the work now would only surprise it.
+            return DeadLetter(
+                reason=f"deadline {envelope.deadline.isoformat()} passed before handling"
+            )
         return _Decoded(index, delivery, envelope, message, spec)
 
     def _decode_batch(self, deliveries: Sequence[Delivery]) -> tuple[list[Outcome], list[_Decoded]]:
@@ -362,8 +375,16 @@ class ServiceRuntime:
             self.stats.redeliveries += 1
         started = self.clock.monotonic()
         outcome = "failed"
+        deadline = (
+            None
+            if envelope.deadline is None
+            else Deadline.from_datetime(envelope.deadline, clock=self.clock)
+        )
         try:
-            with bound_contextvars(correlation_id=envelope.correlation_id, message_id=envelope.id):
+            with (
+                bound_contextvars(correlation_id=envelope.correlation_id, message_id=envelope.id),
+                deadline_scope(deadline),
+            ):
                 tracer = self.tracing.tracer
                 if tracer is None:
                     handled = await self._run_handler(item, propagate=False)

@@ -15,6 +15,7 @@ from atoll.service._http import install_http_defaults
 from atoll.transport import RedeliveryPolicy, command_topic, event_topic
 
 if TYPE_CHECKING:
+    from atoll.resilience import ServiceClient
     from atoll.service._runtime import ServiceRuntime
 
 M = TypeVar("M", bound=Message)
@@ -155,6 +156,11 @@ class Service:
         """Open a unit of work with messaging, for HTTP routes and hooks."""
         async with self.runtime.unit_of_work(correlation_id=correlation_id, trace=trace) as ctx:
             yield ctx
+
+    @property
+    def client(self) -> ServiceClient:
+        """Calls to other services by name, through their resilience policies."""
+        return self.runtime.client
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Any]:
