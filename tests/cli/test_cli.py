@@ -89,3 +89,21 @@ async def test_dlq_list_show_replay_and_purge(tmp_path):
     await transport.connect()
     assert await transport.pending("svc") == 1, "the replayed message is not waiting"
     await transport.close()
+
+
+def test_a_bad_policy_exits_2_naming_the_key_and_the_file(tmp_path):
+    config = tmp_path / "atoll.toml"
+    config.write_text(
+        '[services.a]\napp = "x:y"\nport = 18998\n\n'
+        "[policies.a.breaker]\nfailure_rate = 1.5\n\n"
+        "[policies.b.retry]\nclassifier = \"bogus\"\n"
+    )
+    result = run("up", "--config", str(config))
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert "policies.a.breaker.failure_rate" in message
+    assert "atoll.toml" in message
+    config.write_text('[policies.b.retry]\nclassifier = "bogus"\nbase_delay = 0.1\n')
+    result = run("dlq", "list", "--config", str(config))
+    assert result.returncode == 2
+    assert "policies.b.retry.classifier" in " ".join(result.stderr.split())
