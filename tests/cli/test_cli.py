@@ -96,7 +96,7 @@ def test_a_bad_policy_exits_2_naming_the_key_and_the_file(tmp_path):
     config.write_text(
         '[services.a]\napp = "x:y"\nport = 18998\n\n'
         "[policies.a.breaker]\nfailure_rate = 1.5\n\n"
-        "[policies.b.retry]\nclassifier = \"bogus\"\n"
+        '[policies.b.retry]\nclassifier = "bogus"\n'
     )
     result = run("up", "--config", str(config))
     assert result.returncode == 2

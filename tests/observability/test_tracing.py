@@ -9,6 +9,7 @@ from opentelemetry.trace import SpanKind
 from atoll import Command, Context, Reply, Service
 from atoll.observability import Tracing, configure_logging
 from atoll.persistence import SQLiteDatabase
+from atoll.resilience import HTTP, CircuitBreaker, Pipeline, ServiceClient
 from atoll.service import ServiceRuntime
 from atoll.testing import wait_until
 from support import System
@@ -179,4 +180,40 @@ async def test_an_unreachable_collector_neither_slows_nor_fails_work(tmp_path):
     finally:
         for runtime in runtimes:
             await runtime.stop()
+        await system.transport.close()
+
+
+async def test_breaker_state_changes_are_span_events(tmp_path):
+    exporter = InMemorySpanExporter()
+    system = System(tmp_path)
+    await system.transport.connect()
+    tracing = Tracing("caller", exporter=exporter)
+    failing = httpx.MockTransport(lambda request: httpx.Response(503))
+    breaker = CircuitBreaker("down", classifier=HTTP, minimum_calls=2, window_size=4, wait=60)
+    client = ServiceClient(
+        {"down": "http://down.invalid"},
+        policies={"down": Pipeline(name="down", breaker=breaker)},
+        transport=failing,
+    )
+    runtime = ServiceRuntime(
+        Service("caller"),
+        database=SQLiteDatabase(tmp_path / "caller.db"),
+        transport=system.transport,
+        owns_transport=False,
+        tracing=tracing,
+        client=client,
+    )
+    await runtime.start()
+    try:
+        with tracing.tracer.start_as_current_span("call things"):
+            for _ in range(2):
+                assert (await runtime.client.get("down", "/x")).status_code == 503
+        tracing.processor.force_flush()
+        span = next(s for s in exporter.get_finished_spans() if s.name == "call things")
+        [event] = [e for e in span.events if e.name == "breaker state change"]
+        assert event.attributes["atoll.breaker.name"] == "down"
+        assert event.attributes["atoll.breaker.state"] == "open"
+        assert event.attributes["atoll.breaker.previous_state"] == "closed"
+    finally:
+        await runtime.stop()
         await system.transport.close()

@@ -35,6 +35,7 @@ __all__ = [
     "OTEL_AVAILABLE",
     "SpanKind",
     "Tracing",
+    "current_span",
     "extract",
     "get_tracer",
     "inject_current",
@@ -194,6 +195,14 @@ def link_from_traceparent(traceparent: str | None) -> Any:
     except ValueError:
         return None
     return Link(context)
+
+
+def current_span() -> Any:
+    """The recording span of the current context, or ``None``."""
+    if not OTEL_AVAILABLE:
+        return None
+    span = trace.get_current_span()
+    return span if span.is_recording() else None
 
 
 def get_tracer(name: str = "atoll") -> Tracer | None:

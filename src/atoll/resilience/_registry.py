@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from atoll.resilience._breaker import CircuitBreaker
@@ -25,9 +25,10 @@ class ResilienceRegistry:
     variant for unsafe requests); their counts add up.
     """
 
-    __slots__ = ("_breakers", "_bulkheads", "_limiters", "_retries")
+    __slots__ = ("_breaker_hooks", "_breakers", "_bulkheads", "_limiters", "_retries")
 
     def __init__(self, policies: Iterable[Policy] = ()) -> None:
+        self._breaker_hooks: list[Callable[[CircuitBreaker], None]] = []
         self._breakers: dict[str, CircuitBreaker] = {}
         self._bulkheads: dict[str, Bulkhead] = {}
         self._limiters: dict[str, RateLimiter] = {}
@@ -41,13 +42,21 @@ class ResilienceRegistry:
             for part in policy.policies:
                 self.add(part)
         elif isinstance(policy, CircuitBreaker):
-            _put(self._breakers, policy, "circuit breaker")
+            if _put(self._breakers, policy, "circuit breaker"):
+                for hook in self._breaker_hooks:
+                    hook(policy)
         elif isinstance(policy, Bulkhead):
             _put(self._bulkheads, policy, "bulkhead")
         elif isinstance(policy, RateLimiter):
             _put(self._limiters, policy, "rate limiter")
         elif isinstance(policy, Retry) and all(r is not policy for r in self._retries):
             self._retries.append(policy)
+
+    def on_breaker(self, hook: Callable[[CircuitBreaker], None]) -> None:
+        """Call ``hook`` with every breaker registered, now and later (for instrumentation)."""
+        self._breaker_hooks.append(hook)
+        for breaker in self._breakers.values():
+            hook(breaker)
 
     def breaker(self, name: str) -> CircuitBreaker | None:
         """The breaker called ``name``, if registered."""
@@ -74,10 +83,12 @@ class ResilienceRegistry:
         return list(self._retries)
 
 
-def _put(table: dict[str, _P], policy: _P, kind: str) -> None:
+def _put(table: dict[str, _P], policy: _P, kind: str) -> bool:
+    """Register ``policy``; ``True`` if it was new."""
     existing = table.get(policy.name)
     if existing is not None and existing is not policy:
         raise InvalidPolicyError(
             "name", f"another {kind} called {policy.name!r} is already registered"
         )
     table[policy.name] = policy
+    return existing is None

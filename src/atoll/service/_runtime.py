@@ -19,9 +19,16 @@ from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
 from atoll.observability import ServiceMetrics, Tracing, attributes, extract
-from atoll.observability._tracing import SpanKind
+from atoll.observability._tracing import SpanKind, current_span
 from atoll.persistence import Database, TransientDatabaseError
-from atoll.resilience import Deadline, ServiceClient, deadline_scope, install_metrics
+from atoll.resilience import (
+    CircuitBreaker,
+    Deadline,
+    ServiceClient,
+    StateChange,
+    deadline_scope,
+    install_metrics,
+)
 from atoll.service._context import Context, outgoing_trace_headers
 from atoll.service._http import instrument_http
 from atoll.service._service import HandlerSpec, Service
@@ -123,6 +130,25 @@ class ServiceRuntime:
             {}, clock=self.clock, random=self.random, trace_headers=outgoing_trace_headers
         )
         install_metrics(self.client.registry, self.metrics.registry)
+        self.client.registry.on_breaker(self._trace_breaker)
+
+    def _trace_breaker(self, breaker: CircuitBreaker) -> None:
+        """Record each state change as an event on the span of the call that caused it."""
+
+        def on_change(change: StateChange) -> None:
+            span = current_span()
+            if span is not None:
+                span.add_event(
+                    "breaker state change",
+                    {
+                        attributes.BREAKER: change.breaker,
+                        attributes.BREAKER_STATE: change.current.value,
+                        "atoll.breaker.previous_state": change.previous.value,
+                        "atoll.breaker.reason": change.reason,
+                    },
+                )
+
+        breaker.add_listener(on_change)
 
     def __repr__(self) -> str:
         return f"ServiceRuntime({self.service.name!r}, state={self.state!r})"
