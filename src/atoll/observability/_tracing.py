@@ -25,6 +25,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from atoll.determinism import Clock, RandomSource, SystemClock
+
 if TYPE_CHECKING:
     from opentelemetry.context import Context as OtelContext
     from opentelemetry.sdk.trace import ReadableSpan, Span, TracerProvider
@@ -41,19 +43,26 @@ __all__ = [
     "inject_current",
     "link_from_traceparent",
     "otlp_endpoint",
+    "parse_traceparent",
 ]
 
 log = logging.getLogger("atoll.tracing")
 
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import baggage, propagate, trace
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanProcessor
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
+    from atoll.observability._lean import LeanTracer, parse_traceparent
+
     OTEL_AVAILABLE = True
+    _DEFAULT_TEXTMAP = propagate.get_global_textmap()
+    _DEFAULT_PROPAGATORS = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(
+        " ", ""
+    ) in ("tracecontext,baggage", "baggage,tracecontext", "tracecontext")
 except ImportError:  # pragma: no cover - the otel extra is not installed
     OTEL_AVAILABLE = False
 
@@ -119,11 +128,14 @@ class Tracing:
         exporter: SpanExporter | None = None,
         endpoint: str | None = None,
         max_queue_size: int = 2048,
+        clock: Clock | None = None,
+        random: RandomSource | None = None,
     ) -> None:
         self.service = service
         self.provider: TracerProvider | None = None
         self.processor: Any = None
         self.tracer: Tracer | None = None
+        self.lean: LeanTracer | None = None
         if not OTEL_AVAILABLE:
             return
         if exporter is None:
@@ -140,6 +152,14 @@ class Tracing:
         self.processor = DropCountingSpanProcessor(exporter, max_queue_size=max_queue_size)
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("atoll")
+        clock = clock or SystemClock()
+        self.lean = LeanTracer(
+            processor=self.processor,
+            resource=resource,
+            sampler=self.provider.sampler,
+            clock=clock,
+            random=random or RandomSource(clock=clock),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -163,10 +183,26 @@ class Tracing:
 
 
 def inject_current() -> dict[str, str]:
-    """The current span's context as W3C headers (empty without OpenTelemetry)."""
+    """The current span's context as W3C headers (empty without OpenTelemetry).
+
+    With the default propagators and no baggage, the headers are written directly: the
+    generic propagator path costs several microseconds a message.
+    """
     if not OTEL_AVAILABLE:
         return {}
-    carrier: dict[str, str] = {}
+    if propagate.get_global_textmap() is _DEFAULT_TEXTMAP and _DEFAULT_PROPAGATORS:
+        context = trace.get_current_span().get_span_context()
+        if not context.is_valid:
+            return {}
+        if not baggage.get_all():
+            carrier = {
+                "traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-"
+                f"{int(context.trace_flags):02x}"
+            }
+            if context.trace_state:
+                carrier["tracestate"] = context.trace_state.to_header()
+            return carrier
+    carrier = {}
     propagate.inject(carrier)
     return carrier
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry
 from structlog.contextvars import bound_contextvars
@@ -18,8 +18,8 @@ from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
-from atoll.observability import ServiceMetrics, Tracing, attributes, extract
-from atoll.observability._tracing import SpanKind, current_span
+from atoll.observability import ServiceMetrics, Tracing, attributes
+from atoll.observability._tracing import SpanKind, current_span, parse_traceparent
 from atoll.persistence import Database, TransientDatabaseError
 from atoll.resilience import (
     CircuitBreaker,
@@ -41,6 +41,9 @@ from atoll.transport import (
     Retry,
     Transport,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.util.types import AttributeValue
 
 log = logging.getLogger("atoll.service")
 
@@ -106,7 +109,11 @@ class ServiceRuntime:
         self.random = random or RandomSource(clock=self.clock)
         self.state: State = "created"
         self.stats = RuntimeStats()
-        self.tracing = tracing if tracing is not None else Tracing(service.name)
+        self.tracing = (
+            tracing
+            if tracing is not None
+            else Tracing(service.name, clock=self.clock, random=self.random)
+        )
         self._owns_transport = owns_transport
         self._max_batch = max_batch
         self._drain_timeout = drain_timeout
@@ -411,13 +418,13 @@ class ServiceRuntime:
                 bound_contextvars(correlation_id=envelope.correlation_id, message_id=envelope.id),
                 deadline_scope(deadline),
             ):
-                tracer = self.tracing.tracer
-                if tracer is None:
+                lean = self.tracing.lean
+                if lean is None:
                     handled = await self._run_handler(item, propagate=False)
                 else:
-                    with tracer.start_as_current_span(
+                    with lean.span(
                         f"process {envelope.type}",
-                        context=extract(envelope.trace),
+                        parent=parse_traceparent(envelope.trace),
                         kind=SpanKind.CONSUMER,
                         attributes=self._span_attributes(item),
                     ) as span:
@@ -432,7 +439,7 @@ class ServiceRuntime:
                 self.clock.monotonic() - started
             )
 
-    def _span_attributes(self, item: _Decoded) -> dict[str, str | int]:
+    def _span_attributes(self, item: _Decoded) -> dict[str, AttributeValue]:
         envelope = item.envelope
         return {
             attributes.MESSAGING_SYSTEM: "atoll",
