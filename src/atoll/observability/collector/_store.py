@@ -658,6 +658,9 @@ class SpanStore:
             raise
         segment.span_count += inserted
         segment.last_write_at = now
+        limit = self.retention.max_spans
+        if limit is not None and sum(s.span_count for s in self._segments) > limit:
+            self._prune_count_sync(conn)
         return inserted
 
     def _current_segment_sync(self, conn: sqlite3.Connection, now: float, size: int) -> _Segment:
