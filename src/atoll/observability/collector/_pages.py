@@ -41,6 +41,12 @@ _PALETTE: Final = (
     "#a0522d",
     "#6f5bd4",
 )
+#: Inline, so that the browser asks the collector for nothing it does not serve.
+_FAVICON: Final = (
+    "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E"
+    "%3Ccircle cx='8' cy='8' r='7.5' fill='%234e79a7'/%3E"
+    "%3Ccircle cx='8' cy='8' r='4' fill='%232bb3a3'/%3E%3C/svg%3E"
+)
 LOOKBACKS: Final = (
     ("", "All stored"),
     ("5m", "Last 5 minutes"),
@@ -128,6 +134,7 @@ def _layout(title: str, body: str, stats: StoreStats | None, *, page: str) -> st
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)} · atoll traces</title>
+<link rel="icon" href="{_FAVICON}">
 <link rel="stylesheet" href="/static/collector.css">
 <script src="/static/collector.js" defer></script>
 </head>
