@@ -61,7 +61,7 @@ def serve_in_thread(app: CollectorApp) -> Iterator[LiveCollector]:
         loops.append(loop)
         try:
             loop.run_until_complete(server.serve(sockets=[sock]))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+        except BaseException as exc:
             errors.append(exc)
         finally:
             loop.close()

@@ -22,7 +22,7 @@ def span_id(n: int | None = None) -> bytes:
     return (n if n is not None else next(_counter)).to_bytes(8, "big")
 
 
-def any_value(value: Any) -> AnyValue:
+def any_value(value: Any) -> AnyValue:  # noqa: PLR0911 - one per kind
     if isinstance(value, bool):
         return AnyValue(bool_value=value)
     if isinstance(value, int):
@@ -106,7 +106,9 @@ def simple_trace(service: str, n_children: int = 2, **root: Any) -> tuple[bytes,
     start = root.pop("start_ns", T0)
     spans = [make_span(tid, root_id, start_ns=start, **root)]
     spans += [
-        make_span(tid, span_id(), parent=root_id, name=f"child {i}", start_ns=start + 1000 * (i + 1))
+        make_span(
+            tid, span_id(), parent=root_id, name=f"child {i}", start_ns=start + 1000 * (i + 1)
+        )
         for i in range(n_children)
     ]
     return tid, spans

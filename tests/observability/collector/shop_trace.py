@@ -68,7 +68,7 @@ def make_shop_trace(
     }
     spans: dict[str, Span] = {}
 
-    def start(
+    def start(  # noqa: PLR0917 - the spans below read best as a table
         key: str,
         service: str,
         name: str,

@@ -24,8 +24,13 @@ async def test_search_api_parameters(client):
         client,
         "orders",
         [
-            make_span(tid, root, name="POST /orders", duration_ns=250_000_000,
-                      attributes={"order.id": "o-1", "http.route": "/orders list"}),
+            make_span(
+                tid,
+                root,
+                name="POST /orders",
+                duration_ns=250_000_000,
+                attributes={"order.id": "o-1", "http.route": "/orders list"},
+            ),
             make_span(tid, span_id(), parent=root, name="db", status=2, duration_ns=1_000_000),
         ],
     )
@@ -88,8 +93,11 @@ async def test_pages_escape_span_data(client):
     await send(
         client,
         EVIL,
-        [make_span(tid, span_id(), name=EVIL, attributes={EVIL: EVIL},
-                   events=[(EVIL, T0, {"k": EVIL})])],
+        [
+            make_span(
+                tid, span_id(), name=EVIL, attributes={EVIL: EVIL}, events=[(EVIL, T0, {"k": EVIL})]
+            )
+        ],
     )
     for path in ("/", f"/traces/{tid.hex()}", f"/?attrs=k%3D{EVIL}"):
         page = (await client.get(path)).text
@@ -116,8 +124,15 @@ async def test_trace_page_shows_every_span_nested(client):
     root, child, grandchild = span_id(), span_id(), span_id()
     await send(client, "a", [make_span(tid, root, name="root", duration_ns=10_000_000)])
     await send(client, "b", [make_span(tid, child, parent=root, name="child", start_ns=T0 + 1)])
-    await send(client, "b", [make_span(tid, grandchild, parent=child, name="leaf", start_ns=T0 + 2,
-                                       links=[(tid, root, {})])])
+    await send(
+        client,
+        "b",
+        [
+            make_span(
+                tid, grandchild, parent=child, name="leaf", start_ns=T0 + 2, links=[(tid, root, {})]
+            )
+        ],
+    )
     page = (await client.get(f"/traces/{tid.hex()}")).text
     rows = [line for line in page.splitlines() if 'class="span-row' in line]
     assert [r.split('data-depth="')[1][0] for r in rows] == ["0", "1", "2"]
@@ -129,10 +144,26 @@ async def test_trace_page_shows_every_span_nested(client):
 
 def record(sid, parent, start):
     return SpanRecord(
-        trace_id="t", span_id=sid, parent_span_id=parent, service="s", resource_id=1, name=sid,
-        kind="internal", start_ns=start, end_ns=start + 1, duration_ns=1, status="unset",
-        status_message=None, trace_state=None, flags=0, scope_name="", scope_version="",
-        attributes={}, events=[], links=[], dropped=None,
+        trace_id="t",
+        span_id=sid,
+        parent_span_id=parent,
+        service="s",
+        resource_id=1,
+        name=sid,
+        kind="internal",
+        start_ns=start,
+        end_ns=start + 1,
+        duration_ns=1,
+        status="unset",
+        status_message=None,
+        trace_state=None,
+        flags=0,
+        scope_name="",
+        scope_version="",
+        attributes={},
+        events=[],
+        links=[],
+        dropped=None,
     )
 
 

@@ -61,7 +61,12 @@ def test_search_open_a_trace_and_read_its_spans(live, browser):
         # Choosing a service narrows the operations offered (done by the page's script).
         page.select_option("#f-service", "inventory")
         operations = page.locator("#f-operation option").all_inner_texts()
-        assert operations == ["All operations", "UPDATE stock", "handle shop.OrderPlaced", "inventory.reserve"]
+        assert operations == [
+            "All operations",
+            "UPDATE stock",
+            "handle shop.OrderPlaced",
+            "inventory.reserve",
+        ]
         page.select_option("#f-service", "payments")
         page.fill("#f-attrs", f"order.id={target.order_id}")
         page.select_option("#f-status", "ok")

@@ -53,12 +53,29 @@ def test_mutated_protobuf_decodes_or_is_rejected(position, byte):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=30,
 )
 keys = st.sampled_from(
-    ["resourceSpans", "scopeSpans", "spans", "traceId", "spanId", "parentSpanId", "name",
-     "kind", "startTimeUnixNano", "attributes", "key", "value", "stringValue", "links", "x"]
+    [
+        "resourceSpans",
+        "scopeSpans",
+        "spans",
+        "traceId",
+        "spanId",
+        "parentSpanId",
+        "name",
+        "kind",
+        "startTimeUnixNano",
+        "attributes",
+        "key",
+        "value",
+        "stringValue",
+        "links",
+        "x",
+    ]
 )
 otlp_like = st.recursive(
     json_values,
@@ -75,10 +92,22 @@ def test_any_json_decodes_or_is_rejected(document):
 
 def test_hex_and_base64_ids():
     document = {
-        "resourceSpans": [{"scopeSpans": [{"spans": [
-            {"traceId": "0102030405060708090a0b0c0d0e0f10", "spanId": "AQIDBAUGBwg=",
-             "parentSpanId": "!!", "links": [{"trace_id": "ff" * 16, "span_id": "-_-_-_-_-_8"}]},
-        ]}]}]
+        "resourceSpans": [
+            {
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {
+                                "traceId": "0102030405060708090a0b0c0d0e0f10",
+                                "spanId": "AQIDBAUGBwg=",
+                                "parentSpanId": "!!",
+                                "links": [{"trace_id": "ff" * 16, "span_id": "-_-_-_-_-_8"}],
+                            },
+                        ]
+                    }
+                ]
+            }
+        ]
     }
     hex_ids_to_base64(document)
     span = document["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
@@ -100,7 +129,9 @@ def test_values_are_kept_with_their_types():
         "list": [1, "two", [3.0]],
         "map": {"k": {"deep": True}},
     }
-    batch = decoder.convert(make_request("svc", [make_span(trace_id(), span_id(), attributes=attributes)]))
+    batch = decoder.convert(
+        make_request("svc", [make_span(trace_id(), span_id(), attributes=attributes)])
+    )
     stored = json.loads(batch.spans[0][13])
     assert stored == {
         "s": "text",
@@ -115,6 +146,8 @@ def test_values_are_kept_with_their_types():
 
 
 def test_resource_without_service_name_and_zero_parent():
-    batch = decoder.convert(make_request(None, [make_span(trace_id(), span_id(), parent=b"\x00" * 8)]))
+    batch = decoder.convert(
+        make_request(None, [make_span(trace_id(), span_id(), parent=b"\x00" * 8)])
+    )
     assert next(iter(batch.resources.values())).service == "unknown_service"
     assert batch.spans[0][2] is None  # an all-zero parent means no parent

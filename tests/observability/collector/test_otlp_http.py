@@ -20,9 +20,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.export import SpanExportResult
 from otlp import T0, make_request, make_span, simple_trace, span_id, trace_id
 from shop_trace import SERVICES, flush, make_shop_trace, providers
 
@@ -74,7 +73,12 @@ def test_sdk_exporter_trace_round_trip(live, compression):
     assert exception["attributes"]["exception.type"] == "TimeoutError"
     assert "Traceback" in exception["attributes"]["exception.stacktrace"]
     breaker = spans[shop.span_id("charge")]["events"][0]
-    assert breaker["attributes"] == {"breaker": "psp", "from": "closed", "to": "open", "failures": 5}
+    assert breaker["attributes"] == {
+        "breaker": "psp",
+        "from": "closed",
+        "to": "open",
+        "failures": 5,
+    }
 
     [link] = spans[shop.span_id("publish")]["links"]
     assert link["trace_id"] == shop.trace_id
@@ -82,7 +86,7 @@ def test_sdk_exporter_trace_round_trip(live, compression):
     assert link["attributes"] == {"atoll.link": "committed-by"}
     assert spans[shop.span_id("consume")]["parent_span_id"] == shop.span_id("publish")
 
-    duration = (spans[shop.span_id("psp2")]["end_ns"] - spans[shop.span_id("psp2")]["start_ns"])
+    duration = spans[shop.span_id("psp2")]["end_ns"] - spans[shop.span_id("psp2")]["start_ns"]
     assert duration == 6_000_000
 
 
@@ -145,7 +149,9 @@ def otlp_json(tid: str, sid: str, parent: str = "", **span_fields: object) -> di
                         {"key": "telemetry.sdk.language", "value": {"stringValue": "webjs"}},
                     ]
                 },
-                "scopeSpans": [{"scope": {"name": "@opentelemetry/instrumentation-fetch"}, "spans": [span]}],
+                "scopeSpans": [
+                    {"scope": {"name": "@opentelemetry/instrumentation-fetch"}, "spans": [span]}
+                ],
             }
         ]
     }
@@ -286,7 +292,7 @@ async def test_protobuf_partial_success_for_out_of_range_time(client):
 
 
 async def test_a_resent_batch_is_stored_once(client):
-    tid, spans = simple_trace("svc")
+    _tid, spans = simple_trace("svc")
     body = make_request("svc", spans).SerializeToString()
     for _ in range(2):
         assert (await client.post("/v1/traces", content=body, headers=PB)).status_code == 200
@@ -311,14 +317,34 @@ MALFORMED = [
     ("json-syntax", JS, b'{"resourceSpans": [', "not valid JSON"),
     ("json-array", JS, b"[1, 2]", "must be a JSON object"),
     ("json-shape", JS, b'{"resourceSpans": 5}', "OTLP/JSON"),
-    ("json-types", JS, b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": 7}]}]}]}', "OTLP/JSON"),
-    ("json-surrogate", JS, b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "\\ud800"}]}]}]}', ""),
+    (
+        "json-types",
+        JS,
+        b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": 7}]}]}]}',
+        "OTLP/JSON",
+    ),
+    (
+        "json-surrogate",
+        JS,
+        b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "\\ud800"}]}]}]}',
+        "",
+    ),
     ("json-deep", JS, b"[" * 100_000 + b"]" * 100_000, ""),
-    ("json-int-overflow", JS, b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"startTimeUnixNano": "99999999999999999999999"}]}]}]}', "OTLP/JSON"),
+    (
+        "json-int-overflow",
+        JS,
+        (
+            b'{"resourceSpans": [{"scopeSpans": [{"spans": '
+            b'[{"startTimeUnixNano": "99999999999999999999999"}]}]}]}'
+        ),
+        "OTLP/JSON",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("encoding", "headers", "body", "says"), MALFORMED, ids=[m[0] for m in MALFORMED])
+@pytest.mark.parametrize(
+    ("encoding", "headers", "body", "says"), MALFORMED, ids=[m[0] for m in MALFORMED]
+)
 async def test_malformed_bodies_get_400_with_a_status(client, encoding, headers, body, says):
     tid, spans = simple_trace("before")
     good = make_request("before", spans).SerializeToString()
@@ -352,7 +378,7 @@ async def test_corrupt_compression_gets_400(client, encoding, body, says):
 
 
 async def test_deflate_and_multi_member_gzip_bodies(client):
-    tid, spans = simple_trace("svc")
+    _tid, spans = simple_trace("svc")
     body = make_request("svc", spans).SerializeToString()
     response = await client.post(
         "/v1/traces", content=zlib.compress(body), headers={**PB, "content-encoding": "deflate"}
@@ -362,14 +388,16 @@ async def test_deflate_and_multi_member_gzip_bodies(client):
     tid2, spans2 = simple_trace("svc")
     body2 = make_request("svc", spans2).SerializeToString()
     members = gzip.compress(body2[:half]) + gzip.compress(body2[half:])
-    response = await client.post("/v1/traces", content=members, headers={**PB, "content-encoding": "gzip"})
+    response = await client.post(
+        "/v1/traces", content=members, headers={**PB, "content-encoding": "gzip"}
+    )
     assert response.status_code == 200
     assert (await client.get(f"/api/traces/{tid2.hex()}")).status_code == 200
 
 
 async def test_bodies_over_the_limit_get_413(client, app):
     limit = app.receiver.max_body_bytes
-    tid, spans = simple_trace("before")
+    _tid, spans = simple_trace("before")
     good = make_request("before", spans).SerializeToString()
     assert (await client.post("/v1/traces", content=good, headers=PB)).status_code == 200
 
@@ -401,7 +429,7 @@ def test_chunked_body_over_the_limit_gets_413_from_a_real_server(live):
     response = httpx.post(live.traces_url, content=chunks(), headers=PB, timeout=30)
     assert response.status_code == 413
     # The connection was not left in a bad state for the next request.
-    tid, spans = simple_trace("after")
+    _tid, spans = simple_trace("after")
     body = make_request("after", spans).SerializeToString()
     assert httpx.post(live.traces_url, content=body, headers=PB).status_code == 200
 
@@ -486,9 +514,11 @@ async def test_full_write_queue_gets_503_with_retry_after(make_app):
 
 
 async def test_a_failed_transaction_gets_503_and_keeps_nothing_of_it(client, app, monkeypatch):
-    tid, spans = simple_trace("ok")
+    _tid, spans = simple_trace("ok")
     assert (
-        await client.post("/v1/traces", content=make_request("ok", spans).SerializeToString(), headers=PB)
+        await client.post(
+            "/v1/traces", content=make_request("ok", spans).SerializeToString(), headers=PB
+        )
     ).status_code == 200
     original = app.store._write_sync
 
@@ -499,7 +529,7 @@ async def test_a_failed_transaction_gets_503_and_keeps_nothing_of_it(client, app
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(app.store, "_write_sync", failing)
-    tid2, spans2 = simple_trace("lost")
+    _tid2, spans2 = simple_trace("lost")
     body = make_request("lost", spans2).SerializeToString()
     response = await client.post("/v1/traces", content=body, headers=PB)
     assert response.status_code == 503

@@ -27,8 +27,9 @@ def free_port() -> int:
 async def test_serve_collector_until_cancelled_keeps_what_it_acknowledged(db_path):
     port = free_port()
     started = asyncio.Event()
-    task = asyncio.create_task(serve_collector("127.0.0.1", port, db_path, started=started,
-                                               log_level="warning"))
+    task = asyncio.create_task(
+        serve_collector("127.0.0.1", port, db_path, started=started, log_level="warning")
+    )
     await asyncio.wait_for(started.wait(), 15)
     tid, spans = simple_trace("served")
     async with httpx.AsyncClient() as client:
@@ -62,8 +63,21 @@ async def test_serve_collector_on_a_taken_port_raises(db_path):
 async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "atoll.observability.collector", "--port", str(port),
-         "--db", str(db_path), "--max-age", "1h", "--max-spans", "5000", "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "atoll.observability.collector",
+            "--port",
+            str(port),
+            "--db",
+            str(db_path),
+            "--max-age",
+            "1h",
+            "--max-spans",
+            "5000",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )

@@ -34,30 +34,90 @@ async def shop(store):
     """Five traces with known services, operations, durations, statuses and attributes."""
     ids = {}
 
-    async def trace(key, service, name, start_ms, duration_ms, *, status=0, attributes=None,
-                    child=None, resource=None):
+    async def trace(
+        key,
+        service,
+        name,
+        start_ms,
+        duration_ms,
+        *,
+        status=0,
+        attributes=None,
+        child=None,
+        resource=None,
+    ):
         tid = trace_id()
         root = span_id()
-        spans = [make_span(tid, root, name=name, start_ns=T0 + start_ms * MS,
-                           duration_ns=duration_ms * MS, status=status, attributes=attributes)]
+        spans = [
+            make_span(
+                tid,
+                root,
+                name=name,
+                start_ns=T0 + start_ms * MS,
+                duration_ns=duration_ms * MS,
+                status=status,
+                attributes=attributes,
+            )
+        ]
         await put(store, service, spans, resource)
         if child is not None:
             child_service, child_name, child_attributes, child_status = child
-            await put(store, child_service, [make_span(
-                tid, span_id(), parent=root, name=child_name, start_ns=T0 + (start_ms + 1) * MS,
-                duration_ns=MS, attributes=child_attributes, status=child_status)])
+            await put(
+                store,
+                child_service,
+                [
+                    make_span(
+                        tid,
+                        span_id(),
+                        parent=root,
+                        name=child_name,
+                        start_ns=T0 + (start_ms + 1) * MS,
+                        duration_ns=MS,
+                        attributes=child_attributes,
+                        status=child_status,
+                    )
+                ],
+            )
         ids[key] = tid.hex()
 
-    await trace("a", "orders", "POST /orders", 0, 120, attributes={"order.id": "A-1", "items": 3},
-                child=("payments", "charge", {"amount": 10.5, "ok": True}, 0))
-    await trace("b", "orders", "POST /orders", 10, 900, status=2,
-                attributes={"order.id": "B-2", "items": 1},
-                child=("payments", "charge", {"amount": 99.0, "ok": False}, 2))
+    await trace(
+        "a",
+        "orders",
+        "POST /orders",
+        0,
+        120,
+        attributes={"order.id": "A-1", "items": 3},
+        child=("payments", "charge", {"amount": 10.5, "ok": True}, 0),
+    )
+    await trace(
+        "b",
+        "orders",
+        "POST /orders",
+        10,
+        900,
+        status=2,
+        attributes={"order.id": "B-2", "items": 1},
+        child=("payments", "charge", {"amount": 99.0, "ok": False}, 2),
+    )
     await trace("c", "orders", "GET /orders/{id}", 20, 5, attributes={"order.id": "A-1"})
-    await trace("d", "inventory", "reserve", 30, 40, attributes={"sku": "apple", "qty": 2},
-                resource={"host.name": "inv-1"})
-    await trace("e", "inventory", "reserve", 40, 60,
-                attributes={"sku": "pear", "note": "n" * 400}, resource={"host.name": "inv-2"})
+    await trace(
+        "d",
+        "inventory",
+        "reserve",
+        30,
+        40,
+        attributes={"sku": "apple", "qty": 2},
+        resource={"host.name": "inv-1"},
+    )
+    await trace(
+        "e",
+        "inventory",
+        "reserve",
+        40,
+        60,
+        attributes={"sku": "pear", "note": "n" * 400},
+        resource={"host.name": "inv-2"},
+    )
     return ids
 
 
@@ -74,7 +134,11 @@ async def test_search_filters(store, shop):
     assert await found(store, operation="reserve") == [s["e"], s["d"]]
     assert await found(store, service="orders", operation="GET /orders/{id}") == [s["c"]]
     assert await found(store, min_duration_ns=100 * MS) == [s["b"], s["a"]]
-    assert await found(store, max_duration_ns=5 * MS) == [s["c"], s["b"], s["a"]]  # the 1 ms children
+    assert await found(store, max_duration_ns=5 * MS) == [
+        s["c"],
+        s["b"],
+        s["a"],
+    ]  # the 1 ms children
     assert await found(store, service="orders", max_duration_ns=50 * MS) == [s["c"]]
     assert await found(store, status="error") == [s["b"]]
     assert await found(store, service="payments", status="ok") == [s["a"]]
@@ -141,8 +205,10 @@ async def test_count_retention_drops_the_oldest_segments(db_path):
         for i in range(12):
             tid = trace_id()
             traces.append(tid)
-            spans = [make_span(tid, span_id(), name=f"batch {i}", attributes={"batch": i})
-                     for _ in range(10)]
+            spans = [
+                make_span(tid, span_id(), name=f"batch {i}", attributes={"batch": i})
+                for _ in range(10)
+            ]
             await put(store, f"svc-{i}", spans)
         stats = await store.stats()
         assert 75 <= stats.spans <= 100
@@ -236,10 +302,10 @@ def test_interner_is_stable():
 @pytest.mark.parametrize(
     ("retention", "message"),
     [
-        (dict(max_age=0), "max_age"),
-        (dict(max_spans=0), "max_spans"),
-        (dict(segments=1), "segments"),
-        (dict(interval=0), "interval"),
+        ({"max_age": 0}, "max_age"),
+        ({"max_spans": 0}, "max_spans"),
+        ({"segments": 1}, "segments"),
+        ({"interval": 0}, "interval"),
     ],
 )
 def test_retention_is_validated(retention, message):

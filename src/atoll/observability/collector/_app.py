@@ -18,7 +18,7 @@ from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Self
 
 import msgspec
 import uvicorn
@@ -56,7 +56,7 @@ _STATIC: Final = {
 _UNIMPLEMENTED: Final = 12
 
 
-class _Disconnected(Exception):
+class _ClientDisconnectedError(Exception):
     """The client went away before it sent the whole body."""
 
 
@@ -91,7 +91,7 @@ class CollectorApp:
         await self.store.close()
         self.receiver.stop()
 
-    async def __aenter__(self) -> CollectorApp:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -141,7 +141,7 @@ class CollectorApp:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise _Disconnected
+                    raise _ClientDisconnectedError
                 chunk = message.get("body", b"")
                 if chunk:
                     yield chunk
@@ -155,9 +155,11 @@ class CollectorApp:
                 headers.get("content-length"),
                 chunks(),
             )
-        except _Disconnected:
+        except _ClientDisconnectedError:
             return
-        await _respond(send, response.status, response.content_type, response.body, response.headers)
+        await _respond(
+            send, response.status, response.content_type, response.body, response.headers
+        )
 
 
 async def _respond(
@@ -241,7 +243,8 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
             " relative to now."
         ),
     )
-    async def search(  # noqa: PLR0913 - one argument per query parameter
+    async def search(
+        *,
         service: str | None = None,
         operation: str | None = None,
         min_duration_ms: Annotated[float | None, Query(ge=0)] = None,

@@ -150,7 +150,7 @@ class Interner:
             return found
 
 
-def any_value(value: AnyValue, depth: int = 0) -> Any:
+def any_value(value: AnyValue, depth: int = 0) -> Any:  # noqa: PLR0911 - one per kind
     """An OTLP ``AnyValue`` as the JSON value it is stored as (bytes become base64)."""
     kind = value.WhichOneof("value")
     if kind == "string_value":
@@ -248,7 +248,7 @@ class OTLPDecoder:
             )
         return id_
 
-    def convert(self, request: ExportTraceServiceRequest) -> DecodedBatch:  # noqa: C901, PLR0912, PLR0915 - one flat hot loop
+    def convert(self, request: ExportTraceServiceRequest) -> DecodedBatch:  # noqa: C901 - one flat hot loop
         batch = DecodedBatch()
         rows = batch.spans
         operations = batch.operations

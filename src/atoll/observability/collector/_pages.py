@@ -11,7 +11,7 @@ import html
 import json
 import zlib
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
@@ -93,7 +93,7 @@ def format_duration(ns: int) -> str:
 
 
 def format_time(ns: int) -> str:
-    moment = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+    moment = datetime.fromtimestamp(ns / 1e9, tz=UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
 
 
@@ -140,7 +140,8 @@ def _layout(title: str, body: str, stats: StoreStats | None, *, page: str) -> st
 </head>
 <body class="page-{page}">
 <header class="top">
-  <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>atoll<span>traces</span></a>
+  <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>atoll
+    <span>traces</span></a>
   <nav><a href="/">Search</a><a href="/api/docs">API</a></nav>
   <div class="store-stats">{footer}</div>
 </header>
@@ -194,9 +195,9 @@ def _search_form(services: Sequence[ServiceInfo], form: dict[str, str]) -> str:
     <input name="max_duration_ms" id="f-max" type="number" min="0" step="any"
       value="{_e(form.get("max_duration_ms", ""))}" placeholder="ms"></label>
   <label class="f-status">Status
-    <select name="status" id="f-status">{_option("", "Any", status)}{
-        _option("ok", "OK", status)
-    }{_option("error", "Error", status)}</select></label>
+    <select name="status" id="f-status">{_option("", "Any", status)}{_option("ok", "OK", status)}{
+        _option("error", "Error", status)
+    }</select></label>
   <label class="f-lookback">Time
     <select name="lookback" id="f-lookback">{
         "".join(_option(v, label, lookback) for v, label in LOOKBACKS)
@@ -221,7 +222,7 @@ def _scatter(traces: Sequence[TraceSummary], color: Palette) -> str:
     for t in traces:
         x = pad + (t.start_ns - low) / span * (width - 2 * pad)
         y = height - pad - (t.duration_ns / longest) * (height - 2 * pad)
-        r = 4 + min(6, t.span_count ** 0.5)
+        r = 4 + min(6, t.span_count**0.5)
         cls = "dot err" if t.error_count else "dot"
         dots.append(
             f'<a href="/traces/{t.trace_id}"><circle class="{cls}" cx="{x:.1f}" cy="{y:.1f}"'
@@ -263,7 +264,9 @@ def _result_rows(traces: Sequence[TraceSummary], now: float, color: Palette) -> 
         )
         width = max(0.5, t.duration_ns / longest * 100)
         rows.append(
-            f"""<tr class="trace-row{" has-error" if t.error_count else ""}" data-trace="{t.trace_id}">
+            f"""<tr class="trace-row{" has-error" if t.error_count else ""}" data-trace="{
+                t.trace_id
+            }">
   <td class="t-root"><a class="trace-link" href="/traces/{t.trace_id}">{
                 _service_chip(color, t.root_service)
             }<span class="op">{_e(t.root_name)}</span></a>{missing}
@@ -272,7 +275,9 @@ def _result_rows(traces: Sequence[TraceSummary], now: float, color: Palette) -> 
   <td class="t-spans">{t.span_count}{errors}</td>
   <td class="t-duration"><div class="dur"><span class="dur-bar" style="width:{width:.1f}%"></span>
     <span class="dur-text">{_e(format_duration(t.duration_ns))}</span></div></td>
-  <td class="t-start">{_time_tag(t.start_ns)}<div class="ago">{_e(format_ago(t.start_ns, now))}</div></td>
+  <td class="t-start">{_time_tag(t.start_ns)}<div class="ago">{
+                _e(format_ago(t.start_ns, now))
+            }</div></td>
 </tr>"""
         )
     return "".join(rows)
@@ -396,7 +401,8 @@ def _events_html(span: SpanRecord) -> str:
         else:
             trace_text = None
         stack = (
-            f'<details class="stack"><summary>Stack trace</summary><pre>{_e(trace_text)}</pre></details>'
+            '<details class="stack"><summary>Stack trace</summary>'
+            f"<pre>{_e(trace_text)}</pre></details>"
             if trace_text
             else ""
         )
@@ -420,7 +426,7 @@ def _links_html(span: SpanRecord, trace_id: str) -> str:
         attributes = dict(link.get("attributes") or {})
         items.append(
             f'<li class="link"><a class="mono" href="{_e(href)}" data-link-span="{_e(sid)}">'
-            f"{_e(tid[:8])}…/{_e(sid)}</a> <span class=\"where\">{where}</span>"
+            f'{_e(tid[:8])}…/{_e(sid)}</a> <span class="where">{where}</span>'
             f"{_attribute_table(attributes, 'attrs small') if attributes else ''}</li>"
         )
     return f'<ul class="links">{"".join(items)}</ul>'
@@ -459,10 +465,12 @@ def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
         f"<h4>Attributes</h4>{_attribute_table(span.attributes)}",
     ]
     if span.events:
-        sections.append(f"<h4>Events <span class=\"n\">{len(span.events)}</span></h4>{_events_html(span)}")
+        sections.append(
+            f'<h4>Events <span class="n">{len(span.events)}</span></h4>{_events_html(span)}'
+        )
     if span.links:
         sections.append(
-            f"<h4>Links <span class=\"n\">{len(span.links)}</span></h4>"
+            f'<h4>Links <span class="n">{len(span.links)}</span></h4>'
             f"{_links_html(span, trace.trace_id)}"
         )
     if resource is not None:
@@ -474,10 +482,22 @@ def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
 
 
 def _ticks(total: int) -> str:
-    return "".join(
-        f'<span class="tick" style="left:{p}%">{_e(format_duration(total * p // 100))}</span>'
-        for p in (0, 25, 50, 75, 100)
-    )
+    """Labels at round steps (1, 2 or 5 times a power of ten), about five of them."""
+    total = max(total, 1)
+    step = 1
+    while total / step > 5:
+        for factor in (2, 5 / 2, 2):
+            step = round(step * factor)
+            if total / step <= 5:
+                break
+    marks = [
+        f'<span class="tick" style="left:{value / total * 100:.3f}%">'
+        f"{_e(format_duration(value))}</span>"
+        for value in range(0, total + 1, step)
+        if value / total <= 0.92 or value == 0
+    ]
+    marks.append(f'<span class="tick end" style="left:100%">{_e(format_duration(total))}</span>')
+    return "".join(marks)
 
 
 def trace_page(
@@ -515,13 +535,24 @@ def trace_page(
             badges += f'<span class="badge link" title="links">⇢ {len(span.links)}</span>'
         if span.kind in ("producer", "consumer", "client", "server"):
             badges += f'<span class="kind">{_e(span.kind)}</span>'
-        search_text = _e(f"{span.service} {span.name} {json.dumps(span.attributes, ensure_ascii=False)}".lower())
+        search_text = _e(
+            f"{span.service} {span.name} {json.dumps(span.attributes, ensure_ascii=False)}".lower()
+        )
+        row_class = "span-row is-error" if error else "span-row"
+        duration = _e(format_duration(span.duration_ns))
         rows.append(
-            f"""<div class="span-row{" is-error" if error else ""}" id="span-{span.span_id}" data-span="{span.span_id}" data-depth="{depth}" data-search="{search_text}" tabindex="0" role="treeitem" aria-level="{depth + 1}" aria-expanded="false" style="--depth:{depth};--c:{span_color}">
-  <div class="wf-name">{twisty}<span class="svc-name">{_e(span.service)}</span><span class="op">{_e(span.name)}</span>{badges}</div>
-  <div class="wf-time"><div class="bar{label_side}" style="left:{left:.3f}%;width:{width:.3f}%"><span class="bar-label">{_e(format_duration(span.duration_ns))}</span></div>{marks}</div>
-</div>
-<div class="span-detail" id="detail-{span.span_id}" style="--depth:{depth}" hidden>{_detail(span, trace, origin)}</div>"""
+            f'<div class="{row_class}" id="span-{span.span_id}" data-span="{span.span_id}"'
+            f' data-depth="{depth}" data-search="{search_text}" tabindex="0" role="treeitem"'
+            f' aria-level="{depth + 1}" aria-expanded="false"'
+            f' style="--depth:{depth};--c:{span_color}">\n'
+            f'  <div class="wf-name">{twisty}<span class="svc-name">{_e(span.service)}</span>'
+            f'<span class="op">{_e(span.name)}</span>{badges}</div>\n'
+            f'  <div class="wf-time"><div class="bar{label_side}"'
+            f' style="left:{left:.3f}%;width:{width:.3f}%">'
+            f'<span class="bar-label">{duration}</span></div>{marks}</div>\n'
+            f"</div>\n"
+            f'<div class="span-detail" id="detail-{span.span_id}" style="--depth:{depth}"'
+            f" hidden>{_detail(span, trace, origin)}</div>\n"
         )
     cut = ""
     if len(ordered) > len(shown):
@@ -533,10 +564,17 @@ def trace_page(
         _service_chip(color, s.name, f' <span class="n">{s.span_count}</span>')
         for s in summary.services
     )
+    plural = "s" if summary.error_count != 1 else ""
     errors = (
-        f'<span class="badge err">{summary.error_count} error{"s" if summary.error_count != 1 else ""}</span>'
+        f'<span class="badge err">{summary.error_count} error{plural}</span>'
         if summary.error_count
         else '<span class="badge ok">no errors</span>'
+    )
+    ago = _e(format_ago(summary.start_ns, now))
+    started = f'{_time_tag(summary.start_ns)} <span class="ago">{ago}</span>'
+    root = (
+        f"{_service_chip(color, summary.root_service)}"
+        f' <span class="op">{_e(summary.root_name)}</span>'
     )
     missing = (
         '<p class="notice warn">The root span of this trace was not received (yet);'
@@ -547,10 +585,10 @@ def trace_page(
     body = f"""
 <section class="trace-head">
   <div class="crumbs"><a href="/" id="back">← Search</a></div>
-  <h1>{_service_chip(color, summary.root_service)} <span class="op">{_e(summary.root_name)}</span></h1>
+  <h1>{root}</h1>
   <dl class="facts trace-facts">
     <div><dt>Trace ID</dt><dd class="mono" id="trace-id">{trace.trace_id}</dd></div>
-    <div><dt>Started</dt><dd>{_time_tag(summary.start_ns)} <span class="ago">{_e(format_ago(summary.start_ns, now))}</span></dd></div>
+    <div><dt>Started</dt><dd>{started}</dd></div>
     <div><dt>Duration</dt><dd>{_e(format_duration(summary.duration_ns))}</dd></div>
     <div><dt>Spans</dt><dd id="span-count">{summary.span_count}</dd></div>
     <div><dt>Status</dt><dd>{errors}</dd></div>
@@ -558,7 +596,8 @@ def trace_page(
   </dl>
   {missing}
   <div class="tools">
-    <input type="search" id="span-filter" placeholder="Highlight spans: service, operation or attribute" autocomplete="off">
+    <input type="search" id="span-filter" autocomplete="off"
+      placeholder="Highlight spans: service, operation or attribute">
     <button type="button" data-action="expand-details">Open all details</button>
     <button type="button" data-action="collapse-details">Close all details</button>
     <a class="button" href="/api/traces/{trace.trace_id}">JSON</a>
@@ -566,7 +605,8 @@ def trace_page(
 </section>
 {cut}
 <section class="waterfall" role="tree" aria-label="Spans of trace {trace.trace_id}">
-  <div class="wf-head"><div class="wf-name">Service · operation</div><div class="wf-time">{_ticks(summary.duration_ns)}</div></div>
+  <div class="wf-head"><div class="wf-name">Service · operation</div>
+    <div class="wf-time">{_ticks(summary.duration_ns)}</div></div>
   <div class="wf-rows" id="spans">
 {"".join(rows)}
   </div>

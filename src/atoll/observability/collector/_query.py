@@ -6,7 +6,7 @@ import math
 import re
 import shlex
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Final
 
 from atoll.observability.collector._store import TraceQuery
@@ -47,7 +47,7 @@ def parse_time(name: str, text: str) -> int:
             f"{name} {text!r} is neither Unix milliseconds nor an ISO 8601 time"
         ) from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1_000_000) * 1000
 
 

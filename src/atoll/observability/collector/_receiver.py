@@ -59,6 +59,11 @@ _INVALID_ARGUMENT: Final = 3
 _UNAVAILABLE: Final = 14
 
 DEFAULT_MAX_BODY_BYTES: Final = 20 * 1024 * 1024
+_CLIENT_ERRORS: Final[dict[type[Exception], int]] = {
+    UnsupportedMediaTypeError: 415,
+    PayloadTooLargeError: 413,
+    MalformedRequestError: 400,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +163,9 @@ class OTLPReceiver:
         if executor is not None:
             executor.shutdown(wait=True)
 
-    def _decode(self, body: bytes, encoding: Encoding, content_encoding: str | None) -> DecodedBatch:
+    def _decode(
+        self, body: bytes, encoding: Encoding, content_encoding: str | None
+    ) -> DecodedBatch:
         if content_encoding is not None:
             body = decompress(body, content_encoding, self.max_body_bytes)
         if encoding == "protobuf":
@@ -178,33 +185,37 @@ class OTLPReceiver:
             return self._error(
                 "json",
                 415,
-                f"unsupported content type {content_type or '(none)'!r}; send"
-                f" {PROTOBUF} or {JSON}",
+                f"unsupported content type {content_type or '(none)'!r}; send {PROTOBUF} or {JSON}",
             )
         try:
-            compression = _content_encoding(content_encoding)
-            body = await self._read(content_length, chunks)
-            if self._executor is None:
-                raise CollectorClosedError("the collector is not running")
-            batch = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._decode, body, encoding, compression
-            )
-        except UnsupportedMediaTypeError as exc:
-            return self._error(encoding, 415, str(exc))
-        except PayloadTooLargeError as exc:
-            return self._error(encoding, 413, str(exc))
-        except MalformedRequestError as exc:
-            log.info("rejected an export request: %s", exc)
-            return self._error(encoding, 400, str(exc))
-        except CollectorClosedError as exc:
-            return self._unavailable(encoding, str(exc))
-        try:
+            batch = await self._accept(encoding, content_encoding, content_length, chunks)
             await self.store.write(batch)
+        except (UnsupportedMediaTypeError, PayloadTooLargeError, MalformedRequestError) as exc:
+            status = _CLIENT_ERRORS[type(exc)]
+            if status == 400:
+                log.info("rejected an export request: %s", exc)
+            return self._error(encoding, status, str(exc))
         except CollectorOverloadedError as exc:
             return self._unavailable(encoding, str(exc))
         except (CollectorStorageError, CollectorClosedError, DatabaseError) as exc:
             return self._unavailable(encoding, str(exc), retry_after=max(5, self.retry_after))
         return OTLPResponse(200, _CONTENT_TYPES[encoding], success_body(encoding, batch))
+
+    async def _accept(
+        self,
+        encoding: Encoding,
+        content_encoding: str | None,
+        content_length: str | None,
+        chunks: AsyncIterator[bytes],
+    ) -> DecodedBatch:
+        compression = _content_encoding(content_encoding)
+        body = await self._read(content_length, chunks)
+        executor = self._executor
+        if executor is None:
+            raise CollectorClosedError("the collector is not running")
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, self._decode, body, encoding, compression
+        )
 
     async def _read(self, content_length: str | None, chunks: AsyncIterator[bytes]) -> bytes:
         limit = self.max_body_bytes
@@ -212,9 +223,7 @@ class OTLPReceiver:
             try:
                 declared = int(content_length)
             except ValueError:
-                raise MalformedRequestError(
-                    f"invalid Content-Length {content_length!r}"
-                ) from None
+                raise MalformedRequestError(f"invalid Content-Length {content_length!r}") from None
             if declared > limit:
                 raise PayloadTooLargeError(
                     f"the body of {declared} bytes is over the limit of {limit} bytes"

@@ -348,6 +348,10 @@ def _loads(text: str | None, default: Any) -> Any:
     return default if text is None else _json_decode(text)
 
 
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
+
+
 def _value_candidates(value: str) -> list[object]:
     """What a searched attribute value may be stored as: the text, and the number."""
     candidates: list[object] = [value]
@@ -479,6 +483,21 @@ class SpanStore:
             await asyncio.wait([future])
             raise
 
+    def _check_file(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+        if app_id != _APPLICATION_ID and tables:
+            raise CollectorError(
+                f"{self.path} is not a collector store (it holds other tables);"
+                " give the collector its own file"
+            )
+        if version > SCHEMA_VERSION:
+            raise CollectorError(
+                f"{self.path} has collector schema version {version}, newer than this"
+                f" atoll's {SCHEMA_VERSION}"
+            )
+
     def _open_sync(self) -> sqlite3.Connection:
         conn = connect_sqlite(self.path, synchronous=self.synchronous, busy_timeout=10.0)
         try:
@@ -488,19 +507,7 @@ class SpanStore:
             conn.execute("PRAGMA cache_size=-65536")
             conn.execute("PRAGMA journal_size_limit=67108864")
             conn.execute("PRAGMA temp_store=MEMORY")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
-            if app_id != _APPLICATION_ID and tables:
-                raise CollectorError(
-                    f"{self.path} is not a collector store (it holds other tables);"
-                    " give the collector its own file"
-                )
-            if version > SCHEMA_VERSION:
-                raise CollectorError(
-                    f"{self.path} has collector schema version {version}, newer than this"
-                    f" atoll's {SCHEMA_VERSION}"
-                )
+            self._check_file(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _GLOBAL_SCHEMA:
@@ -551,6 +558,18 @@ class SpanStore:
         self._wake.set()
         await done
 
+    def _take(self) -> tuple[list[_Pending], int]:
+        """The queued batches for one transaction: all, up to ``max_transaction_spans``."""
+        taken: list[_Pending] = []
+        size = 0
+        while self._queue and (
+            not taken or size + len(self._queue[0].batch.spans) <= self._max_transaction
+        ):
+            pending = self._queue.popleft()
+            taken.append(pending)
+            size += len(pending.batch.spans)
+        return taken, size
+
     async def _write_loop(self) -> None:
         while True:
             if not self._queue:
@@ -559,15 +578,9 @@ class SpanStore:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            taken: list[_Pending] = []
-            size = 0
-            while self._queue and (
-                not taken or size + len(self._queue[0].batch.spans) <= self._max_transaction
-            ):
-                pending = self._queue.popleft()
-                taken.append(pending)
-                size += len(pending.batch.spans)
+            taken, size = self._take()
             now = self._clock.time()
+            outcome: BaseException | None = None
             try:
                 inserted = await self._in_writer(
                     partial(self._write_sync, [p.batch for p in taken], size, now)
@@ -578,19 +591,14 @@ class SpanStore:
                 error = exc
                 if isinstance(exc, sqlite3.Error):
                     error = map_sqlite_error(exc, f"writing spans to {self._what}")
-                failure = CollectorStorageError(f"the spans were not stored: {error}")
-                for pending in taken:
-                    if not pending.done.done():
-                        pending.done.set_exception(failure)
+                outcome = CollectorStorageError(f"the spans were not stored: {error}")
             else:
                 self._counters.stored += inserted
                 self._counters.duplicate += size - inserted
                 self._counters.transactions += 1
-                for pending in taken:
-                    if not pending.done.done():
-                        pending.done.set_result(None)
             finally:
                 self._queued_spans -= size
+            _settle(taken, outcome)
 
     def _write_sync(self, batches: Sequence[DecodedBatch], size: int, now: float) -> int:
         conn = self._conn
@@ -867,7 +875,11 @@ class SpanStore:
             found.append(n)
         return found
 
-    def _search_sync(self, query: TraceQuery, conn: sqlite3.Connection) -> list[TraceSummary]:
+    def _span_conditions(
+        self, query: TraceQuery, conn: sqlite3.Connection
+    ) -> tuple[list[str], list[object]] | None:
+        """SQL conditions on one span (``s``) for everything but attributes; None if
+        nothing can match."""
         where: list[str] = []
         params: list[object] = []
         if query.service is not None:
@@ -878,33 +890,36 @@ class SpanStore:
                 )
             ]
             if not ids:
-                return []
-            where.append(f"s.resource_id IN ({','.join('?' * len(ids))})")
+                return None
+            where.append(f"s.resource_id IN ({_marks(ids)})")
             params.extend(ids)
-        if query.operation is not None:
-            where.append("s.name = ?")
-            params.append(query.operation)
-        if query.min_duration_ns is not None:
-            where.append("s.duration_ns >= ?")
-            params.append(query.min_duration_ns)
-        if query.max_duration_ns is not None:
-            where.append("s.duration_ns <= ?")
-            params.append(query.max_duration_ns)
+        simple: tuple[tuple[str, object], ...] = (
+            ("s.name = ?", query.operation),
+            ("s.duration_ns >= ?", query.min_duration_ns),
+            ("s.duration_ns <= ?", query.max_duration_ns),
+            ("s.start_ns >= ?", query.start_ns),
+            ("s.start_ns <= ?", query.end_ns),
+        )
+        for condition, value in simple:
+            if value is not None:
+                where.append(condition)
+                params.append(value)
         if query.status == "error":
             where.append(f"s.status = {_STATUS_ERROR}")
         elif query.status == "ok":
             where.append(f"s.status != {_STATUS_ERROR}")
-        if query.start_ns is not None:
-            where.append("s.start_ns >= ?")
-            params.append(query.start_ns)
-        if query.end_ns is not None:
-            where.append("s.start_ns <= ?")
-            params.append(query.end_ns)
-        # Per segment, because the attribute index is per segment: (sql, params) pieces.
-        attribute_terms: list[tuple[str, list[object]]] = []
+        return where, params
+
+    def _attribute_terms(
+        self, query: TraceQuery, conn: sqlite3.Connection
+    ) -> list[tuple[str, list[object]]]:
+        """One condition per ``key=value``, with ``{n}`` for the segment: the span has the
+        attribute (through the segment's index, or its JSON for long values), or its
+        resource has it."""
+        terms: list[tuple[str, list[object]]] = []
         for key, value in query.attributes:
             candidates = _value_candidates(value)
-            marks = ",".join("?" * len(candidates))
+            marks = _marks(candidates)
             resource_ids = [
                 row[0]
                 for row in conn.execute(
@@ -913,11 +928,8 @@ class SpanStore:
                     (key, *candidates),
                 )
             ]
-            on_resource = ""
-            if resource_ids:
-                on_resource = f" OR s.resource_id IN ({','.join('?' * len(resource_ids))})"
-            indexed = self.index_attributes and len(value) <= self.max_indexed_value_length
-            if indexed:
+            on_resource = f" OR s.resource_id IN ({_marks(resource_ids)})" if resource_ids else ""
+            if self.index_attributes and len(value) <= self.max_indexed_value_length:
                 term = (
                     f"(s.id IN (SELECT span FROM attrs_{{n}} WHERE key = ? AND value IN ({marks}))"
                     f"{on_resource})"
@@ -927,8 +939,18 @@ class SpanStore:
                     f"(EXISTS (SELECT 1 FROM json_each(s.attributes) AS j WHERE j.key = ?"
                     f" AND {_INDEXED_VALUE} IN ({marks})){on_resource})"
                 )
-            attribute_terms.append((term, [key, *candidates, *resource_ids]))
+            terms.append((term, [key, *candidates, *resource_ids]))
+        return terms
+
+    def _search_sync(self, query: TraceQuery, conn: sqlite3.Connection) -> list[TraceSummary]:
+        conditions = self._span_conditions(query, conn)
+        if conditions is None:
+            return []
+        where, params = conditions
+        attribute_terms = self._attribute_terms(query, conn)
         found: dict[bytes, None] = {}
+        # Segments newest first, spans newest first within each (the start_ns index),
+        # stopping as soon as `limit` distinct traces are found.
         for n in self._segment_ids(conn, query.start_ns, query.end_ns):
             clauses = list(where)
             segment_params = list(params)
@@ -938,14 +960,12 @@ class SpanStore:
             sql = f"SELECT s.trace_id FROM spans_{n} AS s"
             if clauses:
                 sql += " WHERE " + " AND ".join(clauses)
-            sql += " ORDER BY s.start_ns DESC"
-            cursor = conn.execute(sql, segment_params)
+            cursor = conn.execute(sql + " ORDER BY s.start_ns DESC", segment_params)
             try:
                 for (trace_id,) in cursor:
-                    if trace_id not in found:
-                        found[trace_id] = None
-                        if len(found) >= query.limit:
-                            break
+                    found.setdefault(trace_id, None)
+                    if len(found) >= query.limit:
+                        break
             finally:
                 cursor.close()
             if len(found) >= query.limit:
@@ -1010,7 +1030,7 @@ class SpanStore:
         scopes = {
             id_: (name, version)
             for id_, name, version in conn.execute(
-                f"SELECT id, name, version FROM scopes WHERE id IN ({','.join('?' * len(scope_ids))})",
+                f"SELECT id, name, version FROM scopes WHERE id IN ({_marks(scope_ids)})",
                 scope_ids,
             )
         }
@@ -1068,6 +1088,16 @@ class SpanStore:
             {id_: r.service for id_, r in resources.items()},
         )
         return Trace(trace_id.hex(), summary, spans, resources)
+
+
+def _settle(taken: Sequence[_Pending], error: BaseException | None) -> None:
+    for pending in taken:
+        if pending.done.done():  # the request went away; its spans were written anyway
+            continue
+        if error is None:
+            pending.done.set_result(None)
+        else:
+            pending.done.set_exception(error)
 
 
 def _summarize(
