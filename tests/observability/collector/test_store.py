@@ -145,8 +145,16 @@ async def test_search_filters(store, shop):
     assert await found(store, start_ns=T0 + 15 * MS, end_ns=T0 + 35 * MS) == [s["d"], s["c"]]
 
 
-async def test_attribute_search(store, shop):
+@pytest.mark.parametrize("indexed", [False, True], ids=["scanning-the-tail", "indexed"])
+async def test_attribute_search(store, shop, db_path, indexed):
     s = shop
+    if indexed:
+        await store.index_now()
+    with sqlite3.connect(db_path) as peek:
+        rows = peek.execute("SELECT count(*) FROM attrs_1").fetchone()[0]
+        watermark = peek.execute("SELECT indexed_upto FROM segments").fetchone()[0]
+    peek.close()
+    assert (rows > 0, watermark == (await store.stats()).spans) == (indexed, indexed)
     assert await found(store, attributes=(("order.id", "A-1"),)) == [s["c"], s["a"]]
     assert await found(store, attributes=(("items", "3"),)) == [s["a"]]  # an int attribute
     assert await found(store, attributes=(("amount", "99"),)) == [s["b"]]  # a double
@@ -250,6 +258,7 @@ async def test_age_retention_in_the_background(db_path):
             await asyncio.sleep(0.01)
         assert await store.get_trace(new) is not None
 
+        pruning.cancel()  # now by hand: an explicit pass drops what is too old
         await clock.advance(3600)
         assert await store.prune() == 1
         assert (await store.stats()).spans == 0

@@ -71,6 +71,7 @@ _GLOBAL_SCHEMA: Final = (
         created_at REAL NOT NULL,
         last_write_at REAL NOT NULL,
         span_count INTEGER NOT NULL DEFAULT 0,
+        indexed_upto INTEGER NOT NULL DEFAULT 0,
         min_start_ns INTEGER,
         max_start_ns INTEGER
     )""",
@@ -314,6 +315,9 @@ class _Segment:
     created_at: float
     last_write_at: float
     span_count: int
+    #: Spans with ids up to this one have their rows in ``attrs_N``.
+    indexed_upto: int = 0
+    max_id: int = 0
 
 
 @dataclass(slots=True)
@@ -388,6 +392,8 @@ class SpanStore:
         max_transaction_spans: int = 20_000,
         index_attributes: bool = True,
         max_indexed_value_length: int = 256,
+        index_chunk: int = 8192,
+        index_delay: float = 1.0,
         query_timeout: float = 10.0,
         readers: int = 2,
     ) -> None:
@@ -396,6 +402,8 @@ class SpanStore:
         self.synchronous: Synchronous = synchronous
         self.index_attributes = index_attributes
         self.max_indexed_value_length = max_indexed_value_length
+        self.index_chunk = index_chunk
+        self.index_delay = index_delay
         self.query_timeout = query_timeout
         self._clock: Clock = clock or SystemClock()
         self._max_pending = max_pending_spans
@@ -415,6 +423,7 @@ class SpanStore:
         self._queued_spans = 0
         self._wake = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self._indexer_task: asyncio.Task[None] | None = None
         self._closing = False
         self._counters = _Counters()
 
@@ -444,9 +453,12 @@ class SpanStore:
             self._shutdown_executors()
             raise
         self._closing = False
-        self._writer_task = asyncio.get_running_loop().create_task(
-            self._write_loop(), name="atoll-collector-writer"
-        )
+        loop = asyncio.get_running_loop()
+        self._writer_task = loop.create_task(self._write_loop(), name="atoll-collector-writer")
+        if self.index_attributes:
+            self._indexer_task = loop.create_task(
+                self._index_loop(), name="atoll-collector-indexer"
+            )
 
     async def close(self) -> None:
         """Store what is queued, then close. Idempotent."""
@@ -454,6 +466,11 @@ class SpanStore:
             return
         self._closing = True
         self._wake.set()
+        indexer, self._indexer_task = self._indexer_task, None
+        if indexer is not None:
+            indexer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await indexer
         task, self._writer_task = self._writer_task, None
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -506,6 +523,9 @@ class SpanStore:
             # checkpoint so one large burst does not leave a large file behind.
             conn.execute("PRAGMA cache_size=-65536")
             conn.execute("PRAGMA journal_size_limit=67108864")
+            # Checkpoint every ~40 MB of WAL rather than 4 MB: index pages written many
+            # times between two checkpoints are copied to the database file once.
+            conn.execute("PRAGMA wal_autocheckpoint=10000")
             conn.execute("PRAGMA temp_store=MEMORY")
             self._check_file(conn)
             conn.execute("BEGIN IMMEDIATE")
@@ -521,9 +541,14 @@ class SpanStore:
             self._segments = [
                 _Segment(*row)
                 for row in conn.execute(
-                    "SELECT id, created_at, last_write_at, span_count FROM segments ORDER BY id"
+                    "SELECT id, created_at, last_write_at, span_count, indexed_upto"
+                    " FROM segments ORDER BY id"
                 )
             ]
+            for segment in self._segments:
+                segment.max_id = conn.execute(
+                    f"SELECT coalesce(max(id), 0) FROM spans_{segment.id}"
+                ).fetchone()[0]
             self.resources.seed(conn.execute("SELECT digest, id FROM resources"))
             self.scopes.seed(conn.execute("SELECT digest, id FROM scopes"))
         except BaseException:
@@ -599,6 +624,8 @@ class SpanStore:
             finally:
                 self._queued_spans -= size
             _settle(taken, outcome)
+            if self.index_attributes and self._unindexed() >= self.index_chunk:
+                await self._index()
 
     def _write_sync(self, batches: Sequence[DecodedBatch], size: int, now: float) -> int:
         conn = self._conn
@@ -641,18 +668,6 @@ class SpanStore:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             ).rowcount
-            if self.index_attributes and inserted:
-                # Sorted, so the index pages are visited in order.
-                conn.execute(
-                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, span)"
-                    f" SELECT j.key, {_INDEXED_VALUE}, s.id"
-                    f" FROM spans_{n} AS s, json_each(s.attributes) AS j"
-                    f" WHERE s.id > ? AND s.attributes IS NOT NULL"
-                    f" AND j.type IN {_INDEXED_TYPES}"
-                    f" AND (j.type != 'text' OR length(j.value) <= ?)"
-                    " ORDER BY 1, 2",
-                    (before, self.max_indexed_value_length),
-                )
             conn.execute(
                 "UPDATE segments SET span_count = span_count + ?, last_write_at = ?,"
                 " min_start_ns = min(coalesce(min_start_ns, ?), ?),"
@@ -666,6 +681,7 @@ class SpanStore:
             raise
         segment.span_count += inserted
         segment.last_write_at = now
+        segment.max_id = before + inserted  # rowids are handed out as max(id) + 1
         limit = self.retention.max_spans
         if limit is not None and sum(s.span_count for s in self._segments) > limit:
             self._prune_count_sync(conn)
@@ -701,6 +717,66 @@ class SpanStore:
         segment = _Segment(n, now, now, 0)
         self._segments.append(segment)
         return segment
+
+    # --- the attribute index ---------------------------------------------------------
+    #
+    # Built behind the writes, in chunks of at least ``index_chunk`` spans or after
+    # ``index_delay`` seconds: random inserts into the (key, value) index cost two to
+    # three times more per span in the small transactions of single requests than in
+    # large ones. Searches scan the attribute JSON of the few spans not indexed yet.
+
+    def _unindexed(self) -> int:
+        return sum(s.max_id - s.indexed_upto for s in self._segments)
+
+    async def _index(self) -> None:
+        try:
+            await self._in_writer(self._index_sync)
+        except CollectorClosedError:
+            raise
+        except Exception:
+            log.exception("indexing attributes in %s failed; will try again", self._what)
+
+    async def index_now(self) -> None:
+        """Index the attributes of every span stored so far."""
+        await self._in_writer(self._index_sync)
+
+    async def _index_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self.index_delay)
+            if self._unindexed():
+                try:
+                    await self._index()
+                except CollectorClosedError:
+                    return
+
+    def _index_sync(self) -> None:
+        conn = self._conn
+        if conn is None:
+            raise CollectorClosedError(f"{self._what} is not open")
+        for segment in list(self._segments):
+            if segment.max_id <= segment.indexed_upto:
+                continue
+            n, upto = segment.id, segment.max_id
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Sorted, so the index pages are visited in order.
+                conn.execute(
+                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, span)"
+                    f" SELECT j.key, {_INDEXED_VALUE}, s.id"
+                    f" FROM spans_{n} AS s, json_each(s.attributes) AS j"
+                    f" WHERE s.id > ? AND s.id <= ? AND s.attributes IS NOT NULL"
+                    f" AND j.type IN {_INDEXED_TYPES}"
+                    f" AND (j.type != 'text' OR length(j.value) <= ?)"
+                    " ORDER BY 1, 2",
+                    (segment.indexed_upto, upto, self.max_indexed_value_length),
+                )
+                conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (upto, n))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            segment.indexed_upto = upto
 
     # --- retention ----------------------------------------------------------------
 
@@ -862,9 +938,15 @@ class SpanStore:
     def _segment_ids(
         self, conn: sqlite3.Connection, start_ns: int | None = None, end_ns: int | None = None
     ) -> list[int]:
+        return [n for n, _ in self._segments_read(conn, start_ns, end_ns)]
+
+    def _segments_read(
+        self, conn: sqlite3.Connection, start_ns: int | None = None, end_ns: int | None = None
+    ) -> list[tuple[int, int]]:
+        """(segment, indexed_upto), newest first, of the segments that may hold matches."""
         found = []
-        for n, low, high in conn.execute(
-            "SELECT id, min_start_ns, max_start_ns FROM segments ORDER BY id DESC"
+        for n, indexed, low, high in conn.execute(
+            "SELECT id, indexed_upto, min_start_ns, max_start_ns FROM segments ORDER BY id DESC"
         ):
             if low is None:
                 continue
@@ -872,7 +954,7 @@ class SpanStore:
                 continue
             if end_ns is not None and low > end_ns:
                 continue
-            found.append(n)
+            found.append((n, indexed))
         return found
 
     def _span_conditions(
@@ -929,17 +1011,21 @@ class SpanStore:
                 )
             ]
             on_resource = f" OR s.resource_id IN ({_marks(resource_ids)})" if resource_ids else ""
+            scan = (
+                f"EXISTS (SELECT 1 FROM json_each(s.attributes) AS j WHERE j.key = ?"
+                f" AND {_INDEXED_VALUE} IN ({marks}))"
+            )
             if self.index_attributes and len(value) <= self.max_indexed_value_length:
+                # Indexed spans through the index; the tail not indexed yet by its JSON.
                 term = (
                     f"(s.id IN (SELECT span FROM attrs_{{n}} WHERE key = ? AND value IN ({marks}))"
-                    f"{on_resource})"
+                    f" OR (s.id > {{indexed}} AND {scan}){on_resource})"
                 )
+                params = [key, *candidates, key, *candidates, *resource_ids]
             else:
-                term = (
-                    f"(EXISTS (SELECT 1 FROM json_each(s.attributes) AS j WHERE j.key = ?"
-                    f" AND {_INDEXED_VALUE} IN ({marks})){on_resource})"
-                )
-            terms.append((term, [key, *candidates, *resource_ids]))
+                term = f"({scan}{on_resource})"
+                params = [key, *candidates, *resource_ids]
+            terms.append((term, params))
         return terms
 
     def _search_sync(self, query: TraceQuery, conn: sqlite3.Connection) -> list[TraceSummary]:
@@ -951,11 +1037,11 @@ class SpanStore:
         found: dict[bytes, None] = {}
         # Segments newest first, spans newest first within each (the start_ns index),
         # stopping as soon as `limit` distinct traces are found.
-        for n in self._segment_ids(conn, query.start_ns, query.end_ns):
+        for n, indexed in self._segments_read(conn, query.start_ns, query.end_ns):
             clauses = list(where)
             segment_params = list(params)
             for term, term_params in attribute_terms:
-                clauses.append(term.format(n=n))
+                clauses.append(term.format(n=n, indexed=int(indexed)))
                 segment_params.extend(term_params)
             sql = f"SELECT s.trace_id FROM spans_{n} AS s"
             if clauses:
