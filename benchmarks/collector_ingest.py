@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fastapi import FastAPI, Request, Response  # module level: FastAPI reads the annotations
 
 PEER = 20_000  # spans/s: the target this collector is held to
 
@@ -43,7 +44,6 @@ PEER = 20_000  # spans/s: the target this collector is held to
 
 def serve(port: int, db: str, variant: str, index_attributes: bool) -> None:
     import uvicorn  # noqa: PLC0415 - only the server process needs these
-    from fastapi import FastAPI, Request, Response  # noqa: PLC0415
 
     from atoll.observability.collector import Retention, create_collector_app  # noqa: PLC0415
     from atoll.observability.collector._app import listen_socket  # noqa: PLC0415
@@ -88,9 +88,7 @@ def serve(port: int, db: str, variant: str, index_attributes: bool) -> None:
 # --- the client processes ---------------------------------------------------------
 
 
-def client(
-    index: int, endpoint: str, spans: int, start: Any, ready: Any, results: Any
-) -> None:
+def client(index: int, endpoint: str, spans: int, start: Any, ready: Any, results: Any) -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
         OTLPSpanExporter,
     )
@@ -148,12 +146,22 @@ def client(
     ready.put(index)
     start.wait()
     began = time.perf_counter()
+    cpu_began = time.process_time()
     for span in finished:
         processor.on_end(span)
     flushed = processor.force_flush(600_000)
     elapsed = time.perf_counter() - began
+    cpu = time.process_time() - cpu_began
     processor.shutdown()
-    results.put({"client": index, "spans": len(finished), "seconds": elapsed, "flushed": flushed})
+    results.put(
+        {
+            "client": index,
+            "spans": len(finished),
+            "seconds": elapsed,
+            "cpu": cpu,
+            "flushed": flushed,
+        }
+    )
 
 
 # --- driver -----------------------------------------------------------------------
@@ -248,6 +256,11 @@ def run_case(
         "transactions": stats["transactions"],
         "bytes_per_span": round(db_bytes / max(count, 1)),
         "client_seconds": [round(r["seconds"], 2) for r in reports],
+        "client_cpu_us_per_span": round(
+            sum(r["cpu"] for r in reports) / max(sum(r["spans"] for r in reports), 1) * 1e6, 1
+        ),
+        "collector_cpu_us_per_span": round(cpu / max(count, 1) * 1e6, 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 

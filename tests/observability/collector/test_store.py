@@ -320,3 +320,30 @@ def test_interner_is_stable():
 def test_retention_is_validated(retention, message):
     with pytest.raises(ValueError, match=message):
         Retention(**retention)
+
+
+async def test_attribute_search_across_many_index_chunks(db_path):
+    store = SpanStore(db_path, index_chunk=1, index_delay=3600)  # a chunk per write
+    await store.open()
+    try:
+        traces = []
+        for i in range(70):
+            tid = trace_id()
+            traces.append(tid.hex())
+            attributes = {"common": "yes", "n": i, "parity": i % 2 == 0}
+            await put(store, "svc", [make_span(tid, span_id(), attributes=attributes)])
+        await put(store, "svc", [make_span(trace_id(), span_id(), attributes={"n": 999})])
+        with sqlite3.connect(db_path) as peek:
+            chunks = peek.execute("SELECT count(*) FROM chunks_1").fetchone()[0]
+            rows = peek.execute("SELECT count(*) FROM attrs_1 WHERE key = 'common'").fetchone()[0]
+        peek.close()
+        assert chunks >= 70
+        assert rows == 70  # in more chunks than are listed: the JSON check alone decides
+        newest_first = traces[::-1]
+        assert await found(store, attributes=(("common", "yes"),), limit=100) == newest_first
+        assert await found(store, attributes=(("n", "5"),)) == [traces[5]]
+        assert await found(store, attributes=(("n", "5"), ("common", "yes"))) == [traces[5]]
+        assert await found(store, attributes=(("parity", "true"),), limit=3) == newest_first[1:6:2]
+        assert await found(store, attributes=(("n", "71"),)) == []
+    finally:
+        await store.close()

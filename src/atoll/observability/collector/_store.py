@@ -134,9 +134,10 @@ def _segment_schema(n: int) -> tuple[str, ...]:
         f"""CREATE TABLE attrs_{n} (
             key TEXT NOT NULL,
             value NOT NULL,
-            span INTEGER NOT NULL,
-            PRIMARY KEY (key, value, span)
+            chunk INTEGER NOT NULL,
+            PRIMARY KEY (key, value, chunk)
         ) WITHOUT ROWID""",
+        f"CREATE TABLE chunks_{n} (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
     )
 
 
@@ -318,6 +319,19 @@ class _Segment:
     #: Spans with ids up to this one have their rows in ``attrs_N``.
     indexed_upto: int = 0
     max_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _AttributeTerm:
+    key: str
+    candidates: list[object]
+    resource_ids: list[int]
+    indexed: bool
+
+
+#: Beyond this many chunks holding a value, listing their id ranges costs more than it
+#: saves: the value is common, and newest-first search finds matches quickly anyway.
+_MAX_CHUNK_RANGES: Final = 64
 
 
 @dataclass(slots=True)
@@ -720,10 +734,13 @@ class SpanStore:
 
     # --- the attribute index ---------------------------------------------------------
     #
-    # Built behind the writes, in chunks of at least ``index_chunk`` spans or after
-    # ``index_delay`` seconds: random inserts into the (key, value) index cost two to
-    # three times more per span in the small transactions of single requests than in
-    # large ones. Searches scan the attribute JSON of the few spans not indexed yet.
+    # Coarse on purpose: for each *chunk* of spans (a range of ids, at least
+    # ``index_chunk`` spans or what arrived in ``index_delay`` seconds), one row per
+    # distinct (key, value). Attributes repeat a lot across spans (db.system, http.route,
+    # an order id on every span of its trace), so this is many times fewer index rows
+    # than one per span and attribute; a search then checks the attribute JSON of the
+    # spans in the chunks that have the value, newest first, and stops at its limit.
+    # Spans not yet in a chunk are checked the same way.
 
     def _unindexed(self) -> int:
         return sum(s.max_id - s.indexed_upto for s in self._segments)
@@ -756,27 +773,29 @@ class SpanStore:
         for segment in list(self._segments):
             if segment.max_id <= segment.indexed_upto:
                 continue
-            n, upto = segment.id, segment.max_id
+            n, low, high = segment.id, segment.indexed_upto + 1, segment.max_id
             conn.execute("BEGIN IMMEDIATE")
             try:
-                # Sorted, so the index pages are visited in order.
+                # One row per distinct (key, value) in the chunk, sorted, so the index
+                # pages are visited in order.
                 conn.execute(
-                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, span)"
-                    f" SELECT j.key, {_INDEXED_VALUE}, s.id"
+                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, chunk)"
+                    f" SELECT DISTINCT j.key, {_INDEXED_VALUE}, ?"
                     f" FROM spans_{n} AS s, json_each(s.attributes) AS j"
-                    f" WHERE s.id > ? AND s.id <= ? AND s.attributes IS NOT NULL"
+                    f" WHERE s.id BETWEEN ? AND ? AND s.attributes IS NOT NULL"
                     f" AND j.type IN {_INDEXED_TYPES}"
                     f" AND (j.type != 'text' OR length(j.value) <= ?)"
                     " ORDER BY 1, 2",
-                    (segment.indexed_upto, upto, self.max_indexed_value_length),
+                    (low, low, high, self.max_indexed_value_length),
                 )
-                conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (upto, n))
+                conn.execute(f"INSERT INTO chunks_{n} (lo, hi) VALUES (?, ?)", (low, high))
+                conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (high, n))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            segment.indexed_upto = upto
+            segment.indexed_upto = high
 
     # --- retention ----------------------------------------------------------------
 
@@ -828,6 +847,7 @@ class SpanStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(f"DROP TABLE IF EXISTS attrs_{n}")
+            conn.execute(f"DROP TABLE IF EXISTS chunks_{n}")
             conn.execute(f"DROP TABLE IF EXISTS spans_{n}")
             conn.execute("DELETE FROM segments WHERE id = ?", (n,))
             # Shared rows no live segment refers to any more.
@@ -992,41 +1012,51 @@ class SpanStore:
             where.append(f"s.status != {_STATUS_ERROR}")
         return where, params
 
-    def _attribute_terms(
-        self, query: TraceQuery, conn: sqlite3.Connection
-    ) -> list[tuple[str, list[object]]]:
-        """One condition per ``key=value``, with ``{n}`` for the segment: the span has the
-        attribute (through the segment's index, or its JSON for long values), or its
-        resource has it."""
-        terms: list[tuple[str, list[object]]] = []
+    def _attribute_terms(self, query: TraceQuery, conn: sqlite3.Connection) -> list[_AttributeTerm]:
+        terms = []
         for key, value in query.attributes:
             candidates = _value_candidates(value)
-            marks = _marks(candidates)
             resource_ids = [
                 row[0]
                 for row in conn.execute(
                     f"SELECT DISTINCT r.id FROM resources AS r, json_each(r.attributes) AS j"
-                    f" WHERE j.key = ? AND {_INDEXED_VALUE} IN ({marks})",
+                    f" WHERE j.key = ? AND {_INDEXED_VALUE} IN ({_marks(candidates)})",
                     (key, *candidates),
                 )
             ]
-            on_resource = f" OR s.resource_id IN ({_marks(resource_ids)})" if resource_ids else ""
-            scan = (
-                f"EXISTS (SELECT 1 FROM json_each(s.attributes) AS j WHERE j.key = ?"
-                f" AND {_INDEXED_VALUE} IN ({marks}))"
-            )
-            if self.index_attributes and len(value) <= self.max_indexed_value_length:
-                # Indexed spans through the index; the tail not indexed yet by its JSON.
-                term = (
-                    f"(s.id IN (SELECT span FROM attrs_{{n}} WHERE key = ? AND value IN ({marks}))"
-                    f" OR (s.id > {{indexed}} AND {scan}){on_resource})"
-                )
-                params = [key, *candidates, key, *candidates, *resource_ids]
-            else:
-                term = f"({scan}{on_resource})"
-                params = [key, *candidates, *resource_ids]
-            terms.append((term, params))
+            indexed = self.index_attributes and len(value) <= self.max_indexed_value_length
+            terms.append(_AttributeTerm(key, candidates, resource_ids, indexed=indexed))
         return terms
+
+    def _attribute_clause(
+        self, conn: sqlite3.Connection, n: int, indexed_upto: int, term: _AttributeTerm
+    ) -> tuple[str, list[object]]:
+        """The condition for one ``key=value`` in segment ``n``: the span's JSON has it
+        (looked at only in the chunks whose index says so, and in the tail not indexed
+        yet), or its resource has it."""
+        marks = _marks(term.candidates)
+        has = (
+            f"EXISTS (SELECT 1 FROM json_each(s.attributes) AS j WHERE j.key = ?"
+            f" AND {_INDEXED_VALUE} IN ({marks}))"
+        )
+        params: list[object] = [term.key, *term.candidates]
+        if term.indexed:
+            ranges = conn.execute(
+                f"SELECT c.lo, c.hi FROM attrs_{n} AS a JOIN chunks_{n} AS c ON c.lo = a.chunk"
+                f" WHERE a.key = ? AND a.value IN ({marks})",
+                (term.key, *term.candidates),
+            ).fetchall()
+            where = [f"s.id > {int(indexed_upto)}"]
+            if len(ranges) <= _MAX_CHUNK_RANGES:
+                where += [f"s.id BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in ranges]
+            else:
+                where = []  # too many to list: the JSON check alone decides
+            if where:
+                has = f"({' OR '.join(where)}) AND {has}"
+        if term.resource_ids:
+            clause = f"({has} OR s.resource_id IN ({_marks(term.resource_ids)}))"
+            return clause, [*params, *term.resource_ids]
+        return f"({has})", params
 
     def _search_sync(self, query: TraceQuery, conn: sqlite3.Connection) -> list[TraceSummary]:
         conditions = self._span_conditions(query, conn)
@@ -1037,12 +1067,13 @@ class SpanStore:
         found: dict[bytes, None] = {}
         # Segments newest first, spans newest first within each (the start_ns index),
         # stopping as soon as `limit` distinct traces are found.
-        for n, indexed in self._segments_read(conn, query.start_ns, query.end_ns):
+        for n, indexed_upto in self._segments_read(conn, query.start_ns, query.end_ns):
             clauses = list(where)
             segment_params = list(params)
-            for term, term_params in attribute_terms:
-                clauses.append(term.format(n=n, indexed=int(indexed)))
-                segment_params.extend(term_params)
+            for term in attribute_terms:
+                clause, clause_params = self._attribute_clause(conn, n, indexed_upto, term)
+                clauses.append(clause)
+                segment_params.extend(clause_params)
             sql = f"SELECT s.trace_id FROM spans_{n} AS s"
             if clauses:
                 sql += " WHERE " + " AND ".join(clauses)
