@@ -53,42 +53,92 @@ def serve(port: int, db: str, variant: str, index_attributes: bool) -> None:
         retention=Retention(max_age=None, max_spans=5_000_000),
         index_attributes=index_attributes,
     )
-    served: Any = app
-    if variant == "fastapi":
-        # The same receiver behind a FastAPI route: routing, Request and Response objects.
-        api = FastAPI()
-
-        @api.post("/v1/traces")
-        async def export(request: Request) -> Response:
-            result = await app.receiver.export(
-                request.headers.get("content-type"),
-                request.headers.get("content-encoding"),
-                request.headers.get("content-length"),
-                request.stream(),
-            )
-            return Response(
-                result.body,
-                status_code=result.status,
-                media_type=result.content_type,
-                headers=dict(result.headers),
-            )
-
-        async def combined(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] == "http" and scope["path"] == "/v1/traces":
-                await api(scope, receive, send)
-            else:
-                await app(scope, receive, send)
-
-        served = combined
+    served = fastapi_variant(app) if variant == "fastapi" else app
     sock = listen_socket("127.0.0.1", port)
     config = uvicorn.Config(served, lifespan="on", access_log=False, log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])
 
 
+def fastapi_variant(app: Any) -> Any:
+    """The same receiver behind a FastAPI route: routing, Request and Response objects."""
+    api = FastAPI()
+
+    @api.post("/v1/traces")
+    async def export(request: Request) -> Response:
+        result = await app.receiver.export(
+            request.headers.get("content-type"),
+            request.headers.get("content-encoding"),
+            request.headers.get("content-length"),
+            request.stream(),
+        )
+        return Response(
+            result.body,
+            status_code=result.status,
+            media_type=result.content_type,
+            headers=dict(result.headers),
+        )
+
+    async def combined(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/traces":
+            await api(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return combined
+
+
+async def per_request_overhead(requests: int = 3000) -> dict[str, float]:
+    """Microseconds per one-span export through each variant, in process (no network)."""
+    import asyncio  # noqa: PLC0415
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: PLC0415
+        ExportTraceServiceRequest,
+    )
+
+    from atoll.observability.collector import create_collector_app  # noqa: PLC0415
+
+    def body(i: int) -> bytes:
+        request = ExportTraceServiceRequest()
+        span = request.resource_spans.add().scope_spans.add().spans.add()
+        span.trace_id = i.to_bytes(16, "big")
+        span.span_id = (i + 1).to_bytes(8, "big")
+        span.name = "op"
+        return request.SerializeToString()
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        async with create_collector_app(Path(tmp) / "t.db") as app:
+
+            async def discard(batch: Any) -> None:
+                pass
+
+            # Without the store, only the HTTP layers and decoding are left to compare.
+            app.receiver.store = type("NoStore", (), {"write": staticmethod(discard)})()
+            for name, target in (("asgi", app), ("fastapi", fastapi_variant(app))):
+                transport = httpx.ASGITransport(app=target)
+                async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+                    headers = {"content-type": "application/x-protobuf"}
+                    best = float("inf")
+                    for attempt in range(3):
+                        began = time.perf_counter()
+                        for i in range(requests):
+                            key = (attempt * requests + i) * 2 + (0 if name == "asgi" else 10**9)
+                            response = await client.post(
+                                "/v1/traces", content=body(key), headers=headers
+                            )
+                            assert response.status_code == 200
+                        best = min(best, (time.perf_counter() - began) / requests * 1e6)
+                out[name] = round(best, 1)
+            await asyncio.sleep(0)
+    return out
+
+
 # --- the client processes ---------------------------------------------------------
 
 
-def client(index: int, endpoint: str, spans: int, start: Any, ready: Any, results: Any) -> None:
+def client(  # noqa: PLR0917 - a multiprocessing target takes positional arguments
+    index: int, endpoint: str, spans: int, start: Any, ready: Any, results: Any
+) -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
         OTLPSpanExporter,
     )
@@ -286,6 +336,11 @@ def main() -> None:
     if args.compare:
         cases += [("fastapi", True), ("asgi", False)]
     results = []
+    if args.compare:
+        import asyncio  # noqa: PLC0415
+
+        overhead = asyncio.run(per_request_overhead())
+        print(json.dumps({"per_request_us_one_span_in_process": overhead}))
     for variant, index in cases:
         result = run_case(
             clients=args.clients, spans_per_client=spans, variant=variant, index_attributes=index
