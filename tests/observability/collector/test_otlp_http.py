@@ -539,3 +539,23 @@ async def test_a_failed_transaction_gets_503_and_keeps_nothing_of_it(client, app
     monkeypatch.setattr(app.store, "_write_sync", original)
     assert (await client.post("/v1/traces", content=body, headers=PB)).status_code == 200
     assert await stored_span_count(client) == 6
+
+
+async def test_too_many_requests_in_flight_get_503_before_their_body_is_read(client, app):
+    app.receiver.max_in_flight = 1
+    read = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_body():
+        read.set()
+        await release.wait()
+        yield make_request("a", simple_trace("a")[1]).SerializeToString()
+
+    first = asyncio.ensure_future(client.post("/v1/traces", content=slow_body(), headers=PB))
+    await asyncio.wait_for(read.wait(), 10)
+    refused = await client.post("/v1/traces", content=b"", headers=PB)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    release.set()
+    assert (await first).status_code == 200
+    assert (await client.post("/v1/traces", content=b"", headers=PB)).status_code == 200

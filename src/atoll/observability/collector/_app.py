@@ -416,7 +416,7 @@ def create_collector_app(
     retention: Retention | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     synchronous: Synchronous = "NORMAL",
-    max_pending_spans: int = 200_000,
+    max_pending_spans: int = 100_000,
     index_attributes: bool = True,
     clock: Clock | None = None,
 ) -> CollectorApp:

@@ -142,6 +142,7 @@ class OTLPReceiver:
         store: SpanStore,
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_in_flight: int = 64,
         retry_after: int = 1,
     ) -> None:
         if max_body_bytes < 1:
@@ -149,6 +150,10 @@ class OTLPReceiver:
         self.store = store
         self.max_body_bytes = max_body_bytes
         self.retry_after = retry_after
+        #: Requests being read, decoded or written at once; more get 503 before their
+        #: body is read, which bounds the memory that bodies in flight can take.
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
         self.decoder = OTLPDecoder(store.resources, store.scopes)
         self._executor: ThreadPoolExecutor | None = None
 
@@ -187,6 +192,11 @@ class OTLPReceiver:
                 415,
                 f"unsupported content type {content_type or '(none)'!r}; send {PROTOBUF} or {JSON}",
             )
+        if self._in_flight >= self.max_in_flight:
+            return self._unavailable(
+                encoding, f"{self._in_flight} export requests are in progress; try again shortly"
+            )
+        self._in_flight += 1
         try:
             batch = await self._accept(encoding, content_encoding, content_length, chunks)
             await self.store.write(batch)
@@ -199,6 +209,8 @@ class OTLPReceiver:
             return self._unavailable(encoding, str(exc))
         except (CollectorStorageError, CollectorClosedError, DatabaseError) as exc:
             return self._unavailable(encoding, str(exc), retry_after=max(5, self.retry_after))
+        finally:
+            self._in_flight -= 1
         return OTLPResponse(200, _CONTENT_TYPES[encoding], success_body(encoding, batch))
 
     async def _accept(

@@ -402,7 +402,7 @@ class SpanStore:
         retention: Retention | None = None,
         synchronous: Synchronous = "NORMAL",
         clock: Clock | None = None,
-        max_pending_spans: int = 200_000,
+        max_pending_spans: int = 100_000,
         max_transaction_spans: int = 20_000,
         index_attributes: bool = True,
         max_indexed_value_length: int = 256,
