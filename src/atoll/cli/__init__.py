@@ -76,7 +76,9 @@ def up(
     service: Annotated[
         list[str] | None, typer.Option("--service", "-s", help="Only these services.")
     ] = None,
-    restart: Annotated[bool, typer.Option(help="Restart a service process that dies.")] = True,
+    restart: Annotated[
+        bool, typer.Option(help="Restart a service process that dies.")
+    ] = True,
 ) -> None:
     """Start every service of the system, show when they are ready, stop on Ctrl-C."""
     from atoll.cli._run import run  # noqa: PLC0415 - keep `atoll --help` fast
@@ -147,9 +149,7 @@ def dlq_list(
     for column in ("id", "group", "type", "attempts", "dead at (UTC)", "reason"):
         table.add_column(column, overflow="fold")
     for r in records:
-        table.add_row(
-            r.id, r.group, _type_of(r.body), str(r.attempts), timestamp(r.dead_at), r.reason
-        )
+        table.add_row(r.id, r.group, _type_of(r.body), str(r.attempts), timestamp(r.dead_at), r.reason)
     console.print(table)
 
 

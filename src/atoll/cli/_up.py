@@ -17,16 +17,7 @@ from rich.text import Text
 from atoll.config import LoadedConfig
 from atoll.determinism import SystemClock
 
-_COLORS = [
-    "cyan",
-    "magenta",
-    "green",
-    "yellow",
-    "blue",
-    "bright_red",
-    "bright_cyan",
-    "bright_magenta",
-]
+_COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
 
 
 @dataclass
@@ -72,13 +63,8 @@ class Supervisor:
         self._stopping = False
 
     def _say(self, child: _Child | None, line: str, style: str = "") -> None:
-        prefix = Text(
-            f"{(child.name if child else 'atoll'):<{self._width}} | ",
-            style=child.color if child else "bold",
-        )
-        self.console.print(
-            prefix + Text.from_ansi(line, style=style), soft_wrap=True, highlight=False
-        )
+        prefix = Text(f"{(child.name if child else 'atoll'):<{self._width}} | ", style=child.color if child else "bold")
+        self.console.print(prefix + Text.from_ansi(line, style=style), soft_wrap=True, highlight=False)
 
     async def _pump(self, child: _Child, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():
@@ -91,22 +77,14 @@ class Supervisor:
         env.setdefault("ATOLL_LOG_COLOR", "1" if self.console.is_terminal else "0")
         env["PYTHONUNBUFFERED"] = "1"
         child.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "atoll",
-            "run",
-            child.name,
-            "--config",
-            str(self.loaded.path),
+            sys.executable, "-m", "atoll", "run", child.name, "--config", str(self.loaded.path),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
         )
         assert child.process.stdout is not None
-        child.pumps = [
-            asyncio.get_running_loop().create_task(self._pump(child, child.process.stdout))
-        ]
+        child.pumps = [asyncio.get_running_loop().create_task(self._pump(child, child.process.stdout))]
 
     async def _await_ready(self, client: httpx.AsyncClient, child: _Child) -> bool:
         deadline = self.clock.monotonic() + self.ready_timeout
@@ -178,9 +156,7 @@ class Supervisor:
             async with httpx.AsyncClient() as client:
                 ready = await asyncio.gather(*(self._await_ready(client, c) for c in self.children))
             if not all(ready) and not stop.is_set():
-                failed = ", ".join(
-                    c.name for c, ok in zip(self.children, ready, strict=True) if not ok
-                )
+                failed = ", ".join(c.name for c, ok in zip(self.children, ready, strict=True) if not ok)
                 self._say(None, f"not ready: {failed}; stopping", style="bold red")
                 code = 1
             else:
@@ -209,9 +185,7 @@ class Supervisor:
             try:
                 await asyncio.wait_for(child.process.wait(), drain)
             except TimeoutError:
-                self._say(
-                    None, f"{child.name} did not stop in {drain:.0f}s; killing it", style="red"
-                )
+                self._say(None, f"{child.name} did not stop in {drain:.0f}s; killing it", style="red")
                 with contextlib.suppress(ProcessLookupError):
                     child.process.kill()
                 await child.process.wait()

@@ -18,17 +18,7 @@ from atoll.config._model import AtollConfig, ServiceSection
 
 ENV_PREFIX = "ATOLL__"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_SCHEMES = {
-    "sqlite",
-    "memory",
-    "postgresql",
-    "postgres",
-    "nats",
-    "amqp",
-    "amqps",
-    "redis",
-    "rediss",
-}
+_SCHEMES = {"sqlite", "memory", "postgresql", "postgres", "nats", "amqp", "amqps", "redis", "rediss"}
 
 
 class ConfigError(AtollError):
@@ -64,9 +54,7 @@ class LoadedConfig:
             return self.config.services[name]
         except KeyError:
             known = ", ".join(sorted(self.config.services)) or "none"
-            raise ConfigError(
-                str(self.path), f"services.{name}", f"no such service (known: {known})"
-            ) from None
+            raise ConfigError(str(self.path), f"services.{name}", f"no such service (known: {known})") from None
 
     def database_url(self, name: str) -> str:
         """The database URL of service ``name``, defaulted to a SQLite file in ``data_dir``."""
@@ -99,9 +87,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(
-                    name, ".".join(parts), "cannot set a key inside a non-table value"
-                )
+                raise ConfigError(name, ".".join(parts), "cannot set a key inside a non-table value")
             node = child
         node[parts[-1]] = value
 
@@ -114,9 +100,7 @@ def _check_url(source: str, key: str, url: str) -> None:
         )
 
 
-def load_config(
-    path: str | Path = "atoll.toml", environ: Mapping[str, str] | None = None
-) -> LoadedConfig:
+def load_config(path: str | Path = "atoll.toml", environ: Mapping[str, str] | None = None) -> LoadedConfig:
     """Read, override from the environment, and validate a configuration file.
 
     Every problem raises :class:`ConfigError` naming the file (or the environment

@@ -123,9 +123,7 @@ class MessageRegistry:
         except msgspec.ValidationError as exc:
             raise MessageValidationError(envelope.type, cls.message_version, str(exc)) from exc
 
-    def upcast(
-        self, message_type: str, version: int, payload: bytes | msgspec.Raw
-    ) -> dict[str, Any]:
+    def upcast(self, message_type: str, version: int, payload: bytes | msgspec.Raw) -> dict[str, Any]:
         """Apply the upcaster chain to a raw payload, returning it as a dict."""
         cls = self._classes.get(message_type)
         if cls is None:

@@ -20,14 +20,10 @@ def configure_logging(
     ``fmt`` defaults to ``$ATOLL_LOG_FORMAT`` or, failing that, ``console`` on a terminal
     and ``json`` otherwise. Every record carries ``service`` when given.
     """
-    chosen = (
-        fmt or os.environ.get("ATOLL_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
-    )
+    chosen = fmt or os.environ.get("ATOLL_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
     level_name = (level or os.environ.get("ATOLL_LOG_LEVEL") or "INFO").upper()
 
-    def add_service(
-        _: object, __: str, event: structlog.types.EventDict
-    ) -> structlog.types.EventDict:
+    def add_service(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
         if service is not None:
             event.setdefault("service", service)
         return event

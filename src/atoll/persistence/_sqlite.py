@@ -32,7 +32,9 @@ from atoll.persistence._errors import (
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
-_SCHEMA = core_schema(autoincrement="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB", real="REAL")
+_SCHEMA = core_schema(
+    autoincrement="INTEGER PRIMARY KEY AUTOINCREMENT", blob="BLOB", real="REAL"
+)
 
 #: The batch (if any) the current task has open, per database.
 _current_batch: contextvars.ContextVar[SQLiteDatabase | None] = contextvars.ContextVar(

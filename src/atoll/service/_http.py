@@ -22,11 +22,7 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem(
-    status: int,
-    detail: str,
-    *,
-    title: str | None = None,
-    headers: dict[str, str] | None = None,
+    status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
     """An RFC 9457 problem details response."""
@@ -67,19 +63,14 @@ def install_http_defaults(app: FastAPI, service: Service) -> None:
         ]
         where = ", ".join(".".join(str(p) for p in e["location"]) for e in errors) or "request"
         return problem(
-            422,
-            f"invalid {where}",
-            title="Request validation failed",
-            errors=errors,
+            422, f"invalid {where}", title="Request validation failed", errors=errors,
             instance=request.url.path,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return problem(
-            exc.status_code,
-            str(exc.detail),
-            headers=dict(exc.headers or {}),
+            exc.status_code, str(exc.detail), headers=dict(exc.headers or {}),
             instance=request.url.path,
         )
 
@@ -87,10 +78,8 @@ def install_http_defaults(app: FastAPI, service: Service) -> None:
     async def busy(request: Request, exc: TransientDatabaseError) -> JSONResponse:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
         return problem(
-            503,
-            "the service's database is busy; nothing was changed, try again",
-            headers={"Retry-After": "1"},
-            instance=request.url.path,
+            503, "the service's database is busy; nothing was changed, try again",
+            headers={"Retry-After": "1"}, instance=request.url.path,
         )
 
     @app.exception_handler(Exception)

@@ -270,9 +270,7 @@ class ServiceRuntime:
                 for item in decoded:
                     key = item.delivery.key
                     if key is not None and key in failed_keys:
-                        outcomes[item.index] = Retry(
-                            error="held behind an earlier failure", count=False
-                        )
+                        outcomes[item.index] = Retry(error="held behind an earlier failure", count=False)
                         continue
                     try:
                         async with self.database.unit_of_work() as uow:

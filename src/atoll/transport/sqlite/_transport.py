@@ -156,7 +156,9 @@ class _SQLiteConsumer:
         if self in self._transport._consumers:
             self._transport._consumers.remove(self)
         with contextlib.suppress(Exception):
-            await self._transport._run(self._transport._unregister_listener, self._listener.address)
+            await self._transport._run(
+                self._transport._unregister_listener, self._listener.address
+            )
         self._listener.close()
 
     async def _loop(self) -> None:
@@ -168,13 +170,8 @@ class _SQLiteConsumer:
             self._listener.event.clear()
             try:
                 batch, next_due = await transport._run(
-                    transport._settle_and_claim,
-                    self._group,
-                    self._owner,
-                    settle,
-                    limit,
-                    self._policy,
-                    self._window,
+                    transport._settle_and_claim, self._group, self._owner, settle, limit,
+                    self._policy, self._window
                 )
             except Exception as exc:
                 failures += 1
@@ -309,9 +306,7 @@ class SQLiteTransport(Transport):
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise TransportError(
-                str(map_sqlite_error(exc, f"embedded transport {self.path}"))
-            ) from exc
+            raise TransportError(str(map_sqlite_error(exc, f"embedded transport {self.path}"))) from exc
         return result
 
     def _log_failure(self, what: str, exc: BaseException) -> None:
@@ -404,9 +399,7 @@ class SQLiteTransport(Transport):
                 rows,
             )
             if gone:
-                conn.executemany(
-                    "DELETE FROM atoll_listeners WHERE address = ?", [(a,) for a in gone]
-                )
+                conn.executemany("DELETE FROM atoll_listeners WHERE address = ?", [(a,) for a in gone])
             if now - self._last_prune > 60.0:
                 self._last_prune = now
                 conn.execute(
@@ -456,9 +449,7 @@ class SQLiteTransport(Transport):
         self._tx(work)
 
     def _unregister_listener(self, address: str) -> None:
-        self._tx(
-            lambda conn: conn.execute("DELETE FROM atoll_listeners WHERE address = ?", (address,))
-        )
+        self._tx(lambda conn: conn.execute("DELETE FROM atoll_listeners WHERE address = ?", (address,)))
 
     def _settle_and_claim(
         self,
@@ -621,10 +612,7 @@ class SQLiteTransport(Transport):
             )
             conn.execute("DELETE FROM atoll_dead_letters WHERE id = ?", (record_id,))
             addresses = [
-                a
-                for (a,) in conn.execute(
-                    "SELECT address FROM atoll_listeners WHERE grp = ?", (row[0],)
-                )
+                a for (a,) in conn.execute("SELECT address FROM atoll_listeners WHERE grp = ?", (row[0],))
             ]
             return True, addresses
 
@@ -632,10 +620,9 @@ class SQLiteTransport(Transport):
 
     def _dead_purge(self, record_id: str) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
-            return (
-                conn.execute("DELETE FROM atoll_dead_letters WHERE id = ?", (record_id,)).rowcount
-                == 1
-            )
+            return conn.execute(
+                "DELETE FROM atoll_dead_letters WHERE id = ?", (record_id,)
+            ).rowcount == 1
 
         return self._tx(work)
 
