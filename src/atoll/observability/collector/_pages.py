@@ -481,15 +481,21 @@ def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
     return "".join(sections)
 
 
-def _ticks(total: int) -> str:
-    """Labels at round steps (1, 2 or 5 times a power of ten), about five of them."""
-    total = max(total, 1)
+def _tick_step(total: int) -> int:
+    """A round step (1, 2 or 5 times a power of ten) that cuts ``total`` in about five."""
     step = 1
-    while total / step > 5:
+    while max(total, 1) / step > 5:
         for factor in (2, 5 / 2, 2):
             step = round(step * factor)
             if total / step <= 5:
                 break
+    return step
+
+
+def _ticks(total: int) -> str:
+    """Labels at round steps, about five of them, and the total at the end."""
+    total = max(total, 1)
+    step = _tick_step(total)
     marks = [
         f'<span class="tick" style="left:{value / total * 100:.3f}%">'
         f"{_e(format_duration(value))}</span>"
@@ -564,6 +570,8 @@ def trace_page(
         _service_chip(color, s.name, f' <span class="n">{s.span_count}</span>')
         for s in summary.services
     )
+    # Grid lines in the timeline fall on the ticks.
+    grid = _tick_step(max(summary.duration_ns, 1)) / max(summary.duration_ns, 1) * 100
     plural = "s" if summary.error_count != 1 else ""
     errors = (
         f'<span class="badge err">{summary.error_count} error{plural}</span>'
@@ -604,7 +612,8 @@ def trace_page(
   </div>
 </section>
 {cut}
-<section class="waterfall" role="tree" aria-label="Spans of trace {trace.trace_id}">
+<section class="waterfall" role="tree" aria-label="Spans of trace {trace.trace_id}"
+  style="--grid:{grid:.4f}%">
   <div class="wf-head"><div class="wf-name">Service · operation</div>
     <div class="wf-time">{_ticks(summary.duration_ns)}</div></div>
   <div class="wf-rows" id="spans">

@@ -170,8 +170,8 @@ class Retention:
         segments: the store is split in this many segments; retention drops one whole
             segment at a time, so it keeps between ``(segments-1)/segments`` and all of
             ``max_spans``, and spans for up to ``max_age * (1 + 1/segments)``.
-        interval: seconds between background retention passes (count retention also
-            runs whenever a segment fills).
+        interval: seconds between background passes of age retention (count retention
+            runs after every write that takes the store over ``max_spans``).
     """
 
     max_age: float | None = 24 * 3600.0
