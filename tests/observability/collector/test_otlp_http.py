@@ -559,3 +559,30 @@ async def test_too_many_requests_in_flight_get_503_before_their_body_is_read(cli
     release.set()
     assert (await first).status_code == 200
     assert (await client.post("/v1/traces", content=b"", headers=PB)).status_code == 200
+
+
+async def test_cors_only_for_the_origins_given(make_app):
+    async with make_app(cors_origins=["http://localhost:3000"]) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+            preflight = await client.options(
+                "/v1/traces",
+                headers={
+                    "origin": "http://localhost:3000",
+                    "access-control-request-method": "POST",
+                    "access-control-request-headers": "content-type",
+                },
+            )
+            assert preflight.status_code == 204
+            assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+            assert preflight.headers["access-control-allow-methods"] == "POST"
+            posted = await client.post(
+                "/v1/traces", content=b"{}", headers={**JS, "origin": "http://localhost:3000"}
+            )
+            assert posted.status_code == 200
+            assert posted.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+            elsewhere = {"origin": "http://evil.example"}
+            assert (await client.options("/v1/traces", headers=elsewhere)).status_code == 405
+            posted = await client.post("/v1/traces", content=b"{}", headers={**JS, **elsewhere})
+            assert "access-control-allow-origin" not in posted.headers

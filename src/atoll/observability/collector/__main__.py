@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not index span attributes (faster ingest; attr= searches scan)",
     )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="a web origin whose pages may export from the browser (repeatable; * for any)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     configure_logging(service="collector", level=args.log_level)
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             synchronous=args.synchronous,
             index_attributes=not args.no_attribute_index,
+            cors_origins=args.cors_origin,
         )
     except CollectorError as exc:
         print(f"collector: {exc}", file=sys.stderr)  # noqa: T201 - a CLI's error line

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
@@ -67,10 +67,18 @@ class CollectorApp:
     (tests, or embedding in a process that runs its own server).
     """
 
-    def __init__(self, store: SpanStore, receiver: OTLPReceiver, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: SpanStore,
+        receiver: OTLPReceiver,
+        *,
+        clock: Clock,
+        cors_origins: Sequence[str] = (),
+    ) -> None:
         self.store = store
         self.receiver = receiver
         self.clock = clock
+        self.cors_origins = frozenset(cors_origins)
         self.api = _build_api(self)
         self._retention_task: asyncio.Task[None] | None = None
 
@@ -128,14 +136,35 @@ class CollectorApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def _cors(self, origin: str | None) -> tuple[tuple[str, str], ...]:
+        """CORS headers for a browser app's exporter (OpenTelemetry JS on a web page), for
+        the origins the collector was told to accept; none otherwise."""
+        if origin is None or not ({origin, "*"} & self.cors_origins):
+            return ()
+        allowed = "*" if "*" in self.cors_origins else origin
+        return (("access-control-allow-origin", allowed), ("vary", "Origin"))
+
     async def _otlp(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST":
-            body = status_body("json", _UNIMPLEMENTED, "send export requests with POST")
-            await _respond(send, 405, JSON, body, (("allow", "POST"),))
-            return
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             headers[name.decode("latin-1")] = value.decode("latin-1")
+        cors = self._cors(headers.get("origin"))
+        if scope["method"] == "OPTIONS" and cors:
+            preflight = (
+                *cors,
+                ("access-control-allow-methods", "POST"),
+                (
+                    "access-control-allow-headers",
+                    headers.get("access-control-request-headers", "content-type"),
+                ),
+                ("access-control-max-age", "600"),
+            )
+            await _respond(send, 204, "text/plain", b"", preflight)
+            return
+        if scope["method"] != "POST":
+            body = status_body("json", _UNIMPLEMENTED, "send export requests with POST")
+            await _respond(send, 405, JSON, body, (("allow", "POST"), *cors))
+            return
 
         async def chunks() -> AsyncIterator[bytes]:
             while True:
@@ -158,7 +187,11 @@ class CollectorApp:
         except _ClientDisconnectedError:
             return
         await _respond(
-            send, response.status, response.content_type, response.body, response.headers
+            send,
+            response.status,
+            response.content_type,
+            response.body,
+            (*response.headers, *cors),
         )
 
 
@@ -418,6 +451,7 @@ def create_collector_app(
     synchronous: Synchronous = "NORMAL",
     max_pending_spans: int = 100_000,
     index_attributes: bool = True,
+    cors_origins: Sequence[str] = (),
     clock: Clock | None = None,
 ) -> CollectorApp:
     """The collector as an ASGI application (it opens its store on lifespan startup).
@@ -430,6 +464,9 @@ def create_collector_app(
             of the process, ``FULL`` also a power loss, at a cost in throughput.
         max_pending_spans: spans queued for writing beyond which exports get 503.
         index_attributes: keep the attribute index that makes ``attr=`` searches fast.
+        cors_origins: web origins (``"http://localhost:3000"``, or ``"*"``) whose pages may
+            export to ``/v1/traces`` from the browser; none by default, so that a page
+            the developer happens to visit cannot write into the collector.
         clock: the determinism seam; retention and "lookback" read time from it.
     """
     clock = clock or SystemClock()
@@ -442,7 +479,7 @@ def create_collector_app(
         index_attributes=index_attributes,
     )
     receiver = OTLPReceiver(store, max_body_bytes=max_body_bytes)
-    return CollectorApp(store, receiver, clock=clock)
+    return CollectorApp(store, receiver, clock=clock, cors_origins=cors_origins)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
