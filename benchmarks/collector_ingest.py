@@ -42,7 +42,7 @@ PEER = 20_000  # spans/s: the target this collector is held to
 # --- the collector process --------------------------------------------------------
 
 
-def serve(port: int, db: str, variant: str, index_attributes: bool) -> None:
+def serve(port: int, db: str, variant: str, index_attributes: bool, synchronous: str) -> None:
     import uvicorn  # noqa: PLC0415 - only the server process needs these
 
     from atoll.observability.collector import Retention, create_collector_app  # noqa: PLC0415
@@ -52,6 +52,7 @@ def serve(port: int, db: str, variant: str, index_attributes: bool) -> None:
         db,
         retention=Retention(max_age=None, max_spans=5_000_000),
         index_attributes=index_attributes,
+        synchronous=synchronous,  # type: ignore[arg-type]
     )
     served = fastapi_variant(app) if variant == "fastapi" else app
     sock = listen_socket("127.0.0.1", port)
@@ -234,14 +235,19 @@ def stored(url: str) -> int:
 
 
 def run_case(
-    *, clients: int, spans_per_client: int, variant: str, index_attributes: bool
+    *,
+    clients: int,
+    spans_per_client: int,
+    variant: str,
+    index_attributes: bool,
+    synchronous: str = "NORMAL",
 ) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="atoll-collector-bench-") as tmp:
         db = str(Path(tmp) / "traces.db")
         command = [sys.executable, __file__, "--serve", "--port", str(port), "--db", db]
-        command += ["--variant", variant]
+        command += ["--variant", variant, "--synchronous", synchronous]
         if not index_attributes:
             command.append("--no-attribute-index")
         server = subprocess.Popen(command)
@@ -295,6 +301,7 @@ def run_case(
         db_bytes = stats["file_bytes"]
     return {
         "variant": variant,
+        "synchronous": synchronous,
         "attribute_index": index_attributes,
         "clients": clients,
         "sent": total,
@@ -311,6 +318,11 @@ def run_case(
         ),
         "collector_cpu_us_per_span": round(cpu / max(count, 1) * 1e6, 1),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        # How much of the machine this run got: its processes' CPU time over wall time
+        # times cores. Well under 1.0 means other load took the rest.
+        "cpu_share": round(
+            (cpu + sum(r["cpu"] for r in reports)) / (elapsed * (os.cpu_count() or 1)), 2
+        ),
     }
 
 
@@ -327,9 +339,12 @@ def main() -> None:
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="asgi", help=argparse.SUPPRESS)
     parser.add_argument("--no-attribute-index", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--synchronous", default="NORMAL", choices=["OFF", "NORMAL", "FULL"], help="SQLite's"
+    )
     args = parser.parse_args()
     if args.serve:
-        serve(args.port, args.db, args.variant, not args.no_attribute_index)
+        serve(args.port, args.db, args.variant, not args.no_attribute_index, args.synchronous)
         return
     spans = args.spans or (40_000 if args.quick else 200_000)
     cases = [("asgi", True)]
@@ -343,7 +358,11 @@ def main() -> None:
         print(json.dumps({"per_request_us_one_span_in_process": overhead}))
     for variant, index in cases:
         result = run_case(
-            clients=args.clients, spans_per_client=spans, variant=variant, index_attributes=index
+            clients=args.clients,
+            spans_per_client=spans,
+            variant=variant,
+            index_attributes=index,
+            synchronous=args.synchronous,
         )
         results.append(result)
         print(json.dumps(result))
