@@ -188,3 +188,14 @@ def test_format_duration():
     assert format_duration(250_000_000) == "250 ms"
     assert format_duration(2_500_000_000) == "2.5 s"
     assert format_duration(125_000_000_000) == "2 min 5 s"
+
+
+async def test_search_page_time_range_from_the_url(client):
+    tid = trace_id()
+    await send(client, "timed", [make_span(tid, span_id(), start_ns=T0)])
+    inside = {"start": str(T0 // 1_000_000 - 1), "end": "2099-01-01T00:00:00Z"}
+    page = (await client.get("/", params=inside)).text
+    assert f"/traces/{tid.hex()}" in page
+    assert f'name="start" value="{inside["start"]}"' in page  # kept for the next search
+    page = (await client.get("/", params={"start": str(T0 // 1_000_000 + 1)})).text
+    assert f"/traces/{tid.hex()}" not in page

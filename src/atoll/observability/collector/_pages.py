@@ -177,6 +177,12 @@ def _search_form(services: Sequence[ServiceInfo], form: dict[str, str]) -> str:
     operations_json = _e(json.dumps({s.name: s.operations for s in services}))
     lookback = form.get("lookback", "")
     status = form.get("status", "")
+    # A time range given in the URL (start/end, Unix ms or ISO 8601) survives a new search.
+    hidden = "".join(
+        f'<input type="hidden" name="{name}" value="{_e(form[name])}">'
+        for name in ("start", "end")
+        if form.get(name)
+    )
     return f"""
 <form class="search" method="get" action="/" id="search">
   <label class="f-service">Service
@@ -205,7 +211,7 @@ def _search_form(services: Sequence[ServiceInfo], form: dict[str, str]) -> str:
   <label class="f-num f-limit">Limit
     <input name="limit" id="f-limit" type="number" min="1" max="1000"
       value="{_e(form.get("limit", "20"))}"></label>
-  <button type="submit" id="f-submit">Find traces</button>
+  {hidden}<button type="submit" id="f-submit">Find traces</button>
 </form>"""
 
 
