@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import math
 
+from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from otlp import make_request, make_span, span_id, trace_id
 
-from atoll.observability.collector import MalformedRequestError
+from atoll.observability.collector import MalformedRequestError, _json
 from atoll.observability.collector._decode import (
     DecodedBatch,
     Interner,
@@ -151,3 +155,132 @@ def test_resource_without_service_name_and_zero_parent():
     )
     assert next(iter(batch.resources.values())).service == "unknown_service"
     assert batch.spans[0][2] is None  # an all-zero parent means no parent
+
+
+# --- the OTLP/JSON fast path agrees with protobuf's parser --------------------------
+
+
+def reference(document):
+    """The slow path: ids rewritten, protobuf's parser, then the protobuf conversion."""
+    document = copy.deepcopy(document)
+    hex_ids_to_base64(document)
+    request = ExportTraceServiceRequest()
+    try:
+        json_format.ParseDict(document, request, ignore_unknown_fields=True)
+    except Exception:
+        return None
+    return decoder.convert(request)
+
+
+def same(fast, slow):
+    assert fast.spans == slow.spans
+    assert (fast.rejected, fast.reasons) == (slow.rejected, slow.reasons)
+    assert fast.operations == slow.operations
+    assert {k: (r.service, r.attributes) for k, r in fast.resources.items()} == {
+        k: (r.service, r.attributes) for k, r in slow.resources.items()
+    }
+
+
+ids16 = st.one_of(
+    st.binary(min_size=16, max_size=16), st.sampled_from([b"", b"\x00" * 16, b"\x01" * 3])
+)
+ids8 = st.one_of(
+    st.binary(min_size=8, max_size=8), st.sampled_from([b"", b"\x00" * 8, b"\x01" * 3])
+)
+scalars = st.one_of(
+    st.text(max_size=8),
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.binary(max_size=6),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+attribute_maps = st.dictionaries(st.text(max_size=6), values, max_size=4)
+times = st.integers(0, 2**64 - 1)
+
+
+@st.composite
+def requests(draw):
+    spans = []
+    for _ in range(draw(st.integers(0, 4))):
+        span = make_span(
+            draw(ids16),
+            draw(ids8),
+            parent=draw(ids8),
+            name=draw(st.text(max_size=10)),
+            start_ns=0,
+            duration_ns=0,
+            status=draw(st.integers(0, 2)),
+            message=draw(st.text(max_size=5)),
+            kind=draw(st.integers(0, 5)),
+            attributes=draw(attribute_maps),
+            events=[(draw(st.text(max_size=5)), draw(times), draw(attribute_maps))],
+            links=[(draw(ids16), draw(ids8), draw(attribute_maps))] if draw(st.booleans()) else [],
+        )
+        span.start_time_unix_nano = draw(times)
+        span.end_time_unix_nano = draw(times)
+        span.flags = draw(st.integers(0, 2**32 - 1))
+        span.trace_state = draw(st.text(max_size=5))
+        span.dropped_attributes_count = draw(st.integers(0, 3))
+        spans.append(span)
+    return make_request(
+        draw(st.one_of(st.none(), st.text(max_size=6))), spans, draw(attribute_maps)
+    )
+
+
+def to_hex_ids(document):
+    """The OTLP JSON mapping's ids: hex instead of json_format's base64."""
+    for resource_spans in document.get("resourceSpans", document.get("resource_spans", [])):
+        for scope_spans in resource_spans.get("scopeSpans", resource_spans.get("scope_spans", [])):
+            for span in scope_spans.get("spans", []):
+                for holder in [span, *span.get("links", [])]:
+                    for key in (
+                        "traceId",
+                        "spanId",
+                        "parentSpanId",
+                        "trace_id",
+                        "span_id",
+                        "parent_span_id",
+                    ):
+                        if key in holder:
+                            holder[key] = base64.b64decode(holder[key]).hex()
+
+
+@settings(max_examples=120, deadline=None)
+@given(requests(), st.booleans(), st.booleans(), st.booleans())
+def test_json_fast_path_matches_protobufs_parser(request, snake, int_enums, hex_ids):
+    document = json_format.MessageToDict(
+        request, preserving_proto_field_name=snake, use_integers_for_enums=int_enums
+    )
+    if hex_ids:
+        to_hex_ids(document)
+    document = json.loads(json.dumps(document))
+    slow = reference(document)
+    assert slow is not None
+    try:
+        fast = decoder.convert_json(copy.deepcopy(document))
+    except _json.Fallback:
+        # Only forms protobuf writes but SDKs do not (NaN as a string) may fall back.
+        assert "NaN" in json.dumps(document) or "Infinity" in json.dumps(document)
+        return
+    same(fast, slow)
+
+
+@settings(max_examples=300, deadline=None)
+@given(otlp_like)
+def test_json_fast_path_accepts_only_what_protobuf_accepts(document):
+    if not isinstance(document, dict):
+        return
+    try:
+        fast = decoder.convert_json(copy.deepcopy(document))
+    except _json.Fallback:
+        return
+    slow = reference(document)
+    assert slow is not None, document
+    same(fast, slow)

@@ -31,6 +31,7 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
+from atoll.observability.collector import _json
 from atoll.observability.collector._errors import MalformedRequestError
 
 #: A span as stored: see ``_store._SPAN_COLUMNS`` for the order.
@@ -180,7 +181,7 @@ def attributes_dict(attributes: Iterable[KeyValue]) -> dict[str, Any]:
     return {kv.key: any_value(kv.value) for kv in attributes}
 
 
-def _json(value: object) -> str:
+def _json_text(value: object) -> str:
     return _json_encoder.encode(value).decode()
 
 
@@ -215,6 +216,12 @@ class OTLPDecoder:
             raise MalformedRequestError(
                 "the body must be a JSON object (an ExportTraceServiceRequest)"
             )
+        try:
+            return self.convert_json(document)
+        except _json.Fallback:
+            pass  # not the usual shape: protobuf's parser decides
+        except RecursionError as exc:
+            raise MalformedRequestError(f"the body nests too deeply: {exc}") from exc
         hex_ids_to_base64(document)
         request = ExportTraceServiceRequest()
         try:
@@ -225,6 +232,122 @@ class OTLPDecoder:
             ) from exc
         return self.convert(request)
 
+    def convert_json(self, document: dict[str, Any]) -> DecodedBatch:  # noqa: C901, PLR0915 - the JSON twin of convert
+        """An OTLP/JSON request in its usual forms to rows, as :meth:`convert` makes them.
+
+        Raises:
+            _json.Fallback: the document needs protobuf's parser (see ``_json``).
+        """
+        j = _json
+        batch = DecodedBatch()
+        rows = batch.spans
+        operations = batch.operations
+        for resource_spans in j.as_list(j.field(document, "resourceSpans", "resource_spans")):
+            resource_spans = j.as_dict(resource_spans)  # noqa: PLW2901 - the same item, checked
+            resource_id = self._resource(j.resource(resource_spans.get("resource")), batch)
+            service = batch.resources[resource_id].service
+            for scope_spans in j.as_list(j.field(resource_spans, "scopeSpans", "scope_spans")):
+                scope_spans = j.as_dict(scope_spans)  # noqa: PLW2901 - the same item, checked
+                scope_id = self._scope(j.scope(scope_spans.get("scope")), batch)
+                for span in j.as_list(scope_spans.get("spans")):
+                    span = j.as_dict(span)  # noqa: PLW2901 - the same item, checked
+                    trace_id = j.as_id(j.field(span, "traceId", "trace_id"), 16)
+                    span_id = j.as_id(j.field(span, "spanId", "span_id"), 8)
+                    parent: bytes | None = j.as_id(
+                        j.field(span, "parentSpanId", "parent_span_id"), 8
+                    )
+                    start = j.opt_uint64(j.field(span, "startTimeUnixNano", "start_time_unix_nano"))
+                    end = j.opt_uint64(j.field(span, "endTimeUnixNano", "end_time_unix_nano"))
+                    name = j.opt_str(span.get("name"))
+                    kind = j.opt_enum(span.get("kind"), j.SPAN_KINDS)
+                    trace_state = j.opt_str(j.field(span, "traceState", "trace_state"))
+                    flags = j.opt_uint32(span.get("flags"))
+                    dropped_counts = (
+                        j.opt_uint32(
+                            j.field(span, "droppedAttributesCount", "dropped_attributes_count")
+                        ),
+                        j.opt_uint32(j.field(span, "droppedEventsCount", "dropped_events_count")),
+                        j.opt_uint32(j.field(span, "droppedLinksCount", "dropped_links_count")),
+                    )
+                    status = span.get("status")
+                    code, message = 0, ""
+                    if status is not None:
+                        status = j.as_dict(status)
+                        code = j.opt_enum(status.get("code"), j.STATUS_CODES)
+                        message = j.opt_str(status.get("message"))
+                    attributes = j.attributes(span.get("attributes"))
+                    events = [
+                        {
+                            "name": j.opt_str(event.get("name")),
+                            "time_unix_nano": j.opt_uint64(
+                                j.field(event, "timeUnixNano", "time_unix_nano")
+                            ),
+                            "attributes": j.attributes(event.get("attributes")),
+                            "dropped_attributes_count": j.opt_uint32(
+                                j.field(event, "droppedAttributesCount", "dropped_attributes_count")
+                            ),
+                        }
+                        for event in map(j.as_dict, j.as_list(span.get("events")))
+                    ]
+                    links = [
+                        {
+                            "trace_id": j.as_id(j.field(link, "traceId", "trace_id"), 16).hex(),
+                            "span_id": j.as_id(j.field(link, "spanId", "span_id"), 8).hex(),
+                            "trace_state": j.opt_str(j.field(link, "traceState", "trace_state")),
+                            "attributes": j.attributes(link.get("attributes")),
+                            "flags": j.opt_uint32(link.get("flags")),
+                        }
+                        for link in map(j.as_dict, j.as_list(span.get("links")))
+                    ]
+                    # From here on, exactly as convert() does it.
+                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+                        batch.reject("trace_id")
+                        continue
+                    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+                        batch.reject("span_id")
+                        continue
+                    if parent:
+                        if len(parent) != 8:
+                            batch.reject("parent_span_id")
+                            continue
+                        if parent == _ZERO_SPAN_ID:
+                            parent = None
+                    else:
+                        parent = None
+                    if start > MAX_INT64 or end > MAX_INT64:
+                        batch.reject("time")
+                        continue
+                    operations.add((service, name))
+                    dropped = None
+                    if any(dropped_counts):
+                        dropped = _json_text(
+                            dict(
+                                zip(("attributes", "events", "links"), dropped_counts, strict=True)
+                            )
+                        )
+                    rows.append(
+                        (
+                            trace_id,
+                            span_id,
+                            parent,
+                            resource_id,
+                            scope_id,
+                            name,
+                            kind,
+                            start,
+                            end - start if end > start else 0,
+                            code,
+                            message or None,
+                            trace_state or None,
+                            flags,
+                            _json_text(attributes) if attributes else None,
+                            _json_text(events) if events else None,
+                            _json_text(links) if links else None,
+                            dropped,
+                        )
+                    )
+        return batch
+
     def _resource(self, resource: Resource, batch: DecodedBatch) -> int:
         digest = _digest(resource.SerializeToString(deterministic=True))
         id_ = self._resources.intern(digest)
@@ -234,7 +357,7 @@ class OTLPDecoder:
             if not isinstance(service, str) or not service:
                 service = UNKNOWN_SERVICE
             batch.resources[id_] = ResourceRow(
-                id_, digest, service, _json(attributes) if attributes else None
+                id_, digest, service, _json_text(attributes) if attributes else None
             )
         return id_
 
@@ -244,7 +367,11 @@ class OTLPDecoder:
         if id_ not in batch.scopes:
             attributes = attributes_dict(scope.attributes)
             batch.scopes[id_] = ScopeRow(
-                id_, digest, scope.name, scope.version, _json(attributes) if attributes else None
+                id_,
+                digest,
+                scope.name,
+                scope.version,
+                _json_text(attributes) if attributes else None,
             )
         return id_
 
@@ -291,7 +418,7 @@ class OTLPDecoder:
                         or span.dropped_events_count
                         or span.dropped_links_count
                     ):
-                        dropped = _json(
+                        dropped = _json_text(
                             {
                                 "attributes": span.dropped_attributes_count,
                                 "events": span.dropped_events_count,
@@ -314,10 +441,10 @@ class OTLPDecoder:
                             status.message or None,
                             span.trace_state or None,
                             span.flags,
-                            _json({kv.key: any_value(kv.value) for kv in attributes})
+                            _json_text({kv.key: any_value(kv.value) for kv in attributes})
                             if attributes
                             else None,
-                            _json(
+                            _json_text(
                                 [
                                     {
                                         "name": event.name,
@@ -330,7 +457,7 @@ class OTLPDecoder:
                             )
                             if events
                             else None,
-                            _json(
+                            _json_text(
                                 [
                                     {
                                         "trace_id": link.trace_id.hex(),
