@@ -319,7 +319,7 @@ def run_case(
         "collector_cpu_us_per_span": round(cpu / max(count, 1) * 1e6, 1),
         "load_average_1m": round(os.getloadavg()[0], 2),
         # How much of the machine this run got: its processes' CPU time over wall time
-        # times cores. Well under 1.0 means other load took the rest.
+        # times cores. Well under 1.0: other load took the rest, or the run waited.
         "cpu_share": round(
             (cpu + sum(r["cpu"] for r in reports)) / (elapsed * (os.cpu_count() or 1)), 2
         ),
