@@ -1,0 +1,550 @@
+"""OTLP trace export requests, protobuf or JSON, to the rows the span store writes.
+
+The protobuf path parses with upb (C) and then walks the message once in Python, which
+is where most of the per-span cost is; the walk touches each field once and encodes
+attributes, events and links to JSON with msgspec. The JSON path rewrites the OTLP JSON
+mapping's hex ids to the base64 that protobuf's JSON parser expects and then takes the
+protobuf path, so both encodings are validated by the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import (
+    AnyValue,
+    InstrumentationScope,
+    KeyValue,
+)
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+
+from atoll.observability.collector import _json
+from atoll.observability.collector._errors import MalformedRequestError
+
+#: A span as stored: see ``_store._SPAN_COLUMNS`` for the order.
+SpanRow = tuple[
+    bytes,  # trace_id
+    bytes,  # span_id
+    bytes | None,  # parent_id
+    int,  # resource_id
+    int,  # scope_id
+    str,  # name
+    int,  # kind
+    int,  # start_ns
+    int,  # duration_ns
+    int,  # status code
+    str | None,  # status message
+    str | None,  # trace_state
+    int,  # flags
+    str | None,  # attributes (JSON object)
+    str | None,  # events (JSON array)
+    str | None,  # links (JSON array)
+    str | None,  # dropped counts (JSON object)
+]
+
+MAX_INT64: Final = (1 << 63) - 1
+_ZERO_TRACE_ID: Final = bytes(16)
+_ZERO_SPAN_ID: Final = bytes(8)
+#: Nested array and kvlist values deeper than this are cut (protobuf allows 100 levels).
+_MAX_VALUE_DEPTH: Final = 16
+UNKNOWN_SERVICE: Final = "unknown_service"
+
+_REASONS: Final = {
+    "trace_id": "an invalid trace_id (must be 16 bytes, not all zero)",
+    "span_id": "an invalid span_id (must be 8 bytes, not all zero)",
+    "parent_span_id": "an invalid parent_span_id (must be empty or 8 bytes)",
+    "time": "a timestamp beyond 2^63-1 nanoseconds",
+}
+
+_json_encoder: Final = msgspec.json.Encoder()
+
+
+@dataclass(slots=True)
+class ResourceRow:
+    """A resource (the process that emitted spans), stored once and shared by its spans."""
+
+    id: int
+    digest: bytes
+    service: str
+    attributes: str | None
+
+
+@dataclass(slots=True)
+class ScopeRow:
+    """An instrumentation scope (the library that created spans), stored once."""
+
+    id: int
+    digest: bytes
+    name: str
+    version: str
+    attributes: str | None
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    """The valid spans of one export request, ready to store, and what was rejected."""
+
+    spans: list[SpanRow] = field(default_factory=list)
+    resources: dict[int, ResourceRow] = field(default_factory=dict)
+    scopes: dict[int, ScopeRow] = field(default_factory=dict)
+    operations: set[tuple[str, str]] = field(default_factory=set)
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def error_message(self) -> str:
+        """What ``partial_success.error_message`` says, or ``""`` if nothing was rejected."""
+        if not self.rejected:
+            return ""
+        parts = [f"{count} with {_REASONS[reason]}" for reason, count in self.reasons.items()]
+        noun = "span" if self.rejected == 1 else "spans"
+        return f"{self.rejected} {noun} rejected: " + "; ".join(parts)
+
+
+class Interner:
+    """Stable small integer ids for resources and scopes, by digest of their content.
+
+    Shared by the decoding threads; the store seeds it from the database at open and
+    re-inserts (idempotently) every resource a batch refers to, so an id handed out for a
+    batch that then failed to commit is still valid for the next one.
+    """
+
+    __slots__ = ("_ids", "_lock", "_next")
+
+    def __init__(self) -> None:
+        self._ids: dict[bytes, int] = {}
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def seed(self, known: Iterable[tuple[bytes, int]]) -> None:
+        with self._lock:
+            for digest, id_ in known:
+                self._ids[digest] = id_
+                self._next = max(self._next, id_ + 1)
+
+    def intern(self, digest: bytes) -> int:
+        found = self._ids.get(digest)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._ids.get(digest)
+            if found is None:
+                found = self._next
+                self._next += 1
+                self._ids[digest] = found
+            return found
+
+
+def any_value(value: AnyValue, depth: int = 0) -> Any:  # noqa: PLR0911 - one per kind
+    """An OTLP ``AnyValue`` as the JSON value it is stored as (bytes become base64)."""
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "double_value":
+        number = value.double_value
+        # JSON has no NaN or infinity; keep them readable rather than dropping them.
+        return number if math.isfinite(number) else str(number)
+    if kind is None:
+        return None
+    if depth >= _MAX_VALUE_DEPTH:
+        return "…"
+    if kind == "array_value":
+        return [any_value(item, depth + 1) for item in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value, depth + 1) for kv in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    return None
+
+
+def attributes_dict(attributes: Iterable[KeyValue]) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in attributes}
+
+
+def _json_text(value: object) -> str:
+    return _json_encoder.encode(value).decode()
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class OTLPDecoder:
+    """Turns export requests into :class:`DecodedBatch` es. Safe to use from several threads."""
+
+    __slots__ = ("_resources", "_scopes")
+
+    def __init__(self, resources: Interner, scopes: Interner) -> None:
+        self._resources = resources
+        self._scopes = scopes
+
+    def decode_protobuf(self, body: bytes) -> DecodedBatch:
+        try:
+            request = ExportTraceServiceRequest.FromString(body)
+        except (DecodeError, RecursionError, ValueError) as exc:
+            raise MalformedRequestError(
+                f"the body is not a protobuf ExportTraceServiceRequest: {exc}"
+            ) from exc
+        return self.convert(request)
+
+    def decode_json(self, body: bytes) -> DecodedBatch:
+        try:
+            document = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise MalformedRequestError(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise MalformedRequestError(
+                "the body must be a JSON object (an ExportTraceServiceRequest)"
+            )
+        try:
+            return self.convert_json(document)
+        except _json.Fallback:
+            pass  # not the usual shape: protobuf's parser decides
+        except RecursionError as exc:
+            raise MalformedRequestError(f"the body nests too deeply: {exc}") from exc
+        hex_ids_to_base64(document)
+        request = ExportTraceServiceRequest()
+        try:
+            json_format.ParseDict(document, request, ignore_unknown_fields=True)
+        except Exception as exc:  # ParseError, and ValueError/TypeError from deep inside
+            raise MalformedRequestError(
+                f"the body is not an OTLP/JSON ExportTraceServiceRequest: {exc}"
+            ) from exc
+        return self.convert(request)
+
+    def convert_json(self, document: dict[str, Any]) -> DecodedBatch:  # noqa: C901, PLR0915 - the JSON twin of convert
+        """An OTLP/JSON request in its usual forms to rows, as :meth:`convert` makes them.
+
+        Raises:
+            _json.Fallback: the document needs protobuf's parser (see ``_json``).
+        """
+        j = _json
+        batch = DecodedBatch()
+        rows = batch.spans
+        operations = batch.operations
+        for resource_spans in j.as_list(j.field(document, "resourceSpans", "resource_spans")):
+            resource_spans = j.as_dict(resource_spans)  # noqa: PLW2901 - the same item, checked
+            resource_id = self._resource(j.resource(resource_spans.get("resource")), batch)
+            service = batch.resources[resource_id].service
+            for scope_spans in j.as_list(j.field(resource_spans, "scopeSpans", "scope_spans")):
+                scope_spans = j.as_dict(scope_spans)  # noqa: PLW2901 - the same item, checked
+                scope_id = self._scope(j.scope(scope_spans.get("scope")), batch)
+                for span in j.as_list(scope_spans.get("spans")):
+                    span = j.as_dict(span)  # noqa: PLW2901 - the same item, checked
+                    trace_id = j.as_id(j.field(span, "traceId", "trace_id"), 16)
+                    span_id = j.as_id(j.field(span, "spanId", "span_id"), 8)
+                    parent: bytes | None = j.as_id(
+                        j.field(span, "parentSpanId", "parent_span_id"), 8
+                    )
+                    start = j.opt_uint64(j.field(span, "startTimeUnixNano", "start_time_unix_nano"))
+                    end = j.opt_uint64(j.field(span, "endTimeUnixNano", "end_time_unix_nano"))
+                    name = j.opt_str(span.get("name"))
+                    kind = j.opt_enum(span.get("kind"), j.SPAN_KINDS)
+                    trace_state = j.opt_str(j.field(span, "traceState", "trace_state"))
+                    flags = j.opt_uint32(span.get("flags"))
+                    dropped_counts = (
+                        j.opt_uint32(
+                            j.field(span, "droppedAttributesCount", "dropped_attributes_count")
+                        ),
+                        j.opt_uint32(j.field(span, "droppedEventsCount", "dropped_events_count")),
+                        j.opt_uint32(j.field(span, "droppedLinksCount", "dropped_links_count")),
+                    )
+                    status = span.get("status")
+                    code, message = 0, ""
+                    if status is not None:
+                        status = j.as_dict(status)
+                        code = j.opt_enum(status.get("code"), j.STATUS_CODES)
+                        message = j.opt_str(status.get("message"))
+                    attributes = j.attributes(span.get("attributes"))
+                    events = [
+                        {
+                            "name": j.opt_str(event.get("name")),
+                            "time_unix_nano": j.opt_uint64(
+                                j.field(event, "timeUnixNano", "time_unix_nano")
+                            ),
+                            "attributes": j.attributes(event.get("attributes")),
+                            "dropped_attributes_count": j.opt_uint32(
+                                j.field(event, "droppedAttributesCount", "dropped_attributes_count")
+                            ),
+                        }
+                        for event in map(j.as_dict, j.as_list(span.get("events")))
+                    ]
+                    links = [
+                        {
+                            "trace_id": j.as_id(j.field(link, "traceId", "trace_id"), 16).hex(),
+                            "span_id": j.as_id(j.field(link, "spanId", "span_id"), 8).hex(),
+                            "trace_state": j.opt_str(j.field(link, "traceState", "trace_state")),
+                            "attributes": j.attributes(link.get("attributes")),
+                            "flags": j.opt_uint32(link.get("flags")),
+                        }
+                        for link in map(j.as_dict, j.as_list(span.get("links")))
+                    ]
+                    # From here on, exactly as convert() does it.
+                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+                        batch.reject("trace_id")
+                        continue
+                    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+                        batch.reject("span_id")
+                        continue
+                    if parent:
+                        if len(parent) != 8:
+                            batch.reject("parent_span_id")
+                            continue
+                        if parent == _ZERO_SPAN_ID:
+                            parent = None
+                    else:
+                        parent = None
+                    if start > MAX_INT64 or end > MAX_INT64:
+                        batch.reject("time")
+                        continue
+                    operations.add((service, name))
+                    dropped = None
+                    if any(dropped_counts):
+                        dropped = _json_text(
+                            dict(
+                                zip(("attributes", "events", "links"), dropped_counts, strict=True)
+                            )
+                        )
+                    rows.append(
+                        (
+                            trace_id,
+                            span_id,
+                            parent,
+                            resource_id,
+                            scope_id,
+                            name,
+                            kind,
+                            start,
+                            end - start if end > start else 0,
+                            code,
+                            message or None,
+                            trace_state or None,
+                            flags,
+                            _json_text(attributes) if attributes else None,
+                            _json_text(events) if events else None,
+                            _json_text(links) if links else None,
+                            dropped,
+                        )
+                    )
+        return batch
+
+    def _resource(self, resource: Resource, batch: DecodedBatch) -> int:
+        digest = _digest(resource.SerializeToString(deterministic=True))
+        id_ = self._resources.intern(digest)
+        if id_ not in batch.resources:
+            attributes = attributes_dict(resource.attributes)
+            service = attributes.get("service.name")
+            if not isinstance(service, str) or not service:
+                service = UNKNOWN_SERVICE
+            batch.resources[id_] = ResourceRow(
+                id_, digest, service, _json_text(attributes) if attributes else None
+            )
+        return id_
+
+    def _scope(self, scope: InstrumentationScope, batch: DecodedBatch) -> int:
+        digest = _digest(scope.SerializeToString(deterministic=True))
+        id_ = self._scopes.intern(digest)
+        if id_ not in batch.scopes:
+            attributes = attributes_dict(scope.attributes)
+            batch.scopes[id_] = ScopeRow(
+                id_,
+                digest,
+                scope.name,
+                scope.version,
+                _json_text(attributes) if attributes else None,
+            )
+        return id_
+
+    def convert(self, request: ExportTraceServiceRequest) -> DecodedBatch:  # noqa: C901 - one flat hot loop
+        batch = DecodedBatch()
+        rows = batch.spans
+        operations = batch.operations
+        for resource_spans in request.resource_spans:
+            resource_id = self._resource(resource_spans.resource, batch)
+            service = batch.resources[resource_id].service
+            for scope_spans in resource_spans.scope_spans:
+                scope_id = self._scope(scope_spans.scope, batch)
+                for span in scope_spans.spans:
+                    trace_id = span.trace_id
+                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+                        batch.reject("trace_id")
+                        continue
+                    span_id = span.span_id
+                    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
+                        batch.reject("span_id")
+                        continue
+                    parent: bytes | None = span.parent_span_id
+                    if parent:
+                        if len(parent) != 8:
+                            batch.reject("parent_span_id")
+                            continue
+                        if parent == _ZERO_SPAN_ID:
+                            parent = None
+                    else:
+                        parent = None
+                    start = span.start_time_unix_nano
+                    end = span.end_time_unix_nano
+                    if start > MAX_INT64 or end > MAX_INT64:
+                        batch.reject("time")
+                        continue
+                    name = span.name
+                    operations.add((service, name))
+                    attributes = span.attributes
+                    events = span.events
+                    links = span.links
+                    dropped = None
+                    if (
+                        span.dropped_attributes_count
+                        or span.dropped_events_count
+                        or span.dropped_links_count
+                    ):
+                        dropped = _json_text(
+                            {
+                                "attributes": span.dropped_attributes_count,
+                                "events": span.dropped_events_count,
+                                "links": span.dropped_links_count,
+                            }
+                        )
+                    status = span.status
+                    rows.append(
+                        (
+                            trace_id,
+                            span_id,
+                            parent,
+                            resource_id,
+                            scope_id,
+                            name,
+                            span.kind,
+                            start,
+                            end - start if end > start else 0,
+                            status.code,
+                            status.message or None,
+                            span.trace_state or None,
+                            span.flags,
+                            _json_text({kv.key: any_value(kv.value) for kv in attributes})
+                            if attributes
+                            else None,
+                            _json_text(
+                                [
+                                    {
+                                        "name": event.name,
+                                        "time_unix_nano": event.time_unix_nano,
+                                        "attributes": attributes_dict(event.attributes),
+                                        "dropped_attributes_count": event.dropped_attributes_count,
+                                    }
+                                    for event in events
+                                ]
+                            )
+                            if events
+                            else None,
+                            _json_text(
+                                [
+                                    {
+                                        "trace_id": link.trace_id.hex(),
+                                        "span_id": link.span_id.hex(),
+                                        "trace_state": link.trace_state,
+                                        "attributes": attributes_dict(link.attributes),
+                                        "flags": link.flags,
+                                    }
+                                    for link in links
+                                ]
+                            )
+                            if links
+                            else None,
+                            dropped,
+                        )
+                    )
+        return batch
+
+
+# --- OTLP/JSON ids -------------------------------------------------------------------
+
+#: Stands in for an id that is neither hex nor base64: one byte, which no id can be, so
+#: the span is rejected as invalid (a partial success) instead of failing the request.
+_INVALID_ID: Final = base64.b64encode(b"\x00").decode()
+
+
+def _id_to_base64(value: object, size: int) -> object:
+    """An id from OTLP/JSON (hex, as the spec says) as the base64 protobuf JSON expects.
+
+    Hex of the right length is taken as hex; anything else is tried as base64, which is
+    what ``google.protobuf.json_format`` itself writes (the lengths of a 16- or 8-byte id
+    in hex and in base64 differ, so the two cannot be confused). Non-strings are left for
+    the protobuf parser to reject.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    if len(value) == size * 2:
+        try:
+            return base64.b64encode(bytes.fromhex(value)).decode()
+        except ValueError:
+            pass
+    # Standard or URL-safe alphabet, padding optional: what protobuf's own parser takes.
+    padded = value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4)
+    try:
+        raw = base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return _INVALID_ID
+    return base64.b64encode(raw).decode()
+
+
+def _fix_ids(obj: dict[str, Any], names: tuple[tuple[str, str, int], ...]) -> None:
+    for camel, snake, size in names:
+        for key in (camel, snake):
+            if key in obj:
+                obj[key] = _id_to_base64(obj[key], size)
+
+
+_SPAN_IDS: Final = (
+    ("traceId", "trace_id", 16),
+    ("spanId", "span_id", 8),
+    ("parentSpanId", "parent_span_id", 8),
+)
+_LINK_IDS: Final = (("traceId", "trace_id", 16), ("spanId", "span_id", 8))
+
+
+def _items(obj: dict[str, Any], camel: str, snake: str) -> list[Any]:
+    found = obj.get(camel, obj.get(snake))
+    return found if isinstance(found, list) else []
+
+
+def hex_ids_to_base64(document: dict[str, Any]) -> None:
+    """Rewrite the trace and span ids of an OTLP/JSON request in place for ParseDict.
+
+    Accepts the lowerCamelCase names of the OTLP JSON mapping and the original proto
+    field names, as protobuf's JSON mapping does. Shapes that are wrong are left alone for
+    the protobuf parser to reject with a message.
+    """
+    for resource_spans in _items(document, "resourceSpans", "resource_spans"):
+        if not isinstance(resource_spans, dict):
+            continue
+        for scope_spans in _items(resource_spans, "scopeSpans", "scope_spans"):
+            if not isinstance(scope_spans, dict):
+                continue
+            for span in _items(scope_spans, "spans", "spans"):
+                if not isinstance(span, dict):
+                    continue
+                _fix_ids(span, _SPAN_IDS)
+                for link in _items(span, "links", "links"):
+                    if isinstance(link, dict):
+                        _fix_ids(link, _LINK_IDS)

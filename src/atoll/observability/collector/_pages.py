@@ -1,0 +1,643 @@
+"""Server-rendered HTML: the trace search and the waterfall of one trace.
+
+Every value from a span reaches the page through :func:`html.escape` (``_e``); the only
+script is the package's static ``collector.js``, which reads the DOM and never builds
+markup from span data, so attribute values cannot inject script.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import zlib
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+from atoll.observability.collector._store import (
+    ServiceInfo,
+    SpanRecord,
+    StoreStats,
+    Trace,
+    TraceSummary,
+)
+
+#: A trace larger than this shows its first spans and says so (the JSON API has all).
+MAX_RENDERED_SPANS: Final = 3000
+
+#: Distinct, readable on white and on dark grey; no pure red, which means "error".
+_PALETTE: Final = (
+    "#4e79a7",
+    "#f28e2b",
+    "#59a14f",
+    "#b07aa1",
+    "#76b7b2",
+    "#d4a017",
+    "#ff9da7",
+    "#9c755f",
+    "#5b8ff9",
+    "#8cc152",
+    "#a0522d",
+    "#6f5bd4",
+)
+#: Inline, so that the browser asks the collector for nothing it does not serve.
+_FAVICON: Final = (
+    "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E"
+    "%3Ccircle cx='8' cy='8' r='7.5' fill='%234e79a7'/%3E"
+    "%3Ccircle cx='8' cy='8' r='4' fill='%232bb3a3'/%3E%3C/svg%3E"
+)
+LOOKBACKS: Final = (
+    ("", "All stored"),
+    ("5m", "Last 5 minutes"),
+    ("15m", "Last 15 minutes"),
+    ("1h", "Last hour"),
+    ("6h", "Last 6 hours"),
+    ("24h", "Last 24 hours"),
+    ("7d", "Last 7 days"),
+)
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+class Palette:
+    """A colour per service: by position among all known services, so that up to a dozen
+    services never share a colour and each keeps its colour from page to page."""
+
+    __slots__ = ("_colors",)
+
+    def __init__(self, services: Iterable[str]) -> None:
+        names = sorted(set(services))
+        self._colors = {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(names)}
+
+    def __call__(self, service: str) -> str:
+        found = self._colors.get(service)
+        if found is None:
+            found = _PALETTE[zlib.crc32(service.encode()) % len(_PALETTE)]
+        return found
+
+
+def format_duration(ns: int) -> str:
+    if ns >= 60_000_000_000:
+        minutes, rest = divmod(ns / 1e9, 60)
+        return f"{int(minutes)} min {rest:.0f} s"
+    if ns >= 1_000_000_000:
+        return f"{ns / 1e9:.3g} s" if ns < 10_000_000_000 else f"{ns / 1e9:.1f} s"
+    if ns >= 1_000_000:
+        return f"{ns / 1e6:.3g} ms" if ns < 100_000_000 else f"{ns / 1e6:.0f} ms"
+    if ns >= 1_000:
+        return f"{ns / 1e3:.3g} µs"
+    return f"{ns} ns"
+
+
+def format_time(ns: int) -> str:
+    moment = datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
+
+
+def format_ago(ns: int, now: float) -> str:
+    seconds = now - ns / 1e9
+    if seconds < 0:
+        return "in the future"
+    if seconds < 60:
+        return f"{seconds:.0f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.1f} d ago"
+
+
+def _time_tag(ns: int) -> str:
+    return f'<time data-ns="{ns}" datetime="{_e(format_time(ns))}">{_e(format_time(ns))}</time>'
+
+
+def _service_chip(color: Palette, service: str, extra: str = "") -> str:
+    return (
+        f'<span class="svc" style="--c:{color(service)}">'
+        f'<i class="dot"></i>{_e(service)}{extra}</span>'
+    )
+
+
+def _layout(title: str, body: str, stats: StoreStats | None, *, page: str) -> str:
+    footer = ""
+    if stats is not None:
+        footer = (
+            f'<span title="spans stored now">{stats.spans:,} spans stored</span>'
+            f'<span title="database file size">{stats.file_bytes / 1e6:,.1f} MB</span>'
+        )
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)} · atoll traces</title>
+<link rel="icon" href="{_FAVICON}">
+<link rel="stylesheet" href="/static/collector.css">
+<script src="/static/collector.js" defer></script>
+</head>
+<body class="page-{page}">
+<header class="top">
+  <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>atoll
+    <span>traces</span></a>
+  <nav><a href="/">Search</a><a href="/api/docs">API</a></nav>
+  <div class="store-stats">{footer}</div>
+</header>
+<main>
+{body}
+</main>
+</body>
+</html>
+"""
+
+
+# --- search ----------------------------------------------------------------------
+
+
+def _option(value: str, label: str, selected: str | None) -> str:
+    mark = " selected" if value == (selected or "") else ""
+    return f'<option value="{_e(value)}"{mark}>{_e(label)}</option>'
+
+
+def _search_form(services: Sequence[ServiceInfo], form: dict[str, str]) -> str:
+    service = form.get("service", "")
+    operation = form.get("operation", "")
+    service_options = [_option("", "All services", service)]
+    service_options += [_option(s.name, s.name, service) for s in services]
+    if service and service not in {s.name for s in services}:
+        service_options.append(_option(service, service, service))
+    chosen = [s for s in services if s.name == service] if service else list(services)
+    names = sorted({op for s in chosen for op in s.operations})
+    operation_options = [_option("", "All operations", operation)]
+    operation_options += [_option(name, name, operation) for name in names]
+    if operation and operation not in names:
+        operation_options.append(_option(operation, operation, operation))
+    operations_json = _e(json.dumps({s.name: s.operations for s in services}))
+    lookback = form.get("lookback", "")
+    status = form.get("status", "")
+    # A time range given in the URL (start/end, Unix ms or ISO 8601) survives a new search.
+    hidden = "".join(
+        f'<input type="hidden" name="{name}" value="{_e(form[name])}">'
+        for name in ("start", "end")
+        if form.get(name)
+    )
+    return f"""
+<form class="search" method="get" action="/" id="search">
+  <label class="f-service">Service
+    <select name="service" id="f-service">{"".join(service_options)}</select></label>
+  <label class="f-operation">Operation
+    <select name="operation" id="f-operation" data-operations="{operations_json}">{
+        "".join(operation_options)
+    }</select></label>
+  <label class="f-attrs">Attributes
+    <input name="attrs" id="f-attrs" value="{_e(form.get("attrs", ""))}"
+      placeholder='order.id=42 http.route="/orders"' autocomplete="off" spellcheck="false"></label>
+  <label class="f-num">Min duration
+    <input name="min_duration_ms" id="f-min" type="number" min="0" step="any"
+      value="{_e(form.get("min_duration_ms", ""))}" placeholder="ms"></label>
+  <label class="f-num">Max duration
+    <input name="max_duration_ms" id="f-max" type="number" min="0" step="any"
+      value="{_e(form.get("max_duration_ms", ""))}" placeholder="ms"></label>
+  <label class="f-status">Status
+    <select name="status" id="f-status">{_option("", "Any", status)}{_option("ok", "OK", status)}{
+        _option("error", "Error", status)
+    }</select></label>
+  <label class="f-lookback">Time
+    <select name="lookback" id="f-lookback">{
+        "".join(_option(v, label, lookback) for v, label in LOOKBACKS)
+    }</select></label>
+  <label class="f-num f-limit">Limit
+    <input name="limit" id="f-limit" type="number" min="1" max="1000"
+      value="{_e(form.get("limit", "20"))}"></label>
+  {hidden}<button type="submit" id="f-submit">Find traces</button>
+</form>"""
+
+
+def _scatter(traces: Sequence[TraceSummary], color: Palette) -> str:
+    """Duration over start time, one dot per trace; errors in red. Click opens the trace."""
+    if len(traces) < 2:
+        return ""
+    width, height, pad = 1000, 160, 28
+    starts = [t.start_ns for t in traces]
+    low, high = min(starts), max(starts)
+    longest = max(t.duration_ns for t in traces) or 1
+    span = (high - low) or 1
+    dots = []
+    for t in traces:
+        x = pad + (t.start_ns - low) / span * (width - 2 * pad)
+        y = height - pad - (t.duration_ns / longest) * (height - 2 * pad)
+        r = 4 + min(6, t.span_count**0.5)
+        cls = "dot err" if t.error_count else "dot"
+        dots.append(
+            f'<a href="/traces/{t.trace_id}"><circle class="{cls}" cx="{x:.1f}" cy="{y:.1f}"'
+            f' r="{r:.1f}" style="--c:{color(t.root_service)}"><title>'
+            f"{_e(t.root_service)}: {_e(t.root_name)} · {_e(format_duration(t.duration_ns))}"
+            f" · {t.span_count} spans</title></circle></a>"
+        )
+    return f"""
+<figure class="scatter" aria-label="Trace durations over time">
+  <svg viewBox="0 0 {width} {height}" preserveAspectRatio="none" role="img">
+    <line class="axis" x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}"/>
+    <line class="axis" x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}"/>
+    <text class="tick" x="{pad + 4}" y="{pad - 8}">{_e(format_duration(longest))}</text>
+    <text class="tick" x="{pad}" y="{height - 8}">{_e(format_time(low))}</text>
+    <text class="tick end" x="{width - pad}" y="{height - 8}">{_e(format_time(high))}</text>
+    {"".join(dots)}
+  </svg>
+</figure>"""
+
+
+def _result_rows(traces: Sequence[TraceSummary], now: float, color: Palette) -> str:
+    longest = max((t.duration_ns for t in traces), default=1) or 1
+    rows = []
+    for t in traces:
+        chips = "".join(
+            _service_chip(color, s.name, f' <span class="n">{s.span_count}</span>')
+            for s in t.services
+        )
+        errors = (
+            f' <span class="badge err" title="spans with error status">{t.error_count} error'
+            f"{'s' if t.error_count != 1 else ''}</span>"
+            if t.error_count
+            else ""
+        )
+        missing = (
+            ' <span class="badge warn" title="the root span was not received">no root</span>'
+            if t.root_missing
+            else ""
+        )
+        width = max(0.5, t.duration_ns / longest * 100)
+        rows.append(
+            f"""<tr class="trace-row{" has-error" if t.error_count else ""}" data-trace="{
+                t.trace_id
+            }">
+  <td class="t-root"><a class="trace-link" href="/traces/{t.trace_id}">{
+                _service_chip(color, t.root_service)
+            }<span class="op">{_e(t.root_name)}</span></a>{missing}
+    <div class="tid mono">{t.trace_id}</div></td>
+  <td class="t-services">{chips}</td>
+  <td class="t-spans">{t.span_count}{errors}</td>
+  <td class="t-duration"><div class="dur"><span class="dur-bar" style="width:{width:.1f}%"></span>
+    <span class="dur-text">{_e(format_duration(t.duration_ns))}</span></div></td>
+  <td class="t-start">{_time_tag(t.start_ns)}<div class="ago">{
+                _e(format_ago(t.start_ns, now))
+            }</div></td>
+</tr>"""
+        )
+    return "".join(rows)
+
+
+def search_page(
+    *,
+    services: Sequence[ServiceInfo],
+    form: dict[str, str],
+    traces: Sequence[TraceSummary] | None,
+    error: str | None,
+    stats: StoreStats | None,
+    now: float,
+) -> str:
+    color = Palette(s.name for s in services)
+    parts = [_search_form(services, form)]
+    if error is not None:
+        parts.append(f'<p class="notice error" role="alert">{_e(error)}</p>')
+    elif traces is not None and not traces:
+        hint = (
+            "No traces stored yet. Point an OpenTelemetry exporter at"
+            " <code>http://&lt;this host&gt;:4318/v1/traces</code> (OTLP/HTTP)."
+            if not services
+            else "No trace matches. Widen the time range or remove a filter."
+        )
+        parts.append(f'<p class="notice empty" id="no-results">{hint}</p>')
+    elif traces:
+        count = len(traces)
+        parts.append(
+            f'<section class="results"><div class="results-head"><h2>{count} trace'
+            f"{'s' if count != 1 else ''}</h2><span>most recent first</span></div>"
+            f"{_scatter(traces, color)}"
+            '<table class="traces" id="results"><thead><tr><th>Root span</th><th>Services</th>'
+            "<th>Spans</th><th>Duration</th><th>Started</th></tr></thead>"
+            f"<tbody>{_result_rows(traces, now, color)}</tbody></table></section>"
+        )
+    return _layout("Search", "".join(parts), stats, page="search")
+
+
+# --- waterfall -------------------------------------------------------------------
+
+
+def order_spans(spans: Sequence[SpanRecord]) -> list[tuple[SpanRecord, int, bool]]:
+    """Depth-first by parent, siblings by start: (span, depth, has_children).
+
+    Spans whose parent is not stored become roots. Cycles (which a broken client could
+    send) cannot loop: a span is placed once, and any left over are added as roots.
+    """
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str, list[SpanRecord]] = {}
+    roots: list[SpanRecord] = []
+    for span in spans:
+        parent = span.parent_span_id
+        if parent is None or parent not in by_id or parent == span.span_id:
+            roots.append(span)
+        else:
+            children.setdefault(parent, []).append(span)
+    order: list[tuple[SpanRecord, int, bool]] = []
+    placed: set[str] = set()
+
+    def walk(starts: Iterable[SpanRecord]) -> None:
+        stack = [(s, 0) for s in sorted(starts, key=_start_key, reverse=True)]
+        while stack:
+            span, depth = stack.pop()
+            if span.span_id in placed:
+                continue
+            placed.add(span.span_id)
+            kids = sorted(children.get(span.span_id, ()), key=_start_key, reverse=True)
+            order.append((span, depth, bool(kids)))
+            stack.extend((kid, depth + 1) for kid in kids)
+
+    walk(roots)
+    left = [s for s in spans if s.span_id not in placed]
+    while left:
+        walk([left[0]])
+        left = [s for s in left if s.span_id not in placed]
+    return order
+
+
+def _start_key(span: SpanRecord) -> tuple[int, str]:
+    return (span.start_ns, span.span_id)
+
+
+def _value_html(value: Any) -> str:
+    if isinstance(value, bool):
+        return f'<span class="v-bool">{"true" if value else "false"}</span>'
+    if isinstance(value, int | float):
+        return f'<span class="v-num">{_e(value)}</span>'
+    if isinstance(value, str):
+        if "\n" in value or len(value) > 160:
+            return f'<pre class="v-long">{_e(value)}</pre>'
+        return f'<span class="v-str">{_e(value)}</span>'
+    if value is None:
+        return '<span class="v-null">null</span>'
+    return f'<code class="v-json">{_e(json.dumps(value, ensure_ascii=False))}</code>'
+
+
+def _attribute_table(attributes: dict[str, Any], cls: str = "attrs") -> str:
+    if not attributes:
+        return '<p class="none">none</p>'
+    rows = "".join(
+        f'<tr><th scope="row">{_e(key)}</th><td>{_value_html(attributes[key])}</td></tr>'
+        for key in sorted(attributes)
+    )
+    return f'<table class="{cls}">{rows}</table>'
+
+
+def _events_html(span: SpanRecord) -> str:
+    items = []
+    for event in span.events:
+        offset = int(event.get("time_unix_nano") or 0) - span.start_ns
+        attributes = dict(event.get("attributes") or {})
+        name = str(event.get("name", ""))
+        is_exception = name == "exception"
+        summary = ""
+        if is_exception:
+            kind = attributes.get("exception.type", "")
+            message = attributes.get("exception.message", "")
+            summary = f' <span class="exc">{_e(kind)}{": " if message else ""}{_e(message)}</span>'
+            trace_text = attributes.pop("exception.stacktrace", None)
+        else:
+            trace_text = None
+        stack = (
+            '<details class="stack"><summary>Stack trace</summary>'
+            f"<pre>{_e(trace_text)}</pre></details>"
+            if trace_text
+            else ""
+        )
+        items.append(
+            f'<li class="event{" exception" if is_exception else ""}">'
+            f'<span class="ev-time mono">+{_e(format_duration(max(0, offset)))}</span>'
+            f'<span class="ev-name">{_e(name)}</span>{summary}'
+            f"{_attribute_table(attributes, 'attrs small') if attributes else ''}{stack}</li>"
+        )
+    return f'<ol class="events">{"".join(items)}</ol>'
+
+
+def _links_html(span: SpanRecord, trace_id: str) -> str:
+    items = []
+    for link in span.links:
+        tid = str(link.get("trace_id", ""))
+        sid = str(link.get("span_id", ""))
+        here = tid == trace_id
+        where = "in this trace" if here else "another trace"
+        href = f"#span-{quote(sid)}" if here else f"/traces/{quote(tid)}#span-{quote(sid)}"
+        attributes = dict(link.get("attributes") or {})
+        items.append(
+            f'<li class="link"><a class="mono" href="{_e(href)}" data-link-span="{_e(sid)}">'
+            f'{_e(tid[:8])}…/{_e(sid)}</a> <span class="where">{where}</span>'
+            f"{_attribute_table(attributes, 'attrs small') if attributes else ''}</li>"
+        )
+    return f'<ul class="links">{"".join(items)}</ul>'
+
+
+def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
+    resource = trace.resources.get(span.resource_id)
+    parent = (
+        f'<a class="mono" href="#span-{_e(span.parent_span_id)}">{_e(span.parent_span_id)}</a>'
+        if span.parent_span_id
+        else "none (root)"
+    )
+    status = _e(span.status.upper())
+    if span.status_message:
+        status += f' <span class="status-msg">{_e(span.status_message)}</span>'
+    facts = [
+        ("Span ID", f'<span class="mono">{_e(span.span_id)}</span>'),
+        ("Parent", parent),
+        ("Kind", _e(span.kind)),
+        ("Status", f'<span class="status s-{_e(span.status)}">{status}</span>'),
+        ("Start", f"+{_e(format_duration(span.start_ns - origin))} · {_time_tag(span.start_ns)}"),
+        ("Duration", _e(format_duration(span.duration_ns))),
+    ]
+    if span.scope_name:
+        facts.append(("Scope", _e(f"{span.scope_name} {span.scope_version}".strip())))
+    if span.trace_state:
+        facts.append(("Trace state", f'<span class="mono">{_e(span.trace_state)}</span>'))
+    if span.flags & 0x100:
+        facts.append(("Parent is remote", "yes" if span.flags & 0x200 else "no"))
+    if span.dropped:
+        dropped = ", ".join(f"{v} {k}" for k, v in span.dropped.items() if v)
+        facts.append(("Dropped", _e(dropped)))
+    facts_html = "".join(f"<div><dt>{k}</dt><dd>{v}</dd></div>" for k, v in facts)
+    sections = [
+        f'<dl class="facts">{facts_html}</dl>',
+        f"<h4>Attributes</h4>{_attribute_table(span.attributes)}",
+    ]
+    if span.events:
+        sections.append(
+            f'<h4>Events <span class="n">{len(span.events)}</span></h4>{_events_html(span)}'
+        )
+    if span.links:
+        sections.append(
+            f'<h4>Links <span class="n">{len(span.links)}</span></h4>'
+            f"{_links_html(span, trace.trace_id)}"
+        )
+    if resource is not None:
+        sections.append(
+            f'<details class="resource"><summary>Resource · {_e(resource.service)}</summary>'
+            f"{_attribute_table(resource.attributes, 'attrs small')}</details>"
+        )
+    return "".join(sections)
+
+
+def _tick_step(total: int) -> int:
+    """A round step (1, 2 or 5 times a power of ten) that cuts ``total`` in about five."""
+    step = 1
+    while max(total, 1) / step > 5:
+        for factor in (2, 5 / 2, 2):
+            step = round(step * factor)
+            if total / step <= 5:
+                break
+    return step
+
+
+def _ticks(total: int) -> str:
+    """Labels at round steps, about five of them, and the total at the end."""
+    total = max(total, 1)
+    step = _tick_step(total)
+    marks = [
+        f'<span class="tick" style="left:{value / total * 100:.3f}%">'
+        f"{_e(format_duration(value))}</span>"
+        for value in range(0, total + 1, step)
+        if value / total <= 0.92 or value == 0
+    ]
+    marks.append(f'<span class="tick end" style="left:100%">{_e(format_duration(total))}</span>')
+    return "".join(marks)
+
+
+def trace_page(
+    trace: Trace, *, services: Iterable[str], stats: StoreStats | None, now: float
+) -> str:
+    color = Palette([*services, *(s.name for s in trace.summary.services)])
+    summary = trace.summary
+    origin = summary.start_ns
+    total = max(summary.duration_ns, 1)
+    ordered = order_spans(trace.spans)
+    shown = ordered[:MAX_RENDERED_SPANS]
+    rows = []
+    for span, depth, has_children in shown:
+        left = (span.start_ns - origin) / total * 100
+        width = span.duration_ns / total * 100
+        span_color = color(span.service)
+        error = span.status == "error"
+        label_side = " label-left" if left + width > 78 else ""
+        marks = "".join(
+            f'<i class="ev{" ev-exc" if e.get("name") == "exception" else ""}" style="left:'
+            f'{(int(e.get("time_unix_nano") or 0) - origin) / total * 100:.3f}%" title="'
+            f'{_e(e.get("name", ""))}"></i>'
+            for e in span.events
+        )
+        twisty = (
+            '<button class="twisty" type="button" aria-label="Collapse children"'
+            ' title="Collapse children"></button>'
+            if has_children
+            else '<span class="twisty-pad"></span>'
+        )
+        badges = ""
+        if error:
+            badges += '<span class="badge err" title="error status">error</span>'
+        if span.links:
+            badges += f'<span class="badge link" title="links">⇢ {len(span.links)}</span>'
+        if span.kind in ("producer", "consumer", "client", "server"):
+            badges += f'<span class="kind">{_e(span.kind)}</span>'
+        search_text = _e(
+            f"{span.service} {span.name} {json.dumps(span.attributes, ensure_ascii=False)}".lower()
+        )
+        row_class = "span-row is-error" if error else "span-row"
+        duration = _e(format_duration(span.duration_ns))
+        rows.append(
+            f'<div class="{row_class}" id="span-{span.span_id}" data-span="{span.span_id}"'
+            f' data-depth="{depth}" data-search="{search_text}" tabindex="0" role="treeitem"'
+            f' aria-level="{depth + 1}" aria-expanded="false"'
+            f' style="--depth:{depth};--c:{span_color}">\n'
+            f'  <div class="wf-name">{twisty}<span class="svc-name">{_e(span.service)}</span>'
+            f'<span class="op">{_e(span.name)}</span>{badges}</div>\n'
+            f'  <div class="wf-time"><div class="bar{label_side}"'
+            f' style="left:{left:.3f}%;width:{width:.3f}%">'
+            f'<span class="bar-label">{duration}</span></div>{marks}</div>\n'
+            f"</div>\n"
+            f'<div class="span-detail" id="detail-{span.span_id}" style="--depth:{depth}"'
+            f" hidden>{_detail(span, trace, origin)}</div>\n"
+        )
+    cut = ""
+    if len(ordered) > len(shown):
+        cut = (
+            f'<p class="notice">Showing the first {len(shown)} of {len(ordered)} spans;'
+            f' <a href="/api/traces/{trace.trace_id}">the JSON</a> has them all.</p>'
+        )
+    chips = "".join(
+        _service_chip(color, s.name, f' <span class="n">{s.span_count}</span>')
+        for s in summary.services
+    )
+    # Grid lines in the timeline fall on the ticks.
+    grid = _tick_step(max(summary.duration_ns, 1)) / max(summary.duration_ns, 1) * 100
+    plural = "s" if summary.error_count != 1 else ""
+    errors = (
+        f'<span class="badge err">{summary.error_count} error{plural}</span>'
+        if summary.error_count
+        else '<span class="badge ok">no errors</span>'
+    )
+    ago = _e(format_ago(summary.start_ns, now))
+    started = f'{_time_tag(summary.start_ns)} <span class="ago">{ago}</span>'
+    root = (
+        f"{_service_chip(color, summary.root_service)}"
+        f' <span class="op">{_e(summary.root_name)}</span>'
+    )
+    missing = (
+        '<p class="notice warn">The root span of this trace was not received (yet);'
+        " spans whose parent is missing are shown at the top level.</p>"
+        if summary.root_missing
+        else ""
+    )
+    body = f"""
+<section class="trace-head">
+  <div class="crumbs"><a href="/" id="back">← Search</a></div>
+  <h1>{root}</h1>
+  <dl class="facts trace-facts">
+    <div><dt>Trace ID</dt><dd class="mono" id="trace-id">{trace.trace_id}</dd></div>
+    <div><dt>Started</dt><dd>{started}</dd></div>
+    <div><dt>Duration</dt><dd>{_e(format_duration(summary.duration_ns))}</dd></div>
+    <div><dt>Spans</dt><dd id="span-count">{summary.span_count}</dd></div>
+    <div><dt>Status</dt><dd>{errors}</dd></div>
+    <div class="wide"><dt>Services</dt><dd>{chips}</dd></div>
+  </dl>
+  {missing}
+  <div class="tools">
+    <input type="search" id="span-filter" autocomplete="off"
+      placeholder="Highlight spans: service, operation or attribute">
+    <button type="button" data-action="expand-details">Open all details</button>
+    <button type="button" data-action="collapse-details">Close all details</button>
+    <a class="button" href="/api/traces/{trace.trace_id}">JSON</a>
+  </div>
+</section>
+{cut}
+<section class="waterfall" role="tree" aria-label="Spans of trace {trace.trace_id}"
+  style="--grid:{grid:.4f}%">
+  <div class="wf-head"><div class="wf-name">Service · operation</div>
+    <div class="wf-time">{_ticks(summary.duration_ns)}</div></div>
+  <div class="wf-rows" id="spans">
+{"".join(rows)}
+  </div>
+</section>"""
+    return _layout(f"{summary.root_service}: {summary.root_name}", body, stats, page="trace")
+
+
+def not_found_page(trace_id: str, *, stats: StoreStats | None) -> str:
+    body = (
+        f'<section class="trace-head"><div class="crumbs"><a href="/">← Search</a></div>'
+        f'<p class="notice error" id="not-found">No span of trace <span class="mono">'
+        f"{_e(trace_id)}</span> is stored. It may not have arrived yet, or retention removed"
+        " it.</p></section>"
+    )
+    return _layout("Trace not found", body, stats, page="trace")
+
+
+def search_link(**params: str) -> str:
+    return "/?" + urlencode({k: v for k, v in params.items() if v})

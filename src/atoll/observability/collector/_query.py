@@ -1,0 +1,117 @@
+"""Search parameters, shared by the JSON API and the HTML page."""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+from atoll.observability.collector._store import TraceQuery
+
+MAX_LIMIT: Final = 1000
+DEFAULT_LIMIT: Final = 20
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_LOOKBACK: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+
+
+class QueryError(ValueError):
+    """A search parameter is invalid; the message names it."""
+
+
+def parse_lookback(text: str) -> float:
+    """Seconds in ``"15m"``, ``"1h"``, ``"7d"`` (units ms, s, m, h, d, w)."""
+    match = _LOOKBACK.match(text)
+    if match is None:
+        raise QueryError(f"lookback {text!r} is not a duration like 15m, 1h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_time(name: str, text: str) -> int:
+    """Unix nanoseconds from Unix milliseconds or an ISO 8601 date and time (UTC if naive)."""
+    text = text.strip()
+    try:
+        millis = float(text)
+    except ValueError:
+        pass
+    else:
+        if not math.isfinite(millis) or millis < 0:
+            raise QueryError(f"{name} {text!r} is not a time")
+        return int(millis * 1_000_000)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise QueryError(
+            f"{name} {text!r} is neither Unix milliseconds nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1_000_000) * 1000
+
+
+def parse_attribute(text: str) -> tuple[str, str]:
+    """``key=value`` (split at the first ``=``; the value may contain more)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise QueryError(f"attribute filter {text!r} is not key=value")
+    return key, value.strip()
+
+
+def split_attributes(text: str) -> list[str]:
+    """The page's one-line filter: ``key=value`` pairs separated by spaces, shell-quoted
+    where a value has spaces (``http.route="/a b"``)."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise QueryError(f"attribute filters {text!r}: {exc}") from None
+
+
+def _duration_ns(name: str, millis: float | None) -> int | None:
+    if millis is None:
+        return None
+    if not math.isfinite(millis) or millis < 0:
+        raise QueryError(f"{name} must be a non-negative number of milliseconds")
+    return round(millis * 1_000_000)
+
+
+def build_query(
+    *,
+    now: float,
+    service: str | None = None,
+    operation: str | None = None,
+    min_duration_ms: float | None = None,
+    max_duration_ms: float | None = None,
+    status: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    lookback: str | None = None,
+    attributes: Sequence[str] = (),
+    limit: int = DEFAULT_LIMIT,
+) -> TraceQuery:
+    """A :class:`TraceQuery` from request parameters; empty strings mean "not given"."""
+    status = (status or "").strip().lower() or None
+    if status not in (None, "ok", "error"):
+        raise QueryError(f"status {status!r} is not ok or error")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}")
+    start_ns = parse_time("start", start) if start else None
+    if start_ns is None and lookback and lookback.strip() not in ("", "all"):
+        start_ns = int((now - parse_lookback(lookback)) * 1e9)
+    end_ns = parse_time("end", end) if end else None
+    min_ns = _duration_ns("min_duration_ms", min_duration_ms)
+    max_ns = _duration_ns("max_duration_ms", max_duration_ms)
+    pairs = [parse_attribute(item) for item in attributes if item.strip()]
+    return TraceQuery(
+        service=service or None,
+        operation=operation or None,
+        min_duration_ns=min_ns,
+        max_duration_ns=max_ns,
+        status="ok" if status == "ok" else "error" if status == "error" else None,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        attributes=tuple(pairs),
+        limit=limit,
+    )

@@ -1,0 +1,121 @@
+"""The pages in headless Chromium: search, open a trace, read its spans."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from shop_trace import SERVICES, flush, make_shop_trace, providers
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: Set to a path (docs/img/trace-view.png) to save the waterfall for the README.
+SCREENSHOT = os.environ.get("ATOLL_TRACE_VIEW_SCREENSHOT")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only browser tests need it
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        launched.close()
+
+
+def test_search_open_a_trace_and_read_its_spans(live, browser):
+    by_service = providers(live.traces_url, SERVICES)
+    now = time.time_ns()
+    shops = [
+        make_shop_trace(by_service, start_ns=now - (5 - i) * 41_000_000_000, order_id=f"ord-{i}")
+        for i in range(5)
+    ]
+    flush(by_service)
+    live.wait_for_spans(5 * 13)
+    target = shops[2]
+
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{live.url}/")
+        assert page.locator("tr.trace-row").count() == 5
+
+        # Choosing a service narrows the operations offered (done by the page's script).
+        page.select_option("#f-service", "inventory")
+        operations = page.locator("#f-operation option").all_inner_texts()
+        assert operations == [
+            "All operations",
+            "UPDATE stock",
+            "handle shop.OrderPlaced",
+            "inventory.reserve",
+        ]
+        page.select_option("#f-service", "payments")
+        page.fill("#f-attrs", f"order.id={target.order_id}")
+        page.select_option("#f-status", "ok")
+        page.click("#f-submit")
+        page.wait_for_url("**/?service=payments*")
+        rows = page.locator("tr.trace-row")
+        assert rows.count() == 1
+        assert rows.first.get_attribute("data-trace") == target.trace_id
+
+        rows.first.locator("td.t-spans").click()  # anywhere on the row opens the trace
+        page.wait_for_url(f"**/traces/{target.trace_id}")
+        assert page.locator("#trace-id").inner_text() == target.trace_id
+        spans = page.locator(".span-row")
+        assert spans.count() == 13
+        names = spans.locator(".op").all_inner_texts()
+        assert names[0] == "POST /orders"
+        assert "POST psp /charges" in names
+
+        failed = page.locator(f"#span-{target.span_id('psp1')}")
+        assert "is-error" in (failed.get_attribute("class") or "")
+        detail = page.locator(f"#detail-{target.span_id('psp1')}")
+        assert detail.is_hidden()
+        failed.click()
+        assert detail.is_visible()
+        assert "server.address" in detail.inner_text()
+        assert "psp.example" in detail.inner_text()
+        assert "TimeoutError: psp.example did not answer" in detail.inner_text()
+
+        # Collapsing the gateway's root hides everything below it. (Back to the top first:
+        # the sticky header covers rows scrolled under it.)
+        page.evaluate("window.scrollTo(0, 0)")
+        root = page.locator(f"#span-{target.span_id('gateway')}")
+        root.locator(".twisty").click()
+        assert page.locator(".span-row:visible").count() == 1
+        root.locator(".twisty").click()
+        assert page.locator(".span-row:visible").count() == 13
+
+        # The publish span links to the span that committed the message.
+        publish = page.locator(f"#span-{target.span_id('publish')}")
+        publish.click()
+        page.locator(f"#detail-{target.span_id('publish')} a[data-link-span]").click()
+        commit_detail = page.locator(f"#detail-{target.span_id('commit')}")
+        assert commit_detail.is_visible()
+        assert "atoll.outbox.rows" in commit_detail.inner_text()
+
+        if SCREENSHOT:
+            page.goto(f"{live.url}/traces/{shops[-1].trace_id}")
+            page.locator(f"#span-{shops[-1].span_id('psp1')}").click()
+            page.screenshot(path=SCREENSHOT, full_page=True)
+    finally:
+        page.close()
+    assert errors == []

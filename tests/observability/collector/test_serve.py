@@ -1,0 +1,114 @@
+"""The entry points the CLI uses: serve_collector, and the module run as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from otlp import make_request, simple_trace
+
+from atoll.observability.collector import CollectorError, SpanStore, serve_collector
+
+PB = {"content-type": "application/x-protobuf"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_serve_collector_until_cancelled_keeps_what_it_acknowledged(db_path):
+    port = free_port()
+    started = asyncio.Event()
+    task = asyncio.create_task(
+        serve_collector("127.0.0.1", port, db_path, started=started, log_level="warning")
+    )
+    await asyncio.wait_for(started.wait(), 15)
+    tid, spans = simple_trace("served")
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"http://127.0.0.1:{port}/v1/traces",
+            content=make_request("served", spans).SerializeToString(),
+            headers=PB,
+        )
+        assert response.status_code == 200
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    store = SpanStore(db_path)
+    await store.open()
+    try:
+        trace = await store.get_trace(tid)
+        assert trace is not None
+        assert len(trace.spans) == 3
+    finally:
+        await store.close()
+
+
+async def test_serve_collector_on_a_taken_port_raises(db_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(CollectorError, match="cannot listen"):
+            await serve_collector("127.0.0.1", taken.getsockname()[1], db_path)
+
+
+async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atoll.observability.collector",
+            "--port",
+            str(port),
+            "--db",
+            str(db_path),
+            "--max-age",
+            "1h",
+            "--max-spans",
+            "5000",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "the collector process did not become ready"
+            time.sleep(0.05)
+        tid, spans = simple_trace("proc")
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/traces",
+            content=make_request("proc", spans).SerializeToString(),
+            headers=PB,
+        )
+        assert response.status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/api/traces/{tid.hex()}").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=20)[0].decode()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output
+    store = SpanStore(db_path)
+    await store.open()
+    try:
+        assert await store.get_trace(tid) is not None
+    finally:
+        await store.close()
