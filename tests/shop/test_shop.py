@@ -19,6 +19,8 @@ class Shop:
         self.extra_env = extra_env or {}
         self.args = list(args)
         self.ports = {"orders": free_port(), "inventory": free_port(), "catalog": free_port()}
+        self.collector_port = free_port()
+        self.traces = f"http://127.0.0.1:{self.collector_port}"
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
         self.inventory = f"http://127.0.0.1:{self.ports['inventory']}"
         self.process: subprocess.Popen[str] | None = None
@@ -27,6 +29,7 @@ class Shop:
     def start(self):
         env = dict(os.environ)
         env["ATOLL__SYSTEM__DATA_DIR"] = str(self.tmp_path / "data")
+        env["ATOLL__SYSTEM__COLLECTOR__PORT"] = str(self.collector_port)
         for name, port in self.ports.items():
             env[f"ATOLL__SERVICES__{name.upper()}__PORT"] = str(port)
         env.update(self.extra_env)
@@ -89,6 +92,25 @@ async def stock(client, shop, sku):
     return (await client.get(f"{shop.inventory}/stock/{sku}")).json()["available"]
 
 
+async def trace_of(client, shop, order_id, services):
+    """The trace in the embedded collector found by ``order.id``, once ``services`` are in it."""
+    found = {}
+
+    async def arrived():
+        listing = await client.get(
+            f"{shop.traces}/api/traces", params={"attr": f"order.id={order_id}"}
+        )
+        for summary in listing.json()["traces"]:
+            trace = (await client.get(f"{shop.traces}/api/traces/{summary['trace_id']}")).json()
+            if services <= {span["service"] for span in trace["spans"]}:
+                found.update(trace)
+                return True
+        return False
+
+    await wait_until(arrived, timeout=30, interval=0.5, what=f"the trace of order {order_id}")
+    return found
+
+
 @pytest.mark.timeout(180)
 async def test_the_shop_takes_orders_end_to_end(tmp_path):
     shop = Shop(tmp_path)
@@ -97,15 +119,19 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
         async with httpx.AsyncClient(timeout=10) as client:
             await shop.wait_ready(client)
             apples = await stock(client, shop, "apple")
-            confirmed = await final(
-                client, shop, await order(client, shop, [{"sku": "apple", "qty": 3}])
-            )
+            confirmed_id = await order(client, shop, [{"sku": "apple", "qty": 3}])
+            confirmed = await final(client, shop, confirmed_id)
             assert confirmed["status"] == "CONFIRMED"
             assert confirmed["items"] == [
                 {"sku": "apple", "qty": 3, "unit_price_cents": 50, "price_source": "catalog"}
             ]
             assert confirmed["total_cents"] == 150
             assert confirmed["priced_from_fallback"] is False
+            # One trace follows the order through every service it touched.
+            trace = await trace_of(client, shop, confirmed_id, {"orders", "inventory", "catalog"})
+            names = {span["name"] for span in trace["spans"]}
+            assert "process inventory.ReserveStock" in names
+            assert "process inventory.StockReserved" in names
             assert await stock(client, shop, "apple") == apples - 3
 
             unknown = await final(
@@ -165,6 +191,7 @@ async def test_the_shop_runs_in_one_process_on_the_in_memory_transport(tmp_path)
     env = dict(os.environ)
     env["ATOLL__SYSTEM__DATA_DIR"] = str(tmp_path / "data")
     env["ATOLL__SYSTEM__TRANSPORT"] = "memory://"
+    env["ATOLL__SYSTEM__COLLECTOR__PORT"] = str(shop.collector_port)
     for name, port in shop.ports.items():
         env[f"ATOLL__SERVICES__{name.upper()}__PORT"] = str(port)
     with shop.log.open("w") as log:

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from atoll import Context, Service
+from atoll.observability import annotate
 from shop.messages import ReserveStock, StockRejected, StockReserved
 
 #: Loaded once, on the first start of a fresh database.
@@ -47,6 +48,7 @@ service.migration(
 @service.handles(ReserveStock)
 async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
     """Reserve every line or none. Runs in one transaction with its reply."""
+    annotate(**{"order.id": command.order_id})
     if await ctx.fetch_value("SELECT 1 FROM reservations WHERE order_id = ?", command.order_id):
         ctx.reply(StockReserved(order_id=command.order_id))
         return

@@ -10,6 +10,7 @@ from fastapi import Header, HTTPException, Response
 from pydantic import BaseModel, Field
 
 from atoll import Context, Service
+from atoll.observability import annotate
 from atoll.resilience import HTTP, Fallback, ResilienceError
 from shop.messages import LineItem, ReserveStock, StockRejected, StockReserved
 
@@ -146,6 +147,7 @@ async def place_order(
     fallback = any(line.price_source == "last-known" for line in lines)
     async with service.unit_of_work(correlation_id=correlation_id) as ctx:
         order_id = ctx.random.new_id()
+        annotate(**{"order.id": order_id})  # find the order's trace by its id
         now = ctx.clock.time()
         await ctx.execute(
             "INSERT INTO orders (order_id, customer_id, items, status, created_at, updated_at,"
@@ -208,6 +210,7 @@ def _view(row: Any) -> OrderView:
 
 
 async def _finish(ctx: Context, order_id: str, status: OrderStatus, reason: str | None) -> None:
+    annotate(**{"order.id": order_id, "order.status": status})
     # Only a PENDING order changes: a late or repeated reply leaves the outcome alone.
     await ctx.execute(
         "UPDATE orders SET status = ?, reason = ?, updated_at = ?"

@@ -135,6 +135,32 @@ def run(
         fail(str(exc), 1)
 
 
+@app.command()
+def collector(
+    config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from atoll.toml).")] = None,
+) -> None:
+    """Run the embedded OTLP collector and trace view on its own."""
+    from atoll.observability import configure_logging  # noqa: PLC0415 - keep --help fast
+    from atoll.observability.collector import CollectorError, Retention, run_collector  # noqa: PLC0415
+    from atoll.observability.collector._query import parse_lookback  # noqa: PLC0415
+
+    loaded = _load(config, profile)
+    section = loaded.config.system.collector
+    configure_logging(service="collector")
+    loaded.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_collector(
+            section.host,
+            port or section.port,
+            loaded.data_dir / "traces.db",
+            retention=Retention(max_age=parse_lookback(section.retention), max_spans=1_000_000),
+        )
+    except CollectorError as exc:
+        fail(str(exc), 1)
+
+
 @dlq_app.command("list")
 def dlq_list(
     config: ConfigOption = Path("atoll.toml"),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -17,6 +18,7 @@ import uvicorn
 from atoll._errors import AtollError
 from atoll.config import ConfigError, LoadedConfig
 from atoll.determinism import RandomSource, SystemClock
+from atoll.observability import otlp_endpoint
 from atoll.persistence import database_from_url
 from atoll.resilience import ServiceClient, policy_from_config
 from atoll.service import Service, ServiceRuntime
@@ -134,6 +136,9 @@ class SystemProcess:
             )
             for service in services
         ]
+        if len(self.runtimes) == 1:
+            # One service per process: user code's trace.get_tracer() joins its traces.
+            self.runtimes[0].tracing.make_global()
         self._started: list[ServiceRuntime] = []
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
         self._sockets: list[socket.socket] = []
@@ -238,6 +243,30 @@ async def serve(loaded: LoadedConfig, names: Sequence[str], *, single_process: b
     batch in hand); HTTP servers stop accepting and finish in-flight requests; outboxes
     are flushed; then databases and the transport close.
     """
+    collector_task: asyncio.Task[None] | None = None
+    collector = loaded.config.system.collector
+    if single_process and collector.enabled and otlp_endpoint() is None:
+        from atoll.observability.collector import serve_collector  # noqa: PLC0415 - optional
+
+        started = asyncio.Event()
+        collector_task = asyncio.get_running_loop().create_task(
+            serve_collector(
+                collector.host,
+                collector.port,
+                loaded.data_dir / "traces.db",
+                log_level="warning",
+                started=started,
+            )
+        )
+        await asyncio.wait(
+            [collector_task, asyncio.ensure_future(started.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if collector_task.done():
+            collector_task.result()
+        url = f"http://{collector.host}:{collector.port}"
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
+        log.info("traces: %s/", url)
     process = SystemProcess(loaded, names, single_process=single_process)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -248,6 +277,9 @@ async def serve(loaded: LoadedConfig, names: Sequence[str], *, single_process: b
         await process.wait(stop)
     finally:
         await process.shutdown()
+        if collector_task is not None:
+            collector_task.cancel()
+            await asyncio.wait([collector_task])
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

@@ -17,6 +17,7 @@ from rich.text import Text
 from atoll.cli._run import declare_subscriptions
 from atoll.config import LoadedConfig
 from atoll.determinism import SystemClock
+from atoll.observability import otlp_endpoint
 
 _COLORS = [
     "cyan",
@@ -35,6 +36,9 @@ class _Child:
     name: str
     color: str
     url: str
+    argv: list[str]
+    env: dict[str, str]
+    ready_path: str = "/readyz"
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     ready: bool = False
@@ -60,17 +64,55 @@ class Supervisor:
         self.restart = restart
         self.ready_timeout = ready_timeout
         self.clock = SystemClock()
-        width = max(len(n) for n in names)
-        self._width = width
-        self.children = [
-            _Child(
-                name,
-                _COLORS[i % len(_COLORS)],
-                f"http://{loaded.service(name).host}:{loaded.service(name).port}",
+        self.children: list[_Child] = []
+        self.collector: _Child | None = None
+        service_env: dict[str, str] = {}
+        collector = loaded.config.system.collector
+        if collector.enabled and otlp_endpoint() is None:
+            # The embedded collector by default; a user's own OTLP endpoint wins.
+            url = f"http://{collector.host}:{collector.port}"
+            self.collector = _Child(
+                "traces",
+                "bright_white",
+                url,
+                [
+                    "-m",
+                    "atoll.observability.collector",
+                    "--host",
+                    collector.host,
+                    "--port",
+                    str(collector.port),
+                    "--db",
+                    str(loaded.data_dir / "traces.db"),
+                    "--max-age",
+                    collector.retention,
+                    "--log-level",
+                    "warning",
+                ],
+                {},
+                ready_path="/api/stats",
             )
-            for i, name in enumerate(names)
-        ]
+            self.children.append(self.collector)
+            service_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
+        profile = ("--profile", loaded.profile) if loaded.profile else ()
+        config = ("--config", str(loaded.path))
+        for i, name in enumerate(names):
+            spec = loaded.service(name)
+            self.children.append(
+                _Child(
+                    name,
+                    _COLORS[i % len(_COLORS)],
+                    f"http://{spec.host}:{spec.port}",
+                    ["-m", "atoll", "run", name, *config, *profile],
+                    {**service_env, **spec.env},
+                )
+            )
+        self._width = max(len(c.name) for c in self.children)
         self._stopping = False
+
+    def services(self) -> list[_Child]:
+        """The service processes (not the collector)."""
+        return [c for c in self.children if c is not self.collector]
 
     def stopping(self) -> bool:
         """Whether the supervisor is shutting down."""
@@ -91,18 +133,13 @@ class Supervisor:
 
     async def _spawn(self, child: _Child) -> None:
         env = dict(os.environ)
-        env.update(self.loaded.service(child.name).env)
+        env.update(child.env)
         env.setdefault("ATOLL_LOG_FORMAT", "console")
         env.setdefault("ATOLL_LOG_COLOR", "1" if self.console.is_terminal else "0")
         env["PYTHONUNBUFFERED"] = "1"
         child.process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "atoll",
-            "run",
-            child.name,
-            "--config",
-            str(self.loaded.path),
+            *child.argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
@@ -119,7 +156,7 @@ class Supervisor:
             if child.process is not None and child.process.returncode is not None:
                 return False
             with contextlib.suppress(httpx.HTTPError):
-                response = await client.get(f"{child.url}/readyz", timeout=1.0)
+                response = await client.get(f"{child.url}{child.ready_path}", timeout=1.0)
                 if response.status_code == 200:
                     child.ready = True
                     return True
@@ -152,14 +189,18 @@ class Supervisor:
         table.add_column("service")
         table.add_column("url")
         table.add_column("ready")
-        for child in self.children:
+        for child in self.services():
             table.add_row(
                 Text(child.name, style=child.color),
                 child.url,
                 Text("yes", style="green") if child.ready else Text("no", style="red"),
             )
         self.console.print(table)
-        first = self.children[0]
+        if self.collector is not None:
+            self.console.print(
+                f"Traces: {self.collector.url}/ (every service exports there)", highlight=False
+            )
+        first = self.services()[0]
         self.console.print(
             f"Try: curl -X POST {first.url}/orders -H 'content-type: application/json' "
             """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'"""
@@ -179,7 +220,7 @@ class Supervisor:
         code = 0
         try:
             self.loaded.data_dir.mkdir(parents=True, exist_ok=True)
-            await declare_subscriptions(self.loaded, [c.name for c in self.children])
+            await declare_subscriptions(self.loaded, [c.name for c in self.services()])
             for child in self.children:
                 await self._spawn(child)
             async with httpx.AsyncClient() as client:
@@ -205,8 +246,14 @@ class Supervisor:
         return code
 
     async def _stop_all(self) -> None:
+        await self._stop(self.services())
+        if self.collector is not None:
+            await self._stop([self.collector])  # last: it receives the services' final spans
+        self._say(None, "all services stopped")
+
+    async def _stop(self, children: list[_Child]) -> None:
         drain = self.loaded.config.system.drain_timeout + 5.0
-        running = [c for c in self.children if c.process and c.process.returncode is None]
+        running = [c for c in children if c.process and c.process.returncode is None]
         for child in running:
             assert child.process is not None
             with contextlib.suppress(ProcessLookupError):
@@ -225,4 +272,3 @@ class Supervisor:
             for pump in child.pumps:
                 with contextlib.suppress(Exception):
                     await pump
-        self._say(None, "all services stopped")

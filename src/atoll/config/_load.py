@@ -238,9 +238,22 @@ def _validate_policies(source: str, config: AtollConfig) -> None:
         policy_from_config(table, source=source, name=name, shared=shared)
 
 
+def _validate_collector(source: str, config: AtollConfig) -> None:
+    collector = config.system.collector
+    try:
+        from atoll.observability.collector._query import parse_lookback  # noqa: PLC0415
+
+        parse_lookback(collector.retention)
+    except ValueError as exc:
+        raise ConfigError(source, "system.collector.retention", str(exc)) from None
+    if not 0 < collector.port < 65536:
+        raise ConfigError(source, "system.collector.port", f"{collector.port} is not a TCP port")
+
+
 def _validate(source: str, config: AtollConfig) -> None:
     system = config.system
     _check_url(source, "system.transport", system.transport)
+    _validate_collector(source, config)
     if system.drain_timeout < 0:
         raise ConfigError(source, "system.drain_timeout", "must be >= 0")
     if system.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

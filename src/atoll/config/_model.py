@@ -7,6 +7,20 @@ from typing import Any
 import msgspec
 
 
+class CollectorSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[system.collector]``: the embedded OTLP collector and trace view of ``atoll up``.
+
+    It starts unless ``enabled = false`` or ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (then
+    services export to that collector instead).
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 4318
+    #: How long spans are kept, e.g. ``24h`` or ``30m``.
+    retention: str = "24h"
+
+
 class SystemSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """``[system]``: what all services share."""
 
@@ -25,6 +39,7 @@ class SystemSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: A Redis URL through which breakers and rate limiters with ``shared = true`` share
     #: their windows across instances (decisions stay local when it is slow or down).
     shared_state: str | None = None
+    collector: CollectorSection = msgspec.field(default_factory=CollectorSection)
 
 
 class ServiceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -6,6 +6,7 @@ from atoll.observability._metrics import ServiceMetrics
 from atoll.observability._tracing import (
     OTEL_AVAILABLE,
     Tracing,
+    annotate,
     extract,
     get_tracer,
     inject_current,
@@ -18,6 +19,7 @@ __all__ = [
     "ServiceMetrics",
     "Tracing",
     "add_log_processor",
+    "annotate",
     "attributes",
     "configure_logging",
     "extract",

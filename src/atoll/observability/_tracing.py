@@ -37,6 +37,7 @@ __all__ = [
     "OTEL_AVAILABLE",
     "SpanKind",
     "Tracing",
+    "annotate",
     "current_span",
     "extract",
     "get_tracer",
@@ -231,6 +232,14 @@ def link_from_traceparent(traceparent: str | None) -> Any:
     except ValueError:
         return None
     return Link(context)
+
+
+def annotate(**attributes: str | float | bool) -> None:
+    """Set attributes on the current span (e.g. ``annotate(**{"order.id": order_id})``),
+    so traces can be searched by them. Does nothing without a recording span."""
+    span = current_span()
+    if span is not None:
+        span.set_attributes(attributes)
 
 
 def current_span() -> Any:

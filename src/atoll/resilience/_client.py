@@ -137,6 +137,11 @@ class ServiceClient:
             hedge=None, retry=None if retry is None else retry.with_classifier(CONNECT_ONLY)
         )
 
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying connection pool (for instrumentation)."""
+        return self._http
+
     def policy(self, service: str, *, idempotent: bool = True) -> Pipeline:
         """The pipeline requests to ``service`` go through."""
         if service not in self._safe:

@@ -6,6 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -129,6 +130,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 #: Paths that are not traced: probes and scrapes would drown the traces that matter.
 UNTRACED_PATHS = "healthz,readyz,metrics"
+
+
+def instrument_client(client: httpx.AsyncClient, tracing: Tracing) -> None:
+    """Trace calls made with ``client`` (a client span per request, W3C context out)."""
+    if tracing.provider is None or getattr(client, "_atoll_traced", False):
+        return
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor  # noqa: PLC0415
+
+    HTTPXClientInstrumentor.instrument_client(client, tracer_provider=tracing.provider)
+    client._atoll_traced = True  # type: ignore[attr-defined]
 
 
 def instrument_http(service: Service, tracing: Tracing) -> None:

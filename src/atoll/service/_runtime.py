@@ -30,7 +30,7 @@ from atoll.resilience import (
     install_metrics,
 )
 from atoll.service._context import Context, outgoing_trace_headers
-from atoll.service._http import instrument_http
+from atoll.service._http import instrument_client, instrument_http
 from atoll.service._service import HandlerSpec, Service
 from atoll.transport import (
     Ack,
@@ -175,6 +175,7 @@ class ServiceRuntime:
         self.service.attach(self)
         if self.tracing.enabled:
             instrument_http(self.service, self.tracing)
+            instrument_client(self.client.http, self.tracing)
         try:
             await self.database.open()
             for name, statements in self.service.migrations:
