@@ -143,11 +143,9 @@ class Tracing:
             endpoint = endpoint or otlp_endpoint()
             if endpoint is None:
                 return
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-                OTLPSpanExporter,
-            )
+            from atoll.observability._otlp import FastOTLPSpanExporter  # noqa: PLC0415
 
-            exporter = OTLPSpanExporter(endpoint=endpoint)
+            exporter = FastOTLPSpanExporter(endpoint=endpoint)
         resource = Resource.create({"service.name": service})
         self.provider = SdkTracerProvider(resource=resource)
         self.processor = DropCountingSpanProcessor(exporter, max_queue_size=max_queue_size)

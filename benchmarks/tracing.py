@@ -1,0 +1,130 @@
+"""What tracing costs, and how fast the embedded collector takes spans.
+
+    .venv/bin/python benchmarks/tracing.py [--quick]
+
+Cases (last line of output, JSON):
+
+* ``traced-vs-untraced``: the exactly-once messaging pipeline of
+  ``benchmarks/messaging.py`` (producer and consumer processes, embedded SQLite
+  transport, atoll's default durability) with tracing off, and with tracing on: every
+  message's ``process`` span and every relay batch's ``publish`` span recorded (100%
+  sampled) and batch-exported over OTLP/HTTP to the embedded collector, running as its
+  own process. Runs alternate (off, on, off, on, ...) and each side keeps its best, to
+  keep a busy machine's noise out of the ratio. Target: at most 15% loss (ratio 0.85).
+* ``collector-vs-20k-spans``: spans/s the collector stores when fed by the official
+  OpenTelemetry SDK exporter (see ``benchmarks/collector_ingest.py``). Target 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import collector_ingest
+import messaging
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_collector(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "atoll.observability.collector",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp / "traces.db"),
+            "--log-level",
+            "warning",
+        ]
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/api/stats", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("the collector did not start")
+
+
+def stored_spans(url: str) -> int:
+    return int(httpx.get(f"{url}/api/stats", timeout=5).json()["spans"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    count = 5_000 if args.quick else 20_000
+    rounds = 2 if args.quick else 3
+    untraced: list[float] = []
+    traced: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        collector, url = start_collector(Path(tmp))
+        try:
+            for _ in range(rounds):
+                os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+                untraced.append(messaging.run_pair(count, "flood")["rate"])
+                before = stored_spans(url)
+                os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
+                traced.append(messaging.run_pair(count, "flood")["rate"])
+                os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+                time.sleep(2.0)  # let the last batches land before counting
+                print(
+                    f"untraced {untraced[-1]:,.0f} msg/s, traced {traced[-1]:,.0f} msg/s,"
+                    f" spans stored {stored_spans(url) - before:,}"
+                )
+        finally:
+            collector.terminate()
+            collector.wait(30)
+    best_off, best_on = max(untraced), max(traced)
+    spans = 40_000 if args.quick else 200_000
+    ingest = collector_ingest.run_case(
+        clients=2,
+        spans_per_client=spans // 2,
+        variant="asgi",
+        index_attributes=True,
+        synchronous="NORMAL",
+    )
+    rate = float(ingest["spans_per_s"])
+    print(json.dumps(ingest))
+    cases = {
+        "traced-vs-untraced": {
+            "atoll": round(best_on, 1),
+            "peer": round(best_off, 1),
+            "unit": "messages/s traced vs untraced",
+            "ratio": round(best_on / best_off, 3),
+        },
+        "collector-vs-20k-spans": {
+            "atoll": round(rate, 1),
+            "peer": collector_ingest.PEER,
+            "unit": "spans/s",
+            "ratio": round(rate / collector_ingest.PEER, 3),
+        },
+    }
+    print(json.dumps({"benchmark": "tracing", "cases": cases}))
+
+
+if __name__ == "__main__":
+    main()

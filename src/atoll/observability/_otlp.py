@@ -1,0 +1,270 @@
+"""OTLP/HTTP span export with a fast protobuf encoder.
+
+The OpenTelemetry SDK's exporter builds one protobuf object per span, attribute and
+value before serialising: 38 µs of CPU per atoll ``process`` span on this machine, more
+than the rest of tracing a message together. :func:`encode_request` writes the same
+``ExportTraceServiceRequest`` bytes directly (protobuf's wire format is simple: tags,
+varints, fixed-width numbers and length-prefixed bytes) and caches the encoding of
+attribute pairs that repeat from span to span (the system, the destination, the
+group): about 6 µs per span. A property test checks it against the SDK's encoder.
+
+:class:`FastOTLPSpanExporter` is the SDK's ``OTLPSpanExporter`` (so every standard
+``OTEL_EXPORTER_OTLP_*`` variable, TLS setting and retry rule is the SDK's own) with
+only the encoding step replaced; if anything unexpected turns up it falls back to the
+SDK's encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext
+
+log = logging.getLogger("atoll.tracing")
+
+_FLAGS_HAS_IS_REMOTE = 0x100
+_FLAGS_IS_REMOTE = 0x200
+_pack_q = struct.Struct("<Q").pack
+_pack_i = struct.Struct("<I").pack
+_pack_d = struct.Struct("<d").pack
+_MASK64 = (1 << 64) - 1
+_VARINT_1 = [bytes((i,)) for i in range(128)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _VARINT_1[n] if n >= 0 else _varint(n & _MASK64)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _any_value(value: Any) -> bytes:  # noqa: PLR0911 - one return per protobuf value kind
+    # The oneof is always written, even for default values (presence).
+    if value is None:
+        return b""
+    if isinstance(value, bool):
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, str):
+        return _ld(b"\x0a", value.encode())
+    if isinstance(value, int):
+        return b"\x18" + _varint(value & _MASK64)
+    if isinstance(value, float):
+        return b"\x21" + _pack_d(value)
+    if isinstance(value, bytes):
+        return _ld(b"\x3a", value)
+    if isinstance(value, Sequence):
+        return _ld(b"\x2a", b"".join(_ld(b"\x0a", _any_value(v)) for v in value))
+    if isinstance(value, Mapping):
+        return _ld(b"\x32", b"".join(_ld(b"\x0a", _key_value(str(k), v)) for k, v in value.items()))
+    raise TypeError(f"cannot encode attribute value of type {type(value).__name__}")
+
+
+def _key_value(key: str, value: Any) -> bytes:
+    body = _ld(b"\x0a", key.encode()) if key else b""
+    return body + _ld(b"\x12", _any_value(value))
+
+
+_kv_cache: dict[tuple[bytes, str, Any, type], bytes] = {}
+#: Keys whose values rarely repeat (ids): caching them would only churn the cache.
+_uncached_keys: set[str] = set()
+_cached_per_key: dict[str, int] = {}
+
+
+def _encode_pair(tag: bytes, key: str, value: Any) -> bytes:
+    return _ld(tag, _key_value(key, value))
+
+
+def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
+    if not attributes:
+        return b""
+    parts = []
+    cache = _kv_cache
+    uncached = _uncached_keys
+    for key, value in attributes.items():
+        if key in uncached:
+            parts.append(_ld(tag, _key_value(key, value)))
+            continue
+        cache_key = (tag, key, value, value.__class__)
+        try:
+            encoded = cache[cache_key]
+        except KeyError:
+            encoded = _ld(tag, _key_value(key, value))
+            seen = _cached_per_key.get(key, 0) + 1
+            _cached_per_key[key] = seen
+            if seen > 64:
+                uncached.add(key)  # an id, not a label: stop caching it
+            elif len(cache) < 8192:
+                cache[cache_key] = encoded
+        except TypeError:  # unhashable (a list value)
+            encoded = _ld(tag, _key_value(key, value))
+        parts.append(encoded)
+    return b"".join(parts)
+
+
+def _dropped(container: Any) -> int:
+    return int(getattr(container, "dropped", 0))
+
+
+def _flags(parent: SpanContext | None) -> bytes:
+    if parent is not None and parent.is_remote:
+        return _REMOTE_FLAGS
+    return _LOCAL_FLAGS
+
+
+_LOCAL_FLAGS = b"\x85\x01" + _pack_i(_FLAGS_HAS_IS_REMOTE)
+_REMOTE_FLAGS = b"\x85\x01" + _pack_i(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
+_KIND = [b"\x30" + _varint(k + 1) for k in range(5)]
+_EMPTY_STATUS = b"\x7a\x00"
+
+
+def _events(events: Sequence[Any]) -> bytes:
+    out = b""
+    for event in events:
+        body = b"\x09" + _pack_q(event.timestamp) if event.timestamp else b""
+        if event.name:
+            body += _ld(b"\x12", event.name.encode())
+        body += _attributes(b"\x1a", event.attributes)
+        body += _count(b"\x20", event.dropped_attributes)
+        out += _ld(b"\x5a", body)
+    return out + _count(b"\x60", _dropped(events))
+
+
+def _links(links: Sequence[Any]) -> bytes:
+    out = b""
+    for link in links:
+        remote = _FLAGS_IS_REMOTE if link.context.is_remote else 0
+        body = (
+            b"\x0a\x10"
+            + link.context.trace_id.to_bytes(16, "big")
+            + b"\x12\x08"
+            + link.context.span_id.to_bytes(8, "big")
+            + _attributes(b"\x22", link.attributes)
+            + _count(b"\x28", link.dropped_attributes)
+            + b"\x35"
+            + _pack_i(_FLAGS_HAS_IS_REMOTE | remote)
+        )
+        out += _ld(b"\x6a", body)
+    return out + _count(b"\x70", _dropped(links))
+
+
+def _status(status: Any) -> bytes:
+    code = status.status_code.value
+    if not code and not status.description:
+        return _EMPTY_STATUS
+    body = _ld(b"\x12", status.description.encode()) if status.description else b""
+    if code:
+        body += b"\x18" + _varint(code)
+    return _ld(b"\x7a", body)
+
+
+def _span(span: ReadableSpan) -> bytes:
+    # Reads ReadableSpan's slots, not its properties: those copy attributes, events and
+    # links on every access. An SDK without these slots makes the exporter fall back.
+    context = span._context
+    assert context is not None
+    parent = span._parent
+    out = b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08"
+    out += context.span_id.to_bytes(8, "big")
+    state = context.trace_state
+    if state:
+        out += _ld(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode())
+    if parent is not None:
+        out += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
+    name = span._name
+    if name:
+        out += _ld(b"\x2a", name.encode())
+    out += _KIND[span._kind.value]
+    if span._start_time:
+        out += b"\x39" + _pack_q(span._start_time)
+    if span._end_time:
+        out += b"\x41" + _pack_q(span._end_time)
+    attributes = span._attributes
+    if attributes:
+        out += _attributes(b"\x4a", attributes)
+        dropped = _dropped(attributes)
+        if dropped:
+            out += b"\x50" + _varint(dropped)
+    events = span._events
+    if events:
+        out += _events(events)
+    links = span._links
+    if links:
+        out += _links(links)
+    out += _status(span._status)
+    return out + _flags(parent)
+
+
+def _count(tag: bytes, n: int) -> bytes:
+    return tag + _varint(n) if n else b""
+
+
+def _scope(scope: InstrumentationScope | None) -> bytes:
+    if scope is None:
+        return b""
+    body = _ld(b"\x0a", scope.name.encode()) if scope.name else b""
+    if scope.version:
+        body += _ld(b"\x12", scope.version.encode())
+    return body + _attributes(b"\x1a", scope.attributes)
+
+
+def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
+    """The serialised ``ExportTraceServiceRequest`` the SDK's encoder would make."""
+    # Grouped by identity: a Resource's hash serialises it to JSON every time.
+    grouped: dict[int, tuple[Resource, dict[int, tuple[Any, list[bytes]]]]] = {}
+    for span in spans:
+        resource = span._resource
+        by_scope = grouped.get(id(resource))
+        if by_scope is None:
+            by_scope = grouped[id(resource)] = (resource, {})
+        scope = span._instrumentation_scope or None
+        entry = by_scope[1].get(id(scope))
+        if entry is None:
+            entry = by_scope[1][id(scope)] = (scope, [])
+        entry[1].append(_span(span))
+    request = []
+    for resource, by_id in grouped.values():
+        scopes = dict(by_id.values())
+        body = _ld(b"\x0a", _attributes(b"\x0a", resource.attributes))
+        for scope, encoded in scopes.items():
+            scope_body = _ld(b"\x0a", _scope(scope))
+            scope_body += b"".join(_ld(b"\x12", s) for s in encoded)
+            if scope is not None and scope.schema_url:
+                scope_body += _ld(b"\x1a", scope.schema_url.encode())
+            body += _ld(b"\x12", scope_body)
+        if resource.schema_url:
+            body += _ld(b"\x1a", resource.schema_url.encode())
+        request.append(_ld(b"\x0a", body))
+    return b"".join(request)
+
+
+class FastOTLPSpanExporter(OTLPSpanExporter):
+    """The SDK's OTLP/HTTP span exporter with :func:`encode_request` as its encoder."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        client = getattr(self, "_client", None)
+        if getattr(self, "_shutdown", False) or client is None:
+            return super().export(spans)
+        try:
+            data = encode_request(spans)
+        except Exception as exc:  # an attribute type the fast path does not know
+            log.debug("fast span encoding failed (%s); using the SDK's encoder", exc)
+            return super().export(spans)
+        result = client.export(data)
+        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
