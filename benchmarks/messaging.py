@@ -134,14 +134,17 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
         runtime = make_runtime(consumer, workdir / "consumer.db", transport, owns=True)
         await runtime.start()
         print("ready", flush=True)
+        cpu_start = time.process_time()
         await progress.done.wait()
         end = time.time()
+        cpu = time.process_time() - cpu_start
         await runtime.stop()
         lat = sorted(progress.latencies)
         print(
             json.dumps(
                 {
                     "end": end,
+                    "cpu": cpu,
                     "p50": statistics.median(lat),
                     "p99": lat[int(len(lat) * 0.99) - 1],
                 }
@@ -152,12 +155,15 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
     runtime = make_runtime(producer, workdir / "producer.db", transport, owns=True)
     await runtime.start()
     start = time.time()
+    cpu_start = time.process_time()
     print(json.dumps({"start": start}), flush=True)
     if mode == "flood":
         await produce_flood(runtime, count, concurrency=64)
     else:
         await produce_paced(runtime, count, rate=100.0)
     # Keep the relay running until the parent stops us.
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    print(json.dumps({"cpu": time.process_time() - cpu_start}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await runtime.stop()
 
@@ -184,10 +190,14 @@ def run_pair(count: int, mode: str) -> dict[str, float]:
         result = json.loads(cons.stdout.readline())
         cons.wait(60)
         assert prod.stdin is not None
+        prod.stdin.write("cpu\n")
+        prod.stdin.flush()
+        producer_cpu = json.loads(prod.stdout.readline())["cpu"]
         prod.stdin.close()
         prod.wait(60)
         return {
             "rate": count / (result["end"] - start),
+            "cpu_us_per_message": (producer_cpu + result["cpu"]) / count * 1e6,
             "p50": result["p50"],
             "p99": result["p99"],
         }

@@ -80,19 +80,26 @@ def main() -> None:
     rounds = 2 if args.quick else 3
     untraced: list[float] = []
     traced: list[float] = []
+    cpu_off: list[float] = []
+    cpu_on: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         collector, url = start_collector(Path(tmp))
         try:
             for _ in range(rounds):
                 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-                untraced.append(messaging.run_pair(count, "flood")["rate"])
+                off = messaging.run_pair(count, "flood")
+                untraced.append(off["rate"])
+                cpu_off.append(off["cpu_us_per_message"])
                 before = stored_spans(url)
                 os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
-                traced.append(messaging.run_pair(count, "flood")["rate"])
+                on = messaging.run_pair(count, "flood")
+                traced.append(on["rate"])
+                cpu_on.append(on["cpu_us_per_message"])
                 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
                 time.sleep(2.0)  # let the last batches land before counting
                 print(
-                    f"untraced {untraced[-1]:,.0f} msg/s, traced {traced[-1]:,.0f} msg/s,"
+                    f"untraced {untraced[-1]:,.0f} msg/s ({cpu_off[-1]:.0f} us CPU/msg),"
+                    f" traced {traced[-1]:,.0f} msg/s ({cpu_on[-1]:.0f} us CPU/msg),"
                     f" spans stored {stored_spans(url) - before:,}"
                 )
         finally:
@@ -115,6 +122,12 @@ def main() -> None:
             "peer": round(best_off, 1),
             "unit": "messages/s traced vs untraced",
             "ratio": round(best_on / best_off, 3),
+        },
+        "traced-vs-untraced-cpu": {
+            "atoll": round(min(cpu_on), 1),
+            "peer": round(min(cpu_off), 1),
+            "unit": "us of service CPU per message, traced vs untraced (collector excluded)",
+            "ratio": round(min(cpu_off) / min(cpu_on), 3),
         },
         "collector-vs-20k-spans": {
             "atoll": round(rate, 1),

@@ -26,6 +26,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     INVALID_SPAN_CONTEXT,
     Link,
+    NonRecordingSpan,
     Span,
     SpanContext,
     SpanKind,
@@ -71,7 +72,16 @@ def parse_traceparent(carrier: Mapping[str, str]) -> SpanContext | None:
 class LeanTracer:
     """Makes :class:`LeanSpan`s for one service and ends them into ``processor``."""
 
-    __slots__ = ("clock", "processor", "random", "resource", "sampler", "scope")
+    __slots__ = (
+        "_parent_based",
+        "_roots_always",
+        "clock",
+        "processor",
+        "random",
+        "resource",
+        "sampler",
+        "scope",
+    )
 
     def __init__(
         self,
@@ -88,6 +98,10 @@ class LeanTracer:
         self.clock = clock
         self.random = random
         self.scope = InstrumentationScope("atoll")
+        # The default sampler (parent-based, roots always on) needs no call per span.
+        description = sampler.get_description() if sampler is not None else ""
+        self._roots_always = description.startswith("ParentBased{root:AlwaysOnSampler")
+        self._parent_based = description.startswith("ParentBased{")
 
     def span(
         self,
@@ -100,13 +114,22 @@ class LeanTracer:
         """A span to use as a context manager; the child of ``parent`` when given."""
         if parent is not None and parent.is_valid:
             trace_id = parent.trace_id
-            sampled = parent.trace_flags.sampled
             state = parent.trace_state
+            if self._parent_based:
+                sampled = parent.trace_flags.sampled
+            else:
+                decision = self.sampler.should_sample(
+                    set_span_in_context(NonRecordingSpan(parent)), trace_id, name, kind, attributes
+                )
+                sampled = decision.decision.is_sampled()
         else:
             parent = None
             trace_id = self.random.getrandbits(128) or 1
-            decision = self.sampler.should_sample(None, trace_id, name, kind, attributes)
-            sampled = decision.decision.is_sampled()
+            if self._roots_always:
+                sampled = True
+            else:
+                decision = self.sampler.should_sample(None, trace_id, name, kind, attributes)
+                sampled = decision.decision.is_sampled()
             state = None
         context = SpanContext(
             trace_id,
@@ -174,6 +197,17 @@ class LeanSpan(Span):
         self.end()
 
     # -- the Span interface -----------------------------------------------------------
+
+    def headers(self) -> dict[str, str]:
+        """This span's context as W3C headers, for what it sends."""
+        context = self._context
+        headers = {
+            "traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-"
+            f"{int(context.trace_flags):02x}"
+        }
+        if context.trace_state:
+            headers["tracestate"] = context.trace_state.to_header()
+        return headers
 
     def get_span_context(self) -> SpanContext:
         return self._context

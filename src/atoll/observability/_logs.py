@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -39,6 +40,7 @@ def configure_logging(
         add_service,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_trace_ids,
+        add_message_context,
         *_extra_processors,
     ]
     renderer: structlog.types.Processor
@@ -67,6 +69,24 @@ def configure_logging(
     root.setLevel(level_name)
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+#: (correlation id, message id) of the message being handled: one context variable set
+#: per message (structlog's bound_contextvars costs two per key).
+message_context: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "atoll_message_context", default=None
+)
+
+
+def add_message_context(
+    _: object, __: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """``correlation_id`` and ``message_id`` of the message being handled, if any."""
+    current = message_context.get()
+    if current is not None:
+        event.setdefault("correlation_id", current[0])
+        event.setdefault("message_id", current[1])
+    return event
 
 
 def add_trace_ids(

@@ -45,6 +45,7 @@ class Context(Session):
         "_propagate",
         "_random",
         "_service",
+        "_trace_out",
         "_uow",
         "correlation_id",
         "deadline",
@@ -66,9 +67,11 @@ class Context(Session):
         trace: dict[str, str] | None = None,
         deadline: datetime | None = None,
         propagate: bool = False,
+        trace_out: dict[str, str] | None = None,
     ) -> None:
         self._service = service
         self._propagate = propagate
+        self._trace_out = trace_out
         self._uow = uow
         self._clock = clock
         self._random = random
@@ -194,8 +197,12 @@ class Context(Session):
         now = self._clock.time()
         message_id = self._random.new_id()
         # With tracing on, a message carries the span that commits it (this request or
-        # handler); without, it passes on the context it arrived with.
-        trace = (inject_current() or self.trace) if self._propagate else self.trace
+        # handler); without, it passes on the context it arrived with. Worked out once per
+        # unit of work: every message it sends has the same parent.
+        trace = self._trace_out
+        if trace is None:
+            trace = (inject_current() or self.trace) if self._propagate else self.trace
+            self._trace_out = trace
         deadline = self.deadline
         if deadline is None:
             current = current_deadline()  # an HTTP caller's X-Atoll-Deadline, for one

@@ -12,13 +12,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry
-from structlog.contextvars import bound_contextvars
 
 from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
 from atoll.observability import ServiceMetrics, Tracing, attributes
+from atoll.observability._logs import message_context
 from atoll.observability._tracing import SpanKind, current_span, parse_traceparent
 from atoll.persistence import Database, TransientDatabaseError
 from atoll.resilience import (
@@ -402,43 +402,49 @@ class ServiceRuntime:
         """Run one handler in its own unit of work; ``False`` if it was a duplicate.
 
         Traced as a ``process`` span whose parent is the span that committed the message,
-        timed into the handler histogram, and logged with its correlation id.
+        under the message's deadline, timed into the handler histogram, and logged with
+        its correlation and message ids.
         """
         envelope = item.envelope
         if item.delivery.attempt > 1:
             self.stats.redeliveries += 1
         started = self.clock.monotonic()
         outcome = "failed"
-        deadline = (
-            None
-            if envelope.deadline is None
-            else Deadline.from_datetime(envelope.deadline, clock=self.clock)
-        )
+        token = message_context.set((envelope.correlation_id, envelope.id))
         try:
-            with (
-                bound_contextvars(correlation_id=envelope.correlation_id, message_id=envelope.id),
-                deadline_scope(deadline),
-            ):
-                lean = self.tracing.lean
-                if lean is None:
-                    handled = await self._run_handler(item, propagate=False)
-                else:
-                    with lean.span(
-                        f"process {envelope.type}",
-                        parent=parse_traceparent(envelope.trace),
-                        kind=SpanKind.CONSUMER,
-                        attributes=self._span_attributes(item),
-                    ) as span:
-                        handled = await self._run_handler(item, propagate=True)
-                        if not handled:
-                            span.set_attribute(attributes.OUTCOME, "duplicate")
+            if envelope.deadline is None:
+                handled = await self._traced(item)
+            else:
+                with deadline_scope(Deadline.from_datetime(envelope.deadline, clock=self.clock)):
+                    handled = await self._traced(item)
             outcome = "handled" if handled else "duplicate"
             return handled
         finally:
+            message_context.reset(token)
             self.stats.by_type[(envelope.type, outcome)] += 1
             self.metrics.handler_seconds.labels(self.service.name, envelope.type).observe(
                 self.clock.monotonic() - started
             )
+
+    async def _traced(self, item: _Decoded) -> bool:
+        lean = self.tracing.lean
+        envelope = item.envelope
+        if lean is None:
+            return await self._run_handler(item, envelope.trace)
+        with lean.span(
+            f"process {envelope.type}",
+            parent=parse_traceparent(envelope.trace),
+            kind=SpanKind.CONSUMER,
+            attributes=self._span_attributes(item),
+        ) as span:
+            # What this handler sends carries this span (and the incoming baggage).
+            outgoing = dict(envelope.trace)
+            outgoing.pop("tracestate", None)
+            outgoing.update(span.headers())
+            handled = await self._run_handler(item, outgoing)
+            if not handled:
+                span.set_attribute(attributes.OUTCOME, "duplicate")
+        return handled
 
     def _span_attributes(self, item: _Decoded) -> dict[str, AttributeValue]:
         envelope = item.envelope
@@ -451,10 +457,9 @@ class ServiceRuntime:
             attributes.MESSAGING_CONSUMER_GROUP: self.service.name,
             attributes.MESSAGING_DELIVERY_ATTEMPT: item.delivery.attempt,
             attributes.MESSAGE_TYPE: envelope.type,
-            attributes.SERVICE: self.service.name,
         }
 
-    async def _run_handler(self, item: _Decoded, *, propagate: bool) -> bool:
+    async def _run_handler(self, item: _Decoded, trace_out: dict[str, str]) -> bool:
         async with self.database.unit_of_work() as uow:
             if not await uow.claim_inbox(self.service.name, item.envelope.id):
                 return False
@@ -465,7 +470,7 @@ class ServiceRuntime:
                 random=self.random,
                 envelope=item.envelope,
                 message=item.message,
-                propagate=propagate,
+                trace_out=trace_out,
             )
             await item.spec.handler(item.message, ctx)
         return True
