@@ -210,12 +210,24 @@ class EventStore(abc.ABC):
         """Up to ``limit`` committed events of the global log after position ``after``."""
 
     @abc.abstractmethod
+    async def read_last(self, limit: int = 10) -> list[RawEvent]:
+        """The last ``limit`` readable events of the global log, in log order."""
+
+    @abc.abstractmethod
     async def head_position(self) -> int:
         """The position of the last readable event of the global log (``START`` if none)."""
 
     @abc.abstractmethod
     async def backlog(self, after: int, *, cap: int = 100_000) -> Backlog:
         """How many committed events lie after ``after``, and since when they wait."""
+
+    async def has_held_back(self) -> bool:
+        """Whether committed events wait behind an open transaction (PostgreSQL only).
+
+        Readers then poll soon instead of waiting for a hint: the transaction that holds
+        them back may end without appending anything, and so without a hint.
+        """
+        return False
 
     def waiter(self) -> Waiter:
         """A wake-up flag set when events may have been committed (close it when done)."""

@@ -776,6 +776,15 @@ class PostgresEventStore(EventStore):
             raise
         return [_raw(row) for row in rows]
 
+    async def read_last(self, limit: int = 10) -> list[RawEvent]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM {self._t}events WHERE tx_key < {_WATERMARK}"
+                " ORDER BY tx_key DESC, position DESC LIMIT $1",
+                limit,
+            )
+        return [_raw(row) for row in reversed(rows)]
+
     async def head_position(self) -> int:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
@@ -830,6 +839,14 @@ class PostgresEventStore(EventStore):
             oldest_recorded_at=min(candidates) if candidates else None,
             blocked_by=blocked_by,
         )
+
+    async def has_held_back(self) -> bool:
+        async with self.pool.acquire() as conn:
+            return bool(
+                await conn.fetchval(
+                    f"SELECT EXISTS (SELECT 1 FROM {self._t}events WHERE tx_key >= {_WATERMARK})"
+                )
+            )
 
     # -- wake-ups -------------------------------------------------------------------------
 

@@ -400,6 +400,14 @@ class SQLiteEventStore(EventStore):
             )
         return [_raw(row) for row in rows]
 
+    async def read_last(self, limit: int = 10) -> list[RawEvent]:
+        async with self.read_session() as r:
+            rows = await r.fetch_all(
+                f"SELECT {_EVENT_COLUMNS} FROM {self.prefix}events ORDER BY position DESC LIMIT ?",
+                limit,
+            )
+        return [_raw(row) for row in reversed(rows)]
+
     async def head_position(self) -> int:
         async with self.read_session() as r:
             value = await r.fetch_value(f"SELECT max(position) FROM {self.prefix}events")
