@@ -359,6 +359,7 @@ def common_schema(*, blob: str, real: str, position: str) -> list[str]:
         )""",
         f"""CREATE TABLE IF NOT EXISTS {{t}}subject_keys (
             subject TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
             key {blob} NOT NULL,
             created_at {real} NOT NULL
         )""",

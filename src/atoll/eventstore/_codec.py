@@ -261,10 +261,11 @@ class EventCodec:
             )
         payload = msgspec.to_builtins(value)
         secret = {name: payload.pop(name) for name in shape.personal.values()}
-        key = await self.keys.key_for(subject, tx)
+        key_id, key = await self.keys.key_for(subject, tx)
         blob = encrypt(key, _encoder.encode(secret), aad, self.keys.entropy)
         payload[PERSONAL_KEY] = {
             "s": subject,
+            "k": key_id,
             "f": sorted(secret),
             "c": base64.b64encode(blob).decode("ascii"),
         }
@@ -290,7 +291,7 @@ class EventCodec:
 
     async def keys_for(
         self, subjects: set[str], session: Session | Transaction | None
-    ) -> dict[str, bytes]:
+    ) -> dict[str, tuple[str, bytes]]:
         """The keys of ``subjects`` that still exist (forgotten ones are missing)."""
         if not subjects:
             return {}
@@ -301,7 +302,7 @@ class EventCodec:
         return await self.keys.keys_for(subjects, session)
 
     def _decode_one(
-        self, raw: RawEvent, data: dict[str, Any] | None, keys: dict[str, bytes]
+        self, raw: RawEvent, data: dict[str, Any] | None, keys: dict[str, tuple[str, bytes]]
     ) -> EventRecord[Event | UnknownEvent]:
         cls = self.registry.get(raw.type)
         erased: frozenset[str] = frozenset()
@@ -363,21 +364,22 @@ class EventCodec:
         raw: RawEvent,
         shape: Shape,
         data: dict[str, Any],
-        keys: dict[str, bytes],
+        keys: dict[str, tuple[str, bytes]],
         aad: bytes,
     ) -> tuple[msgspec.Struct, frozenset[str]]:
         """Decrypt (or erase) the personal fields of ``data``, upcast, and convert."""
         sealed = data.pop(PERSONAL_KEY, None)
         erased = False
         if sealed is not None:
-            subject, names, blob = _sealed_parts(raw, sealed)
-            key = keys.get(subject)
-            if key is None:
+            subject, key_id, names, blob = _sealed_parts(raw, sealed)
+            found = keys.get(subject)
+            if found is None or found[0] != key_id:
+                # Forgotten (perhaps with a new key since): erased for good.
                 erased = True
                 data.update(dict.fromkeys(names))
             else:
                 try:
-                    secret = _dict_decoder.decode(decrypt(key, blob, aad))
+                    secret = _dict_decoder.decode(decrypt(found[1], blob, aad))
                 except Exception as exc:
                     raise CorruptEventError(
                         raw.stream_id,
@@ -423,16 +425,22 @@ def _typed(raw: RawEvent, decoder: msgspec.json.Decoder[Any]) -> Event:
     return value
 
 
-def _sealed_parts(raw: RawEvent, sealed: Any) -> tuple[str, list[str], bytes]:
+def _sealed_parts(raw: RawEvent, sealed: Any) -> tuple[str, str, list[str], bytes]:
     malformed = CorruptEventError(
         raw.stream_id, raw.version, raw.position, "its sealed personal data is malformed"
     )
     if not isinstance(sealed, dict):
         raise malformed
-    subject, names, blob = sealed.get("s"), sealed.get("f"), sealed.get("c")
-    if not isinstance(subject, str) or not isinstance(names, list) or not isinstance(blob, str):
+    subject, key_id = sealed.get("s"), sealed.get("k")
+    names, blob = sealed.get("f"), sealed.get("c")
+    if not (
+        isinstance(subject, str)
+        and isinstance(key_id, str)
+        and isinstance(names, list)
+        and isinstance(blob, str)
+    ):
         raise malformed
     try:
-        return subject, [str(n) for n in names], base64.b64decode(blob, validate=True)
+        return subject, key_id, [str(n) for n in names], base64.b64decode(blob, validate=True)
     except (ValueError, binascii.Error) as exc:
         raise malformed from exc

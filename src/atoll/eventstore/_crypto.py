@@ -112,36 +112,46 @@ class SubjectKeys:
                 f"the key of data subject {subject!r} cannot be unwrapped: wrong master key?"
             ) from exc
 
-    async def key_for(self, subject: str, tx: Transaction) -> bytes:
-        """The subject's key, created in ``tx`` if it has none."""
+    async def key_for(self, subject: str, tx: Transaction) -> tuple[str, bytes]:
+        """The subject's ``(key id, key)``, created in ``tx`` if it has none.
+
+        The key id travels with each ciphertext: data sealed under a key that was
+        forgotten stays erased even after the subject gets a new key.
+        """
         t = self.store.table("subject_keys")
-        await tx.execute(
-            f"INSERT INTO {t} (subject, key, created_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (subject) DO NOTHING",
-            subject,
-            self._wrap(subject, self.entropy(_KEY_BYTES)),
-            self.store.clock.time(),
-        )
-        stored = await tx.fetch_value(f"SELECT key FROM {t} WHERE subject = ?", subject)
-        return self._unwrap(subject, bytes(stored))
+        stored = await tx.fetch_one(f"SELECT key_id, key FROM {t} WHERE subject = ?", subject)
+        if stored is None:
+            await tx.execute(
+                f"INSERT INTO {t} (subject, key_id, key, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (subject) DO NOTHING",
+                subject,
+                self.entropy(8).hex(),
+                self._wrap(subject, self.entropy(_KEY_BYTES)),
+                self.store.clock.time(),
+            )
+            stored = await tx.fetch_one(f"SELECT key_id, key FROM {t} WHERE subject = ?", subject)
+            assert stored is not None
+        return stored[0], self._unwrap(subject, bytes(stored[1]))
 
     async def keys_for(
         self, subjects: Iterable[str], session: Session | Transaction | None = None
-    ) -> dict[str, bytes]:
-        """The keys of those ``subjects`` that still have one."""
+    ) -> dict[str, tuple[str, bytes]]:
+        """``(key id, key)`` of those ``subjects`` that still have a key."""
         wanted = sorted(set(subjects))
         if not wanted:
             return {}
         t = self.store.table("subject_keys")
-        found: dict[str, bytes] = {}
+        found: dict[str, tuple[str, bytes]] = {}
         async with self.store._reading(session) as r:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
                 marks = ", ".join("?" * len(chunk))
                 rows = await r.fetch_all(
-                    f"SELECT subject, key FROM {t} WHERE subject IN ({marks})", *chunk
+                    f"SELECT subject, key_id, key FROM {t} WHERE subject IN ({marks})", *chunk
                 )
-                found.update({row[0]: self._unwrap(row[0], bytes(row[1])) for row in rows})
+                found.update(
+                    {row[0]: (row[1], self._unwrap(row[0], bytes(row[2]))) for row in rows}
+                )
         return found
 
     async def forget(

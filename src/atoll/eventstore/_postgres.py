@@ -379,8 +379,9 @@ class PostgresEventStore(EventStore):
     store, sent outside the appending transactions, so commits are not serialised on
     the notification queue) and always poll as well.
 
-    Runs standalone on its own pool (``dsn``), on a given asyncpg ``pool``, and inside a
-    given transaction: pass ``tx=`` a :meth:`transaction`, or any unit of work that
+    Runs standalone on its own pool (``dsn``; its connections put ``schema`` first on
+    the ``search_path``, so unqualified read-model tables live next to the events), on a
+    given asyncpg ``pool``, and inside a given transaction: pass ``tx=`` a :meth:`transaction`, or any unit of work that
     exposes its asyncpg connection as ``.connection``.
     """
 
@@ -449,8 +450,13 @@ class PostgresEventStore(EventStore):
             import asyncpg  # noqa: PLC0415 - optional extra
 
             try:
+                # Read models that projections create without a schema land in the
+                # store's schema, next to the events and checkpoints they derive from.
                 self._pool = await asyncpg.create_pool(
-                    self._dsn, min_size=self._min_connections, max_size=self._max_connections
+                    self._dsn,
+                    min_size=self._min_connections,
+                    max_size=self._max_connections,
+                    server_settings={"search_path": f'"{self.schema}", public'},
                 )
             except Exception as exc:
                 raise map_pg_error(exc, f"connecting {self.what}") from exc

@@ -199,7 +199,8 @@ class Repository(Generic[A]):
             await self._maybe_snapshot(aggregate, base, result.last_version, tx)
 
         def committed() -> None:
-            if aggregate._tx is tx:
+            # Only the last save of this transaction settles the aggregate.
+            if aggregate._tx is tx and aggregate._tx_count == count:
                 aggregate.version = result.last_version
                 del aggregate._pending[:count]
                 aggregate._tx, aggregate._tx_count = None, 0

@@ -62,22 +62,29 @@ class Subscription:
             self._waiter.close()
             self._waiter = None
 
-    async def batches(self) -> AsyncIterator[list[RawEvent]]:
-        """Pages of events, forever; :attr:`position` advances past each page yielded."""
+    async def next_batch(self) -> list[RawEvent]:
+        """The next page of events; an empty list after one idle wait with nothing new.
+
+        :attr:`position` moves past the page returned.
+        """
         if self._waiter is None:
             raise RuntimeError("use the subscription in `async with`")
-        waiter = self._waiter
+        self._waiter.clear()
+        batch = await self.store.read_all(after=self.position, limit=self.batch_size)
+        if batch:
+            self.position = batch[-1].position
+            self.live = len(batch) < self.batch_size
+            return batch
+        self.live = True
+        await self.idle(self._waiter)
+        return []
+
+    async def batches(self) -> AsyncIterator[list[RawEvent]]:
+        """Pages of events, forever (waiting while there is nothing new)."""
         while True:
-            waiter.clear()
-            batch = await self.store.read_all(after=self.position, limit=self.batch_size)
+            batch = await self.next_batch()
             if batch:
-                self.live = len(batch) < self.batch_size
                 yield batch
-                self.position = batch[-1].position
-                if not self.live:
-                    continue
-            self.live = True
-            await self.idle(waiter)
 
     async def idle(self, waiter: Waiter) -> None:
         """Wait for a hint or the poll interval; poll soon if events are held back."""
