@@ -381,8 +381,9 @@ class PostgresEventStore(EventStore):
 
     Runs standalone on its own pool (``dsn``; its connections put ``schema`` first on
     the ``search_path``, so unqualified read-model tables live next to the events), on a
-    given asyncpg ``pool``, and inside a given transaction: pass ``tx=`` a :meth:`transaction`, or any unit of work that
-    exposes its asyncpg connection as ``.connection``.
+    given asyncpg ``pool``, and inside a given transaction: pass ``tx=`` a
+    :meth:`transaction`, or any unit of work that exposes its asyncpg connection as
+    ``.connection``.
     """
 
     dialect = "postgresql"
