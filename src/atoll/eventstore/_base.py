@@ -119,6 +119,12 @@ class EventStore(abc.ABC):
     def read_session(self) -> AbstractAsyncContextManager[Session]:
         """A session that reads committed data only."""
 
+    async def exclusive(self, tx: Transaction, name: str) -> None:  # noqa: B027 - SQLite: no-op
+        """Hold a lock named ``name`` until ``tx`` ends (SQLite's single writer already does).
+
+        For work that must not run twice at once, such as creating a projection's tables.
+        """
+
     def table(self, name: str) -> str:
         """The SQL name of one of the store's tables (``events``, ``streams``, ...)."""
         return f"{self.prefix}{name}"

@@ -436,6 +436,11 @@ class PostgresEventStore(EventStore):
     def table(self, name: str) -> str:
         return f"{self._t}{name}"
 
+    async def exclusive(self, tx: Transaction, name: str) -> None:
+        key = f"{self.channel}:{name}".encode()
+        lock_id = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+        await connection_of(tx).execute("SELECT pg_advisory_xact_lock($1)", lock_id)
+
     @property
     def pool(self) -> Any:
         """The asyncpg pool (after :meth:`open`)."""

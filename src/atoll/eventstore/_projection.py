@@ -269,6 +269,8 @@ class ProjectionRunner:
     async def _setup(self) -> None:
         if not self._set_up:
             async with self.store.transaction() as tx:
+                # Replicas start together: CREATE TABLE IF NOT EXISTS races on PostgreSQL.
+                await self.store.exclusive(tx, f"projection setup {self.name}")
                 await self.projection.setup(tx)
             self._set_up = True
         self.checkpoint = await self.store.load_checkpoint(self.name)
@@ -331,11 +333,13 @@ class ProjectionRunner:
     async def _commit(self, records: Sequence[AnyRecord]) -> None:
         expected = self.checkpoint
         async with self.store.transaction() as tx:
-            for record in records:
-                await self.projection.handle(record, tx)
+            # Claim the batch first: a replica that lost the race stops here, before any
+            # handler runs (on PostgreSQL the row lock makes the loser wait, then fail).
             await self.store.save_checkpoint(
                 self.name, records[-1].position, expected=expected, tx=tx
             )
+            for record in records:
+                await self.projection.handle(record, tx)
         self.checkpoint = records[-1].position
 
     def _failed(self, raw: RawEvent, exc: BaseException) -> ProjectionFailedError:
