@@ -26,7 +26,7 @@ from atoll.eventstore._base import EventStore
 from atoll.eventstore._codec import EventCodec, EventRecord, UnknownEvent
 from atoll.eventstore._crypto import SubjectKeys
 from atoll.eventstore._errors import EventDecodeError, KeyStoreError
-from atoll.eventstore._model import START, RawEvent, decode_metadata
+from atoll.eventstore._model import RawEvent, decode_metadata
 from atoll.eventstore._postgres import PostgresEventStore, format_position
 from atoll.eventstore._projection import Projection, ProjectionRunner
 from atoll.eventstore._sqlite import SQLiteEventStore
@@ -181,7 +181,7 @@ async def tail(
         raws = await store.read_last(last)
         for row in await _rows(store, raws, codec):
             yield row
-        after = raws[-1].position if raws else START
+        after = raws[-1].position if raws else await store.head_position()
     elif not follow:
         for row in await _rows(store, await store.read_all(after=after, limit=last), codec):
             yield row
