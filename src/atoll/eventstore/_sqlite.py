@@ -177,22 +177,28 @@ class SQLiteEventStore(EventStore):
         ids = [normalize_event_id(e.event_id) for e in events]
         if len(set(ids)) != len(ids):
             raise DuplicateEventError(stream_id, "the same event id appears twice in one append")
-        async with self._writing(tx) as w:
-            # A savepoint of our own: a failed append leaves nothing behind even in a unit
-            # of work whose owner catches the error and carries on.
-            await w.execute("SAVEPOINT atoll_es_append")
+        if tx is None:
+            # Our own unit of work: its savepoint already undoes a failed append.
+            async with self.database.unit_of_work() as uow:
+                result = await self._append(uow, stream_id, events, ids, expected_version)
+                if not result.deduplicated:
+                    uow.on_commit(self._committed)
+            return result
+        # A savepoint of our own: a failed append leaves nothing behind even in a unit of
+        # work whose owner catches the error and carries on.
+        await tx.execute("SAVEPOINT atoll_es_append")
+        try:
+            result = await self._append(tx, stream_id, events, ids, expected_version)
+        except BaseException:
             try:
-                result = await self._append(w, stream_id, events, ids, expected_version)
-            except BaseException:
-                try:
-                    await w.execute("ROLLBACK TO atoll_es_append")
-                    await w.execute("RELEASE atoll_es_append")
-                except DatabaseError:
-                    pass  # the transaction is gone: the unit of work fails as a whole
-                raise
-            await w.execute("RELEASE atoll_es_append")
-            if not result.deduplicated:
-                w.on_commit(self._committed)
+                await tx.execute("ROLLBACK TO atoll_es_append")
+                await tx.execute("RELEASE atoll_es_append")
+            except DatabaseError:
+                pass  # the transaction is gone: the unit of work fails as a whole
+            raise
+        await tx.execute("RELEASE atoll_es_append")
+        if not result.deduplicated:
+            tx.on_commit(self._committed)
         return result
 
     async def _append(
@@ -204,19 +210,26 @@ class SQLiteEventStore(EventStore):
         expected: ExpectedVersion,
     ) -> AppendResult:
         t = self.prefix
-        row = await w.fetch_one(
-            f"SELECT version, deleted FROM {t}streams WHERE stream_id = ?", stream_id
-        )
-        current = -1 if row is None else int(row[0])
-        if row is not None and row[1]:
-            raise StreamDeletedError(stream_id, current)
         marks = ", ".join("?" * len(ids))
-        existing = await w.fetch_all(
-            f"SELECT event_id, stream_id, version, position FROM {t}events"
-            f" WHERE event_id IN ({marks})",
+        # One statement: the stream's state, and whether any of the ids is stored.
+        row = await w.fetch_one(
+            f"SELECT (SELECT version FROM {t}streams WHERE stream_id = ?),"
+            f" (SELECT deleted FROM {t}streams WHERE stream_id = ?),"
+            f" EXISTS (SELECT 1 FROM {t}events WHERE event_id IN ({marks}))",
+            stream_id,
+            stream_id,
             *ids,
         )
-        if existing:
+        assert row is not None
+        current = -1 if row[0] is None else int(row[0])
+        if row[1]:
+            raise StreamDeletedError(stream_id, current)
+        if row[2]:
+            existing = await w.fetch_all(
+                f"SELECT event_id, stream_id, version, position FROM {t}events"
+                f" WHERE event_id IN ({marks})",
+                *ids,
+            )
             return idempotent_result(stream_id, ids, {r[0]: (r[1], r[2], r[3]) for r in existing})
         if not expected_matches(expected, current):
             raise ConcurrencyError(stream_id, describe_expected(expected), current)
