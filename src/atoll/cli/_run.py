@@ -72,6 +72,22 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
     return sock
 
 
+async def declare_subscriptions(loaded: LoadedConfig, names: Sequence[str]) -> None:
+    """Declare every service's subscriptions, so no event published at start-up is lost
+    for a service that has not started yet."""
+    system = loaded.config.system
+    transport = transport_from_url(
+        system.transport, base_dir=loaded.data_dir, synchronous=system.sqlite_synchronous
+    )
+    await transport.connect()
+    try:
+        for name in names:
+            service = import_service(loaded, name)
+            await transport.declare(service.name, service.topics())
+    finally:
+        await transport.close()
+
+
 class SystemProcess:
     """Some services of a system, served by this process, sharing one transport."""
 
@@ -125,6 +141,9 @@ class SystemProcess:
             spec = self.loaded.service(runtime.service.name)
             self._sockets.append(bind_socket(spec.host, spec.port, f"service {spec.app}"))
         await self.transport.connect()
+        # Every subscription exists before any service can publish.
+        for runtime in self.runtimes:
+            await self.transport.declare(runtime.service.name, runtime.topics())
         for runtime in self.runtimes:
             await runtime.start()
             self._started.append(runtime)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from atoll.cli._run import declare_subscriptions
 from atoll.config import LoadedConfig
 from atoll.determinism import SystemClock
 
@@ -177,6 +178,8 @@ class Supervisor:
         watchers: list[asyncio.Task[None]] = []
         code = 0
         try:
+            self.loaded.data_dir.mkdir(parents=True, exist_ok=True)
+            await declare_subscriptions(self.loaded, [c.name for c in self.children])
             for child in self.children:
                 await self._spawn(child)
             async with httpx.AsyncClient() as client:

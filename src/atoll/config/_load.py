@@ -8,7 +8,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -16,6 +16,7 @@ import msgspec
 from atoll._errors import AtollError
 from atoll.config._model import AtollConfig, ServiceSection
 
+T = TypeVar("T")
 ENV_PREFIX = "ATOLL__"
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _SCHEMES = {
@@ -80,7 +81,9 @@ def _location(path: str) -> str:
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """``ATOLL__SYSTEM__TRANSPORT=...`` sets ``system.transport`` (keys are lowercased).
+    """``ATOLL__SYSTEM__TRANSPORT=...`` sets ``system.transport``.
+
+    Keys are lowercased, except the names under an ``env`` table.
 
     Values are parsed as TOML values when they parse (numbers, booleans, arrays) and kept
     as strings otherwise.
@@ -88,9 +91,12 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
-        if not parts:
+        raw_parts = [p for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not raw_parts:
             continue
+        parts = [p.lower() for p in raw_parts]
+        if len(parts) >= 2 and parts[-2] == "env":
+            parts[-1] = raw_parts[-1]  # environment variable names keep their case
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -136,8 +142,20 @@ def load_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"is not valid TOML: {exc}") from None
     _apply_env(data, environ)
+    services = data.pop("services", {})
+    if not isinstance(services, dict):
+        raise ConfigError(source, "services", "must be a table of services")
+    config = _convert(source, "", data, AtollConfig)
+    for name, section in services.items():
+        config.services[name] = _convert(source, f"services.{name}", section, ServiceSection)
+    _validate(source, config)
+    return LoadedConfig(config, file)
+
+
+def _convert(source: str, prefix: str, data: object, kind: type[T]) -> T:
+    """``msgspec.convert`` that names the dotted key of any problem."""
     try:
-        config = msgspec.convert(data, AtollConfig, strict=True)
+        return msgspec.convert(data, kind, strict=True)
     except msgspec.ValidationError as exc:
         message = str(exc)
         where = ""
@@ -148,9 +166,8 @@ def load_config(
         if unknown:
             where = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
             message = "unknown key"
-        raise ConfigError(source, where, message[0].lower() + message[1:]) from None
-    _validate(source, config)
-    return LoadedConfig(config, file)
+        key = ".".join(part for part in (prefix, where) if part)
+        raise ConfigError(source, key, message[0].lower() + message[1:]) from None
 
 
 def _validate(source: str, config: AtollConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource
@@ -40,7 +41,7 @@ class OutboxRelay:
         batch_size: int = 500,
         poll_interval: float = 1.0,
         backoff_cap: float = 10.0,
-        lease_ttl: float = 15.0,
+        lease_ttl: float = 6.0,
     ) -> None:
         self.name = name
         self._db = database
@@ -51,7 +52,8 @@ class OutboxRelay:
         self._poll_interval = poll_interval
         self._backoff_cap = backoff_cap
         self._lease_ttl = lease_ttl
-        self._owner = random.new_id()
+        # The pid lets a database on this machine free the lease of a dead process.
+        self._owner = f"{os.getpid()}:{random.new_id()}"
         self._lease_name = f"relay:{name}"
         self._lease_until = 0.0
         self._stopping = False
@@ -75,6 +77,20 @@ class OutboxRelay:
             log.warning("relay %s could not flush at shutdown: %s", self.name, exc)
         await self._db.release_lease(self._lease_name, self._owner)
 
+    def abandon(self) -> None:
+        """Stop at once, as a crash would (for crash tests)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def crashed(self) -> BaseException | None:
+        """What ended the relay's task, if it ended abnormally."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
     async def _hold_lease(self) -> bool:
         now = self._clock.monotonic()
         if now < self._lease_until - self._lease_ttl / 3:
@@ -94,6 +110,7 @@ class OutboxRelay:
             records = await self._db.outbox_fetch(self._batch_size)
             if not records:
                 return total
+            crashpoint("relay.before_publish")
             await self._transport.publish(
                 [OutgoingMessage(r.topic, r.message_id, r.key, r.body) for r in records]
             )

@@ -112,8 +112,9 @@ class Database(abc.ABC):
       be visible to another.
     * :meth:`batch` groups every unit of work opened by the *current task* inside it into
       one transaction, committed when the ``batch`` block exits. A unit of work in a
-      batch that raises is rolled back alone (the others are kept). The batch exit must
-      raise if the commit fails, and then none of the batch's units of work are kept.
+      batch that raises is rolled back alone (the others are kept). If the ``batch``
+      block itself raises, or its commit fails, none of its units of work are kept and
+      the exception propagates.
     * :meth:`read` gives a session for queries that change nothing and sees committed
       data only.
     * The outbox methods serve the relay: :meth:`outbox_fetch` must return due records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,19 @@ _SCHEMA = core_schema(autoincrement="INTEGER PRIMARY KEY AUTOINCREMENT", blob="B
 _current_batch: contextvars.ContextVar[SQLiteDatabase | None] = contextvars.ContextVar(
     "atoll_sqlite_batch", default=None
 )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def map_sqlite_error(exc: sqlite3.Error, what: str) -> DatabaseError:
@@ -207,7 +221,6 @@ class SQLiteDatabase(Database):
         self._read_conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
-        self._in_tx = False
         self._group: _Group | None = None
         self._commit_scheduled = False
         self._outbox_event = asyncio.Event()
@@ -287,54 +300,75 @@ class SQLiteDatabase(Database):
         self._executor.shutdown(wait=True)
         self._executor = None
 
+    @property
+    def _in_tx(self) -> bool:
+        # Derived from the connection itself: a cancelled BEGIN or COMMIT still runs to
+        # completion on the writer thread, so no flag of ours could be trusted after one.
+        return self._conn is not None and self._conn.in_transaction
+
     async def _begin_locked(self) -> None:
         conn = self._conn_or_raise()
         try:
             await self._in_thread(lambda: conn.execute("BEGIN IMMEDIATE"))
         except sqlite3.Error as exc:
             raise map_sqlite_error(exc, f"starting a transaction on {self.what}") from exc
-        self._in_tx = True
-        self._group = _Group(asyncio.get_running_loop())
+        finally:
+            if conn.in_transaction and self._group is None:
+                self._group = _Group(asyncio.get_running_loop())
 
     async def _commit_locked(self) -> None:
         """COMMIT the open transaction and settle its group. Caller holds the lock."""
         conn = self._conn
         group, self._group = self._group, None
-        self._in_tx = False
         if conn is None:
             return
         try:
             await self._in_thread(lambda: conn.execute("COMMIT"))
+        except asyncio.CancelledError:
+            # The COMMIT ran to completion on its thread; settle the group as it ended.
+            if conn.in_transaction:
+                self._fail_transaction(conn, group, CommitFailedError("commit interrupted"))
+            else:
+                self._committed(group)
+            raise
         except BaseException as exc:
-            error = self._commit_failed(conn, group, exc)
+            error: BaseException = exc
+            if isinstance(exc, sqlite3.Error):
+                error = map_sqlite_error(exc, f"committing to {self.what}")
+            self._fail_transaction(conn, group, error)
             if error is exc:
                 raise
             raise error from exc
-        if group is not None:
-            if not group.done.done():
-                group.done.set_result(None)
-            if group.outgoing:
-                self._outbox_event.set()
-            for callback in group.callbacks:
-                callback()
+        self._committed(group)
 
-    def _commit_failed(
-        self, conn: sqlite3.Connection, group: _Group | None, exc: BaseException
-    ) -> BaseException:
-        """Clean up after a failed COMMIT; fail the group; return the error to raise.
+    def _committed(self, group: _Group | None) -> None:
+        if group is None:
+            return
+        if not group.done.done():
+            group.done.set_result(None)
+        if group.outgoing:
+            self._outbox_event.set()
+        for callback in group.callbacks:
+            callback()
 
-        The transaction is gone either way: roll back what may remain so the next unit of
-        work starts clean, and fail every unit that waited on this commit.
-        """
+    async def _rollback_locked(self) -> None:
+        """Roll back the open transaction: every unit in it fails. Caller holds the lock."""
+        conn = self._conn
+        group, self._group = self._group, None
+        if conn is not None:
+            self._fail_transaction(
+                conn, group, CommitFailedError("the batch holding this unit of work failed")
+            )
+
+    def _fail_transaction(
+        self, conn: sqlite3.Connection, group: _Group | None, error: BaseException
+    ) -> None:
+        """Roll back what may remain (so the next unit starts clean); fail every waiter."""
         with contextlib.suppress(sqlite3.Error):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-        error: BaseException = exc
-        if isinstance(exc, sqlite3.Error):
-            error = map_sqlite_error(exc, f"committing to {self.what}")
         if group is not None and not group.done.done():
             group.done.set_result(error)
-        return error
 
     async def _scheduled_commit(self) -> None:
         async with self._lock:
@@ -414,9 +448,12 @@ class SQLiteDatabase(Database):
             token = _current_batch.set(self)
             try:
                 yield
-            finally:
+            except BaseException:
                 _current_batch.reset(token)
-                await self._commit_locked()
+                await self._rollback_locked()
+                raise
+            _current_batch.reset(token)
+            await self._commit_locked()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Session]:
@@ -472,8 +509,20 @@ class SQLiteDatabase(Database):
         self._outbox_event.clear()
 
     async def try_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew a lease; one held by a dead process of this machine is free.
+
+        Owners named ``"<pid>:<token>"`` are checked: a SQLite file is shared only by
+        processes of one machine, so a holder whose pid is gone cannot renew.
+        """
         now = self.now()
         async with self.unit_of_work() as uow:
+            holder = await uow.fetch_one(
+                "SELECT owner, expires_at FROM atoll_leases WHERE name = ?", name
+            )
+            if holder is not None and holder[0] != owner and holder[1] >= now:
+                pid, sep, _ = str(holder[0]).partition(":")
+                if sep and pid.isdigit() and not pid_alive(int(pid)):
+                    await uow.execute("DELETE FROM atoll_leases WHERE name = ?", name)
             changed = await uow.execute(
                 "INSERT INTO atoll_leases (name, owner, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
@@ -24,8 +25,6 @@ from atoll.transport import (
     Outcome,
     Retry,
     Transport,
-    command_topic,
-    event_topic,
 )
 
 log = logging.getLogger("atoll.service")
@@ -75,6 +74,7 @@ class ServiceRuntime:
         max_batch: int = 100,
         relay_batch: int = 500,
         relay_poll_interval: float = 1.0,
+        relay_lease_ttl: float = 6.0,
         drain_timeout: float = 30.0,
         inbox_retention: float = 7 * 86_400.0,
     ) -> None:
@@ -99,6 +99,7 @@ class ServiceRuntime:
             random=self.random,
             batch_size=relay_batch,
             poll_interval=relay_poll_interval,
+            lease_ttl=relay_lease_ttl,
         )
 
     def __repr__(self) -> str:
@@ -124,9 +125,9 @@ class ServiceRuntime:
             for hook in self.service.start_hooks:
                 await hook(self)
             await self.transport.connect()
+            topics = self.topics()
+            await self.transport.declare(self.service.name, topics)
             self.relay.start()
-            topics = [command_topic(self.service.name)]
-            topics += [event_topic(t) for t in self.service.event_types]
             self._consumer = await self.transport.subscribe(
                 self.service.name,
                 topics,
@@ -141,6 +142,10 @@ class ServiceRuntime:
             raise
         self.state = "ready"
         log.info("service %s ready", self.service.name)
+
+    def topics(self) -> list[str]:
+        """The topics this service consumes: its command topic and its event types."""
+        return self.service.topics()
 
     async def stop_consuming(self) -> None:
         """Report not ready and stop taking messages; wait for the batch in hand.
@@ -172,6 +177,23 @@ class ServiceRuntime:
         await self.relay.stop()
         await self._close_quietly()
         self.state = "stopped"
+        self.service.attach(None)
+
+    async def abandon(self) -> None:
+        """Stop at once without draining, settling or flushing: what a crash leaves behind.
+
+        For crash tests in one process. Leases held by the consumer lapse; outbox records
+        stay; the next runtime on the same database carries on from there.
+        """
+        self.state = "stopped"
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        self.relay.abandon()
+        abandon = getattr(self._consumer, "abandon", None)
+        if abandon is not None:
+            abandon()
+        self._consumer = None
+        await self._close_quietly()
         self.service.attach(None)
 
     async def _close_quietly(self) -> None:
@@ -289,6 +311,7 @@ class ServiceRuntime:
                             )
                             await item.spec.handler(item.message, ctx)
                         handled += 1
+                        crashpoint("consumer.mid_batch")
                     except Exception as exc:
                         self.stats.failed += 1
                         if key is not None:

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from atoll.messages import Command, Event, Message, MessageRegistry, Reply
 from atoll.service._context import Context
 from atoll.service._http import install_http_defaults
-from atoll.transport import RedeliveryPolicy
+from atoll.transport import RedeliveryPolicy, command_topic, event_topic
 
 if TYPE_CHECKING:
     from atoll.service._runtime import ServiceRuntime
@@ -125,6 +125,10 @@ class Service:
         """Run ``hook(runtime)`` at start, after migrations and before consuming."""
         self.start_hooks.append(hook)
         return hook
+
+    def topics(self) -> list[str]:
+        """The topics this service consumes: its command topic and its event types."""
+        return [command_topic(self.name)] + [event_topic(t) for t in self.event_types]
 
     @property
     def event_types(self) -> list[str]:

@@ -1,24 +1,32 @@
-"""Test kits: conformance test classes that each backend's tests subclass.
+"""Test kits for atoll and for backends built on it.
 
-The kits import pytest; importing this package does not (names load on first use).
+Conformance kits are base classes of pytest tests: subclass one per backend and
+implement its factory. They need ``pytest`` and ``pytest-asyncio`` (asyncio mode auto).
 """
 
-from __future__ import annotations
+from atoll.testing._crash_kit import (
+    CRASH_POINTS,
+    ExactlyOnceCrashConformance,
+    InProcessCrashConformance,
+    SimulatedCrash,
+)
+from atoll.testing._database_kit import DatabaseConformance
+from atoll.testing._eventstore import EventStoreConformance
+from atoll.testing._outage_kit import BrokerOutageConformance
+from atoll.testing._proxy import TcpProxy
+from atoll.testing._transport_kit import Recorder, TransportConformance
+from atoll.testing._waiting import wait_until
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from atoll.testing._eventstore import EventStoreConformance
-
-__all__ = ["EventStoreConformance"]
-
-_KITS = {"EventStoreConformance": "atoll.testing._eventstore"}
-
-
-def __getattr__(name: str) -> Any:
-    module = _KITS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'atoll.testing' has no attribute {name!r}")
-    import importlib  # noqa: PLC0415 - kits load lazily so that pytest stays optional
-
-    return getattr(importlib.import_module(module), name)
+__all__ = [
+    "CRASH_POINTS",
+    "BrokerOutageConformance",
+    "DatabaseConformance",
+    "EventStoreConformance",
+    "ExactlyOnceCrashConformance",
+    "InProcessCrashConformance",
+    "Recorder",
+    "SimulatedCrash",
+    "TcpProxy",
+    "TransportConformance",
+    "wait_until",
+]

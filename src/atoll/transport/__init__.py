@@ -15,6 +15,7 @@ from atoll.transport._base import (
     Transport,
     TransportError,
     TransportUnavailableError,
+    command_group,
     command_topic,
     event_topic,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "TransportUnavailableError",
+    "command_group",
     "command_topic",
     "event_topic",
     "transport_from_url",

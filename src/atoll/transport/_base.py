@@ -120,6 +120,13 @@ class Consumer(Protocol):
         """Stop fetching; wait for the batch being handled to be settled, then return."""
         ...
 
+    def abandon(self) -> None:
+        """Stop at once without settling, as a crash would (for crash tests).
+
+        What it held must be delivered again: at once or when its lease or ack wait ends.
+        """
+        ...
+
 
 class DeadLetterStore(abc.ABC):
     """Where messages go that could not be handled.
@@ -160,13 +167,18 @@ class Transport(abc.ABC):
       consumers).
     * Messages with the same key must reach each group in the order they were published,
       and a later one must not be handed out while an earlier one is in flight or waiting
-      for redelivery. Messages without a key are unordered.
+      for redelivery. Messages without a key are unordered. A batch may hold several
+      messages of one key, in order; a handler that fails one must return
+      ``Retry(count=False)`` for the later ones of that key in the batch.
     * A delivery is settled by the outcome its handler returns: :class:`Ack` removes it,
       :class:`Retry` delivers it again after the policy's backoff (or parks it in dead
       letters once ``max_attempts`` is reached), :class:`DeadLetter` parks it at once. A
       delivery whose consumer dies before settling must be delivered again.
     * Subscriptions are durable: messages published while a group's consumers are down
-      must wait for them, once the group has subscribed at least once.
+      must wait for them, once the group has been declared (:meth:`declare`) or has
+      subscribed. A message on a service's command topic (``service.<name>``, see
+      :func:`command_topic`) must wait for group ``<name>`` even if that group was never
+      declared: a command is never dropped for want of a consumer.
     """
 
     #: ``True`` if several processes can share it (the crash tests need that).
@@ -183,6 +195,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
         """Durably accept ``messages``, in order."""
+
+    @abc.abstractmethod
+    async def declare(self, group: str, topics: Sequence[str]) -> None:
+        """Make ``group``'s subscription to ``topics`` durable without consuming. Idempotent.
+
+        Messages published to these topics afterwards wait for the group. ``atoll up``
+        declares every service's subscriptions before it starts any service.
+        """
 
     @abc.abstractmethod
     async def subscribe(
@@ -210,6 +230,11 @@ class Transport(abc.ABC):
 def command_topic(service: str) -> str:
     """The topic that carries commands and replies to ``service``."""
     return f"service.{service}"
+
+
+def command_group(topic: str) -> str | None:
+    """The group a command topic belongs to (``service.X`` -> ``X``), else ``None``."""
+    return topic[8:] if topic.startswith("service.") else None
 
 
 def event_topic(message_type: str) -> str:

@@ -20,6 +20,7 @@ from atoll.transport._base import (
     OutgoingMessage,
     RedeliveryPolicy,
     Transport,
+    command_group,
 )
 from atoll.transport._claim import Candidate, call_handler, claimable
 
@@ -168,6 +169,10 @@ class InMemoryTransport(Transport):
             if seen_at is not None and now - seen_at < self._dedup_window:
                 continue
             self._seen[message.message_id] = now
+            owner = command_group(message.topic)
+            if owner is not None:
+                self._group_state(owner, None)
+                self._topics.setdefault(message.topic, set()).add(owner)
             for group_name in self._topics.get(message.topic, ()):
                 self._enqueue(self._groups[group_name], message)
         await asyncio.sleep(0)
@@ -186,16 +191,24 @@ class InMemoryTransport(Transport):
         policy: RedeliveryPolicy | None = None,
         max_batch: int = 100,
     ) -> _InMemoryConsumer:
+        await self.declare(group, topics)
+        state = self._group_state(group, policy)
+        consumer = _InMemoryConsumer(self, state, handler, max_batch, next(self._consumer_ids))
+        self._consumers.append(consumer)
+        return consumer
+
+    def _group_state(self, group: str, policy: RedeliveryPolicy | None) -> _Group:
         state = self._groups.get(group)
         if state is None:
             state = self._groups[group] = _Group(group, policy or RedeliveryPolicy())
         elif policy is not None:
             state.policy = policy
+        return state
+
+    async def declare(self, group: str, topics: Sequence[str]) -> None:
+        self._group_state(group, None)
         for topic in topics:
             self._topics.setdefault(topic, set()).add(group)
-        consumer = _InMemoryConsumer(self, state, handler, max_batch, next(self._consumer_ids))
-        self._consumers.append(consumer)
-        return consumer
 
     def _claim(self, group: _Group, consumer_id: int, limit: int) -> list[Delivery]:
         now = self.clock.time()

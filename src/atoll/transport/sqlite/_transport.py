@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from atoll._crash import crashpoint
 from atoll.determinism import Clock, RandomSource, SystemClock
-from atoll.persistence._sqlite import Synchronous, connect_sqlite, map_sqlite_error
+from atoll.persistence._sqlite import Synchronous, connect_sqlite, map_sqlite_error, pid_alive
 from atoll.transport._base import (
     Ack,
     BatchHandler,
@@ -27,6 +27,7 @@ from atoll.transport._base import (
     Transport,
     TransportError,
     TransportUnavailableError,
+    command_group,
 )
 from atoll.transport._claim import Candidate, call_handler, claimable
 from atoll.transport.sqlite._wake import WakeListener, WakeSender
@@ -78,16 +79,6 @@ _SCHEMA = [
 ]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _begin(conn: sqlite3.Connection, timeout: float) -> None:
     """BEGIN IMMEDIATE, retrying quickly while another process holds the write lock.
 
@@ -114,7 +105,7 @@ def _sleep_in_thread(seconds: float) -> None:
     # Runs on the transport's own thread, never on the event loop: a plain blocking wait.
     import time  # noqa: PLC0415 - the one place this module blocks a thread on purpose
 
-    time.sleep(seconds)
+    time.sleep(seconds)  # determinism: allowed - a blocking retry on the transport thread
 
 
 class _SQLiteConsumer:
@@ -156,6 +147,15 @@ class _SQLiteConsumer:
             self._transport._consumers.remove(self)
         with contextlib.suppress(Exception):
             await self._transport._run(self._transport._unregister_listener, self._listener.address)
+        self._listener.close()
+
+    def abandon(self) -> None:
+        """Die without settling (a simulated crash): leases lapse after ``lease`` seconds."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        if self in self._transport._consumers:
+            self._transport._consumers.remove(self)
         self._listener.close()
 
     async def _loop(self) -> None:
@@ -321,7 +321,11 @@ class SQLiteTransport(Transport):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="atoll-bus")
 
         def _open() -> None:
-            conn = connect_sqlite(self.path, synchronous=self.synchronous, busy_timeout=0)
+            conn = connect_sqlite(
+                self.path, synchronous=self.synchronous, busy_timeout=self.lock_timeout
+            )
+            # From here on, _begin() retries lock waits itself, with finer steps.
+            conn.execute("PRAGMA busy_timeout=0")
             self._conn = conn
 
             def schema(c: sqlite3.Connection) -> None:
@@ -377,6 +381,16 @@ class SQLiteTransport(Transport):
             subscribers: dict[str, list[str]] = {}
             for topic, grp in conn.execute("SELECT topic, grp FROM atoll_subscriptions"):
                 subscribers.setdefault(topic, []).append(grp)
+            # A command waits for its service even before that service ever started.
+            for topic in {m.topic for m in messages} - subscribers.keys():
+                owner = command_group(topic)
+                if owner is not None:
+                    subscribers[topic] = [owner]
+                    conn.execute(
+                        "INSERT INTO atoll_subscriptions (topic, grp) VALUES (?, ?)"
+                        " ON CONFLICT DO NOTHING",
+                        (topic, owner),
+                    )
             rows: list[tuple[str, str, str, str | None, bytes, float]] = []
             for m in messages:
                 fresh = conn.execute(
@@ -425,6 +439,13 @@ class SQLiteTransport(Transport):
         policy: RedeliveryPolicy | None = None,
         max_batch: int = 100,
     ) -> _SQLiteConsumer:
+        await self.declare(group, topics)
+        consumer = _SQLiteConsumer(self, group, handler, policy or RedeliveryPolicy(), max_batch)
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
+
+    async def declare(self, group: str, topics: Sequence[str]) -> None:
         def register(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "INSERT INTO atoll_subscriptions (topic, grp) VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -432,10 +453,6 @@ class SQLiteTransport(Transport):
             )
 
         await self._run(self._tx, register)
-        consumer = _SQLiteConsumer(self, group, handler, policy or RedeliveryPolicy(), max_batch)
-        await consumer.start()
-        self._consumers.append(consumer)
-        return consumer
 
     def _register_listener(self, address: str, group: str) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -541,7 +558,7 @@ class SQLiteTransport(Transport):
             if lease_until is not None and lease_until > now and lease_owner != owner:
                 # Same machine: a lease held by a dead process is free now, not in 30 s.
                 pid = int(lease_owner.split(":", 1)[0])
-                if pid != os.getpid() and not alive.setdefault(lease_owner, _pid_alive(pid)):
+                if pid != os.getpid() and not alive.setdefault(lease_owner, pid_alive(pid)):
                     lease_until = None
             candidates.append(Candidate(seq, key, available_at, lease_until))
             wake_at = max(available_at, lease_until or 0.0)

@@ -1,0 +1,105 @@
+import pytest
+
+from atoll.config import ConfigError, load_config
+
+GOOD = """
+[system]
+name = "shop"
+transport = "sqlite:///bus.db"
+
+[services.orders]
+app = "shop.orders:service"
+port = 8080
+
+[services.inventory]
+app = "shop.inventory:service"
+port = 8081
+database = "sqlite:///inv.db?synchronous=NORMAL"
+"""
+
+
+def write(tmp_path, text, name="atoll.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_good_file_loads_with_defaults(tmp_path):
+    loaded = load_config(write(tmp_path, GOOD), environ={})
+    assert loaded.config.system.name == "shop"
+    assert loaded.service("orders").host == "127.0.0.1"
+    assert loaded.database_url("orders") == "sqlite:///orders.db"
+    assert loaded.database_url("inventory") == "sqlite:///inv.db?synchronous=NORMAL"
+    assert loaded.data_dir == (tmp_path / ".atoll").resolve()
+
+
+def test_environment_overrides_any_key(tmp_path):
+    environ = {
+        "ATOLL__SYSTEM__TRANSPORT": "memory://",
+        "ATOLL__SERVICES__ORDERS__PORT": "9090",
+        "ATOLL__SERVICES__ORDERS__ENV__GREETING": "hello world",
+        "UNRELATED": "x",
+    }
+    loaded = load_config(write(tmp_path, GOOD), environ=environ)
+    assert loaded.config.system.transport == "memory://"
+    assert loaded.service("orders").port == 9090
+    assert loaded.service("orders").env == {"GREETING": "hello world"}
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (GOOD.replace("port = 8080", 'port = "eighty"'), "services.orders.port", "expected `int`"),
+        (GOOD.replace("port = 8080", "prot = 8080"), "services.orders.prot", "unknown key"),
+        (GOOD.replace("port = 8080", "port = 70000"), "services.orders.port", "not a TCP port"),
+        (GOOD.replace("port = 8081", "port = 8080"), "services.inventory.port", "already used"),
+        (
+            GOOD.replace("sqlite:///bus.db", "kafka://x"),
+            "system.transport",
+            "unsupported URL scheme",
+        ),
+        (
+            GOOD.replace('app = "shop.orders:service"', 'app = "shop.orders"'),
+            "services.orders.app",
+            "package.module:attribute",
+        ),
+        (
+            GOOD.replace('[services.orders]\napp = "shop.orders:service"\n', "[services.orders]\n"),
+            "services.orders",
+            "missing required field `app`",
+        ),
+        (GOOD + "\n[surprise]\nx = 1\n", "surprise", "unknown key"),
+    ],
+    ids=[
+        "wrong-type",
+        "unknown-key",
+        "bad-port",
+        "port-clash",
+        "bad-url",
+        "bad-app",
+        "missing",
+        "unknown-section",
+    ],
+)
+def test_each_problem_names_the_file_and_the_key(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    error = caught.value
+    assert error.key == key
+    assert problem in error.problem
+    assert str(path) in str(error)
+    assert key in str(error)
+
+
+def test_a_bad_environment_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, GOOD), environ={"ATOLL__SERVICES__ORDERS__PORT": "many"})
+    assert caught.value.key == "services.orders.port"
+
+
+def test_a_missing_or_broken_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[system\n"), environ={})
