@@ -15,7 +15,7 @@ from atoll.eventstore import NO_STREAM, START, EventData, PostgresEventStore
 from atoll.eventstore._postgres import _raw
 from atoll.persistence import DatabaseUnavailableError
 from atoll.testing import EventStoreConformance
-from atoll.testing._eventstore import read_everything, settle
+from atoll.testing._eventstore_kit import read_everything, settle
 
 pytestmark = pytest.mark.postgres
 
@@ -242,3 +242,22 @@ async def test_an_unreachable_server_is_a_clear_transient_error(pg_schema):
         await store.open()
     assert "secret" not in str(failure.value)
     assert "***" in str(failure.value)
+
+
+@pytest.mark.slow
+async def test_soak_many_writers_and_readers(pg_schema):
+    """The concurrency conformance test, ten times longer, over two pools."""
+
+    class Soak(EventStoreConformance):
+        conformance_writers = 32
+        conformance_events = 30_000
+        conformance_readers = 8
+        conformance_deadline = 300.0
+
+    async with (
+        PostgresEventStore(PG_URL, schema=pg_schema, max_connections=30) as store,
+        PostgresEventStore(PG_URL, schema=pg_schema, max_connections=20) as other,
+    ):
+        await Soak().test_many_writers_and_tailing_readers_see_every_event_once_in_one_order(
+            store, [other]
+        )

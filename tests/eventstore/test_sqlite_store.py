@@ -20,3 +20,22 @@ class TestSQLiteEventStore(EventStoreConformance):
         # contend for SQLite's lock and do not wake this handle's readers.
         async with SQLiteEventStore.from_path(tmp_path / "events.db") as other:
             yield [other]
+
+
+@pytest.mark.slow
+async def test_soak_many_writers_and_readers(tmp_path):
+    """The concurrency conformance test, ten times longer, with a second handle."""
+
+    class Soak(EventStoreConformance):
+        conformance_writers = 24
+        conformance_events = 30_000
+        conformance_readers = 6
+        conformance_deadline = 300.0
+
+    async with (
+        SQLiteEventStore.from_path(tmp_path / "soak.db") as store,
+        SQLiteEventStore.from_path(tmp_path / "soak.db") as other,
+    ):
+        await Soak().test_many_writers_and_tailing_readers_see_every_event_once_in_one_order(
+            store, [other]
+        )

@@ -86,7 +86,7 @@ class SubjectKeys:
         store: EventStore,
         *,
         master_key: bytes | None = None,
-        entropy: Callable[[int], bytes] = os.urandom,
+        entropy: Callable[[int], bytes] = os.urandom,  # determinism: allowed (crypto keys)
     ) -> None:
         if master_key is not None and len(master_key) != _KEY_BYTES:
             raise ValueError("master_key must be 32 bytes (AES-256)")

@@ -25,6 +25,7 @@ from atoll.eventstore import (
     NO_STREAM,
     START,
     STREAM_EXISTS,
+    AppendResult,
     CheckpointConflictError,
     ConcurrencyError,
     DuplicateEventError,
@@ -35,6 +36,7 @@ from atoll.eventstore import (
     StreamDeletedError,
     Subscription,
 )
+from atoll.persistence import TransientDatabaseError
 
 _clock = SystemClock()
 
@@ -84,6 +86,20 @@ class _Ledger:
     committed: dict[str, tuple[str, int]] = field(default_factory=dict)
     aborted: set[str] = field(default_factory=set)
     conflicts: int = 0
+    retries: int = 0
+
+
+@dataclass
+class _Plan:
+    """One writer step, decided before any attempt so that retries repeat it exactly."""
+
+    roll: float
+    batch: list[EventData]
+    stream: str
+    shared: str
+    pauses: tuple[float, float]
+    abort: bool
+    touch: str
 
 
 class EventStoreConformance:
@@ -420,41 +436,67 @@ class EventStoreConformance:
         versions: dict[str, int] = {}
         written = 0
         while written < quota:
-            roll = rng.random()
-            batch = [make_event(rng, f"W{w}") for _ in range(1 + rng.randrange(4))]
-            stream = f"w{w}-{rng.randrange(3)}"
-            if roll < 0.6:
-                result = await store.append(stream, batch, versions.get(stream, NO_STREAM))
-                versions[stream] = result.last_version
-            elif roll < 0.8:
-                # Held open, so that later appends by others commit first.
+            plan = _Plan(
+                roll=rng.random(),
+                batch=[make_event(rng, f"W{w}") for _ in range(1 + rng.randrange(4))],
+                stream=f"w{w}-{rng.randrange(3)}",
+                shared=f"shared-{rng.randrange(3)}",
+                pauses=(rng.uniform(0, 0.01), rng.uniform(0, 0.01)),
+                abort=rng.random() < 0.15,
+                touch=f"w{w}-touch",
+            )
+            # A transient failure (a busy database, a lost connection) is retried with
+            # the same events: if the first attempt did commit, the store recognises
+            # their ids and stores nothing twice.
+            for attempt in range(30):
                 try:
-                    async with store.transaction() as tx:
-                        await store.set_stream_metadata(f"w{w}-touch", {"n": written}, tx=tx)
-                        await _clock.sleep(rng.uniform(0, 0.01))
-                        result = await store.append(stream, batch, ANY, tx=tx)
-                        await _clock.sleep(rng.uniform(0, 0.01))
-                        if rng.random() < 0.15:
-                            _abort()
-                except _AbortError:
-                    ledger.aborted.update(e.event_id for e in batch)
-                    continue
-                versions[stream] = result.last_version
+                    outcome = await self._write_once(store, plan, versions)
+                    break
+                except TransientDatabaseError:
+                    ledger.retries += 1
+                    await _clock.sleep(0.01 * (attempt + 1))
             else:
-                shared = f"shared-{rng.randrange(3)}"
-                info = await store.stream_info(shared)
-                try:
-                    result = await store.append(
-                        shared, batch, NO_STREAM if info is None else info.version
-                    )
-                except ConcurrencyError:
-                    ledger.conflicts += 1
-                    continue
-                stream = shared
-            for offset, event in enumerate(batch):
+                pytest.fail(f"writer {w} gave up after 30 transient errors")
+            if outcome == "aborted":
+                ledger.aborted.update(e.event_id for e in plan.batch)
+                continue
+            if outcome == "conflict":
+                ledger.conflicts += 1
+                continue
+            stream, result = outcome
+            versions[stream] = result.last_version
+            for offset, event in enumerate(plan.batch):
                 ledger.committed[event.event_id] = (stream, result.first_version + offset)
-            written += len(batch)
+            written += len(plan.batch)
             await _clock.sleep(0)
+
+    async def _write_once(
+        self, store: EventStore, plan: _Plan, versions: dict[str, int]
+    ) -> tuple[str, AppendResult] | str:
+        if plan.roll < 0.6:
+            expected = versions.get(plan.stream, NO_STREAM)
+            return plan.stream, await store.append(plan.stream, plan.batch, expected)
+        if plan.roll < 0.8:
+            # Held open, so that later appends by others commit first.
+            try:
+                async with store.transaction() as tx:
+                    await store.set_stream_metadata(plan.touch, {"n": 1}, tx=tx)
+                    await _clock.sleep(plan.pauses[0])
+                    result = await store.append(plan.stream, plan.batch, ANY, tx=tx)
+                    await _clock.sleep(plan.pauses[1])
+                    if plan.abort:
+                        _abort()
+            except _AbortError:
+                return "aborted"
+            return plan.stream, result
+        info = await store.stream_info(plan.shared)
+        try:
+            result = await store.append(
+                plan.shared, plan.batch, NO_STREAM if info is None else info.version
+            )
+        except ConcurrencyError:
+            return "conflict"
+        return plan.shared, result
 
     async def _reader(
         self, store: EventStore, r: int, done: asyncio.Event, ledger: _Ledger
