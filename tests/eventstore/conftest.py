@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -43,3 +44,14 @@ async def any_store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[E
             yield store
     finally:
         await drop_schema(schema)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Soak tests (``slow``) run only when asked for: ``pytest -m slow``."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    here = Path(__file__).parent
+    skip = pytest.mark.skip(reason="soak test: run with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow") and here in Path(str(item.path)).parents:
+            item.add_marker(skip)

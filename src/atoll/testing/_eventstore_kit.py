@@ -463,6 +463,7 @@ class EventStoreConformance:
             if outcome == "conflict":
                 ledger.conflicts += 1
                 continue
+            assert not isinstance(outcome, str)
             stream, result = outcome
             versions[stream] = result.last_version
             for offset, event in enumerate(plan.batch):
