@@ -177,6 +177,42 @@ async def test_an_open_transaction_holds_the_log_back_and_is_named(pg_schema):
         assert len(await store.read_all()) == 1
 
 
+async def test_a_transaction_that_starts_after_an_append_cannot_hold_it_back(pg_schema):
+    """The order key never exceeds an id handed out before the append.
+
+    The append's statement sees a newer transaction as completed, so xmax of its
+    snapshot is an id nobody holds yet. Had the key been xmax, a transaction that takes
+    that id later (after the append committed) would hold the event back while open.
+    """
+    rng = RandomSource(8)
+    async with PostgresEventStore(PG_URL, schema=pg_schema) as store:
+        store._committed = lambda: None  # no NOTIFY transactions taking ids in between
+        for _attempt in range(5):
+            mine, other = event(rng), event(rng)
+            async with store.transaction() as tx:
+                await store.set_stream_metadata("early", {}, tx=tx)  # this transaction's id
+                await store.append("other", [other])  # a newer id, completed
+                await store.append("mine", [mine], tx=tx)
+            blocker = await asyncpg.connect(PG_URL)
+            try:
+                transaction = blocker.transaction()
+                await transaction.start()
+                blocker_id = await blocker.fetchval("SELECT pg_current_xact_id()")
+                if blocker_id != await xmin_of(store, other.event_id) + 1:
+                    continue  # another session on the server took an id: try again
+                seen: list[str] = []
+                for _ in range(300):
+                    seen = [e.event_id for e in await store.read_all(limit=1000)]
+                    if mine.event_id in seen:
+                        break
+                    await SystemClock().sleep(0.01)
+                assert mine.event_id in seen
+                return
+            finally:
+                await blocker.close()
+        pytest.fail("could not set up the scenario: the server hands out ids too fast")
+
+
 async def test_notify_wakes_other_processes_and_is_coalesced(pg_schema):
     rng = RandomSource(6)
     async with (

@@ -58,10 +58,15 @@ log = logging.getLogger("atoll.eventstore")
 _MASK64 = (1 << 64) - 1
 
 #: The order key of an event: never less than its own transaction id (so it becomes
-#: readable only once that transaction has ended), nor than anything the inserting
-#: statement could have seen committed (xmax of its snapshot), nor than the previous
-#: event of the same stream (``last_tx`` of the stream row, read under its row lock).
-_ORDER_KEY = "greatest(pg_current_xact_id(), pg_snapshot_xmax(pg_current_snapshot()))"
+#: readable only once that transaction has ended), nor than the id of any transaction
+#: the inserting statement sees as committed (its snapshot's xmax - 1, the newest
+#: completed id), nor than the previous event of the same stream (``last_tx`` of the
+#: stream row, read under its row lock). Every id at or below the key was handed out
+#: before the append, so no transaction that starts later can hold the event back.
+_ORDER_KEY = (
+    "greatest(pg_current_xact_id(),"
+    " (pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 1)::text::xid8)"
+)
 #: Every transaction id below this has ended: committed rows with an order key below it
 #: are final, and no transaction can still add one.
 _WATERMARK = "pg_snapshot_xmin(pg_current_snapshot())"
