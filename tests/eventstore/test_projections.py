@@ -76,8 +76,6 @@ async def test_two_replicas_apply_each_event_exactly_once(any_store):
     await open_accounts(any_store, 20, deposits=4)
     first, second = runner_for(any_store, batch_size=7), runner_for(any_store, batch_size=5)
     await asyncio.gather(first.run_until_caught_up(), second.run_until_caught_up())
-    await first.run_until_caught_up()
-    await second.run_until_caught_up()
     rows = await balances(any_store)
     assert len(rows) == 20
     assert all(row[2:] == (1000, 5) for row in rows)

@@ -286,25 +286,29 @@ class ProjectionRunner:
         await self._setup()
         total = 0
         while True:
-            count = await self.step()
+            count, conflicted = await self._step()
             total += count
-            if count < self.batch_size:
+            if count < self.batch_size and not conflicted:
                 return total
 
     async def step(self) -> int:
         """Read one batch after the checkpoint and apply it; return how many were applied."""
+        count, _ = await self._step()
+        return count
+
+    async def _step(self) -> tuple[int, bool]:
         start = START if self.checkpoint is None else self.checkpoint
         raws = await self.store.read_all(after=start, limit=self.batch_size)
         if not raws:
-            return 0
+            return 0, False
         try:
             applied = await self._apply_batch(raws)
         except CheckpointConflictError:
             # Another runner moved the checkpoint (or a rebuild reset it): follow it.
             self.checkpoint = await self.store.load_checkpoint(self.name)
-            return 0
+            return 0, True
         self._progressed(applied)
-        return applied
+        return applied, False
 
     async def _apply_batch(self, raws: list[RawEvent]) -> int:
         try:
@@ -361,14 +365,14 @@ class ProjectionRunner:
             while True:
                 waiter.clear()
                 try:
-                    count = await self.step()
+                    count, conflicted = await self._step()
                 except Exception as exc:  # a handler or the database: report, retry, never skip
                     self._failing(exc)
                     await self.clock.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
                     continue
                 backoff = 0.1
-                if count >= self.batch_size:
+                if count >= self.batch_size or conflicted:
                     self.state = "catching_up"
                     continue
                 self.state = "live"
