@@ -540,8 +540,8 @@ async def main() -> None:
     args = parser.parse_args()
     if args.writers:
         WRITERS[:] = args.writers
-    seconds = args.seconds or (0.45 if args.quick else 2.0)
-    rounds = 2 if args.quick else 3
+    seconds = args.seconds or (0.45 if args.quick else 1.2)
+    rounds = 2 if args.quick else 5
     reads = (1000, 10_000) if args.quick else (2000, 50_000)
     cases: dict[str, Any] = {}
     started = time.perf_counter()

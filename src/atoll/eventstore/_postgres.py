@@ -343,7 +343,14 @@ def _append_sql(t: str, expected: ExpectedVersion) -> str:
     rows when the stream is not as expected, is deleted, or holds the first event id
     already; the caller then finds out which.
     """
-    fresh = f"NOT EXISTS (SELECT 1 FROM {t}events WHERE event_id = ($3::uuid[])[1])"
+    # Idempotency: a repeated append with an exact version or NO_STREAM fails its
+    # version check and is then recognised by the diagnosis; with ANY or STREAM_EXISTS
+    # it would not, so those look for the first event id up front.
+    fresh = (
+        f"NOT EXISTS (SELECT 1 FROM {t}events WHERE event_id = ($3::uuid[])[1])"
+        if expected is ANY or expected is STREAM_EXISTS
+        else "true"
+    )
     insert = f"""
 INSERT INTO {t}events (tx_key, stream_id, version, event_id, type, type_version, data,
     metadata, recorded_at)
