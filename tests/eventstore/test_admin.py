@@ -19,6 +19,7 @@ from atoll.eventstore._admin import (
     tail,
 )
 from atoll.eventstore._sqlite import SQLiteEventStore
+from atoll.testing._eventstore_kit import settle
 
 
 async def fill(store):
@@ -49,6 +50,7 @@ async def test_streams_show_and_tail(any_store):
     assert decoded[0]["data"] == {"account_id": "a", "owner": "A"}
     assert "error" in decoded[2]
     assert "'account-a' v2" in decoded[2]["error"]
+    await settle(any_store)
     last = [row async for row in tail(any_store, last=2)]
     assert [(r["stream"], r["version"]) for r in last] == [("account-b", 1), ("account-a", 2)]
 
@@ -65,15 +67,17 @@ async def test_streams_show_and_tail(any_store):
     await any_store.append(
         "account-c", [EventData(event_id=RandomSource(3).new_id(), type="x", data=b"{}")]
     )
-    await asyncio.wait_for(follower, 4.0)
+    await asyncio.wait_for(follower, 10.0)
     assert [r["stream"] for r in rows] == ["account-c"]
 
 
 async def test_projection_status_and_rebuild(any_store):
     await fill(any_store)
+    await settle(any_store)
     assert await projections_status(any_store) == []
     assert await rebuild_projection(any_store, Balances(), codec=EventCodec(bank_registry())) == 4
     await fill_more(any_store)
+    await settle(any_store)
     (status,) = await projections_status(any_store)
     assert (status["projection"], status["events_behind"], status["held_back"]) == (
         "balances",

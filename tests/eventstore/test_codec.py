@@ -17,6 +17,7 @@ from atoll.eventstore import (
     UpcastFailedError,
 )
 from atoll.messages import MessageRegistry
+from atoll.testing._eventstore_kit import settle
 
 
 def log_for(store):
@@ -34,6 +35,7 @@ async def test_typed_append_and_read_with_metadata(any_store):
     assert records[1].metadata == {"who": "test"}
     assert records[1].type_version == 3
     assert records[0].erased == frozenset()
+    await settle(any_store)
     assert [r.event for r in await log.read_all()] == [opened, deposited]
 
 
@@ -110,6 +112,7 @@ async def test_unknown_types_are_kept_with_a_warning(any_store, caplog):
             ),
         ],
     )
+    await settle(any_store)
     with caplog.at_level(logging.WARNING, logger="atoll.eventstore"):
         records = await log_for(any_store).read_all()
     assert len(records) == 2

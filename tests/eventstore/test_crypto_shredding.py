@@ -23,6 +23,7 @@ from atoll.eventstore import (
     SubjectKeys,
 )
 from atoll.messages import Event
+from atoll.testing._eventstore_kit import settle
 
 ANN_EMAIL, ANN_NAME, ANN_STREET = b"ann@example.com", b"Ann Lee", b"1 Canal Street"
 
@@ -54,6 +55,7 @@ async def test_forget_erases_personal_fields_in_events_snapshots_and_rebuilt_pro
 ):
     keys = SubjectKeys(any_store)
     codec, repo = await populate(any_store, keys)
+    await settle(any_store)
     runner = ProjectionRunner(Directory(), any_store, codec=codec)
     assert await runner.run_until_caught_up() == 4
     assert await directory(any_store) == [

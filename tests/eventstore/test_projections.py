@@ -17,6 +17,7 @@ from atoll.eventstore import (
     SQLiteEventStore,
     projections_readiness,
 )
+from atoll.testing._eventstore_kit import settle
 
 
 async def open_accounts(store, count, *, deposits=2, prefix="p"):
@@ -45,6 +46,7 @@ def runner_for(store, projection=None, **kwargs):
 
 async def test_catch_up_applies_each_event_once_with_its_checkpoint(any_store):
     await open_accounts(any_store, 5)
+    await settle(any_store)
     runner = runner_for(any_store, batch_size=4)
     assert await runner.run_until_caught_up() == 15
     assert await balances(any_store) == [(f"p{i}", f"owner {i}", 300, 3) for i in range(5)]
@@ -53,12 +55,14 @@ async def test_catch_up_applies_each_event_once_with_its_checkpoint(any_store):
     assert await runner.run_until_caught_up() == 0
     # A new runner (a restart) resumes from the checkpoint.
     await open_accounts(any_store, 1, prefix="q")
+    await settle(any_store)
     assert await runner_for(any_store).run_until_caught_up() == 3
     assert len(await balances(any_store)) == 6
 
 
 async def test_a_failing_handler_stops_at_that_event_and_skips_nothing(any_store):
     await open_accounts(any_store, 3)
+    await settle(any_store)
     projection = Balances()
     projection.fail_on = {"p1"}
     runner = runner_for(any_store, projection)
@@ -74,6 +78,7 @@ async def test_a_failing_handler_stops_at_that_event_and_skips_nothing(any_store
 
 async def test_two_replicas_apply_each_event_exactly_once(any_store):
     await open_accounts(any_store, 20, deposits=4)
+    await settle(any_store)
     first, second = runner_for(any_store, batch_size=7), runner_for(any_store, batch_size=5)
     await asyncio.gather(first.run_until_caught_up(), second.run_until_caught_up())
     rows = await balances(any_store)
@@ -84,6 +89,7 @@ async def test_two_replicas_apply_each_event_exactly_once(any_store):
 
 async def test_rebuild_replays_from_zero(any_store):
     await open_accounts(any_store, 4)
+    await settle(any_store)
     runner = runner_for(any_store)
     await runner.run_until_caught_up()
     async with any_store.transaction() as tx:
@@ -97,7 +103,8 @@ async def test_live_runner_follows_new_events(any_store):
     await runner.start()
     try:
         await open_accounts(any_store, 3)
-        # Woken by the commit, not by the 5 s poll.
+        await settle(any_store)
+        # Woken by the commit (or polled while held back), not by the 5 s poll.
         await runner.wait_until(await any_store.head_position(), timeout=4.0)
         assert len(await balances(any_store)) == 3
         status = await runner.status()
@@ -137,6 +144,7 @@ async def test_lag_is_reported_as_data_and_metrics(tmp_path):
 async def test_a_stalled_projection_is_visible_not_silent(any_store):
     registry = CollectorRegistry()
     await open_accounts(any_store, 2)
+    await settle(any_store)
     projection = Balances()
     projection.fail_on = {"p0"}
     runner = runner_for(any_store, projection, registry=registry, max_backoff=0.05)

@@ -8,6 +8,7 @@ from domain import AccountOpened, bank_registry
 
 from atoll.determinism import RandomSource
 from atoll.eventstore import START, EventCodec, EventData, EventLog, Subscription
+from atoll.testing._eventstore_kit import settle
 
 
 def event(rng):
@@ -18,6 +19,7 @@ async def test_catch_up_then_live_without_gaps_or_repeats(any_store):
     rng = RandomSource(1)
     for i in range(25):
         await any_store.append(f"sub-{i % 3}", [event(rng)])
+    await settle(any_store)
     seen = []
     async with Subscription(any_store, batch_size=10, poll_interval=5.0) as sub:
 
@@ -38,6 +40,7 @@ async def test_catch_up_then_live_without_gaps_or_repeats(any_store):
             await any_store.append(f"sub-{i % 3}", [event(rng)])
         # Woken by the commits, well before the 5 s poll.
         await asyncio.wait_for(consumer, 4.0)
+    await settle(any_store)
     everything = await any_store.read_all(limit=100)
     assert seen == [e.event_id for e in everything]
 
@@ -46,6 +49,7 @@ async def test_subscribing_from_a_position(any_store):
     rng = RandomSource(2)
     for _ in range(6):
         await any_store.append("from-1", [event(rng)])
+    await settle(any_store)
     log = await any_store.read_all()
     async with Subscription(any_store, after=log[3].position, poll_interval=0.01) as sub:
         batch = await sub.next_batch()

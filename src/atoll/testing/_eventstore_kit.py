@@ -186,6 +186,7 @@ class EventStoreConformance:
         self, store: EventStore, rng: RandomSource
     ) -> None:
         await store.append("s-1", [make_event(rng)], NO_STREAM)
+        await settle(store)
         head = await store.head_position()
         with pytest.raises(ConcurrencyError):
             await store.append("s-1", [make_event(rng), make_event(rng)], 5)
