@@ -131,7 +131,11 @@ async def test_the_concurrency_conformance_test_fails_on_a_naive_reader(pg_schem
             await kit.test_many_writers_and_tailing_readers_see_every_event_once_in_one_order(
                 store, [naive]
             )
-    assert "misses" in str(failure.value) or "skipped" in str(failure.value)
+    # It skips events, or (when another session holds everyone back long enough for
+    # the naive readers to see every event) delivers them in another order.
+    assert any(
+        word in str(failure.value) for word in ("misses", "skipped", "disagree on the order")
+    )
 
 
 async def test_the_log_order_follows_causality_even_for_an_older_transaction(pg_schema):
