@@ -149,8 +149,14 @@ class Context(Session):
         key: str | None = None,
         delay: float | None = None,
         headers: dict[str, str] | None = None,
+        message_id: str | None = None,
     ) -> str:
-        """Publish ``event`` to every service subscribed to its type; return its message id."""
+        """Publish ``event`` to every service subscribed to its type; return its message id.
+
+        ``message_id`` reuses an identity the event already has (an event-sourced service
+        publishes each stored event under its event id, so consumers' inboxes and the
+        event store agree on what is a duplicate); by default a new id is drawn.
+        """
         if not isinstance(event, Event):
             raise TypeError(f"publish() takes an Event, not {type(event).__name__}")
         return self._emit(
@@ -160,6 +166,7 @@ class Context(Session):
             key=key,
             delay=delay,
             headers=headers,
+            message_id=message_id,
         )
 
     def reply(
@@ -193,9 +200,10 @@ class Context(Session):
         key: str | None,
         delay: float | None,
         headers: dict[str, str] | None,
+        message_id: str | None = None,
     ) -> str:
         now = self._clock.time()
-        message_id = self._random.new_id()
+        message_id = message_id or self._random.new_id()
         # With tracing on, a message carries the span that commits it (this request or
         # handler); without, it passes on the context it arrived with. Worked out once per
         # unit of work: every message it sends has the same parent.

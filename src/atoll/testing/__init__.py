@@ -11,6 +11,7 @@ from atoll.testing._crash_kit import (
     SimulatedCrash,
 )
 from atoll.testing._database_kit import DatabaseConformance
+from atoll.testing._eventstore_kit import EventStoreConformance
 from atoll.testing._outage_kit import BrokerOutageConformance
 from atoll.testing._proxy import TcpProxy
 from atoll.testing._transport_kit import Recorder, TransportConformance
@@ -20,6 +21,7 @@ __all__ = [
     "CRASH_POINTS",
     "BrokerOutageConformance",
     "DatabaseConformance",
+    "EventStoreConformance",
     "ExactlyOnceCrashConformance",
     "InProcessCrashConformance",
     "Recorder",
