@@ -132,6 +132,20 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
             names = {span["name"] for span in trace["spans"]}
             assert "process inventory.ReserveStock" in names
             assert "process inventory.StockReserved" in names
+            # The order-history projection answers a customer's orders.
+            history = []
+
+            async def listed():
+                history[:] = (await client.get(f"{shop.orders}/customers/c1/orders")).json()
+                return any(
+                    h["order_id"] == confirmed_id and h["status"] == "CONFIRMED" for h in history
+                )
+
+            await wait_until(listed, what="the order in the customer's history")
+            assert next(h for h in history if h["order_id"] == confirmed_id)["total_cents"] == 150
+            ready = (await client.get(f"{shop.orders}/readyz")).json()
+            [projection] = ready["projections"]["projections"]
+            assert projection["name"] == "order-history"
             assert await stock(client, shop, "apple") == apples - 3
 
             unknown = await final(

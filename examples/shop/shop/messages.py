@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from atoll import Command, Reply
+from atoll import Command, Event, Reply
 
 
 class LineItem(msgspec.Struct, frozen=True):
@@ -33,5 +33,41 @@ class StockRejected(Reply):
     """inventory -> orders: nothing was held, and why."""
 
     message_type = "inventory.StockRejected"
+    order_id: str
+    reason: str
+
+
+class PricedItem(msgspec.Struct, frozen=True):
+    """An ordered line with the price it was ordered at and where that price came from
+    (``catalog``, ``last-known`` while catalog was failing, or ``unknown-sku``)."""
+
+    sku: str
+    qty: int
+    unit_price_cents: int | None
+    price_source: str
+
+
+class OrderPlaced(Event):
+    """orders: an order was placed and waits for its outcome."""
+
+    message_type = "orders.OrderPlaced"
+    order_id: str
+    customer_id: str
+    items: list[PricedItem]
+    total_cents: int | None
+    priced_from_fallback: bool
+
+
+class OrderConfirmed(Event):
+    """orders: the order goes ahead."""
+
+    message_type = "orders.OrderConfirmed"
+    order_id: str
+
+
+class OrderRejected(Event):
+    """orders: the order cannot go ahead, and why."""
+
+    message_type = "orders.OrderRejected"
     order_id: str
     reason: str

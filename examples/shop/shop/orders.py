@@ -1,8 +1,8 @@
-"""orders: the shop's public API. Places orders and records their outcome."""
+"""orders: the shop's public API. Orders are event-sourced (the ``Order`` aggregate);
+their history per customer is a projection."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -10,41 +10,153 @@ from fastapi import Header, HTTPException, Response
 from pydantic import BaseModel, Field
 
 from atoll import Context, Service
+from atoll.eventstore import Aggregate, EventRecord, Projection, Transaction, applies, on
 from atoll.observability import annotate
 from atoll.resilience import HTTP, Fallback, ResilienceError
-from shop.messages import LineItem, ReserveStock, StockRejected, StockReserved
+from shop.messages import (
+    LineItem,
+    OrderConfirmed,
+    OrderPlaced,
+    OrderRejected,
+    PricedItem,
+    ReserveStock,
+    StockRejected,
+    StockReserved,
+)
+
+OrderStatus = Literal["NEW", "PENDING", "CONFIRMED", "REJECTED"]
+
+
+class Order(Aggregate):
+    """An order: placed, then confirmed or rejected. Stream ``order-<id>``."""
+
+    category = "order"
+    snapshot_every = 50
+
+    customer_id: str = ""
+    items: list[PricedItem] = []  # noqa: RUF012 - copied per aggregate by its state struct
+    status: str = "NEW"
+    reason: str | None = None
+    total_cents: int | None = None
+    priced_from_fallback: bool = False
+
+    def place(self, customer_id: str, items: list[PricedItem]) -> None:
+        """Record the order; the total is known only if every line has a price."""
+        if self.status != "NEW":
+            raise ValueError(f"order {self.id} was already placed")
+        priced = [i for i in items if i.unit_price_cents is not None]
+        self.record(
+            OrderPlaced(
+                order_id=self.id,
+                customer_id=customer_id,
+                items=items,
+                total_cents=(
+                    sum(i.qty * (i.unit_price_cents or 0) for i in priced)
+                    if len(priced) == len(items)
+                    else None
+                ),
+                priced_from_fallback=any(i.price_source == "last-known" for i in items),
+            )
+        )
+
+    def confirm(self) -> None:
+        """Confirm a pending order (a repeated or late outcome changes nothing)."""
+        if self.status == "PENDING":
+            self.record(OrderConfirmed(order_id=self.id))
+
+    def reject(self, reason: str) -> None:
+        """Reject a pending order with the reason (idempotent like :meth:`confirm`)."""
+        if self.status == "PENDING":
+            self.record(OrderRejected(order_id=self.id, reason=reason))
+
+    @applies
+    def _placed(self, event: OrderPlaced) -> None:
+        self.customer_id = event.customer_id
+        self.items = list(event.items)
+        self.total_cents = event.total_cents
+        self.priced_from_fallback = event.priced_from_fallback
+        self.status = "PENDING"
+
+    @applies
+    def _confirmed(self, event: OrderConfirmed) -> None:
+        del event
+        self.status = "CONFIRMED"
+
+    @applies
+    def _rejected(self, event: OrderRejected) -> None:
+        self.status = "REJECTED"
+        self.reason = event.reason
+
+
+class OrderHistory(Projection):
+    """The ``order_history`` read model: a customer's orders, newest first."""
+
+    name = "order-history"
+
+    async def setup(self, tx: Transaction) -> None:
+        await tx.execute(
+            """CREATE TABLE IF NOT EXISTS order_history (
+                order_id TEXT PRIMARY KEY,
+                customer_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                reason TEXT,
+                lines INTEGER NOT NULL,
+                total_cents INTEGER,
+                placed_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL
+            )"""
+        )
+        await tx.execute(
+            "CREATE INDEX IF NOT EXISTS order_history_by_customer"
+            " ON order_history (customer_id, placed_at)"
+        )
+
+    async def reset(self, tx: Transaction) -> None:
+        await tx.execute("DELETE FROM order_history")
+
+    @on
+    async def placed(self, record: EventRecord[OrderPlaced], tx: Transaction) -> None:
+        event = record.event
+        await tx.execute(
+            "INSERT INTO order_history (order_id, customer_id, status, lines, total_cents,"
+            " placed_at, updated_at) VALUES (?, ?, 'PENDING', ?, ?, ?, ?)",
+            event.order_id,
+            event.customer_id,
+            len(event.items),
+            event.total_cents,
+            record.recorded_at,
+            record.recorded_at,
+        )
+
+    @on
+    async def decided(
+        self, record: EventRecord[OrderConfirmed | OrderRejected], tx: Transaction
+    ) -> None:
+        event = record.event
+        status = "CONFIRMED" if isinstance(event, OrderConfirmed) else "REJECTED"
+        reason = event.reason if isinstance(event, OrderRejected) else None
+        await tx.execute(
+            "UPDATE order_history SET status = ?, reason = ?, updated_at = ? WHERE order_id = ?",
+            status,
+            reason,
+            record.recorded_at,
+            event.order_id,
+        )
+
 
 service = Service(
     "orders",
     title="shop: orders",
     schema=[
-        """CREATE TABLE IF NOT EXISTS orders (
-            order_id TEXT PRIMARY KEY,
-            customer_id TEXT NOT NULL,
-            items TEXT NOT NULL,
-            status TEXT NOT NULL,
-            reason TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, created_at)",
-    ],
-)
-service.migration(
-    "prices",
-    [
-        "ALTER TABLE orders ADD COLUMN total_cents INTEGER",
-        "ALTER TABLE orders ADD COLUMN priced_from_fallback INTEGER NOT NULL DEFAULT 0",
         """CREATE TABLE IF NOT EXISTS known_prices (
             sku TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
             price_cents INTEGER NOT NULL,
-            updated_at REAL NOT NULL
+            updated_at DOUBLE PRECISION NOT NULL
         )""",
     ],
 )
-
-OrderStatus = Literal["PENDING", "CONFIRMED", "REJECTED"]
+orders = service.repository(Order)
+service.projection(OrderHistory())
 
 
 class OrderLine(BaseModel):
@@ -91,144 +203,158 @@ class OrderView(BaseModel):
     priced_from_fallback: bool = False
 
 
+class OrderSummary(BaseModel):
+    """One order in a customer's history."""
+
+    order_id: str
+    status: OrderStatus
+    reason: str | None
+    lines: int
+    total_cents: int | None
+    placed_at: float
+
+
 class PricesUnavailableError(Exception):
     """catalog is unreachable and no price was ever seen for a SKU."""
 
 
-async def price_of(sku: str) -> PricedLine:
+async def price_of(sku: str) -> PricedItem:
     """The price of ``sku`` from catalog, through the ``catalog`` policy (timeout, retry
     with a budget, breaker); when that fails, the last price this service saw."""
 
-    async def from_catalog() -> PricedLine:
+    async def from_catalog() -> PricedItem:
         response = await service.client.get("catalog", f"/products/{sku}")
         if response.status_code == 404:
-            return PricedLine(sku=sku, qty=1, price_source="unknown-sku")
+            return PricedItem(sku=sku, qty=1, unit_price_cents=None, price_source="unknown-sku")
         response.raise_for_status()
-        body = response.json()
-        return PricedLine(sku=sku, qty=1, unit_price_cents=body["price_cents"])
+        return PricedItem(
+            sku=sku, qty=1, unit_price_cents=response.json()["price_cents"], price_source="catalog"
+        )
 
-    async def last_known(error: BaseException) -> PricedLine:
+    async def last_known(error: BaseException) -> PricedItem:
         async with service.read() as db:
             cents = await db.fetch_value("SELECT price_cents FROM known_prices WHERE sku = ?", sku)
         if cents is None:
             raise PricesUnavailableError(sku) from error
-        return PricedLine(sku=sku, qty=1, unit_price_cents=cents, price_source="last-known")
+        return PricedItem(sku=sku, qty=1, unit_price_cents=cents, price_source="last-known")
 
-    fallback = Fallback(last_known, classifier=HTTP)
-    return await fallback.call(from_catalog)
+    return await Fallback(last_known, classifier=HTTP).call(from_catalog)
 
 
 @service.http.post("/orders", status_code=202, response_model=OrderAccepted)
 async def place_order(
-    order: PlaceOrder,
+    body: PlaceOrder,
     response: Response,
     correlation_id: Annotated[str | None, Header(alias="X-Correlation-ID")] = None,
 ) -> OrderAccepted:
-    """Price the order, then record it PENDING and ask inventory to reserve its stock,
-    atomically. Prices come from catalog, or from the last known price (and the order
-    says so) while catalog is failing."""
+    """Price the order, then record it (``OrderPlaced``) and ask inventory to reserve its
+    stock, atomically. Prices come from catalog, or from the last known price (and the
+    order says so) while catalog is failing."""
     try:
-        prices = {sku: await price_of(sku) for sku in sorted({line.sku for line in order.items})}
+        prices = {sku: await price_of(sku) for sku in sorted({line.sku for line in body.items})}
     except (PricesUnavailableError, ResilienceError, httpx.HTTPError) as exc:
         raise HTTPException(
             503, f"prices are unavailable: {exc}", headers={"Retry-After": "5"}
         ) from exc
-    lines = [
-        PricedLine(
+    items = [
+        PricedItem(
             sku=line.sku,
             qty=line.qty,
             unit_price_cents=prices[line.sku].unit_price_cents,
             price_source=prices[line.sku].price_source,
         )
-        for line in order.items
+        for line in body.items
     ]
-    known = [line for line in lines if line.unit_price_cents is not None]
-    total = sum(line.qty * (line.unit_price_cents or 0) for line in known)
-    fallback = any(line.price_source == "last-known" for line in lines)
     async with service.unit_of_work(correlation_id=correlation_id) as ctx:
-        order_id = ctx.random.new_id()
-        annotate(**{"order.id": order_id})  # find the order's trace by its id
+        order = orders.create(ctx.random.new_id())
+        annotate(**{"order.id": order.id})  # find the order's trace by its id
+        order.place(body.customer_id, items)
+        await orders.save(order, ctx)
         now = ctx.clock.time()
-        await ctx.execute(
-            "INSERT INTO orders (order_id, customer_id, items, status, created_at, updated_at,"
-            " total_cents, priced_from_fallback) VALUES (?, ?, ?, 'PENDING', ?, ?, ?, ?)",
-            order_id,
-            order.customer_id,
-            json.dumps([line.model_dump() for line in lines]),
-            now,
-            now,
-            total if len(known) == len(lines) else None,
-            1 if fallback else 0,
-        )
-        for line in lines:
-            if line.price_source == "catalog" and line.unit_price_cents is not None:
+        for price in prices.values():
+            if price.price_source == "catalog" and price.unit_price_cents is not None:
                 await ctx.execute(
-                    "INSERT INTO known_prices (sku, name, price_cents, updated_at)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (sku) DO UPDATE SET"
-                    " price_cents = excluded.price_cents, updated_at = excluded.updated_at",
-                    line.sku,
-                    line.sku,
-                    line.unit_price_cents,
+                    "INSERT INTO known_prices (sku, price_cents, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (sku) DO UPDATE SET price_cents = excluded.price_cents,"
+                    " updated_at = excluded.updated_at",
+                    price.sku,
+                    price.unit_price_cents,
                     now,
                 )
         ctx.send(
             ReserveStock(
-                order_id=order_id,
-                items=[LineItem(sku=line.sku, qty=line.qty) for line in order.items],
+                order_id=order.id,
+                items=[LineItem(sku=line.sku, qty=line.qty) for line in body.items],
             ),
             to="inventory",
-            key=order_id,
+            key=order.id,
         )
-    response.headers["Location"] = f"/orders/{order_id}"
-    return OrderAccepted(order_id=order_id, status="PENDING")
+    response.headers["Location"] = f"/orders/{order.id}"
+    return OrderAccepted(order_id=order.id, status="PENDING")
 
 
 @service.http.get("/orders/{order_id}", response_model=OrderView)
 async def get_order(order_id: str) -> OrderView:
-    """An order and its status."""
-    async with service.read() as db:
-        row = await db.fetch_one(
-            "SELECT order_id, customer_id, items, status, reason, total_cents,"
-            " priced_from_fallback FROM orders WHERE order_id = ?",
-            order_id,
-        )
-    if row is None:
+    """An order as its events say it is now."""
+    order = await orders.get(order_id)
+    if order is None:
         raise HTTPException(404, f"no order {order_id!r}")
-    return _view(row)
-
-
-def _view(row: Any) -> OrderView:
     return OrderView(
-        order_id=row[0],
-        customer_id=row[1],
-        items=[PricedLine(**line) for line in json.loads(row[2])],
-        status=row[3],
-        reason=row[4],
-        total_cents=row[5],
-        priced_from_fallback=bool(row[6]),
+        order_id=order.id,
+        customer_id=order.customer_id,
+        items=[
+            PricedLine(
+                sku=i.sku,
+                qty=i.qty,
+                unit_price_cents=i.unit_price_cents,
+                price_source=i.price_source,
+            )
+            for i in order.items
+        ],
+        status=order.status,
+        reason=order.reason,
+        total_cents=order.total_cents,
+        priced_from_fallback=order.priced_from_fallback,
     )
 
 
-async def _finish(ctx: Context, order_id: str, status: OrderStatus, reason: str | None) -> None:
-    annotate(**{"order.id": order_id, "order.status": status})
-    # Only a PENDING order changes: a late or repeated reply leaves the outcome alone.
-    await ctx.execute(
-        "UPDATE orders SET status = ?, reason = ?, updated_at = ?"
-        " WHERE order_id = ? AND status = 'PENDING'",
-        status,
-        reason,
-        ctx.clock.time(),
-        order_id,
+@service.http.get("/customers/{customer_id}/orders", response_model=list[OrderSummary])
+async def customer_orders(customer_id: str, limit: int = 50) -> list[OrderSummary]:
+    """A customer's orders, newest first, from the ``order-history`` projection."""
+    async with service.read() as db:
+        rows = await db.fetch_all(
+            "SELECT order_id, status, reason, lines, total_cents, placed_at FROM order_history"
+            " WHERE customer_id = ? ORDER BY placed_at DESC, order_id LIMIT ?",
+            customer_id,
+            min(max(limit, 1), 500),
+        )
+    return [_summary(row) for row in rows]
+
+
+def _summary(row: Any) -> OrderSummary:
+    return OrderSummary(
+        order_id=row[0],
+        status=row[1],
+        reason=row[2],
+        lines=row[3],
+        total_cents=row[4],
+        placed_at=row[5],
     )
 
 
 @service.handles(StockReserved)
 async def on_stock_reserved(reply: StockReserved, ctx: Context) -> None:
     """inventory held the stock: the order is confirmed."""
-    await _finish(ctx, reply.order_id, "CONFIRMED", None)
+    annotate(**{"order.id": reply.order_id})
+    order = await orders.load(reply.order_id, tx=ctx)
+    order.confirm()
+    await orders.save(order, ctx)
 
 
 @service.handles(StockRejected)
 async def on_stock_rejected(reply: StockRejected, ctx: Context) -> None:
     """inventory could not hold the stock: the order is rejected with the reason."""
-    await _finish(ctx, reply.order_id, "REJECTED", reply.reason)
+    annotate(**{"order.id": reply.order_id})
+    order = await orders.load(reply.order_id, tx=ctx)
+    order.reject(reply.reason)
+    await orders.save(order, ctx)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import msgspec
 import typer
@@ -19,6 +21,8 @@ from atoll.config import ConfigError, LoadedConfig, load_config
 from atoll.messages import decode_envelope
 from atoll.messages._errors import MessageError
 
+T = TypeVar("T")
+
 app = typer.Typer(
     name="atoll",
     help="Run and operate atoll systems.",
@@ -28,6 +32,15 @@ app = typer.Typer(
 )
 dlq_app = typer.Typer(help="Dead letters: list, show, replay, purge.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+events_app = typer.Typer(help="Event streams of an event-sourced service.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+projections_app = typer.Typer(help="Projections: their lag, and rebuilding.", no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
+
+ServiceOption = Annotated[
+    str | None,
+    typer.Option("--service", "-s", help="The event-sourced service (if there are several)."),
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -254,6 +267,148 @@ def dlq_purge(
     console.print(f"purged {len(record_id) - len(missing)} dead letter(s)")
     if missing:
         fail(f"no such dead letter(s): {', '.join(missing)}", 1)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool, title: str) -> None:
+    if as_json:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        return
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(column)) for column in columns))
+    console.print(table)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    return "" if value is None else str(value)
+
+
+@events_app.command("streams")
+def events_streams(
+    config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
+    service: ServiceOption = None,
+    prefix: Annotated[str | None, typer.Option(help="Only streams starting with this.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """List streams with their version."""
+    from atoll.cli._events import with_store  # noqa: PLC0415 - keep --help fast
+    from atoll.eventstore._admin import list_streams  # noqa: PLC0415
+
+    loaded = _load(config, profile)
+    rows = _guard(
+        lambda: with_store(
+            loaded, service, lambda _s, store, _c: list_streams(store, prefix=prefix, limit=limit)
+        )
+    )
+    _print_rows(rows, ["stream", "version", "events", "deleted", "updated_at"], as_json, "streams")
+
+
+@events_app.command("show")
+def events_show(
+    stream: str,
+    config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
+    service: ServiceOption = None,
+    limit: Annotated[int, typer.Option(help="At most this many events.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """Show a stream's events, decoded."""
+    from atoll.cli._events import with_store  # noqa: PLC0415 - keep --help fast
+    from atoll.eventstore._admin import show_stream  # noqa: PLC0415
+
+    loaded = _load(config, profile)
+    rows = _guard(
+        lambda: with_store(
+            loaded,
+            service,
+            lambda _s, store, codec: show_stream(store, stream, codec=codec, limit=limit),
+        )
+    )
+    _print_rows(rows, ["version", "position", "type", "data", "recorded_at"], as_json, stream)
+
+
+@events_app.command("tail")
+def events_tail(
+    config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
+    service: ServiceOption = None,
+    last: Annotated[int, typer.Option(help="Show the last N events first.")] = 10,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+) -> None:
+    """Print the newest events of the global log (and follow it with -f)."""
+    from atoll.cli._events import with_store  # noqa: PLC0415 - keep --help fast
+    from atoll.eventstore._admin import tail  # noqa: PLC0415
+
+    loaded = _load(config, profile)
+
+    async def run(_service: Any, store: Any, codec: Any) -> None:
+        async for row in tail(store, last=last, follow=follow, codec=codec):
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+            sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _guard(lambda: with_store(loaded, service, run))
+
+
+@projections_app.command("status")
+def projections_status(
+    config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
+    service: ServiceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """Every projection's checkpoint and lag (events and seconds behind, stalled)."""
+    from atoll.cli._events import with_store  # noqa: PLC0415 - keep --help fast
+    from atoll.eventstore._admin import projections_status as status  # noqa: PLC0415
+
+    loaded = _load(config, profile)
+    rows = _guard(lambda: with_store(loaded, service, lambda _s, store, _c: status(store)))
+    _print_rows(
+        rows,
+        ["projection", "position", "events_behind", "seconds_behind", "stalled", "blocked_by"],
+        as_json,
+        "projections",
+    )
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: str,
+    config: ConfigOption = Path("atoll.toml"),
+    profile: ProfileOption = None,
+    service: ServiceOption = None,
+) -> None:
+    """Clear a projection's read model and replay every event into it."""
+    from atoll.cli._events import projection_named, with_store  # noqa: PLC0415
+    from atoll.eventstore._admin import rebuild_projection  # noqa: PLC0415
+
+    loaded = _load(config, profile)
+
+    async def run(svc: Any, store: Any, codec: Any) -> int:
+        return await rebuild_projection(store, projection_named(svc, name), codec=codec)
+
+    applied = _guard(lambda: with_store(loaded, service, run))
+    console.print(f"rebuilt {name}: {applied} event(s) applied")
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyError as exc:
+        fail(str(exc.args[0]) if exc.args else str(exc), 1)
+    except AtollError as exc:
+        fail(str(exc), 1)
 
 
 def _type_of(body: bytes) -> str:

@@ -30,6 +30,7 @@ from atoll.resilience import (
     install_metrics,
 )
 from atoll.service._context import Context, outgoing_trace_headers
+from atoll.service._eventsourcing import EventSourcing
 from atoll.service._http import instrument_client, instrument_http
 from atoll.service._service import HandlerSpec, Service
 from atoll.transport import (
@@ -132,6 +133,7 @@ class ServiceRuntime:
             tracer=self.tracing.tracer,
         )
         self.metrics = ServiceMetrics(self, metrics_registry)
+        self.event_sourcing = EventSourcing(self)
         #: Calls to other services by name, through their resilience policies.
         self.client = client or ServiceClient(
             {}, clock=self.clock, random=self.random, trace_headers=outgoing_trace_headers
@@ -180,6 +182,8 @@ class ServiceRuntime:
             await self.database.open()
             for name, statements in self.service.migrations:
                 await self.database.migrate(name, statements)
+            if self.service.event_sourced:
+                await self.event_sourcing.open()
             for hook in self.service.start_hooks:
                 await hook(self)
             await self.transport.connect()
@@ -194,6 +198,8 @@ class ServiceRuntime:
                 max_batch=self._max_batch,
             )
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+            if self.service.event_sourced:
+                await self.event_sourcing.start_projections()
         except BaseException:
             self.state = "failed"
             await self._close_quietly()
@@ -215,6 +221,8 @@ class ServiceRuntime:
         self.state = "stopping"
         if self._maintenance is not None:
             self._maintenance.cancel()
+        for runner in self.event_sourcing.runners:
+            await runner.stop()
         if self._consumer is not None:
             try:
                 await asyncio.wait_for(self._consumer.stop(), self._drain_timeout)
@@ -257,6 +265,10 @@ class ServiceRuntime:
         self.service.attach(None)
 
     async def _close_quietly(self) -> None:
+        try:
+            await self.event_sourcing.stop()
+        except Exception as exc:
+            log.warning("closing the event store failed: %s", exc)
         if self._owns_transport:
             try:
                 await self.transport.close()
@@ -489,6 +501,8 @@ class ServiceRuntime:
         except Exception as exc:
             details["outbox"] = {"error": str(exc)}
         details["relay"] = {"published": self.relay.published, "last_error": self.relay.last_error}
+        if self.event_sourcing.runners:
+            details["projections"] = await self.event_sourcing.readiness()
         details["consumer"] = {
             "handled": self.stats.handled,
             "duplicates": self.stats.duplicates,

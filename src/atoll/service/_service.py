@@ -15,10 +15,13 @@ from atoll.service._http import install_http_defaults
 from atoll.transport import RedeliveryPolicy, command_topic, event_topic
 
 if TYPE_CHECKING:
+    from atoll.eventstore import Aggregate, EventStore, Projection
     from atoll.resilience import ServiceClient
+    from atoll.service._eventsourcing import ServiceRepository
     from atoll.service._runtime import ServiceRuntime
 
 M = TypeVar("M", bound=Message)
+A = TypeVar("A", bound="Aggregate")
 Handler = Callable[[M, Context], Awaitable[None]]
 StartHook = Callable[["ServiceRuntime"], Awaitable[None]]
 _AnyHandler = Callable[[Any, Context], Awaitable[None]]
@@ -78,6 +81,9 @@ class Service:
             self.migrations.append((f"{name}:schema", list(schema)))
         self.redelivery = redelivery or RedeliveryPolicy()
         self.start_hooks: list[StartHook] = []
+        self.repositories: list[ServiceRepository[Any]] = []
+        self.projections: list[Projection] = []
+        self.event_sourced = False
         self.http = FastAPI(title=title or name, version=version)
         self._runtime: ServiceRuntime | None = None
         install_http_defaults(self.http, self)
@@ -122,6 +128,28 @@ class Service:
         """Add a schema migration, applied once, in declaration order, at start."""
         self.migrations.append((f"{self.name}:{name}", list(statements)))
 
+    def repository(self, aggregate: type[A]) -> ServiceRepository[A]:
+        """Declare an event-sourced aggregate; its repository works once the service runs.
+
+        The service then gets an event store on its own database, and ``save(agg, ctx)``
+        appends the aggregate's events in the handler's unit of work and publishes each of
+        them through the outbox in that same transaction.
+        """
+        from atoll.service._eventsourcing import ServiceRepository  # noqa: PLC0415
+
+        declared = ServiceRepository(self.name, aggregate)
+        self.repositories.append(declared)
+        self.event_sourced = True
+        return declared
+
+    def projection(self, projection: Projection) -> Projection:
+        """Run ``projection`` over this service's event store while the service runs."""
+        if any(p.name == projection.name for p in self.projections):
+            raise ValueError(f"service {self.name!r} already has a projection {projection.name!r}")
+        self.projections.append(projection)
+        self.event_sourced = True
+        return projection
+
     def on_start(self, hook: StartHook) -> StartHook:
         """Run ``hook(runtime)`` at start, after migrations and before consuming."""
         self.start_hooks.append(hook)
@@ -156,6 +184,14 @@ class Service:
         """Open a unit of work with messaging, for HTTP routes and hooks."""
         async with self.runtime.unit_of_work(correlation_id=correlation_id, trace=trace) as ctx:
             yield ctx
+
+    @property
+    def event_store(self) -> EventStore:
+        """The event store on this service's database (event-sourced services)."""
+        store = self.runtime.event_sourcing.store
+        if store is None:
+            raise ServiceNotRunningError(f"service {self.name!r} has no event store")
+        return store
 
     @property
     def client(self) -> ServiceClient:

@@ -180,10 +180,12 @@ class PostgresUnitOfWork(PostgresSession, UnitOfWork):
     publishes each key in commit order.
     """
 
-    __slots__ = ("_callbacks", "_db", "_outgoing")
+    __slots__ = ("_callbacks", "_db", "_outgoing", "connection")
 
     def __init__(self, conn: asyncpg.Connection, db: PostgresDatabase) -> None:
         super().__init__(conn, db.what)
+        #: The asyncpg connection of this transaction (the event store appends on it).
+        self.connection = conn
         self._db = db
         self._outgoing: list[_Outgoing] = []
         self._callbacks: list[Callable[[], None]] = []
@@ -405,6 +407,11 @@ class PostgresDatabase(Database):
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool (shared with the event store of the same service)."""
+        return self._pool_or_raise()
 
     def _pool_or_raise(self) -> asyncpg.Pool:
         if self._pool is None:
