@@ -243,14 +243,17 @@ local function take_waiting(ref)
   return false
 end
 
--- Entries that were in flight go to wait at the front of their key's queue. ``claimed``
--- was just taken by XAUTOCLAIM, which counted a delivery that did not happen.
-local function requeue_front(key, refs, claimed)
+-- Entries just taken by XAUTOCLAIM, with their fields. XAUTOCLAIM counted a delivery
+-- for each; one that goes back to wait instead did not get it.
+local autoclaimed = {}
+
+-- Entries that were in flight go to wait at the front of their key's queue.
+local function requeue_front(key, refs)
   local q = gp .. 'q:' .. key
   for i = #refs, 1, -1 do
     local sk, id = split_ref(refs[i])
     local used = delivered(sk, id)
-    if refs[i] == claimed then used = used - 1 end
+    if autoclaimed[refs[i]] then used = used - 1 end
     redis.call('XACK', sk, group, id)
     hold_index(refs[i], used)
     redis.call('LPUSH', q, refs[i])
@@ -260,7 +263,7 @@ end
 
 -- Take over a key whose entries were in flight with a consumer whose lease lapsed:
 -- all of them, in their order, so no later one overtakes an earlier one.
-local function take_over(key, ref, fields)
+local function take_over(key, ref)
   local lk = redis.call('HGET', lock_hash, key)
   local refs = {}
   if lk then
@@ -279,11 +282,11 @@ local function take_over(key, ref, fields)
       local sk, id = split_ref(r)
       if room <= 0 or #rest > 0 then
         -- No room: this one and every later one of the key wait (if still in flight).
-        if r == ref or redis.call('XPENDING', sk, group, id, id, 1)[1] then
+        if autoclaimed[r] or redis.call('XPENDING', sk, group, id, id, 1)[1] then
           rest[#rest + 1] = r
         end
-      elseif r == ref then
-        hand(r, delivered(sk, id), fields)
+      elseif autoclaimed[r] then
+        hand(r, delivered(sk, id), autoclaimed[r])
         mine_add(key, r)
       else
         local c = redis.pcall('XCLAIM', sk, group, consumer, 0, id)
@@ -294,7 +297,7 @@ local function take_over(key, ref, fields)
       end
     end
   end
-  if #rest > 0 then requeue_front(key, rest, ref) end
+  if #rest > 0 then requeue_front(key, rest) end
 end
 
 local function ensure_groups()
@@ -312,14 +315,17 @@ if limit > 0 then
     if not is_err(r) then
       redis.call('HSET', gp .. 'cur', sk, r[1])
       for _, e in ipairs(r[2]) do
+        if type(e[2]) == 'table' then autoclaimed[sk .. '|' .. e[1]] = e[2] end
+      end
+      for _, e in ipairs(r[2]) do
         local ref = sk .. '|' .. e[1]
         if type(e[2]) == 'table' and not taken[ref] then
           local key = field(e[2], 'key')
-          if key then take_over(key, ref, e[2])
+          if key then take_over(key, ref)
           elseif room > 0 then hand(ref, delivered(sk, e[1]), e[2])
           else
             -- No room: wait as a redelivery due now.
-            local used = delivered(sk, e[1])
+            local used = delivered(sk, e[1]) - 1
             redis.call('XACK', sk, group, e[1])
             hold_index(ref, used)
             redis.call('ZADD', ready, now, 'r' .. ref)
