@@ -555,9 +555,19 @@ class RedisTransport(Transport):
     # -- calling Redis --------------------------------------------------------------------
 
     def _auth_error(self, exc: BaseException) -> TransportError:
+        s = self.settings
+        if isinstance(exc, redis_errors.AuthenticationError):
+            if s.password is None:
+                what = "NOAUTH: the server wants a password and none was given"
+            else:
+                who = f"user {s.username!r}" if s.username else "the default user"
+                what = f"WRONGPASS: the password for {who} is wrong, or the user is disabled"
+        else:
+            what = "NOPERM: the user may not run the commands atoll needs"
         return TransportError(
-            f"Redis at {self.settings.display_url} refused the credentials ({_describe(exc)}):"
-            " check the user name and the password (in the URL, password_file or password_env)"
+            f"Redis at {s.display_url} refused the credentials ({what}; the server said"
+            f" {_describe(exc)}): check the user name and the password (in the URL,"
+            " password_file or password_env)"
         )
 
     async def _run(self, what: str, work: Callable[[Any], Awaitable[T]]) -> T:
