@@ -75,10 +75,13 @@ end
 #: record key, body)...
 #: A lock key is ``""`` for an entry without a key, else ``"=" .. key``.
 #:
-#: Returns ``{batch, next_due_ms, more, tops}``: the batch as ``{ref, attempts, fields}``
-#: triples, milliseconds until the next waiting entry is due (-1 if none), 1 if more
-#: entries may be ready at once, and the last id of each stream and the wake stream
-#: (``{key, id}`` pairs) to block on until something new arrives.
+#: Returns ``{batch, next_due_ms, more, tops}``: the batch as one binary string (per
+#: entry: the ref, attempts, the number of fields, then each field name and value; each
+#: string with a 4-byte big-endian length before it, each number 4 bytes big-endian),
+#: which the client parses far faster than one reply element per field; milliseconds
+#: until the next waiting entry is due (-1 if none), 1 if more entries may be ready at
+#: once, and the last id of each stream and the wake stream (``{key, id}`` pairs) to
+#: block on until something new arrives.
 SETTLE_AND_CLAIM = (
     _PRELUDE
     + r"""
@@ -209,7 +212,12 @@ local room = limit
 local more = 0
 
 local function hand(ref, attempts, fields)
-  batch[#batch + 1] = {ref, attempts, fields}
+  local out = {struct.pack('>I4', #ref), ref, struct.pack('>I4I4', attempts, #fields / 2)}
+  for _, f in ipairs(fields) do
+    out[#out + 1] = struct.pack('>I4', #f)
+    out[#out + 1] = f
+  end
+  batch[#batch + 1] = table.concat(out)
   taken[ref] = true
   room = room - 1
 end
@@ -481,7 +489,7 @@ for _, sk in ipairs(watch) do
   tops[#tops + 1] = sk
   if top[1] then tops[#tops + 1] = top[1][1] else tops[#tops + 1] = '0-0' end
 end
-return {batch, next_due, more, tops}
+return {table.concat(batch), next_due, more, tops}
 """
 )
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -86,8 +87,31 @@ def _decode(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
 
 
-def _fields(raw: Sequence[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(raw[::2], raw[1::2], strict=True))
+_U32 = struct.Struct(">I")
+_TWO_U32 = struct.Struct(">II")
+
+
+def _unpack_batch(blob: bytes) -> list[tuple[str, int, dict[bytes, bytes]]]:
+    """The claim script's batch: per entry its ref, attempts and fields (see SETTLE_AND_CLAIM)."""
+    entries = []
+    pos, end = 0, len(blob)
+    u32 = _U32.unpack_from
+    while pos < end:
+        (size,) = u32(blob, pos)
+        ref = blob[pos + 4 : pos + 4 + size].decode("utf-8", "replace")
+        pos += 4 + size
+        attempts, count = _TWO_U32.unpack_from(blob, pos)
+        pos += 8
+        fields = {}
+        for _ in range(count):
+            (size,) = u32(blob, pos)
+            name = blob[pos + 4 : pos + 4 + size]
+            pos += 4 + size
+            (size,) = u32(blob, pos)
+            fields[name] = blob[pos + 4 : pos + 4 + size]
+            pos += 4 + size
+        entries.append((ref, attempts, fields))
+    return entries
 
 
 class _RedisConsumer:
@@ -259,14 +283,12 @@ class _RedisConsumer:
 
     # -- decoding -------------------------------------------------------------------------
 
-    def decode(self, raw: Sequence[Any], tops: Sequence[bytes]) -> list[Delivery]:
+    def decode(self, blob: bytes, tops: Sequence[bytes]) -> list[Delivery]:
         """Deliveries from the claim script's batch; remember foreign entries' reasons."""
         self._tops = {_decode(tops[i]): tops[i + 1] for i in range(0, len(tops), 2)}
         batch = []
-        for ref_raw, attempts, field_list in raw:
-            ref = _decode(ref_raw)
+        for ref, attempts, fields in _unpack_batch(blob):
             stream, _, entry_id = ref.rpartition("|")
-            fields = _fields(field_list)
             lock_key = fields.get(b"key")
             token = _Token(ref, lock_key)
             topic = self._topic_of.get(stream)
