@@ -322,3 +322,27 @@ async def test_foreign_and_malformed_entries_are_dead_lettered_and_the_service_g
     finally:
         for rt in runtimes:
             await rt.stop()
+
+
+async def test_entries_deleted_by_someone_else_while_in_flight_do_not_block_their_key(
+    transport, raw
+):
+    client, ns = raw
+    topic, group = "event.deleted", "g"
+    started = asyncio.Event()
+
+    async def hang(batch):
+        started.set()
+        await asyncio.Event().wait()
+
+    dying = await transport.subscribe(group, [topic], hang, max_batch=3)
+    await transport.publish([message(topic, n, key="k") for n in range(6)])
+    await asyncio.wait_for(started.wait(), 10)
+    dying.abandon()
+    # Another system deletes the three entries in flight (XDEL, or its own MAXLEN).
+    stream = f"{ns}:t:{topic}"
+    client.xdel(stream, *[entry_id for entry_id, _ in client.xrange(stream, count=3)])
+    survivor = Recorder()
+    await transport.subscribe(group, [topic], survivor)
+    await wait_until(lambda: len(survivor.acked) == 3, what="the rest of the key")
+    assert [number(d) for d in survivor.acked] == [3, 4, 5]

@@ -308,6 +308,32 @@ local function take_over(key, ref)
   if #rest > 0 then requeue_front(key, rest) end
 end
 
+-- Entries deleted from a stream while in flight (by XDEL, or by someone else's
+-- XADD MAXLEN): XAUTOCLAIM drops them from the PEL; free their keys too, or the
+-- keys would stay locked for good. Rare, so a scan of the locks is fine.
+local function forget_deleted(sk, ids)
+  local gone = {}
+  for _, id in ipairs(ids) do gone[sk .. '|' .. id] = true end
+  local locks = redis.call('HGETALL', lock_hash)
+  for i = 1, #locks, 2 do
+    local key, parts, keep, changed = locks[i], {}, {}, false
+    for part in string.gmatch(locks[i + 1], '[^\n]+') do parts[#parts + 1] = part end
+    for j = 2, #parts do
+      if gone[parts[j]] then changed = true else keep[#keep + 1] = parts[j] end
+    end
+    if changed then
+      if #keep > 0 then
+        redis.call('HSET', lock_hash, key, parts[1] .. '\n' .. table.concat(keep, '\n'))
+      else
+        redis.call('HDEL', lock_hash, key)
+        if redis.call('EXISTS', gp .. 'q:' .. key) == 1 then
+          redis.call('ZADD', ready, 'NX', now, 'k' .. key)
+        end
+      end
+    end
+  end
+end
+
 local function ensure_groups()
   for _, sk in ipairs(streams) do
     redis.pcall('XGROUP', 'CREATE', sk, group, '0', 'MKSTREAM')
@@ -322,6 +348,7 @@ if limit > 0 then
     local r = redis.pcall('XAUTOCLAIM', sk, group, consumer, lease_ms, cursor, 'COUNT', room)
     if not is_err(r) then
       redis.call('HSET', gp .. 'cur', sk, r[1])
+      if r[3] and #r[3] > 0 then forget_deleted(sk, r[3]) end
       for _, e in ipairs(r[2]) do
         if type(e[2]) == 'table' then autoclaimed[sk .. '|' .. e[1]] = e[2] end
       end
