@@ -346,3 +346,35 @@ async def test_entries_deleted_by_someone_else_while_in_flight_do_not_block_thei
     await transport.subscribe(group, [topic], survivor)
     await wait_until(lambda: len(survivor.acked) == 3, what="the rest of the key")
     assert [number(d) for d in survivor.acked] == [3, 4, 5]
+
+
+async def test_a_stopping_consumer_wakes_the_others_for_the_keys_it_releases(tmp_path):
+    # Long polls and leases: only the wake-up can bring the queued entries out quickly.
+    url = url_for(namespace_for(tmp_path), lease=60, poll_interval=30, trim_interval=3600)
+    transport = RedisTransport.from_url(url)
+    await transport.connect()
+    try:
+        topic, group = "event.wake", "g"
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(batch):
+            started.set()
+            await release.wait()
+            return [Ack() for _ in batch]
+
+        first = await transport.subscribe(group, [topic], slow, max_batch=1)
+        await transport.publish([message(topic, 0, key="k")])
+        await asyncio.wait_for(started.wait(), 10)
+        second = Recorder()
+        await transport.subscribe(group, [topic], second)
+        # 1..3 queue behind 0, which the first consumer holds; the second one idles.
+        await transport.publish([message(topic, n, key="k") for n in range(1, 4)])
+        await asyncio.sleep(0.3)
+        assert second.deliveries == []
+        stopping = asyncio.get_running_loop().create_task(first.stop())
+        release.set()
+        await stopping
+        await wait_until(lambda: len(second.acked) == 3, timeout=5, what="the woken consumer")
+        assert [number(d) for d in second.acked] == [1, 2, 3]
+    finally:
+        await transport.close()

@@ -420,8 +420,9 @@ if limit > 0 then
       go = room > 0
     end
     if go then
-      if fresh then hand(ref, 1, fields) else take_waiting(ref) end
-      if key then mine_add(key, ref) end
+      local handed = true
+      if fresh then hand(ref, 1, fields) else handed = take_waiting(ref) end
+      if key and handed then mine_add(key, ref) end
       return
     end
     if fresh then
