@@ -27,6 +27,17 @@ class TestRabbitMQTransport(TransportConformance):
         return transport
 
 
+class TestRabbitMQClassicQueues(TestRabbitMQTransport):
+    """The same contract on classic queues (for brokers without quorum queues)."""
+
+    async def make_transport(self, tmp_path):
+        transport = RabbitMQTransport.from_url(
+            url(self.namespace, rebalance_interval=0.5, queue_type="classic")
+        )
+        self.made.append(transport)
+        return transport
+
+
 class TestRabbitMQCrashes(ExactlyOnceCrashConformance):
     @pytest.fixture(autouse=True)
     async def _namespace(self):

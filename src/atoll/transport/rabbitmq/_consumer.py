@@ -376,8 +376,26 @@ class RabbitMQConsumer:
                 log.exception("consumer of %s failed; reconnecting", self._group)
                 self._break(f"{type(exc).__name__}: {exc}")
 
+    def _silent(self) -> bool:
+        """Whether the broker has been silent so long that it may soon drop us.
+
+        The broker gives what a dropped connection held to another instance; this one
+        learns it later (aiormq waits three heartbeats). So it stops handing out messages
+        after three quarters of the heartbeat timeout without a frame, and goes on when
+        one arrives. (aiormq keeps the time of the last frame in a private attribute; if
+        it is missing, the guard is off.)
+        """
+        last = getattr(self._connection, "_Connection__last_frame_time", None)
+        if not isinstance(last, float):
+            return False
+        silence = asyncio.get_running_loop().time() - last
+        return silence > 0.75 * self._t.settings.heartbeat
+
     async def _step(self) -> None:
         self._wake.clear()
+        if self._silent():
+            await self._pause(0.2)
+            return
         await self._retry_parking()
         batch = self._claim()
         if batch:

@@ -82,7 +82,9 @@ class RabbitMQSettings:
     #: Unacknowledged deliveries per partition consumer; ``None``: twice the batch size.
     prefetch: int | None = None
     queue_type: QueueType = "quorum"
-    heartbeat: int = 30
+    #: Seconds of silence after which the broker drops a connection (and gives what it
+    #: held to another instance); consumers stop handing out messages before that.
+    heartbeat: int = 20
     connect_timeout: float = 10.0
     #: How long a publish waits for the broker's confirms (a memory or disk alarm
     #: blocks publishers) before it fails and the outbox tries again.
@@ -142,7 +144,7 @@ class RabbitMQSettings:
             "partitions": take_option(options, "partitions", _partitions, 4, url),
             "prefetch": take_option(options, "prefetch", _positive_int, None, url),
             "queue_type": take_option(options, "queue_type", _queue_type, "quorum", url),
-            "heartbeat": take_option(options, "heartbeat", int, 30, url),
+            "heartbeat": take_option(options, "heartbeat", _positive_int, 20, url),
             "connect_timeout": take_option(options, "connect_timeout", _positive, 10.0, url),
             "publish_timeout": take_option(options, "publish_timeout", _positive, 30.0, url),
             "connect_retry": take_option(options, "connect_retry", _positive, math.inf, url),
@@ -156,9 +158,15 @@ class RabbitMQSettings:
             raise URLError(f"{redact(url)}: tls_key needs tls_cert")
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
-        if user is None and user_file is not None:
+        if user_file is not None:
+            if user is not None:
+                raise URLError(f"{redact(url)}: give the user in the URL or in user_file, not both")
             user = _read_secret(user_file, "user_file", url)
-        if password is None and password_file is not None:
+        if password_file is not None:
+            if password is not None:
+                raise URLError(
+                    f"{redact(url)}: give the password in the URL or in password_file, not both"
+                )
             password = _read_secret(password_file, "password_file", url)
         user = user if user is not None else env.get(USER_ENV, "guest")
         password = password if password is not None else env.get(PASSWORD_ENV, "guest")
