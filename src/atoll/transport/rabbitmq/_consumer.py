@@ -269,6 +269,7 @@ class RabbitMQConsumer:
     async def _rebuild(self) -> None:
         """Reconnect and subscribe again, with backoff, until it works or we stop."""
         attempt = 0
+        reported = None
         while not self._stopping:
             self._drop_all()
             await self._link.close()
@@ -276,17 +277,17 @@ class RabbitMQConsumer:
                 await self._open_session()
             except asyncio.CancelledError:
                 raise
-            except TransportError as exc:
+            except (TransportError, *_LOST) as exc:
                 attempt += 1
-                if "NOT_FOUND" in str(exc) or not isinstance(exc, TransportUnavailableError):
-                    # Queues deleted under us: declare the group again next time.
+                if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                    # Its queues were deleted under it: declare the group again.
                     self._t._topology.forget(self._group)
-                    if not isinstance(exc, TransportUnavailableError):
-                        log.warning("consumer of %s cannot subscribe: %s", self._group, exc)
-            except _LOST as exc:
-                attempt += 1
-                self._t._topology.forget(self._group)
-                log.debug("consumer of %s: resubscribing failed: %s", self._group, exc)
+                text = describe(exc, self._t.settings.password)
+                if not isinstance(exc, TransportUnavailableError | ConnectionError):
+                    # Not an outage (those are logged once by the link): say each new one.
+                    if text != reported:
+                        log.warning("consumer of %s cannot subscribe: %s", self._group, text)
+                    reported = text
             else:
                 log.info("consumer of %s is consuming again", self._group)
                 return

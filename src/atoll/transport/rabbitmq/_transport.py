@@ -210,6 +210,9 @@ class RabbitMQTransport(Transport):
                     routing_key=p.routing_key,
                     properties=p.properties,
                     mandatory=p.mandatory,
+                    # Queue the frames and return to the confirm: waiting for each
+                    # socket write under the channel's lock would serialise the batch.
+                    wait=False,
                 )
             )
             for p in batch
