@@ -768,3 +768,107 @@ async def test_amqps_refuses_a_server_its_ca_did_not_sign(tls_proxy, namespace):
         await transport.connect()
     assert clock.monotonic() - started < 5, "a refused certificate is not retried"
     await transport.close()
+
+
+# -- a silent network ---------------------------------------------------------------------
+
+
+class StallingProxy:
+    """Forwards to the test server until :meth:`stall`; then nothing moves either way
+    (not even a close), as on a network that silently drops packets."""
+
+    def __init__(self):
+        self.port = 0
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server = None
+        self._tasks: set[asyncio.Task] = set()
+        self._writers = []
+
+    async def start(self):
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(*server_address())
+        self._writers += [writer, up_writer]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src, dst):
+        try:
+            while data := await src.read(65536):
+                await self.flowing.wait()
+                dst.write(data)
+                await dst.drain()
+            await self.flowing.wait()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.close()
+
+    def stall(self):
+        self.flowing.clear()
+
+    async def close(self):
+        for writer in self._writers:
+            writer.transport.abort()
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+
+async def test_a_consumer_cut_off_silently_hands_out_nothing_the_broker_gave_away(
+    namespace, transports
+):
+    """The broker drops a silent connection and gives its messages to the next instance;
+    the silent instance must not go on handing out what it had buffered."""
+    ns, groups = namespace
+    groups.add("g")
+    proxy = StallingProxy()
+    await proxy.start()
+    try:
+        silent = make(
+            transports,
+            lambda n, **o: url(n, host="127.0.0.1", port=proxy.port, **o),
+            ns,
+            partitions=1,
+            heartbeat=2,
+        )
+        healthy = make(transports, url, ns, partitions=1)
+        await silent.connect()
+        await healthy.connect()
+        started, release = asyncio.Event(), asyncio.Event()
+        handled: dict[str, list[int]] = {"silent": [], "healthy": []}
+
+        async def slow(batch):
+            handled["silent"].extend(number(d) for d in batch)
+            started.set()
+            await release.wait()
+            return [Ack() for _ in batch]
+
+        async def quick(batch):
+            handled["healthy"].extend(number(d) for d in batch)
+            return [Ack() for _ in batch]
+
+        await silent.subscribe("g", ["t"], slow, max_batch=1)
+        await healthy.subscribe("g", ["t"], quick)
+        await healthy.publish([message("t", n, key="k") for n in range(6)])
+        await asyncio.wait_for(started.wait(), 10)
+        # 1..5 are in the silent instance's buffer now (prefetch); then the network dies.
+        await clock.sleep(0.3)
+        proxy.stall()
+        await clock.sleep(2.0)  # past three quarters of the heartbeat timeout
+        release.set()
+        await wait_until(
+            lambda: sorted(set(handled["healthy"])) == [0, 1, 2, 3, 4, 5],
+            timeout=20,
+            what="the healthy instance to take over the partition",
+        )
+        assert handled["silent"] == [0], "the silent instance handed out messages it had lost"
+    finally:
+        await proxy.close()
