@@ -275,6 +275,24 @@ async def test_a_group_keeps_the_partition_count_it_was_created_with(namespace, 
     await again.declare("g", ["t", "u"])
 
 
+async def test_processes_creating_one_group_at_once_agree(namespace, transports):
+    """A producer declaring a command's group while its service starts is no mismatch."""
+    ns, groups = namespace
+    racers = [make(transports, url, ns) for _ in range(3)]
+    for racer in racers:
+        await racer.connect()
+
+    async def declare(racer, group, delay):
+        await clock.sleep(delay)
+        await racer.declare(group, ["t"])
+
+    for round_ in range(12):
+        group = f"g{round_}"
+        groups.add(group)
+        # Staggered so that one process looks while another is half-way through.
+        await asyncio.gather(*(declare(r, group, i * round_ * 0.002) for i, r in enumerate(racers)))
+
+
 async def test_routing_keys_spread_keys_over_slots_and_keep_each_key_in_one():
     assert slot_of("order-1", "a") == slot_of("order-1", "b")
     assert len({slot_of(f"k{i}", "x") for i in range(200)}) == 16

@@ -215,26 +215,37 @@ class Topology:
         return partitions
 
     async def _partitions(self, group: str) -> None:
+        """Create (or check) the group's partition queues; refuse a different count.
+
+        Queues are created from the last to the first, so whoever sees the first one
+        knows its creator made all of them: a group with fewer queues is told apart from
+        one being created right now by another process. A group with more queues is
+        checked for after declaring, which also catches two processes creating one
+        group at once with different counts (the one with fewer fails before binding).
+        """
         names, count = self.names, self.settings.partitions
-        if await self._exists(names.partition(group, 0)):
-            too_many = count < SLOTS and await self._exists(names.partition(group, count))
-            too_few = count > 1 and not await self._exists(names.partition(group, count - 1))
-            if too_many or too_few:
-                raise TransportError(
-                    f"RabbitMQ at {self.settings.redacted}: group {group!r} in namespace"
-                    f" {names.namespace!r} was created with {'more' if too_many else 'fewer'}"
-                    f" than partitions={count} queues; every process of a system must use"
-                    " the same partitions option (delete the group's queues to change it)"
-                )
+        existed = await self._exists(names.partition(group, 0))
+        if existed and count > 1 and not await self._exists(names.partition(group, count - 1)):
+            raise self._mismatch(group, "fewer")
         arguments = self.partition_arguments()
 
         async def declare(channel: AbstractChannel) -> None:
-            for index in range(count):
+            for index in reversed(range(count)):
                 await channel.queue_declare(
                     names.partition(group, index), durable=True, arguments=arguments
                 )
 
         await self._call(f"declaring the queues of group {group!r}", declare)
+        if count < SLOTS and await self._exists(names.partition(group, count)):
+            raise self._mismatch(group, "more")
+
+    def _mismatch(self, group: str, which: str) -> TransportError:
+        return TransportError(
+            f"RabbitMQ at {self.settings.redacted}: group {group!r} in namespace"
+            f" {self.names.namespace!r} was created with {which} than"
+            f" partitions={self.settings.partitions} queues; every process of a system must"
+            " use the same partitions option (delete the group's queues to change it)"
+        )
 
     async def _bind(self, group: str, topic: str) -> None:
         names, count = self.names, self.settings.partitions

@@ -8,7 +8,6 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, NamedTuple
 
 import aiormq
-from aiormq.abc import AbstractChannel
 
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.transport._base import (
@@ -78,7 +77,7 @@ class RabbitMQTransport(Transport):
         self.names = Names(settings.namespace)
         self._link = Link(settings, "publisher", self.clock, self._random)
         self._topology = Topology(settings, self.names, self._link)
-        self._channel: AbstractChannel | None = None
+        self._channel: aiormq.Channel | None = None
         self._channel_lock = asyncio.Lock()
         self._consumers: list[RabbitMQConsumer] = []
         self._pending: set[asyncio.Task[Any]] = set()
@@ -183,12 +182,14 @@ class RabbitMQTransport(Transport):
             f"replaying dead letter {record.id} to {queue}",
         )
 
-    async def _confirming_channel(self) -> AbstractChannel:
+    async def _confirming_channel(self) -> aiormq.Channel:
         async with self._channel_lock:
             channel = self._channel
             if channel is None or channel.is_closed:
                 connection = await self._link.get()
-                channel = self._channel = await connection.channel(publisher_confirms=True)
+                opened = await connection.channel(publisher_confirms=True)
+                assert isinstance(opened, aiormq.Channel)  # for basic_publish(wait=...)
+                channel = self._channel = opened
             return channel
 
     async def _send(self, batch: Sequence[_Publish], what: str) -> None:
