@@ -830,6 +830,12 @@ class StallingProxy:
     def stall(self):
         self.flowing.clear()
 
+    def cut(self):
+        """Reset every open connection (new ones still hang while stalled)."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
     async def close(self):
         for writer in self._writers:
             writer.transport.abort()
@@ -888,5 +894,30 @@ async def test_a_consumer_cut_off_silently_hands_out_nothing_the_broker_gave_awa
             what="the healthy instance to take over the partition",
         )
         assert handled["silent"] == [0], "the silent instance handed out messages it had lost"
+    finally:
+        await proxy.close()
+
+
+async def test_stopping_while_reconnecting_to_a_silent_network_does_not_wait(namespace, transports):
+    ns, groups = namespace
+    groups.add("g")
+    proxy = StallingProxy()
+    await proxy.start()
+    try:
+        transport = make(
+            transports,
+            lambda n, **o: url(n, host="127.0.0.1", port=proxy.port, **o),
+            ns,
+            connect_timeout=30,
+        )
+        await transport.connect()
+        consumer = await transport.subscribe("g", ["t"], Recorder())
+        proxy.stall()
+        proxy.cut()
+        await wait_until(lambda: consumer._rebuilding, timeout=10, what="a reconnection")
+        await clock.sleep(0.2)  # now inside a connection attempt that hangs
+        started = clock.monotonic()
+        await asyncio.wait_for(consumer.stop(), 5)
+        assert clock.monotonic() - started < 2
     finally:
         await proxy.close()

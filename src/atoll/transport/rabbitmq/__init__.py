@@ -4,8 +4,7 @@
 consumers, retries, dead letters and every URL option.
 """
 
-from atoll.transport.rabbitmq._consumer import RabbitMQConsumer
 from atoll.transport.rabbitmq._settings import RabbitMQSettings
 from atoll.transport.rabbitmq._transport import RabbitMQTransport
 
-__all__ = ["RabbitMQConsumer", "RabbitMQSettings", "RabbitMQTransport"]
+__all__ = ["RabbitMQSettings", "RabbitMQTransport"]

@@ -166,6 +166,8 @@ class RabbitMQConsumer:
         self._next_rebalance = 0.0
         self._park_retry_at = 0.0
         self._park_failures = 0
+        #: In :meth:`_rebuild`: no batch is in hand, so stopping need not wait for it.
+        self._rebuilding = False
 
     def __repr__(self) -> str:
         return f"RabbitMQConsumer({self._group!r})"
@@ -190,6 +192,9 @@ class RabbitMQConsumer:
             self._stopping = True
             self._stop.set()
             self._wake.set()
+            if self._task is not None and self._rebuilding:
+                # Reconnecting: nothing is held, so do not wait for a connection attempt.
+                self._task.cancel()
         if self._task is not None:
             await asyncio.wait([self._task])
         await self._link.close()
@@ -365,7 +370,11 @@ class RabbitMQConsumer:
     async def _run(self) -> None:
         while not self._stopping:
             if self._broken is not None:
-                await self._rebuild()
+                self._rebuilding = True
+                try:
+                    await self._rebuild()
+                finally:
+                    self._rebuilding = False
                 continue
             try:
                 await self._step()
