@@ -22,7 +22,7 @@ class TestRabbitMQTransport(TransportConformance):
         await delete_namespace(self.namespace, groups)
 
     async def make_transport(self, tmp_path):
-        transport = RabbitMQTransport.from_url(url(self.namespace, rebalance_interval=0.5))
+        transport = RabbitMQTransport.from_url(url(self.namespace))
         self.made.append(transport)
         return transport
 
@@ -31,9 +31,7 @@ class TestRabbitMQClassicQueues(TestRabbitMQTransport):
     """The same contract on classic queues (for brokers without quorum queues)."""
 
     async def make_transport(self, tmp_path):
-        transport = RabbitMQTransport.from_url(
-            url(self.namespace, rebalance_interval=0.5, queue_type="classic")
-        )
+        transport = RabbitMQTransport.from_url(url(self.namespace, queue_type="classic"))
         self.made.append(transport)
         return transport
 

@@ -921,3 +921,16 @@ async def test_stopping_while_reconnecting_to_a_silent_network_does_not_wait(nam
         assert clock.monotonic() - started < 2
     finally:
         await proxy.close()
+
+
+async def test_a_deleted_dead_letter_queue_is_an_error_then_declared_again(namespace, transports):
+    ns, _ = namespace
+    transport = make(transports, url, ns)
+    await transport.connect()
+    connection, channel = await raw_channel()
+    await channel.queue_delete(transport.names.dead_queue)
+    await connection.close()
+    with pytest.raises(TransportError, match="NOT_FOUND"):
+        await transport.dead_letters.list()
+    assert await transport.dead_letters.list() == []
+    assert await queue_exists(transport.names.dead_queue)

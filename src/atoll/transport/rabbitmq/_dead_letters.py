@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import aiormq
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from atoll.transport._base import DeadLetterRecord, DeadLetterStore, TransportError
+from atoll.transport._base import (
+    DeadLetterRecord,
+    DeadLetterStore,
+    TransportError,
+    TransportUnavailableError,
+)
+from atoll.transport.rabbitmq._connection import describe
 from atoll.transport.rabbitmq._topology import Names, slot_of
 
 if TYPE_CHECKING:
@@ -216,6 +222,23 @@ class RabbitMQDeadLetters(DeadLetterStore):
         """Every dead letter, held (unacknowledged) on a channel of this process."""
         t = self._t
         await t.connect()
+        try:
+            async with self._held(t) as snapshot:
+                yield snapshot
+        except aiormq.exceptions.AMQPChannelError as exc:
+            t._topology.forget_namespace()  # declare it again next time, if it went missing
+            raise TransportError(
+                f"RabbitMQ at {t.settings.redacted}: reading the dead letters of namespace"
+                f" {t.names.namespace!r} failed: {describe(exc, t.settings.password)}"
+            ) from None
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+            raise TransportUnavailableError(
+                f"RabbitMQ at {t.settings.redacted}: reading the dead letters failed, the"
+                f" connection was lost ({describe(exc, t.settings.password)})"
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def _held(self, t: RabbitMQTransport) -> AsyncIterator[_Snapshot]:
         async with self._local:
             connection = await t._link.get()
             lock = await self._acquire(connection)

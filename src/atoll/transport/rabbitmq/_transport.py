@@ -135,6 +135,7 @@ class RabbitMQTransport(Transport):
         if not messages:
             return
         topology = self._topology
+        await topology.namespace()  # once per process, or again after it went missing
         for message in messages:
             owner = command_group(message.topic)
             if owner is not None and not topology.known(owner, message.topic):
