@@ -412,6 +412,8 @@ class RabbitMQConsumer:
             outcomes = await call_handler(self._handler, [self._delivery(e) for e in batch])
             crashpoint("consumer.before_ack")
             await self._settle(batch, outcomes)
+        if self._stopping:
+            return
         await self._rebalance()
         if not batch:
             await self._idle()
