@@ -934,3 +934,27 @@ async def test_a_deleted_dead_letter_queue_is_an_error_then_declared_again(names
         await transport.dead_letters.list()
     assert await transport.dead_letters.list() == []
     assert await queue_exists(transport.names.dead_queue)
+
+
+async def test_a_consumer_declares_its_queues_again_if_they_are_deleted(namespace, transports):
+    ns, groups = namespace
+    groups.add("g")
+    transport = make(transports, url, ns)
+    await transport.connect()
+    recorder = Recorder()
+    consumer = await transport.subscribe("g", ["t"], recorder)
+    await transport.publish([message("t", 0)])
+    await wait_until(lambda: len(recorder.acked) == 1, timeout=10, what="the first message")
+    connection, channel = await raw_channel()
+    for index in range(4):  # an operator deletes the group's queues
+        await channel.queue_delete(transport.names.partition("g", index))
+    await connection.close()
+
+    async def consuming_again():
+        if consumer._broken is not None:
+            return False
+        return all([await queue_exists(transport.names.partition("g", i)) for i in range(4)])
+
+    await wait_until(consuming_again, timeout=10, what="the queues declared again")
+    await transport.publish([message("t", n) for n in range(1, 6)])
+    await wait_until(lambda: len(recorder.acked) == 6, timeout=10, what="messages after that")

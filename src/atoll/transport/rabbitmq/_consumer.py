@@ -234,6 +234,9 @@ class RabbitMQConsumer:
         partition.active = False
         partition.yielding = False
         channel.closing.add_done_callback(functools.partial(self._on_channel_closed, channel))
+        channel.on_consumer_cancel_callbacks.add(
+            functools.partial(self._on_cancelled, partition, channel)
+        )
         await channel.basic_consume(
             partition.queue, functools.partial(self._on_message, partition, channel)
         )
@@ -253,6 +256,16 @@ class RabbitMQConsumer:
         if not closing.cancelled() and closing.exception() is not None:
             reason = describe(closing.exception() or Exception(), self._t.settings.password)
         self._break(reason)
+
+    def _on_cancelled(
+        self, partition: _Partition, channel: AbstractChannel, _frame: aiormq.spec.Basic.Cancel
+    ) -> None:
+        if self._stopping or partition.channel is not channel:
+            return
+        # The broker ends a subscription when its queue is deleted: declare the group's
+        # queues and bindings again and subscribe anew.
+        self._t._topology.forget(self._group)
+        self._break(f"the broker cancelled the subscription to {partition.queue}")
 
     def _break(self, reason: str) -> None:
         if self._broken is None:
