@@ -425,12 +425,14 @@ async def test_a_broker_restart_while_a_batch_is_in_flight_and_a_retry_is_held(
     direct = make(transports, url, ns)
     await via_proxy.connect()
     await direct.connect()
-    in_batch, release = asyncio.Event(), asyncio.Event()
+    held, in_batch, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def decide(inbox, d):
         if number(d) == 1 and d.attempt == 1:
+            held.set()
             return Retry(error="not yet", delay=30.0)  # held far longer than the test
-        if inbox.calls == 2:
+        if held.is_set() and not in_batch.is_set():
+            # The first batch after the retry is held: block it until the cut.
             in_batch.set()
             await release.wait()
         return Ack()
@@ -492,9 +494,9 @@ async def test_instances_take_over_the_partitions_of_one_that_stops(namespace, t
     transport = make(transports, url, ns, rebalance_interval=0.2)
     await transport.connect()
     log: list[Delivery] = []
-    a, b = Recorder(log=log), Recorder(log=log)
-    first = await transport.subscribe("g", ["t"], a)
-    await transport.subscribe("g", ["t"], b)
+    a, b = Recorder(log=log, pause=0.005), Recorder(log=log, pause=0.005)
+    first = await transport.subscribe("g", ["t"], a, max_batch=5)
+    await transport.subscribe("g", ["t"], b, max_batch=5)
     await transport.publish([message("t", n, key=f"k{n}") for n in range(100)])
     await wait_until(lambda: len(log) == 100, timeout=10, what="100 deliveries")
     assert a.acked, "the first instance handled nothing"

@@ -176,8 +176,23 @@ class RabbitMQConsumer:
 
     async def start(self) -> None:
         """Subscribe to every partition (one attempt), then run."""
+        where = self._t.settings.redacted
         try:
             await self._open_session()
+        except aiormq.exceptions.AMQPChannelError as exc:
+            await self._link.close()
+            raise TransportError(
+                f"RabbitMQ at {where}: subscribing group {self._group!r} failed:"
+                f" {describe(exc, self._t.settings.password)}"
+            ) from None
+        except _LOST as exc:
+            await self._link.close()
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportUnavailableError(
+                f"RabbitMQ at {where}: subscribing group {self._group!r} failed, the"
+                f" connection was lost ({describe(exc, self._t.settings.password)})"
+            ) from None
         except BaseException:
             await self._link.close()
             raise
