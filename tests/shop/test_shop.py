@@ -253,20 +253,54 @@ def test_memory_transport_without_single_process_is_refused_clearly(tmp_path):
     assert "--single-process" in result.stderr
 
 
+BROKERS = [
+    pytest.param(None, "", id="postgresql+embedded"),
+    pytest.param(
+        "redis",
+        "redis://127.0.0.1:6379/0?namespace={ns}",
+        id="postgresql+redis",
+        marks=pytest.mark.redis,
+    ),
+    pytest.param(
+        "rabbitmq",
+        "amqp://guest:guest@127.0.0.1:5672/?namespace={ns}",
+        id="postgresql+rabbitmq",
+        marks=pytest.mark.rabbitmq,
+    ),
+]
+
+
+async def _forget_broker_state(profile, namespace):
+    if profile == "redis":
+        from transport.redis_support import delete_namespace  # noqa: PLC0415
+
+        delete_namespace(namespace)
+    elif profile == "rabbitmq":
+        from transport.rabbitmq_helpers import delete_namespace  # noqa: PLC0415
+
+        await delete_namespace(namespace, ["orders", "inventory", "catalog"])
+
+
 @pytest.mark.postgres
-@pytest.mark.timeout(180)
-async def test_the_shop_runs_unchanged_on_postgresql(tmp_path):
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("profile", "transport"), BROKERS)
+async def test_the_shop_runs_unchanged_on_postgresql_and_each_broker(tmp_path, profile, transport):
+    """`atoll up --profile NAME`, as the README documents it; the environment only gives
+    this run its own schemas and namespace so it shares nothing with other runs."""
     import asyncpg  # noqa: PLC0415 - only this test needs it
 
-    token = tmp_path.name[-8:].replace("-", "_")
-    schemas = {name: f"shop_test_{token}_{name}" for name in ("orders", "inventory")}
+    token = tmp_path.name[-8:].replace("-", "_").lower()
+    namespace = f"shoptest{token}"
+    schemas = {name: f"shop_test_{token}_{name}" for name in ("orders", "inventory", "catalog")}
     env = {
         f"ATOLL__SERVICES__{name.upper()}__DATABASE": (
             f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}"
         )
         for name, schema in schemas.items()
     }
-    shop = Shop(tmp_path, extra_env=env)
+    if transport:
+        env["ATOLL__SYSTEM__TRANSPORT"] = transport.format(ns=namespace)
+    shop = Shop(tmp_path, extra_env=env, args=["--profile", profile] if profile else [])
     shop.start()
     try:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -296,6 +330,7 @@ async def test_the_shop_runs_unchanged_on_postgresql(tmp_path):
         for schema in schemas.values():
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+        await _forget_broker_state(profile, namespace)
 
 
 @pytest.mark.timeout(180)
