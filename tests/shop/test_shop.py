@@ -18,7 +18,9 @@ class Shop:
         self.tmp_path = tmp_path
         self.extra_env = extra_env or {}
         self.args = list(args)
-        self.ports = {"orders": free_port(), "inventory": free_port(), "catalog": free_port()}
+        self.ports = {
+            name: free_port() for name in ("orders", "inventory", "catalog", "payments", "shipping")
+        }
         self.collector_port = free_port()
         self.traces = f"http://127.0.0.1:{self.collector_port}"
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
@@ -278,7 +280,9 @@ async def _forget_broker_state(profile, namespace):
     elif profile == "rabbitmq":
         from transport.rabbitmq_helpers import delete_namespace  # noqa: PLC0415
 
-        await delete_namespace(namespace, ["orders", "inventory", "catalog"])
+        await delete_namespace(
+            namespace, ["orders", "inventory", "catalog", "payments", "shipping"]
+        )
 
 
 @pytest.mark.postgres
@@ -291,7 +295,10 @@ async def test_the_shop_runs_unchanged_on_postgresql_and_each_broker(tmp_path, p
 
     token = tmp_path.name[-8:].replace("-", "_").lower()
     namespace = f"shoptest{token}"
-    schemas = {name: f"shop_test_{token}_{name}" for name in ("orders", "inventory", "catalog")}
+    schemas = {
+        name: f"shop_test_{token}_{name}"
+        for name in ("orders", "inventory", "catalog", "payments", "shipping")
+    }
     env = {
         f"ATOLL__SERVICES__{name.upper()}__DATABASE": (
             f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}"

@@ -10,7 +10,15 @@ from fastapi import HTTPException
 
 from atoll import Context, Service
 from atoll.observability import annotate
-from shop.messages import ReserveStock, StockRejected, StockReserved
+from shop.messages import (
+    CommitStock,
+    ReleaseStock,
+    ReserveStock,
+    StockCommitted,
+    StockRejected,
+    StockReleased,
+    StockReserved,
+)
 
 #: Loaded once, on the first start of a fresh database.
 SEED_STOCK: dict[str, tuple[str, int]] = {
@@ -37,6 +45,11 @@ service = Service(
     ],
 )
 service.migration(
+    "reservation-status",
+    # HELD until the order is paid (COMMITTED) or compensated (RELEASED).
+    ["ALTER TABLE reservations ADD COLUMN status TEXT NOT NULL DEFAULT 'HELD'"],
+)
+service.migration(
     "seed-stock",
     [
         f"INSERT INTO stock (sku, name, available) VALUES ('{sku}', '{name}', {qty})"
@@ -49,7 +62,13 @@ service.migration(
 async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
     """Reserve every line or none. Runs in one transaction with its reply."""
     annotate(**{"order.id": command.order_id})
-    if await ctx.fetch_value("SELECT 1 FROM reservations WHERE order_id = ?", command.order_id):
+    held = await ctx.fetch_value(
+        "SELECT status FROM reservations WHERE order_id = ?", command.order_id
+    )
+    if held == "RELEASED":
+        ctx.reply(StockRejected(order_id=command.order_id, reason="the reservation was released"))
+        return
+    if held is not None:
         ctx.reply(StockReserved(order_id=command.order_id))
         return
     wanted = Counter[str]()
@@ -82,6 +101,45 @@ async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
         ctx.clock.time(),
     )
     ctx.reply(StockReserved(order_id=command.order_id))
+
+
+@service.handles(ReleaseStock)
+async def release_stock(command: ReleaseStock, ctx: Context) -> None:
+    """Give a held reservation back to stock; a released or unknown one is a no-op."""
+    annotate(**{"order.id": command.order_id})
+    row = await ctx.fetch_one(
+        "SELECT items, status FROM reservations WHERE order_id = ?", command.order_id
+    )
+    if row is not None and row[1] == "HELD":
+        for sku, qty in json.loads(row[0]).items():
+            await ctx.execute("UPDATE stock SET available = available + ? WHERE sku = ?", qty, sku)
+        await ctx.execute(
+            "UPDATE reservations SET status = 'RELEASED' WHERE order_id = ?", command.order_id
+        )
+    ctx.reply(StockReleased(order_id=command.order_id))
+
+
+@service.handles(CommitStock)
+async def commit_stock(command: CommitStock, ctx: Context) -> None:
+    """Make a held reservation final (the stock is sold)."""
+    annotate(**{"order.id": command.order_id})
+    await ctx.execute(
+        "UPDATE reservations SET status = 'COMMITTED' WHERE order_id = ? AND status = 'HELD'",
+        command.order_id,
+    )
+    ctx.reply(StockCommitted(order_id=command.order_id))
+
+
+@service.http.get("/reservations/{order_id}")
+async def get_reservation(order_id: str) -> dict[str, Any]:
+    """An order's reservation and its status."""
+    async with service.read() as db:
+        row = await db.fetch_one(
+            "SELECT items, status FROM reservations WHERE order_id = ?", order_id
+        )
+    if row is None:
+        raise HTTPException(404, f"no reservation for order {order_id!r}")
+    return {"order_id": order_id, "items": json.loads(row[0]), "status": row[1]}
 
 
 @service.http.get("/stock")

@@ -71,3 +71,145 @@ class OrderRejected(Event):
     message_type = "orders.OrderRejected"
     order_id: str
     reason: str
+
+
+# -- inventory: what follows a reservation ----------------------------------------------
+
+
+class ReleaseStock(Command):
+    """orders -> inventory: give a reservation's stock back (compensation)."""
+
+    message_type = "inventory.ReleaseStock"
+    order_id: str
+
+
+class StockReleased(Reply):
+    """inventory -> orders: the reservation's stock is available again (or there was none)."""
+
+    message_type = "inventory.StockReleased"
+    order_id: str
+
+
+class CommitStock(Command):
+    """orders -> inventory: the reserved stock is sold; the reservation becomes final."""
+
+    message_type = "inventory.CommitStock"
+    order_id: str
+
+
+class StockCommitted(Reply):
+    """inventory -> orders: the reservation is final."""
+
+    message_type = "inventory.StockCommitted"
+    order_id: str
+
+
+# -- payments ---------------------------------------------------------------------------
+
+
+class AuthorizePayment(Command):
+    """orders -> payments: hold ``amount_cents`` of the customer's wallet for the order."""
+
+    message_type = "payments.AuthorizePayment"
+    order_id: str
+    customer_id: str
+    amount_cents: int
+
+
+class PaymentAuthorized(Reply):
+    """payments -> orders: the amount is held."""
+
+    message_type = "payments.PaymentAuthorized"
+    order_id: str
+
+
+class PaymentDeclined(Reply):
+    """payments -> orders: nothing is held, and why."""
+
+    message_type = "payments.PaymentDeclined"
+    order_id: str
+    reason: str
+
+
+class CapturePayment(Command):
+    """orders -> payments: take the held amount."""
+
+    message_type = "payments.CapturePayment"
+    order_id: str
+
+
+class PaymentCaptured(Reply):
+    """payments -> orders: the held amount is taken."""
+
+    message_type = "payments.PaymentCaptured"
+    order_id: str
+
+
+class VoidPayment(Command):
+    """orders -> payments: release a held amount (compensation)."""
+
+    message_type = "payments.VoidPayment"
+    order_id: str
+
+
+class PaymentVoided(Reply):
+    """payments -> orders: the hold is released (or there was none)."""
+
+    message_type = "payments.PaymentVoided"
+    order_id: str
+
+
+class RefundPayment(Command):
+    """orders -> payments: give a captured amount back (compensation after capture)."""
+
+    message_type = "payments.RefundPayment"
+    order_id: str
+
+
+class PaymentRefunded(Reply):
+    """payments -> orders: the captured amount is back in the wallet."""
+
+    message_type = "payments.PaymentRefunded"
+    order_id: str
+
+
+# -- shipping ---------------------------------------------------------------------------
+
+
+class ScheduleShipment(Command):
+    """orders -> shipping: book a shipment for the order's lines."""
+
+    message_type = "shipping.ScheduleShipment"
+    order_id: str
+    customer_id: str
+    items: list[LineItem]
+
+
+class ShipmentScheduled(Reply):
+    """shipping -> orders: the shipment is booked."""
+
+    message_type = "shipping.ShipmentScheduled"
+    order_id: str
+    shipment_id: str
+
+
+class ShipmentFailed(Reply):
+    """shipping -> orders: no shipment could be booked, and why."""
+
+    message_type = "shipping.ShipmentFailed"
+    order_id: str
+    reason: str
+
+
+class CancelShipment(Command):
+    """orders -> shipping: cancel a booked shipment (compensation)."""
+
+    message_type = "shipping.CancelShipment"
+    order_id: str
+
+
+class ShipmentCancelled(Reply):
+    """shipping -> orders: the shipment is cancelled (or there was none)."""
+
+    message_type = "shipping.ShipmentCancelled"
+    order_id: str
