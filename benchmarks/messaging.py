@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -135,9 +136,14 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
         await runtime.start()
         print("ready", flush=True)
         cpu_start = time.process_time()
+        main_start = resource.getrusage(resource.RUSAGE_THREAD)
         await progress.done.wait()
         end = time.time()
         cpu = time.process_time() - cpu_start
+        main_end = resource.getrusage(resource.RUSAGE_THREAD)
+        main_cpu = (main_end.ru_utime + main_end.ru_stime) - (
+            main_start.ru_utime + main_start.ru_stime
+        )
         await runtime.stop()
         lat = sorted(progress.latencies)
         print(
@@ -145,6 +151,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
                 {
                     "end": end,
                     "cpu": cpu,
+                    "main_cpu": main_cpu,
                     "p50": statistics.median(lat),
                     "p99": lat[int(len(lat) * 0.99) - 1],
                 }
@@ -198,6 +205,9 @@ def run_pair(count: int, mode: str) -> dict[str, float]:
         return {
             "rate": count / (result["end"] - start),
             "cpu_us_per_message": (producer_cpu + result["cpu"]) / count * 1e6,
+            "producer_cpu_us_per_message": producer_cpu / count * 1e6,
+            "consumer_cpu_us_per_message": result["cpu"] / count * 1e6,
+            "consumer_main_thread_cpu_us_per_message": result["main_cpu"] / count * 1e6,
             "p50": result["p50"],
             "p99": result["p99"],
         }

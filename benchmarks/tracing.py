@@ -98,6 +98,13 @@ def main() -> None:
                 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
                 time.sleep(2.0)  # let the last batches land before counting
                 print(
+                    "  producer/consumer CPU us/msg: off"
+                    f" {off['producer_cpu_us_per_message']:.0f}/{off['consumer_cpu_us_per_message']:.0f},"
+                    f" on {on['producer_cpu_us_per_message']:.0f}/{on['consumer_cpu_us_per_message']:.0f}"
+                    f"; consumer main thread off {off['consumer_main_thread_cpu_us_per_message']:.0f}"
+                    f" on {on['consumer_main_thread_cpu_us_per_message']:.0f}"
+                )
+                print(
                     f"untraced {untraced[-1]:,.0f} msg/s ({cpu_off[-1]:.0f} us CPU/msg),"
                     f" traced {traced[-1]:,.0f} msg/s ({cpu_on[-1]:.0f} us CPU/msg),"
                     f" spans stored {stored_spans(url) - before:,}"
