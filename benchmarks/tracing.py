@@ -97,12 +97,12 @@ def main() -> None:
                 cpu_on.append(on["cpu_us_per_message"])
                 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
                 time.sleep(2.0)  # let the last batches land before counting
+                cpu = "producer_cpu_us_per_message", "consumer_cpu_us_per_message"
+                main = "consumer_main_thread_cpu_us_per_message"
                 print(
-                    "  producer/consumer CPU us/msg: off"
-                    f" {off['producer_cpu_us_per_message']:.0f}/{off['consumer_cpu_us_per_message']:.0f},"
-                    f" on {on['producer_cpu_us_per_message']:.0f}/{on['consumer_cpu_us_per_message']:.0f}"
-                    f"; consumer main thread off {off['consumer_main_thread_cpu_us_per_message']:.0f}"
-                    f" on {on['consumer_main_thread_cpu_us_per_message']:.0f}"
+                    f"  CPU us/msg producer/consumer: off {off[cpu[0]]:.0f}/{off[cpu[1]]:.0f},"
+                    f" on {on[cpu[0]]:.0f}/{on[cpu[1]]:.0f}; consumer main thread:"
+                    f" off {off[main]:.0f}, on {on[main]:.0f}"
                 )
                 print(
                     f"untraced {untraced[-1]:,.0f} msg/s ({cpu_off[-1]:.0f} us CPU/msg),"
