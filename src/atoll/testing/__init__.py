@@ -13,7 +13,13 @@ from atoll.testing._crash_kit import (
 from atoll.testing._database_kit import DatabaseConformance
 from atoll.testing._outage_kit import BrokerOutageConformance
 from atoll.testing._proxy import TcpProxy
-from atoll.testing._sagas import SagaTestKit, ScriptedParticipant, SentCommand
+from atoll.testing._sagas import (
+    RawCommand,
+    RawEvent,
+    SagaTestKit,
+    ScriptedParticipant,
+    SentCommand,
+)
 from atoll.testing._transport_kit import Recorder, TransportConformance
 from atoll.testing._waiting import wait_until
 
@@ -23,6 +29,8 @@ __all__ = [
     "DatabaseConformance",
     "ExactlyOnceCrashConformance",
     "InProcessCrashConformance",
+    "RawCommand",
+    "RawEvent",
     "Recorder",
     "SagaTestKit",
     "ScriptedParticipant",

@@ -32,13 +32,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+import msgspec
+
 from atoll.determinism import RandomSource, VirtualClock
 from atoll.messages import (
     Command,
     Envelope,
     Event,
     Message,
-    MessageError,
     MessageRegistry,
     Reply,
     decode_envelope,
@@ -54,6 +55,29 @@ from atoll.transport.memory import InMemoryTransport
 
 C = TypeVar("C", bound=Command)
 ReplyScript = Reply | Callable[[Any], Reply | None] | None
+
+
+class RawCommand(Command, kw_only=True):
+    """A command of a type the kit was not told about: its type and fields as sent.
+
+    Script the participant (``kit.participant(name).on(CommandType, ...)``) or annotate
+    the saga's command builders with their return type to get typed commands instead.
+    """
+
+    message_type = "atoll.testing.RawCommand"
+    type: str
+    fields: dict[str, Any]
+
+
+class RawEvent(Event, kw_only=True):
+    """An event of a type the kit does not know: its type and fields as published."""
+
+    message_type = "atoll.testing.RawEvent"
+    type: str
+    fields: dict[str, Any]
+
+
+_fields_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 def command_types(definition: object) -> list[type[Command]]:
@@ -440,9 +464,10 @@ class SagaTestKit:
             self._queue(reply_envelope)
 
     def _record_event(self, envelope: Envelope) -> None:
-        cls = self.service.registry.get(envelope.type) or self._registry.get(envelope.type)
-        if cls is not None:
-            self.published.append(self._decode(envelope))  # type: ignore[arg-type]
+        event = self._decode(envelope)
+        if not isinstance(event, Event):
+            event = RawEvent(type=envelope.type, fields=_fields_decoder.decode(envelope.payload))
+        self.published.append(event)
         if envelope.type in self.service.handlers:
             self._queue(envelope)
 
@@ -450,8 +475,7 @@ class SagaTestKit:
         for registry in (self._registry, self.service.registry):
             if envelope.type in registry:
                 return registry.decode(envelope)
-        msg = f"the kit cannot decode {envelope.type!r}: script it with participant().on()"
-        raise MessageError(msg)
+        return RawCommand(type=envelope.type, fields=_fields_decoder.decode(envelope.payload))
 
     def _reply_envelope(self, sent: SentCommand, reply: Reply) -> Envelope:
         command = sent.envelope
