@@ -183,6 +183,19 @@ async def test_a_reply_to_an_earlier_attempt_counts_and_the_second_reply_is_reco
     assert kit.dead_letters == []
 
 
+async def test_a_failure_of_an_earlier_attempt_waits_for_the_latest_attempt(kit):
+    kit.participant("payments").on(ChargePayment, None)
+    saga_id = await kit.start("place-order", Order(order_id="o6b"))
+    await kit.advance(35)
+    first, second = kit.held("payments")
+    await kit.reply(first, PaymentDeclined(order_id="o6b", reason="declined the first time"))
+    view = await kit.instance(saga_id)
+    assert statuses(view)["charge-payment"] == "RUNNING", "an earlier attempt's failure decided"
+    assert "the latest decides" in view.history[-1].detail["ignored"]
+    await kit.reply(second, PaymentCharged(order_id="o6b", payment_id="p"))
+    assert (await kit.instance(saga_id)).state == "COMPLETED"
+
+
 async def test_a_retry_on_reply_retries_after_the_backoff(kit):
     kit.participant("payments").on(
         ChargePayment,

@@ -530,9 +530,16 @@ class Run(Generic[D]):
             )
             return
         success = outcome == "success"
-        if not success and (compensation or outcome == "retry"):
+        if not success:
+            # A success from any attempt is final (participants are idempotent per saga). A
+            # failure is not while a later attempt may still succeed: the latest decides.
             waiting = state.status in (StepStatus.RETRY_WAIT, StepStatus.COMPENSATION_RETRY_WAIT)
-            if not latest or waiting:
+            if not latest:
+                self.ignore(
+                    f"a failure of an earlier attempt of step {step.name!r}: the latest decides"
+                )
+                return
+            if waiting and (compensation or outcome == "retry"):
                 self.ignore(f"answers an attempt of step {step.name!r} already counted as failed")
                 return
         if action.on_reply is not None:
