@@ -98,7 +98,17 @@ class Send(Generic[D]):
     in ``COMPENSATION_FAILED``.
     """
 
-    __slots__ = ("command", "failure", "on_reply", "retry", "retry_on", "success", "timeout", "to")
+    __slots__ = (
+        "_outcomes",
+        "command",
+        "failure",
+        "on_reply",
+        "retry",
+        "retry_on",
+        "success",
+        "timeout",
+        "to",
+    )
 
     def __init__(
         self,
@@ -143,6 +153,10 @@ class Send(Generic[D]):
         self.on_reply = on_reply
         self.timeout = timeout
         self.retry = retry
+        self._outcomes = {
+            message_type: {"success": "success", "failure": "failure", "retry_on": "retry"}[kind]
+            for message_type, kind in seen.items()
+        }
 
     @property
     def reply_types(self) -> tuple[type[Reply], ...]:
@@ -151,14 +165,7 @@ class Send(Generic[D]):
 
     def outcome_of(self, message_type: str) -> str | None:
         """``"success"``, ``"failure"``, ``"retry"`` for a reply type, ``None`` if unexpected."""
-        for kind, types in (
-            ("success", self.success),
-            ("failure", self.failure),
-            ("retry", self.retry_on),
-        ):
-            if any(t.message_type == message_type for t in types):
-                return kind
-        return None
+        return self._outcomes.get(message_type)
 
     def describe(self) -> str:
         """A short label: the service and what it is sent."""

@@ -127,6 +127,7 @@ class SagaEngine:
         self._wake: asyncio.Event | None = None
         self._planned: float | None = None
         self._last_prune = 0.0
+        self._locking = False
         service.migration("atoll-sagas", store.SCHEMA)
         service.on_start(self._on_start)
         service.on_stop(self._on_stop)
@@ -272,8 +273,8 @@ class SagaEngine:
             version=definition.version,
             kind=definition.kind,
             state=SagaState.RUNNING,
-            data=_encoder.encode(data).decode(),
-            steps=store.encode_steps([StepState() for _ in definition.steps]),
+            data="",  # written by run.finish()
+            steps="",
             revision=0,
             wake_at=None,
             deadline_at=None if definition.timeout is None else now + definition.timeout,
@@ -282,17 +283,42 @@ class SagaEngine:
             created_at=now,
             updated_at=now,
         )
-        if not await store.insert(ctx, instance):
+        if await store.exists(ctx, instance.saga_id):
             raise SagaExistsError(f"a saga or process with id {instance.saga_id!r} exists already")
-        run = Run(definition, instance, ctx, self.service, "started", new=True, data=data)
+        run = Run(
+            definition,
+            instance,
+            ctx,
+            self.service,
+            "started",
+            new=True,
+            data=data,
+            steps=[StepState() for _ in definition.steps],
+        )
         await run.begin()
-        await self._save(ctx, run)
+        run.finish()
+        if not await store.insert(ctx, instance):
+            # Only a concurrent start of the same id (PostgreSQL) gets here: the commands
+            # this start sent are in the unit of work, which the exception rolls back.
+            raise SagaExistsError(f"a saga or process with id {instance.saga_id!r} exists already")
+        await self._write(
+            ctx,
+            instance,
+            before=None,
+            expected=0,
+            event=run.event,
+            changes=run.changes,
+            detail=run.detail,
+            inserted=True,
+        )
         return instance.saga_id
 
     # -- handling -------------------------------------------------------------------------
 
     def _for_update(self) -> bool:
-        return self.service.runtime.database.dialect == "postgresql"
+        # PostgreSQL runs units of work concurrently: lock the row for the transition.
+        # SQLite has one writer, and FOR UPDATE is not its syntax.
+        return self._locking
 
     async def _on_reply(self, reply: Message, ctx: Context) -> None:
         envelope = ctx.envelope
@@ -492,15 +518,17 @@ class SagaEngine:
         event: str,
         changes: Sequence[StepChange],
         detail: dict[str, Any],
+        inserted: bool = False,
     ) -> None:
-        await store.update(ctx, instance, expected)
+        if not inserted:
+            await store.update(ctx, instance, expected)
         await store.add_history(
             ctx,
             saga_id=instance.saga_id,
             seq=instance.revision,
             at=instance.updated_at,
             event=event,
-            state=instance.state.value,
+            state=instance.state,
             changes=changes,
             detail=detail,
         )
@@ -536,6 +564,7 @@ class SagaEngine:
     # -- deadlines and retries ------------------------------------------------------------
 
     async def _on_start(self, runtime: ServiceRuntime) -> None:
+        self._locking = runtime.database.dialect == "postgresql"
         self._wake = asyncio.Event()
         self._planned = None
         if not self.manual_timers:

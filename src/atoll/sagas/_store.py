@@ -39,7 +39,7 @@ SCHEMA = [
         "CREATE INDEX IF NOT EXISTS atoll_sagas_wake ON atoll_sagas (wake_at)"
         " WHERE wake_at IS NOT NULL"
     ),
-    "CREATE INDEX IF NOT EXISTS atoll_sagas_state ON atoll_sagas (state, updated_at)",
+    "CREATE INDEX IF NOT EXISTS atoll_sagas_state ON atoll_sagas (state)",
     """CREATE TABLE IF NOT EXISTS atoll_saga_history (
         saga_id TEXT NOT NULL,
         seq INTEGER NOT NULL,
@@ -60,6 +60,9 @@ _steps_encoder = msgspec.json.Encoder()
 _steps_decoder = msgspec.json.Decoder(list[StepState])
 _changes_decoder = msgspec.json.Decoder(list[list[str]])
 _detail_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+_STATES = {state.value: state for state in SagaState}
 
 
 class ConcurrentTransitionError(SagaError):
@@ -84,16 +87,29 @@ class Instance:
     error: str | None
     created_at: float
     updated_at: float
+    #: The values of the optional columns as loaded, so an update writes only changes.
+    loaded: tuple[Any, ...] = ()
+
+    def changeable(self) -> tuple[Any, ...]:
+        """The columns an update may leave alone when they did not change."""
+        return (
+            self.version,
+            str(self.state),
+            self.data,
+            self.wake_at,
+            self.deadline_at,
+            self.error,
+        )
 
     @classmethod
     def from_row(cls, row: Row) -> Instance:
         """An instance from a row of ``SELECT {_COLUMNS}``."""
-        return cls(
+        instance = cls(
             row[0],
             row[1],
             int(row[2]),
             row[3],
-            SagaState(row[4]),
+            _STATES[row[4]],
             row[5],
             row[6],
             int(row[7]),
@@ -104,6 +120,8 @@ class Instance:
             row[12],
             row[13],
         )
+        instance.loaded = instance.changeable()
+        return instance
 
     def step_states(self) -> list[StepState]:
         """The decoded progress of each step."""
@@ -122,6 +140,11 @@ async def load(session: Session, saga_id: str, *, for_update: bool) -> Instance 
         sql += " FOR UPDATE"
     row = await session.fetch_one(sql, saga_id)
     return None if row is None else Instance.from_row(row)
+
+
+async def exists(session: Session, saga_id: str) -> bool:
+    """Whether an instance has this id."""
+    return bool(await session.fetch_value("SELECT 1 FROM atoll_sagas WHERE saga_id = ?", saga_id))
 
 
 async def insert(session: Session, inst: Instance) -> bool:
@@ -147,24 +170,34 @@ async def insert(session: Session, inst: Instance) -> bool:
     return changed == 1
 
 
+_OPTIONAL = ("version", "state", "data", "wake_at", "deadline_at", "error")
+#: UPDATE statements by the set of optional columns they write.
+_UPDATES: dict[int, str] = {}
+
+
 async def update(session: Session, inst: Instance, expected_revision: int) -> None:
-    """Write the instance back if nobody else moved it since it was loaded."""
-    changed = await session.execute(
-        "UPDATE atoll_sagas SET version = ?, state = ?, data = ?, steps = ?, revision = ?,"
-        " wake_at = ?, deadline_at = ?, error = ?, updated_at = ?"
-        " WHERE saga_id = ? AND revision = ?",
-        inst.version,
-        inst.state.value,
-        inst.data,
-        inst.steps,
-        inst.revision,
-        inst.wake_at,
-        inst.deadline_at,
-        inst.error,
-        inst.updated_at,
-        inst.saga_id,
-        expected_revision,
-    )
+    """Write the instance back if nobody else moved it since it was loaded.
+
+    Only columns that changed are set: an indexed column in the SET list costs an index
+    update even when its value stays the same, and most transitions change only the
+    steps (and the next deadline).
+    """
+    params: list[Any] = [inst.steps, inst.revision, inst.updated_at]
+    mask = 0
+    now = inst.changeable()
+    loaded = inst.loaded or (None,) * len(_OPTIONAL)
+    for bit, (old, new) in enumerate(zip(loaded, now, strict=True)):
+        if not inst.loaded or old != new:
+            mask |= 1 << bit
+            params.append(new)
+    sql = _UPDATES.get(mask)
+    if sql is None:
+        names = [name for bit, name in enumerate(_OPTIONAL) if mask & (1 << bit)]
+        sets = ", ".join(
+            ["steps = ?", "revision = ?", "updated_at = ?"] + [f"{n} = ?" for n in names]
+        )
+        sql = _UPDATES[mask] = f"UPDATE atoll_sagas SET {sets} WHERE saga_id = ? AND revision = ?"
+    changed = await session.execute(sql, *params, inst.saga_id, expected_revision)
     if changed != 1:
         raise ConcurrentTransitionError(
             f"saga {inst.saga_id!r} was changed by another unit of work (revision"
@@ -191,7 +224,7 @@ async def add_history(
         seq,
         at,
         event,
-        state,
+        str(state),
         _steps_encoder.encode(changes).decode(),
         None if not detail else _steps_encoder.encode(detail).decode(),
     )

@@ -53,7 +53,27 @@ log = logging.getLogger("atoll.sagas")
 
 _encoder = msgspec.json.Encoder()
 SAGA = "(saga)"
-_FORWARD_DONE = frozenset({StepStatus.COMPLETED, StepStatus.SKIPPED})
+# Enum members as module constants: the hot path reads them often, and a module
+# global is cheaper than an enum class attribute.
+_S_COMPENSATED = StepStatus.COMPENSATED
+_S_COMPENSATING = StepStatus.COMPENSATING
+_S_COMPENSATION_FAILED = StepStatus.COMPENSATION_FAILED
+_S_COMPENSATION_RETRY_WAIT = StepStatus.COMPENSATION_RETRY_WAIT
+_S_COMPENSATION_SKIPPED = StepStatus.COMPENSATION_SKIPPED
+_S_COMPLETED = StepStatus.COMPLETED
+_S_FAILED = StepStatus.FAILED
+_S_PENDING = StepStatus.PENDING
+_S_RETRY_WAIT = StepStatus.RETRY_WAIT
+_S_RUNNING = StepStatus.RUNNING
+_S_SKIPPED = StepStatus.SKIPPED
+_S_TIMED_OUT = StepStatus.TIMED_OUT
+_ABORTED = SagaState.ABORTED
+_COMPENSATED = SagaState.COMPENSATED
+_COMPENSATING = SagaState.COMPENSATING
+_COMPENSATION_FAILED = SagaState.COMPENSATION_FAILED
+_COMPLETED = SagaState.COMPLETED
+_RUNNING = SagaState.RUNNING
+_FORWARD_DONE = frozenset({_S_COMPLETED, _S_SKIPPED})
 
 
 class BufferedUnitOfWork(UnitOfWork):
@@ -153,6 +173,7 @@ class Run(Generic[D]):
         *,
         new: bool = False,
         data: D | None = None,
+        steps: list[StepState] | None = None,
     ) -> None:
         self.definition = definition
         self.inst = inst
@@ -162,7 +183,7 @@ class Run(Generic[D]):
         self.event = event
         self.detail: dict[str, Any] = {}
         self.changes: list[StepChange] = []
-        self.steps: list[StepState] = inst.step_states()
+        self.steps: list[StepState] = inst.step_states() if steps is None else steps
         self.state_before: SagaState | None = None if new else inst.state
         self.expected_revision = inst.revision
         self._data: D | None = data
@@ -183,16 +204,21 @@ class Run(Generic[D]):
     def _set(self, i: int, status: StepStatus, note: str = "") -> None:
         step = self.steps[i]
         if step.status != status or note:
-            self.changes.append(StepChange(self._name(i), step.status.value, status.value, note))
+            # Members of a StrEnum are strings already: no .value on this hot path.
+            self.changes.append(StepChange(self._name(i), step.status, status, note))
         step.status = status
 
     def _saga_note(self, after: SagaState, note: str) -> None:
-        self.changes.append(StepChange(SAGA, self.inst.state.value, after.value, note))
+        self.changes.append(StepChange(SAGA, self.inst.state, after, note))
         self.inst.state = after
 
     def _sending(self) -> Context:
         if self._sender is None:
-            self._sender = saga_context(self.service, self.ctx, self.inst.saga_id)
+            ctx = self.ctx
+            if ctx.correlation_id == self.inst.saga_id and ctx.deadline is None:
+                self._sender = ctx  # a reply's context is the saga's already
+            else:
+                self._sender = saga_context(self.service, ctx, self.inst.saga_id)
         return self._sender
 
     def _context(self, ctx: Context, step: str | None = None, attempt: int = 0) -> SagaContext[D]:
@@ -219,9 +245,9 @@ class Run(Generic[D]):
             self.inst.data = _encoder.encode(self._data).decode()
         self.inst.steps = encode_steps(self.steps)
         wake: float | None = None
-        if self.inst.state in (SagaState.RUNNING, SagaState.COMPENSATING):
+        if self.inst.state in (_RUNNING, _COMPENSATING):
             dues = [s.due for s in self.steps if s.due is not None]
-            if self.inst.state is SagaState.RUNNING and self.inst.deadline_at is not None:
+            if self.inst.state is _RUNNING and self.inst.deadline_at is not None:
                 dues.append(self.inst.deadline_at)
             wake = min(dues) if dues else None
         self.inst.wake_at = wake
@@ -231,9 +257,11 @@ class Run(Generic[D]):
     # -- the state machine ----------------------------------------------------------------
 
     def _forward_group(self) -> int | None:
+        steps = self.steps
         for g, members in enumerate(self.definition.groups):
-            if any(self.steps[i].status not in _FORWARD_DONE for i in members):
-                return g
+            for i in members:
+                if steps[i].status not in _FORWARD_DONE:
+                    return g
         return None
 
     def _needs_compensation(self, i: int) -> bool:
@@ -248,7 +276,7 @@ class Run(Generic[D]):
                 status = self.steps[i].status
                 if (
                     status in COMPENSATION_ACTIVE
-                    or status is StepStatus.COMPENSATION_FAILED
+                    or status is _S_COMPENSATION_FAILED
                     or self._needs_compensation(i)
                 ):
                     return g
@@ -257,9 +285,9 @@ class Run(Generic[D]):
     async def advance(self) -> None:
         """Move on as far as possible without waiting for anything."""
         while True:
-            if self.inst.state is SagaState.RUNNING:
+            if self.inst.state is _RUNNING:
                 moved = await self._advance_forward()
-            elif self.inst.state is SagaState.COMPENSATING:
+            elif self.inst.state is _COMPENSATING:
                 moved = await self._advance_compensation()
             else:
                 moved = False
@@ -270,10 +298,10 @@ class Run(Generic[D]):
         """One step forward; ``False`` once there is nothing to do but wait (or the end)."""
         g = self._forward_group()
         if g is None:
-            await self._end(SagaState.COMPLETED, "every step completed")
+            await self._end(_COMPLETED, "every step completed")
             return False
         members = self.definition.groups[g]
-        pending = [i for i in members if self.steps[i].status is StepStatus.PENDING]
+        pending = [i for i in members if self.steps[i].status is _S_PENDING]
         if pending:
             for i in pending:
                 await self._enter(i)
@@ -292,7 +320,7 @@ class Run(Generic[D]):
         """One step back; ``False`` once there is nothing to do but wait (or the end)."""
         g = self._compensation_group()
         if g is None:
-            await self._end(SagaState.COMPENSATED, "every completed step is compensated")
+            await self._end(_COMPENSATED, "every completed step is compensated")
             return False
         members = self.definition.groups[g]
         todo = [i for i in members if self._needs_compensation(i)]
@@ -303,29 +331,27 @@ class Run(Generic[D]):
             return True
         if any(self.steps[i].status in COMPENSATION_ACTIVE for i in members):
             return False
-        failed = [
-            self._name(i) for i in members if self.steps[i].status is StepStatus.COMPENSATION_FAILED
-        ]
+        failed = [self._name(i) for i in members if self.steps[i].status is _S_COMPENSATION_FAILED]
         await self._end(
-            SagaState.COMPENSATION_FAILED,
+            _COMPENSATION_FAILED,
             f"compensation of {', '.join(failed)} failed; an operator can retry or skip it",
         )
         return False
 
     def _begin_compensation(self, reason: str) -> None:
-        if self.inst.error is None or self.inst.state is SagaState.RUNNING:
+        if self.inst.error is None or self.inst.state is _RUNNING:
             self.inst.error = reason
-        self._saga_note(SagaState.COMPENSATING, reason)
+        self._saga_note(_COMPENSATING, reason)
 
     async def _end(self, state: SagaState, note: str) -> None:
         self._saga_note(state, note)
         self.inst.deadline_at = None if state in RESTING_STATES else self.inst.deadline_at
-        if state is SagaState.COMPLETED:
+        if state is _COMPLETED:
             self.inst.error = None
         hook = {
-            SagaState.COMPLETED: self.definition.on_completed,
-            SagaState.COMPENSATED: self.definition.on_compensated,
-            SagaState.COMPENSATION_FAILED: self.definition.on_compensation_failed,
+            _COMPLETED: self.definition.on_completed,
+            _COMPENSATED: self.definition.on_compensated,
+            _COMPENSATION_FAILED: self.definition.on_compensation_failed,
         }.get(state)
         if hook is not None:
             context = self._context(self._sending())
@@ -339,10 +365,10 @@ class Run(Generic[D]):
                 go = bool(step.when(self.data))
             except Exception as exc:
                 self.steps[i].error = f"when() raised {exc!r}"
-                self._set(i, StepStatus.FAILED, self.steps[i].error or "")
+                self._set(i, _S_FAILED, self.steps[i].error or "")
                 return
             if not go:
-                self._set(i, StepStatus.SKIPPED, "condition is false")
+                self._set(i, _S_SKIPPED, "condition is false")
                 return
         self.steps[i].attempt = 0
         await self._attempt(i, compensation=False)
@@ -366,7 +392,7 @@ class Run(Generic[D]):
                 state.due = self.now + action.timeout
             self._set(
                 i,
-                StepStatus.COMPENSATING if compensation else StepStatus.RUNNING,
+                _S_COMPENSATING if compensation else _S_RUNNING,
                 f"sent {command.message_type} to {action.to} (attempt {state.attempt})",
             )
             return
@@ -375,12 +401,12 @@ class Run(Generic[D]):
             state.error = None
             self._set(
                 i,
-                StepStatus.COMPENSATED if compensation else StepStatus.COMPLETED,
+                _S_COMPENSATED if compensation else _S_COMPLETED,
                 f"{action.describe()} returned (attempt {state.attempt})",
             )
         elif outcome == "failed" and not compensation:
             state.error = reason
-            self._set(i, StepStatus.FAILED, f"{action.describe()} failed: {reason}")
+            self._set(i, _S_FAILED, f"{action.describe()} failed: {reason}")
         else:
             await self._attempt_failed(i, compensation, reason, timed_out=False)
 
@@ -434,8 +460,8 @@ class Run(Generic[D]):
                 self.changes.append(
                     StepChange(
                         self._name(i),
-                        state.status.value,
-                        state.status.value,
+                        state.status,
+                        state.status,
                         f"attempt {state.attempt} failed: {reason}; retrying now",
                     )
                 )
@@ -444,14 +470,14 @@ class Run(Generic[D]):
             state.due = self.now + delay
             self._set(
                 i,
-                StepStatus.COMPENSATION_RETRY_WAIT if compensation else StepStatus.RETRY_WAIT,
+                _S_COMPENSATION_RETRY_WAIT if compensation else _S_RETRY_WAIT,
                 f"attempt {state.attempt} failed: {reason}; next attempt in {delay:.3g}s",
             )
             return
         if compensation:
-            final = StepStatus.COMPENSATION_FAILED
+            final = _S_COMPENSATION_FAILED
         else:
-            final = StepStatus.TIMED_OUT if state.uncertain else StepStatus.FAILED
+            final = _S_TIMED_OUT if state.uncertain else _S_FAILED
         self._set(i, final, f"attempt {state.attempt} failed: {reason}; no attempts left")
 
     def _abandon_forward(self, reason: str) -> None:
@@ -460,19 +486,19 @@ class Run(Generic[D]):
             if state.status not in FORWARD_ACTIVE:
                 continue
             state.due = None
-            uncertain = state.status is StepStatus.RUNNING and bool(state.sent)
+            uncertain = state.status is _S_RUNNING and bool(state.sent)
             if uncertain or state.uncertain:
                 state.uncertain = True
-                self._set(i, StepStatus.TIMED_OUT, reason)
+                self._set(i, _S_TIMED_OUT, reason)
             else:
-                self._set(i, StepStatus.FAILED, reason)
+                self._set(i, _S_FAILED, reason)
             state.error = state.error or reason
 
     # -- inputs ---------------------------------------------------------------------------
 
     async def begin(self) -> None:
         """A new instance: enter the first group."""
-        self.changes.append(StepChange(SAGA, "", SagaState.RUNNING.value, "started"))
+        self.changes.append(StepChange(SAGA, "", _RUNNING, "started"))
         await self.advance()
 
     def match(self, causation_id: str | None) -> tuple[int, bool] | None:
@@ -533,7 +559,7 @@ class Run(Generic[D]):
         if not success:
             # A success from any attempt is final (participants are idempotent per saga). A
             # failure is not while a later attempt may still succeed: the latest decides.
-            waiting = state.status in (StepStatus.RETRY_WAIT, StepStatus.COMPENSATION_RETRY_WAIT)
+            waiting = state.status in (_S_RETRY_WAIT, _S_COMPENSATION_RETRY_WAIT)
             if not latest:
                 self.ignore(
                     f"a failure of an earlier attempt of step {step.name!r}: the latest decides"
@@ -544,7 +570,6 @@ class Run(Generic[D]):
                 return
         if action.on_reply is not None:
             action.on_reply(self.data, reply)
-        detail = _reply_text(envelope)
         if success:
             state.due = None
             state.error = None
@@ -552,49 +577,49 @@ class Run(Generic[D]):
                 state.uncertain = False
             self._set(
                 i,
-                StepStatus.COMPENSATED if compensation else StepStatus.COMPLETED,
+                _S_COMPENSATED if compensation else _S_COMPLETED,
                 f"{envelope.type} (attempt {sent.index(causation) + 1})",
             )
         elif compensation or outcome == "retry":
-            await self._attempt_failed(i, compensation, detail, timed_out=False)
+            await self._attempt_failed(i, compensation, _reply_text(envelope), timed_out=False)
         else:
             state.due = None
             state.uncertain = False
-            state.error = detail
-            self._set(i, StepStatus.FAILED, detail)
+            state.error = _reply_text(envelope)
+            self._set(i, _S_FAILED, state.error)
         await self.advance()
 
     async def on_timer(self) -> None:
         """Deadlines and retries that are due."""
         if (
-            self.inst.state is SagaState.RUNNING
+            self.inst.state is _RUNNING
             and self.inst.deadline_at is not None
             and self.inst.deadline_at <= self.now
         ):
             reason = f"the saga's deadline passed ({self.definition.timeout:g}s)"
             self._abandon_forward(reason)
             self.inst.error = reason
-            self._saga_note(SagaState.COMPENSATING, reason)
+            self._saga_note(_COMPENSATING, reason)
             await self.advance()
             return
-        if self.inst.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
+        if self.inst.state not in (_RUNNING, _COMPENSATING):
             return
         for i, state in enumerate(self.steps):
             if state.due is None or state.due > self.now:
                 continue
             step = self.definition.steps[i].step
-            if state.status is StepStatus.RUNNING:
+            if state.status is _S_RUNNING:
                 await self._attempt_failed(
                     i, False, f"no reply within {step.action.timeout or 0:g}s", timed_out=True
                 )
-            elif state.status is StepStatus.RETRY_WAIT:
+            elif state.status is _S_RETRY_WAIT:
                 await self._attempt(i, compensation=False)
-            elif state.status is StepStatus.COMPENSATING:
+            elif state.status is _S_COMPENSATING:
                 timeout = step.compensation.timeout if step.compensation else None
                 await self._attempt_failed(
                     i, True, f"no reply within {timeout or 0:g}s", timed_out=True
                 )
-            elif state.status is StepStatus.COMPENSATION_RETRY_WAIT:
+            elif state.status is _S_COMPENSATION_RETRY_WAIT:
                 await self._attempt(i, compensation=True)
             else:
                 state.due = None
@@ -628,14 +653,14 @@ class Run(Generic[D]):
     async def retry(self, step: str | None) -> None:
         """Try the step(s) in flight or failed again now, with fresh attempts."""
         state = self.inst.state
-        if state in (SagaState.COMPENSATION_FAILED, SagaState.COMPENSATING):
-            targets = self._targets(step, COMPENSATION_ACTIVE | {StepStatus.COMPENSATION_FAILED})
-            if state is SagaState.COMPENSATION_FAILED:
-                self._saga_note(SagaState.COMPENSATING, "retrying compensation")
+        if state in (_COMPENSATION_FAILED, _COMPENSATING):
+            targets = self._targets(step, COMPENSATION_ACTIVE | {_S_COMPENSATION_FAILED})
+            if state is _COMPENSATION_FAILED:
+                self._saga_note(_COMPENSATING, "retrying compensation")
             for i in targets:
                 self.steps[i].attempt = 0
                 await self._attempt(i, compensation=True)
-        elif state is SagaState.RUNNING:
+        elif state is _RUNNING:
             for i in self._targets(step, FORWARD_ACTIVE):
                 self.steps[i].attempt = 0
                 await self._attempt(i, compensation=False)
@@ -646,16 +671,16 @@ class Run(Generic[D]):
     async def skip(self, step: str) -> None:
         """Go on as if the step's action (or compensation) had succeeded."""
         state = self.inst.state
-        if state in (SagaState.COMPENSATION_FAILED, SagaState.COMPENSATING):
-            (i,) = self._targets(step, COMPENSATION_ACTIVE | {StepStatus.COMPENSATION_FAILED})
+        if state in (_COMPENSATION_FAILED, _COMPENSATING):
+            (i,) = self._targets(step, COMPENSATION_ACTIVE | {_S_COMPENSATION_FAILED})
             self.steps[i].due = None
-            self._set(i, StepStatus.COMPENSATION_SKIPPED, "skipped by an operator")
-            if state is SagaState.COMPENSATION_FAILED:
-                self._saga_note(SagaState.COMPENSATING, "compensation goes on")
-        elif state is SagaState.RUNNING:
+            self._set(i, _S_COMPENSATION_SKIPPED, "skipped by an operator")
+            if state is _COMPENSATION_FAILED:
+                self._saga_note(_COMPENSATING, "compensation goes on")
+        elif state is _RUNNING:
             (i,) = self._targets(step, FORWARD_ACTIVE)
             self.steps[i].due = None
-            self._set(i, StepStatus.COMPLETED, "skipped by an operator: treated as completed")
+            self._set(i, _S_COMPLETED, "skipped by an operator: treated as completed")
         else:
             raise self._refuse("skip a step of")
         await self.advance()
@@ -663,14 +688,14 @@ class Run(Generic[D]):
     async def compensate(self, reason: str) -> None:
         """Stop going forward and undo what was done."""
         state = self.inst.state
-        if state is SagaState.RUNNING:
+        if state is _RUNNING:
             self._abandon_forward(f"compensation forced: {reason}")
             self.inst.error = f"compensation forced by an operator: {reason}"
-            self._saga_note(SagaState.COMPENSATING, self.inst.error)
-        elif state is SagaState.COMPLETED:
+            self._saga_note(_COMPENSATING, self.inst.error)
+        elif state is _COMPLETED:
             self.inst.error = f"compensation forced by an operator: {reason}"
-            self._saga_note(SagaState.COMPENSATING, self.inst.error)
-        elif state is SagaState.COMPENSATION_FAILED:
+            self._saga_note(_COMPENSATING, self.inst.error)
+        elif state is _COMPENSATION_FAILED:
             await self.retry(None)
             return
         else:
@@ -679,12 +704,12 @@ class Run(Generic[D]):
 
     def abort(self, reason: str) -> None:
         """Stop the instance where it is; nothing more is sent or compensated."""
-        if self.inst.state in RESTING_STATES - {SagaState.COMPENSATION_FAILED}:
+        if self.inst.state in RESTING_STATES - {_COMPENSATION_FAILED}:
             raise self._refuse("abort")
         for state in self.steps:
             state.due = None
         self.inst.error = f"aborted by an operator: {reason}"
-        self._saga_note(SagaState.ABORTED, self.inst.error)
+        self._saga_note(_ABORTED, self.inst.error)
 
 
 def _reply_text(envelope: Envelope) -> str:
