@@ -6,7 +6,7 @@ import itertools
 import re
 from typing import Any
 
-from atoll.sagas._definition import Call, FlatStep, Saga, Send
+from atoll.sagas._definition import Call, Saga, Send
 from atoll.sagas._process import ProcessManager
 
 
@@ -29,18 +29,6 @@ def _action_lines(action: Send[Any] | Call[Any]) -> list[str]:
     if extra:
         lines.append(", ".join(extra))
     return lines
-
-
-def _failures(step: FlatStep[Any]) -> str:
-    action = step.step.action
-    reasons = []
-    if isinstance(action, Send):
-        reasons += [t.message_type for t in action.failure]
-        if action.timeout is not None:
-            reasons.append("timeout")
-    else:
-        reasons.append("raises")
-    return " / ".join(reasons) or "fails"
 
 
 def to_mermaid(definition: Saga[Any] | ProcessManager[Any]) -> str:
@@ -125,15 +113,28 @@ def _compensation_edges(
     if chain:
         out.append(f"    {undo[chain[-1]]} -.-> compensated")
     # A failed step: its group's completed siblings are undone first, then earlier groups.
+    # A timed-out step may have taken effect, so its own compensation runs first.
     for flat in definition.steps:
-        targets = [
+        earlier = [
             i
             for i in chain
             if definition.steps[i].group < flat.group
             or (definition.steps[i].group == flat.group and i != flat.index)
         ]
-        target = undo[targets[0]] if targets else "compensated"
-        out.append(f"    {ids[flat.index]} -.->|{_label(_failures(flat))}| {target}")
+        target = undo[earlier[0]] if earlier else "compensated"
+        action = flat.step.action
+        failures = (
+            [t.message_type for t in action.failure + action.retry_on]
+            if isinstance(action, Send)
+            else ["raises"]
+        )
+        timeout = isinstance(action, Send) and action.timeout is not None
+        if timeout and flat.index in undo:
+            out.append(f"    {ids[flat.index]} -.->|{_label('timeout')}| {undo[flat.index]}")
+        elif timeout:
+            failures.append("timeout")
+        if failures:
+            out.append(f"    {ids[flat.index]} -.->|{_label(' / '.join(failures))}| {target}")
     return out
 
 

@@ -218,7 +218,7 @@ async def _on_debit(command: Debit, ctx: Context) -> None:
 
 
 @bank.handles(Credit)
-async def _on_credit(command: Credit, ctx: Context) -> None:
+async def _on_credit(_command: Credit, ctx: Context) -> None:
     await _undo(ctx, "credit")
     ctx.reply(Credited())
 
@@ -234,7 +234,7 @@ async def _on_deliver(command: Deliver, ctx: Context) -> None:
 
 
 @store.handles(Recall)
-async def _on_recall(command: Recall, ctx: Context) -> None:
+async def _on_recall(_command: Recall, ctx: Context) -> None:
     await _undo(ctx, "recall")
     ctx.reply(Recalled())
 

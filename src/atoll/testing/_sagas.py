@@ -47,7 +47,7 @@ from atoll.messages import (
     encode_payload,
     utc_from_timestamp,
 )
-from atoll.persistence import SQLiteDatabase
+from atoll.persistence import Database, SQLiteDatabase
 from atoll.sagas import Saga, SagaEngine, SagaView, Send
 from atoll.service import ServiceRuntime
 from atoll.transport import Ack, DeadLetter, Delivery, Retry, command_group, command_topic
@@ -167,7 +167,8 @@ class SagaTestKit:
     Use as ``async with kit:`` (or :meth:`open`/:meth:`close`). The orchestrator's
     database is a SQLite file in ``directory``; :meth:`restart` closes it and opens it
     again in a new runtime, as a crash and restart would (queued messages survive, as
-    they would in a transport).
+    they would in a transport). ``database(clock)`` makes another database instead
+    (e.g. PostgreSQL), opened anew at each :meth:`restart`.
     """
 
     def __init__(
@@ -177,8 +178,10 @@ class SagaTestKit:
         *,
         clock: VirtualClock | None = None,
         seed: int = 0,
+        database: Callable[[VirtualClock], Database] | None = None,
     ) -> None:
         self.engine = engine
+        self._database = database
         self.service = engine.service
         self.directory = Path(directory)
         self.clock = clock or VirtualClock()
@@ -218,8 +221,12 @@ class SagaTestKit:
     async def open(self) -> None:
         """Open the orchestrator's database, migrate it, run its start hooks."""
         self.engine.manual_timers = True
-        database = SQLiteDatabase(
-            self.directory / f"{self.service.name}.db", synchronous="OFF", clock=self.clock
+        database = (
+            self._database(self.clock)
+            if self._database is not None
+            else SQLiteDatabase(
+                self.directory / f"{self.service.name}.db", synchronous="OFF", clock=self.clock
+            )
         )
         runtime = ServiceRuntime(
             self.service,
