@@ -592,3 +592,29 @@ async def test_a_migration_refuses_to_drop_a_step_that_owes_a_compensation(tmp_p
         ):
             await engine.operate(old, "migrate", to_version=2)
         assert (await kit.instance(old)).version == 1
+
+
+async def test_a_stale_cached_instance_is_caught_and_the_reply_handled_on_fresh_state(kit, caplog):
+    """Another process moved the instance: the cache of this one no longer matches."""
+    kit.participant("payments").on(ChargePayment, None)
+    saga_id = await kit.start("place-order", Order(order_id="o20"))
+    kit.engine._caching = False  # as if another process did the retry
+    await kit.engine.operate(saga_id, "retry", step="charge-payment", operator="elsewhere")
+    kit.engine._caching = True
+    await kit.run()
+    first, second = kit.held("payments")
+    # The cached state does not know the second command: refused on it, then accepted fresh.
+    await kit.reply(second, PaymentBusy(order_id="o20"))
+    view = await kit.instance(saga_id)
+    assert statuses(view)["charge-payment"] == "RETRY_WAIT"
+    assert kit.dead_letters == []
+    kit.engine._caching = False
+    await kit.advance(5)  # the third attempt, sent "elsewhere" again
+    kit.engine._caching = True
+    # The cached revision is stale: the guarded UPDATE refuses, the reply is retried fresh.
+    await kit.reply(first, PaymentCharged(order_id="o20", payment_id="p1"))
+    view = await kit.instance(saga_id)
+    assert view.state == "COMPLETED"
+    assert view.data["payment_id"] == "p1"
+    assert kit.dead_letters == []
+    assert "ConcurrentTransitionError" in caplog.text, "the stale write was not refused"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -128,6 +129,10 @@ class SagaEngine:
         self._planned: float | None = None
         self._last_prune = 0.0
         self._locking = False
+        self._caching = False
+        #: Unfinished sagas whose committed rows this process keeps (SQLite only).
+        self.cache_size = 10_000
+        self._cache: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         service.migration("atoll-sagas", store.SCHEMA)
         service.on_start(self._on_start)
         service.on_stop(self._on_stop)
@@ -323,7 +328,25 @@ class SagaEngine:
     async def _on_reply(self, reply: Message, ctx: Context) -> None:
         envelope = ctx.envelope
         assert envelope is not None
-        instance = await store.load(ctx, envelope.correlation_id, for_update=self._for_update())
+        cached = self._cache.get(envelope.correlation_id)
+        if cached is None:
+            await self._handle_reply(reply, ctx, None)
+            return
+        try:
+            await self._handle_reply(reply, ctx, Instance.from_row(cached))
+        except MessageRejected:
+            # Decided on the cached state: make sure it is not stale. Nothing was written.
+            self._cache.pop(envelope.correlation_id, None)
+            await self._handle_reply(reply, ctx, None)
+        except store.ConcurrentTransitionError:
+            self._cache.pop(envelope.correlation_id, None)
+            raise
+
+    async def _handle_reply(self, reply: Message, ctx: Context, instance: Instance | None) -> None:
+        envelope = ctx.envelope
+        assert envelope is not None
+        if instance is None:
+            instance = await store.load(ctx, envelope.correlation_id, for_update=self._for_update())
         if instance is None:
             raise MessageRejected(
                 f"reply {envelope.type} (message {envelope.id} from {envelope.source}) is for"
@@ -522,6 +545,9 @@ class SagaEngine:
     ) -> None:
         if not inserted:
             await store.update(ctx, instance, expected)
+        if self._caching and instance.kind == "saga":
+            row = instance.row()
+            ctx.on_commit(lambda: self._remember(row))
         await store.add_history(
             ctx,
             saga_id=instance.saga_id,
@@ -550,6 +576,21 @@ class SagaEngine:
         if wake is not None and (self._planned is None or wake < self._planned):
             ctx.on_commit(self._poke)
 
+    def _remember(self, row: tuple[Any, ...]) -> None:
+        """Keep a committed saga's row, so its next reply needs no SELECT.
+
+        Only where this process is the database's one writer (SQLite): the cache can be
+        stale only if another process moved the instance, and then the revision guard of
+        the UPDATE refuses the transition, the entry is dropped and the reply retried.
+        """
+        saga_id = row[0]
+        self._cache.pop(saga_id, None)
+        if row[4] in RESTING_STATES:
+            return
+        self._cache[saga_id] = row
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
@@ -565,6 +606,8 @@ class SagaEngine:
 
     async def _on_start(self, runtime: ServiceRuntime) -> None:
         self._locking = runtime.database.dialect == "postgresql"
+        self._caching = runtime.database.dialect == "sqlite"
+        self._cache.clear()
         self._wake = asyncio.Event()
         self._planned = None
         if not self.manual_timers:

@@ -102,7 +102,7 @@ class Instance:
         )
 
     @classmethod
-    def from_row(cls, row: Row) -> Instance:
+    def from_row(cls, row: Row | tuple[Any, ...]) -> Instance:
         """An instance from a row of ``SELECT {_COLUMNS}``."""
         instance = cls(
             row[0],
@@ -122,6 +122,25 @@ class Instance:
         )
         instance.loaded = instance.changeable()
         return instance
+
+    def row(self) -> tuple[Any, ...]:
+        """The instance as a row of ``SELECT {_COLUMNS}`` (for :meth:`from_row`)."""
+        return (
+            self.saga_id,
+            self.name,
+            self.version,
+            self.kind,
+            str(self.state),
+            self.data,
+            self.steps,
+            self.revision,
+            self.wake_at,
+            self.deadline_at,
+            self.correlation_id,
+            self.error,
+            self.created_at,
+            self.updated_at,
+        )
 
     def step_states(self) -> list[StepState]:
         """The decoded progress of each step."""

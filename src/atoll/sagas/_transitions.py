@@ -21,7 +21,9 @@ Rules (docs/sagas.md has the diagram):
   group's other compensations settle), for an operator to retry or skip.
 * A reply is matched to its step by its causation id (the id of the command it
   answers). One of an unexpected type is refused (dead-lettered); one for a step that
-  no longer waits (duplicate, late, after a deadline) is recorded and ignored.
+  no longer waits (duplicate, late, after a deadline) is recorded and ignored. A
+  success from any attempt counts (participants are idempotent per saga); a failure
+  counts only from the latest attempt, since a later attempt may still take effect.
 """
 
 from __future__ import annotations
