@@ -55,7 +55,18 @@ class Cluster:
             process.kill()
         assert await process.wait() == -signal.SIGKILL
 
+    def log(self, role):
+        return self.tmp_path / f"{role}-{self.lives[role]}.log"
+
     async def stop(self):
+        for role in self.processes:
+            # A process killed and restarted at the end may still be importing: SIGTERM
+            # before its handler is installed would end it uncleanly.
+            await wait_until(
+                lambda role=role: "started" in self.log(role).read_text(errors="replace"),
+                timeout=30,
+                what=f"{role} to start",
+            )
         for role, process in self.processes.items():
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
