@@ -5,9 +5,9 @@ import contextlib
 import json
 from pathlib import Path
 
-import cli_app
 import httpx
 import pytest
+import sagas_cli_app as cli_app
 import uvicorn
 from order_saga import ChargePayment, Order, PaymentCharged, happy, make_engine, order_saga
 from typer.testing import CliRunner
@@ -124,8 +124,8 @@ async def served(tmp_path):
         sagas_dir = Path(__file__).parent
         config.write_text(
             f'[system]\npython_path = ["{sagas_dir}"]\n'
-            f'[services.cli-orders]\napp = "cli_app:service"\nport = {port}\n'
-            f'[services.other]\napp = "cli_app:service"\nport = {free_port()}\n'
+            f'[services.cli-orders]\napp = "sagas_cli_app:service"\nport = {port}\n'
+            f'[services.other]\napp = "sagas_cli_app:service"\nport = {free_port()}\n'
         )
         try:
             yield kit, config
@@ -199,7 +199,7 @@ async def test_the_cli_prints_a_diagram_from_the_code_without_a_running_service(
     config = tmp_path / "atoll.toml"
     config.write_text(
         f'[system]\npython_path = ["{sagas_dir}"]\n'
-        f'[services.cli-orders]\napp = "cli_app:service"\nport = {free_port()}\n'
+        f'[services.cli-orders]\napp = "sagas_cli_app:service"\nport = {free_port()}\n'
     )
     result = await invoke("diagram", "place-order", "--config", str(config))
     assert result.exit_code == 0, result.output
