@@ -618,3 +618,43 @@ async def test_a_stale_cached_instance_is_caught_and_the_reply_handled_on_fresh_
     assert view.data["payment_id"] == "p1"
     assert kit.dead_letters == []
     assert "ConcurrentTransitionError" in caplog.text, "the stale write was not refused"
+
+
+async def test_a_deadline_whose_handling_fails_is_recorded_and_tried_again_later(tmp_path):
+    broken = True
+
+    async def compensated(saga) -> None:
+        if broken:
+            raise RuntimeError("the hook is broken")
+
+    saga = Saga(
+        "hooked",
+        Order,
+        on_compensated=compensated,
+        steps=[
+            Step(
+                "pay",
+                Send(
+                    "payments",
+                    lambda d: ChargePayment(order_id=d.order_id, amount=1),
+                    success=PaymentCharged,
+                    timeout=10,
+                ),
+            )
+        ],
+    )
+    kit = SagaTestKit(make_engine("hooked-orders", saga), tmp_path)
+    kit.participant("payments").on(ChargePayment, None)
+    async with kit:
+        saga_id = await kit.start(saga, Order(order_id="o21"))
+        await kit.advance(10)
+        view = await kit.instance(saga_id)
+        assert view.state == "RUNNING", "a failed transition was kept"
+        assert view.error == "handling a deadline failed: RuntimeError('the hook is broken')"
+        assert view.history[-1].event == "deadline (failed)"
+        assert view.wake_at == kit.clock.time() + 30
+        broken = False
+        await kit.advance(30)
+        view = await kit.instance(saga_id)
+        assert view.state == "COMPENSATED"
+        assert statuses(view) == {"pay": "TIMED_OUT"}, "no compensation declared: stays uncertain"

@@ -672,15 +672,20 @@ class SagaEngine:
         now = runtime.clock.time()
         async with runtime.database.read() as session:
             due = await store.due(session, now, self.batch_size)
-        for saga_id in due:
-            try:
-                async with runtime.unit_of_work() as ctx:
-                    await self._on_wake(ctx, saga_id)
-            except DatabaseError:
-                raise
-            except Exception as exc:
-                log.exception("saga %s: handling its deadline failed", saga_id)
-                await self._postpone(runtime, saga_id, exc)
+        if not due:
+            return 0
+        # One transaction for the lot (one commit, not one per instance); each instance
+        # in its own unit of work inside it, so one that fails is rolled back alone.
+        async with runtime.database.batch():
+            for saga_id in due:
+                try:
+                    async with runtime.unit_of_work() as ctx:
+                        await self._on_wake(ctx, saga_id)
+                except DatabaseError:
+                    raise
+                except Exception as exc:
+                    log.exception("saga %s: handling its deadline failed", saga_id)
+                    await self._postpone(runtime, saga_id, exc)
         return len(due)
 
     async def _on_wake(self, ctx: Context, saga_id: str) -> None:
