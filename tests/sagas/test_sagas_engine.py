@@ -658,3 +658,39 @@ async def test_a_deadline_whose_handling_fails_is_recorded_and_tried_again_later
         view = await kit.instance(saga_id)
         assert view.state == "COMPENSATED"
         assert statuses(view) == {"pay": "TIMED_OUT"}, "no compensation declared: stays uncertain"
+
+
+async def test_two_replies_of_one_saga_in_one_batch_both_count(tmp_path, caplog):
+    saga = Saga(
+        "pair",
+        Order,
+        steps=[
+            Parallel(
+                "both",
+                [
+                    Step("reserve", Send("inventory", reserve_for, success=StockReserved)),
+                    Step("charge", Send("payments", charge_for, success=PaymentCharged)),
+                ],
+            )
+        ],
+    )
+    kit = SagaTestKit(make_engine("pair-orders", saga), tmp_path)
+    kit.participant("inventory").on(ReserveStock, None)
+    kit.participant("payments").on(ChargePayment, None)
+    async with kit:
+        saga_id = await kit.start(saga, Order(order_id="o22"))
+        [reservation] = kit.held("inventory")
+        [charge] = kit.held("payments")
+        await kit.reply(reservation, StockReserved(order_id="o22"), run=False)
+        await kit.reply(charge, PaymentCharged(order_id="o22", payment_id="p"), run=False)
+        await kit.deliver_batch()
+        assert (await kit.instance(saga_id)).state == "COMPLETED"
+        assert "ConcurrentTransitionError" not in caplog.text, "the second reply was retried"
+
+
+def reserve_for(order: Order) -> ReserveStock:
+    return ReserveStock(order_id=order.order_id, qty=1)
+
+
+def charge_for(order: Order) -> ChargePayment:
+    return ChargePayment(order_id=order.order_id, amount=1)

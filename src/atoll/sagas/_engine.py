@@ -546,8 +546,10 @@ class SagaEngine:
         if not inserted:
             await store.update(ctx, instance, expected)
         if self._caching and instance.kind == "saga":
-            row = instance.row()
-            ctx.on_commit(lambda: self._remember(row))
+            # At once, not on commit: a second reply for this saga in the same batch must
+            # see this transition. If the unit of work rolls back instead, the revision
+            # guard refuses the next transition made from this row and it is retried fresh.
+            self._remember(instance.row())
         await store.add_history(
             ctx,
             saga_id=instance.saga_id,
@@ -577,11 +579,12 @@ class SagaEngine:
             ctx.on_commit(self._poke)
 
     def _remember(self, row: tuple[Any, ...]) -> None:
-        """Keep a committed saga's row, so its next reply needs no SELECT.
+        """Keep a saga's row as last written, so its next reply needs no SELECT.
 
-        Only where this process is the database's one writer (SQLite): the cache can be
-        stale only if another process moved the instance, and then the revision guard of
-        the UPDATE refuses the transition, the entry is dropped and the reply retried.
+        Only where this process is the database's one writer (SQLite). The row can be
+        stale if another process moved the instance or if the write was rolled back;
+        then the revision guard of the UPDATE refuses the transition, the entry is
+        dropped and the reply retried on fresh state.
         """
         saga_id = row[0]
         self._cache.pop(saga_id, None)

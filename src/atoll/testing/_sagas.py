@@ -362,10 +362,17 @@ class SagaTestKit:
             self._inbound.appendleft((envelope, attempt))
             raise
 
-    async def deliver(self, envelope: Envelope, attempt: int = 1) -> None:
-        """Hand ``envelope`` to the orchestrator as a delivery of its transport would."""
-        runtime = self._runtime()
-        delivery = Delivery(
+    async def deliver_batch(self) -> None:
+        """Hand every queued message to the orchestrator in one batch (one transaction)."""
+        batch = list(self._inbound)
+        self._inbound.clear()
+        deliveries = [self._delivery(envelope, attempt) for envelope, attempt in batch]
+        outcomes = await self._runtime()._handle_batch(deliveries)
+        for (envelope, attempt), outcome in zip(batch, outcomes, strict=True):
+            self._settle(envelope, attempt, outcome)
+
+    def _delivery(self, envelope: Envelope, attempt: int) -> Delivery:
+        return Delivery(
             self.service.name,
             command_topic(self.service.name)
             if envelope.kind != "event"
@@ -375,7 +382,8 @@ class SagaTestKit:
             encode_envelope(envelope),
             attempt,
         )
-        [outcome] = await runtime._handle_batch([delivery])
+
+    def _settle(self, envelope: Envelope, attempt: int, outcome: object) -> None:
         if isinstance(outcome, DeadLetter):
             self.dead_letters.append((envelope, outcome.reason))
         elif isinstance(outcome, Retry):
@@ -385,6 +393,11 @@ class SagaTestKit:
                 self._inbound.append((envelope, attempt + (1 if outcome.count else 0)))
         else:
             assert isinstance(outcome, Ack)
+
+    async def deliver(self, envelope: Envelope, attempt: int = 1) -> None:
+        """Hand ``envelope`` to the orchestrator as a delivery of its transport would."""
+        [outcome] = await self._runtime()._handle_batch([self._delivery(envelope, attempt)])
+        self._settle(envelope, attempt, outcome)
 
     async def advance(self, seconds: float) -> None:
         """Move virtual time on, firing deadlines, retries and delayed replies on the way."""
