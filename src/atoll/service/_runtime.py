@@ -32,7 +32,7 @@ from atoll.resilience import (
 from atoll.service._context import Context, outgoing_trace_headers
 from atoll.service._eventsourcing import EventSourcing
 from atoll.service._http import instrument_client, instrument_http
-from atoll.service._service import HandlerSpec, Service
+from atoll.service._service import HandlerSpec, MessageRejected, Service
 from atoll.transport import (
     Ack,
     Consumer,
@@ -221,6 +221,7 @@ class ServiceRuntime:
         self.state = "stopping"
         if self._maintenance is not None:
             self._maintenance.cancel()
+        await self._run_stop_hooks()
         for runner in self.event_sourcing.runners:
             await runner.stop()
         if self._consumer is not None:
@@ -256,6 +257,7 @@ class ServiceRuntime:
         self.state = "stopped"
         if self._maintenance is not None:
             self._maintenance.cancel()
+        await self._run_stop_hooks()
         self.relay.abandon()
         abandon = getattr(self._consumer, "abandon", None)
         if abandon is not None:
@@ -263,6 +265,13 @@ class ServiceRuntime:
         self._consumer = None
         await self._close_quietly()
         self.service.attach(None)
+
+    async def _run_stop_hooks(self) -> None:
+        for hook in self.service.stop_hooks:
+            try:
+                await hook(self)
+            except Exception as exc:
+                log.warning("service %s: a stop hook failed: %r", self.service.name, exc)
 
     async def _close_quietly(self) -> None:
         try:
@@ -388,6 +397,15 @@ class ServiceRuntime:
                         # The database failed, not the handler: the whole batch's
                         # transaction is suspect, so give it all back untried.
                         raise
+                    except MessageRejected as exc:
+                        self.stats.dead_lettered += 1
+                        log.warning(
+                            "service %s: dead-lettering message %s: %s",
+                            self.service.name,
+                            item.delivery.message_id,
+                            exc.reason,
+                        )
+                        outcomes[item.index] = DeadLetter(reason=exc.reason)
                     except Exception as exc:
                         self.stats.failed += 1
                         if key is not None:

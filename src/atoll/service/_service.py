@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI
 
+from atoll._errors import AtollError
 from atoll.messages import Command, Event, Message, MessageRegistry, Reply
 from atoll.service._context import Context
 from atoll.service._http import install_http_defaults
@@ -24,6 +25,7 @@ M = TypeVar("M", bound=Message)
 A = TypeVar("A", bound="Aggregate")
 Handler = Callable[[M, Context], Awaitable[None]]
 StartHook = Callable[["ServiceRuntime"], Awaitable[None]]
+StopHook = Callable[["ServiceRuntime"], Awaitable[None]]
 _AnyHandler = Callable[[Any, Context], Awaitable[None]]
 
 
@@ -39,6 +41,20 @@ class HandlerSpec:
 
 class ServiceNotRunningError(RuntimeError):
     """The service is declared but no runtime is serving it in this process."""
+
+
+class MessageRejected(AtollError):  # noqa: N818 - it names what happened to the message
+    """Raise from a handler when the message can never be handled: it is dead-lettered now.
+
+    The handler's unit of work is rolled back and the message goes to dead letters at
+    once with ``reason`` (no redelivery attempts are spent on it), where operators see
+    it with ``atoll dlq``. For input that is wrong rather than a failure that may pass,
+    e.g. a reply that answers nothing this service asked.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Service:
@@ -81,6 +97,7 @@ class Service:
             self.migrations.append((f"{name}:schema", list(schema)))
         self.redelivery = redelivery or RedeliveryPolicy()
         self.start_hooks: list[StartHook] = []
+        self.stop_hooks: list[StopHook] = []
         self.repositories: list[ServiceRepository[Any]] = []
         self.projections: list[Projection] = []
         self.event_sourced = False
@@ -153,6 +170,15 @@ class Service:
     def on_start(self, hook: StartHook) -> StartHook:
         """Run ``hook(runtime)`` at start, after migrations and before consuming."""
         self.start_hooks.append(hook)
+        return hook
+
+    def on_stop(self, hook: StopHook) -> StopHook:
+        """Run ``hook(runtime)`` when the service stops taking work (or is abandoned).
+
+        For background work started by an :meth:`on_start` hook: stop it here, promptly;
+        the database is still open.
+        """
+        self.stop_hooks.append(hook)
         return hook
 
     def topics(self) -> list[str]:

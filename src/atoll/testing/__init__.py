@@ -14,6 +14,13 @@ from atoll.testing._database_kit import DatabaseConformance
 from atoll.testing._eventstore_kit import EventStoreConformance
 from atoll.testing._outage_kit import BrokerOutageConformance
 from atoll.testing._proxy import TcpProxy
+from atoll.testing._sagas import (
+    RawCommand,
+    RawEvent,
+    SagaTestKit,
+    ScriptedParticipant,
+    SentCommand,
+)
 from atoll.testing._transport_kit import Recorder, TransportConformance
 from atoll.testing._waiting import wait_until
 
@@ -24,7 +31,12 @@ __all__ = [
     "EventStoreConformance",
     "ExactlyOnceCrashConformance",
     "InProcessCrashConformance",
+    "RawCommand",
+    "RawEvent",
     "Recorder",
+    "SagaTestKit",
+    "ScriptedParticipant",
+    "SentCommand",
     "SimulatedCrash",
     "TcpProxy",
     "TransportConformance",
