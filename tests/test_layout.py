@@ -11,3 +11,13 @@ def test_test_modules_have_unique_names():
 
 def test_every_package_ships_its_type_marker():
     assert (Path(__file__).parents[1] / "src" / "atoll" / "py.typed").exists()
+
+
+def test_no_test_imports_from_conftest():
+    # Several conftest.py files exist; `from conftest import` picks whichever came first.
+    offenders = [
+        p.name
+        for p in Path(__file__).parent.rglob("*.py")
+        if "from conftest import" in p.read_text() or "import conftest" in p.read_text()
+    ]
+    assert not offenders

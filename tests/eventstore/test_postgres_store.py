@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 
 import asyncpg
 import msgspec
 import pytest
-from conftest import PG_URL
 
 from atoll.determinism import RandomSource, SystemClock
 from atoll.eventstore import NO_STREAM, START, EventData, PostgresEventStore
@@ -18,6 +18,7 @@ from atoll.testing import EventStoreConformance
 from atoll.testing._eventstore_kit import read_everything, settle
 
 pytestmark = pytest.mark.postgres
+PG_URL = os.environ.get("ATOLL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 class TestPostgresEventStore(EventStoreConformance):

@@ -114,6 +114,7 @@ class BufferedUnitOfWork(UnitOfWork):
         key: str | None,
         body: bytes,
         deliver_at: float | None = None,
+        traceparent: str | None = None,
     ) -> None:
         self._outgoing.append(
             {
@@ -122,6 +123,7 @@ class BufferedUnitOfWork(UnitOfWork):
                 "key": key,
                 "body": body,
                 "deliver_at": deliver_at,
+                "traceparent": traceparent,
             }
         )
 
