@@ -53,7 +53,7 @@ _RECOVERING, _ACTIVE, _RELEASING = "recovering", "active", "releasing"
 PULL_BATCH = 256
 #: Pull expiry while taking over (short, so the takeover check runs often) and after
 #: (at most half the ack wait, see :meth:`NatsConsumer._refill`).
-RECOVERY_PULL = 0.25
+RECOVERY_PULL = 0.05
 ACTIVE_PULL = 5.0
 #: Settled sequence numbers remembered per partition, to re-ack a redelivery at once.
 SETTLED_MEMORY = 4096
@@ -69,7 +69,9 @@ class _Entry:
     body: bytes
     subject: str
     reply: str
-    delivered: int
+    #: The attempt this entry is handed out as, and the server's delivery count.
+    attempt: int
+    server: int
     touched: float
     state: int = _HELD
     due: float = 0.0
@@ -100,6 +102,9 @@ class _Partition:
     closed: bool = False
     #: The highest stream sequence delivered before this member took the partition over.
     delivered_before: int = 0
+    #: Deliveries that were not attempts, by stream sequence, from the previous owner's
+    #: handoff note (messages it held, then put back untried).
+    offsets: dict[int, int] = field(default_factory=dict)
 
     def remember(self, seq: int) -> None:
         self.settled[seq] = None
@@ -415,6 +420,14 @@ class NatsConsumer:
                 t._sub.api(f"STREAM.MSG.DELETE.{t.names.coord_stream}", {"seq": p.lease_seq})
             )
             return
+        try:
+            note = await t._sub.direct_get(
+                t.names.meta_stream, t.names.handoff_subject(self._gtok, index)
+            )
+            if note is not None:
+                p.offsets = {int(k): int(v) for k, v in json.loads(note.data).items()}
+        except Exception as exc:
+            self._log(f"reading the handoff note of partition {index}", exc)
         self._partitions[index] = p
         try:
             nc = t._sub.client()
@@ -479,7 +492,12 @@ class NatsConsumer:
         await _quietly(self._t._sub.api(f"CONSUMER.INFO.{self._t.names.stream}.{p.consumer}"))
         await p.idle.wait()
         nc = self._t._sub.nc
+        note: dict[str, int] = {}
         for entry in list(p.entries.values()):
+            # The next delivery is one more for the server; say which attempt it is.
+            upcoming = entry.attempt + (1 if entry.state == _WAITING else 0)
+            if entry.server + 1 != upcoming:
+                note[str(entry.seq)] = entry.server + 1 - upcoming
             if entry.state == _HELD and nc is not None:
                 await _quietly(nc.publish(entry.reply, b"-NAK"))
         p.entries.clear()
@@ -487,6 +505,13 @@ class NatsConsumer:
         if self._partitions.get(p.index) is p:
             del self._partitions[p.index]
         if delete:
+            # The handoff note goes before the lease: the next owner reads it on taking over.
+            await _quietly(
+                self._t._sub.store(
+                    self._t.names.handoff_subject(self._gtok, p.index),
+                    json.dumps(note).encode(),
+                )
+            )
             await _quietly(
                 self._t._sub.api(
                     f"STREAM.MSG.DELETE.{self._t.names.coord_stream}", {"seq": p.lease_seq}
@@ -570,30 +595,40 @@ class NatsConsumer:
                 await self._refill(p)
 
     def _store(self, p: _Partition, msg: Msg, seq: int, delivered: int) -> None:
+        """Record a delivery; work out which attempt it is.
+
+        The server's count includes deliveries that were no attempt: messages a member
+        held behind their key and put back when it let the partition go (its handoff
+        note says how many), and those a dead member held. nats-server 2.9 can also
+        under-count after a member died (it takes back the count of a redelivery it
+        tried on a pull nobody listened to any more).
+        """
         now = self._t.clock.monotonic()
         entry = p.entries.get(seq)
         if entry is not None:
-            # Back from a retry's delay (a new attempt), or the ack timer ran out while it
-            # was held or in flight (not an attempt).
             entry.reply = msg.reply
             entry.touched = now
-            if entry.state == _WAITING:
+            entry.server = delivered
+            if entry.state == _WAITING:  # back from a retry's delay: the next attempt
                 entry.state = _HELD
                 entry.due = 0.0
-                entry.delivered = max(delivered, entry.delivered + 1)
-            return
-        if seq <= p.delivered_before:
-            # Delivered to the previous owner, which died or let go: this is at least the
-            # second attempt. (nats-server 2.9 can report 1 here: it takes back the count
-            # of a redelivery it tried on a pull whose requester was gone.)
-            delivered = max(delivered, 2)
-        p.entries[seq] = self._entry(p, msg, seq, delivered, now)
+                entry.attempt += 1
+            return  # else the ack timer ran out while it was held or in flight
+        if seq in p.offsets:
+            attempt = max(1, delivered - p.offsets[seq])
+        elif seq <= p.delivered_before:
+            attempt = max(delivered, 2)  # delivered to the previous owner, which died
+        else:
+            attempt = delivered
+        p.entries[seq] = self._entry(p, msg, seq, attempt, delivered, now)
         if seq < p.max_seq:
             p.ordered = False
         else:
             p.max_seq = seq
 
-    def _entry(self, p: _Partition, msg: Msg, seq: int, delivered: int, now: float) -> _Entry:
+    def _entry(  # noqa: PLR0917 - private, called from one place
+        self, p: _Partition, msg: Msg, seq: int, attempt: int, server: int, now: float
+    ) -> _Entry:
         headers = msg.headers or {}
         topic = headers.get("Atoll-Topic")
         message_id = headers.get("Atoll-Id") or headers.get("Nats-Msg-Id")
@@ -613,7 +648,8 @@ class NatsConsumer:
             body=msg.data,
             subject=msg.subject,
             reply=msg.reply,
-            delivered=delivered,
+            attempt=attempt,
+            server=server,
             touched=now,
         )
 
@@ -683,7 +719,7 @@ class NatsConsumer:
                 e = p.entries[seq]
                 e.state = _IN_FLIGHT
                 batch.append(
-                    Delivery(self.group, e.topic, e.message_id, e.key, e.body, e.delivered, e)
+                    Delivery(self.group, e.topic, e.message_id, e.key, e.body, e.attempt, e)
                 )
             if chosen:
                 p.in_flight += len(chosen)
@@ -713,12 +749,12 @@ class NatsConsumer:
                 # Put back untried (held behind its key's failure, or a busy database):
                 # no server round trip, so it does not count as a delivery.
                 entry.due = now + (outcome.delay or 0.0)
-            elif entry.delivered >= self._policy.max_attempts:
+            elif entry.attempt >= self._policy.max_attempts:
                 parks.append((entry, outcome.error))
             else:
                 delay = outcome.delay
                 if delay is None:
-                    delay = self._policy.backoff(entry.delivered, self._t._random.random())
+                    delay = self._policy.backoff(entry.attempt, self._t._random.random())
                 entry.state = _WAITING
                 await self._nak(entry, delay)
         if parks:
@@ -755,7 +791,7 @@ class NatsConsumer:
             "Atoll-Topic": header_value(entry.topic),
             "Atoll-Id": header_value(entry.message_id),
             "Atoll-Reason": header_value(reason),
-            "Atoll-Attempts": str(entry.delivered),
+            "Atoll-Attempts": str(entry.attempt),
             "Atoll-Dead-At": repr(t.clock.time()),
             "Atoll-Subject": entry.subject,
         }
@@ -772,7 +808,7 @@ class NatsConsumer:
             "group %s: message %s parked in dead letters after %d attempt(s): %s",
             self.group,
             entry.message_id,
-            entry.delivered,
+            entry.attempt,
             reason,
         )
         await self._ack(entry)

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +40,10 @@ class NatsApiError(TransportError):
 
 class AuthenticationError(TransportError):
     """The server refused the credentials."""
+
+
+class TlsError(TransportError):
+    """The TLS handshake failed (an unknown CA, a wrong certificate or key)."""
 
 
 def _is_auth_error(exc: BaseException) -> bool:
@@ -125,13 +130,14 @@ class Link:
     async def open_once(self, timeout: float) -> None:
         """Connect once, or raise :class:`TransportUnavailableError` (or an auth error)."""
         s = self.settings
+        attempt_timeout = max(0.5, min(timeout, 5.0))
         options: dict[str, Any] = {
             "servers": [s.server],
             "name": self.name,
-            "connect_timeout": max(0.5, min(timeout, 5.0)),
-            "allow_reconnect": True,
-            # Tries on the first connect (the caller retries with its own backoff);
-            # raised to "forever" below once connected, for a reconnecting link.
+            "connect_timeout": attempt_timeout,
+            # One attempt: the caller retries with its own backoff and one log line.
+            # Reconnecting is switched on below, once connected, for a reconnecting link.
+            "allow_reconnect": False,
             "max_reconnect_attempts": 1,
             "reconnect_time_wait": 0.05,
             "ping_interval": 5,
@@ -149,32 +155,41 @@ class Link:
         nc = Client()
         self._connecting = nc
         try:
-            await nc.connect(**options)
+            # nats-py can hang in a failed TLS handshake: bound the whole attempt.
+            async with asyncio.timeout(attempt_timeout * 2 + 1):
+                await nc.connect(**options)
         except Exception as exc:
             _drop_failed_socket(nc)
-            cause = self._cause(exc)
-            if _is_auth_error(cause):
-                raise AuthenticationError(
-                    f"NATS at {s.display} refused the connection: authorization failed"
-                    f" (authenticated with {s.auth_method()}); check the user and password,"
-                    " token or credentials file"
-                ) from None
-            if isinstance(cause, TransportError):
-                raise
-            raise TransportUnavailableError(
-                f"cannot reach NATS at {s.display} (tried {s.server}: {describe(cause)})"
-            ) from None
+            raise self._connect_error(self._cause(exc)) from None
         finally:
             self._connecting = None
         if self._reconnect:
+            nc.options["allow_reconnect"] = True
             nc.options["max_reconnect_attempts"] = -1
             nc.options["reconnect_time_wait"] = 0.25
-        else:
-            nc.options["allow_reconnect"] = False
         self.nc = nc
         self._ack_inbox = nc.new_inbox()
         await nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
         self._logged = None
+
+    def _connect_error(self, cause: BaseException) -> TransportError:
+        s = self.settings
+        if _is_auth_error(cause):
+            return AuthenticationError(
+                f"NATS at {s.display} refused the connection: authorization failed"
+                f" (authenticated with {s.auth_method()}); check the user and password,"
+                " token or credentials file"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return TlsError(
+                f"TLS with NATS at {s.display} failed: {describe(cause)}; check tls_ca"
+                " (the CA that signed the server's certificate), tls_cert and tls_key"
+            )
+        if isinstance(cause, TransportError):
+            return cause
+        return TransportUnavailableError(
+            f"cannot reach NATS at {s.display} (tried {s.server}: {describe(cause)})"
+        )
 
     def _cause(self, exc: BaseException) -> BaseException:
         # nats-py reports "no servers" at the end; the error callback saw the real cause.
@@ -194,8 +209,8 @@ class Link:
             remaining = deadline - self._clock.monotonic()
             try:
                 await self.open_once(max(0.5, remaining))
-            except AuthenticationError:
-                raise
+            except (AuthenticationError, TlsError):
+                raise  # retrying cannot help
             except TransportUnavailableError as exc:
                 attempt += 1
                 if self._clock.monotonic() >= deadline:

@@ -60,7 +60,8 @@ class Names:
       each group has one durable pull consumer per partition, ``<group>_<partition>``.
     * ``ATOLL_<ns>_DLQ`` holds dead letters on ``atoll.<ns>.dlq.<group>``.
     * ``ATOLL_<ns>_META`` holds subscriptions (``atoll.<ns>.meta.sub.<topic>``, the
-      groups of a topic) and the namespace's settings (``atoll.<ns>.meta.config``).
+      groups of a topic), the namespace's settings (``atoll.<ns>.meta.config``) and
+      handoff notes (``atoll.<ns>.meta.h.<group>.<partition>``).
     * ``ATOLL_<ns>_COORD`` holds members and partition leases,
       ``atoll.<ns>.c.<group>.m.<member>`` and ``atoll.<ns>.c.<group>.l.<partition>``;
       its ``max_age`` is the lease time, so a lease nobody renews disappears.
@@ -98,6 +99,10 @@ class Names:
     def subscription_subject(self, topic: str) -> str:
         """Where the groups subscribed to ``topic`` are recorded."""
         return f"{self.prefix}.meta.sub.{token(topic)}"
+
+    def handoff_subject(self, group_token: str, partition: int) -> str:
+        """What the last owner of a partition left for the next: attempts not to count."""
+        return f"{self.prefix}.meta.h.{group_token}.{partition}"
 
     def coord_filter(self, group_token: str) -> str:
         """Every member and lease of a group."""
