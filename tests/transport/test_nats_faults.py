@@ -13,7 +13,7 @@ import pytest
 
 from atoll.persistence import SQLiteDatabase
 from atoll.service import ServiceRuntime
-from atoll.testing import Recorder, wait_until
+from atoll.testing import Recorder, TcpProxy, wait_until
 from atoll.testing._crash_kit import check_exactly_once, effects_done
 from atoll.testing._crash_system import consumer, produce, producer
 from atoll.testing._transport_kit import message, number
@@ -462,3 +462,25 @@ async def test_a_member_taking_over_a_key_with_a_retry_pending_keeps_its_order(n
         assert [(number(d), d.attempt) for d in taking_over.acked] == [(1, 2), (2, 1), (3, 1)]
     finally:
         await transport.close()
+
+
+async def test_stopping_while_the_broker_is_unreachable_is_quick(namespaces):
+    namespaces.append(new_namespace())
+    proxy = TcpProxy("127.0.0.1", 4222)
+    await proxy.start()
+    transport = NatsTransport.from_url(
+        nats_url(namespaces[0], base=f"nats://127.0.0.1:{proxy.port}")
+    )
+    try:
+        await transport.connect()
+        recorder = Recorder()
+        consumer_ = await transport.subscribe("g", ["t"], recorder)
+        await transport.publish([message("t", 1)])
+        await wait_until(lambda: len(recorder.acked) == 1, what="a delivery")
+        proxy.block()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(consumer_.stop(), 10)
+        await asyncio.wait_for(transport.close(), 10)
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        await proxy.close()

@@ -230,9 +230,13 @@ class NatsConsumer:
     async def _leave(self) -> None:
         link = self._t._sub
         names = self._t.names
-        if self._member_seq:
+        if self._member_seq and link.connected:
             await _quietly(
-                link.api(f"STREAM.MSG.DELETE.{names.coord_stream}", {"seq": self._member_seq})
+                link.api(
+                    f"STREAM.MSG.DELETE.{names.coord_stream}",
+                    {"seq": self._member_seq},
+                    idempotent=False,
+                )
             )
         await self._hint()
         if self._hint_sub is not None:
@@ -478,20 +482,18 @@ class NatsConsumer:
             return
         p.mode = _RELEASING
         sub, p.sub = p.sub, None
+        link = self._t._sub
         if sub is not None:
-            try:
-                # The server drops the waiting pull once nobody listens; what it already
-                # sent still arrives (and is put back below).
-                async with asyncio.timeout(2.0):
-                    await sub.drain()  # type: ignore[no-untyped-call]
-            except Exception:
-                await _quietly(sub.unsubscribe())
+            await _stop_listening(sub, drain=link.connected)
         self._close_pull(p)
-        # Asking for the consumer's state makes the server drop the pull nobody listens
-        # to any more (see _refill) before anything is delivered to it.
-        await _quietly(self._t._sub.api(f"CONSUMER.INFO.{self._t.names.stream}.{p.consumer}"))
+        if link.connected:
+            # Asking for the consumer's state makes the server drop the pull nobody
+            # listens to any more (see _refill) before anything is delivered to it.
+            await _quietly(
+                link.api(f"CONSUMER.INFO.{self._t.names.stream}.{p.consumer}", idempotent=False)
+            )
         await p.idle.wait()
-        nc = self._t._sub.nc
+        nc = link.nc
         note: dict[str, int] = {}
         for entry in list(p.entries.values()):
             # The next delivery is one more for the server; say which attempt it is.
@@ -499,22 +501,28 @@ class NatsConsumer:
             if entry.server + 1 != upcoming:
                 note[str(entry.seq)] = entry.server + 1 - upcoming
             if entry.state == _HELD and nc is not None:
+                # Buffered while disconnected and sent on reconnecting; if it is lost,
+                # the ack wait brings the message back all the same.
                 await _quietly(nc.publish(entry.reply, b"-NAK"))
         p.entries.clear()
         p.closed = True
         if self._partitions.get(p.index) is p:
             del self._partitions[p.index]
-        if delete:
-            # The handoff note goes before the lease: the next owner reads it on taking over.
+        if delete and link.connected:
+            # The handoff note goes before the lease: the next owner reads it on taking
+            # over. (Offline, the lease just expires and the next owner counts one
+            # attempt too many for what was held here.)
             await _quietly(
-                self._t._sub.store(
+                link.store(
                     self._t.names.handoff_subject(self._gtok, p.index),
                     json.dumps(note).encode(),
                 )
             )
             await _quietly(
-                self._t._sub.api(
-                    f"STREAM.MSG.DELETE.{self._t.names.coord_stream}", {"seq": p.lease_seq}
+                link.api(
+                    f"STREAM.MSG.DELETE.{self._t.names.coord_stream}",
+                    {"seq": p.lease_seq},
+                    idempotent=False,
                 )
             )
         await self._hint()
@@ -835,6 +843,23 @@ class NatsConsumer:
                     self._close_pull(p)
                 if not p.pull_open:
                     await self._refill(p)
+
+
+async def _stop_listening(sub: Subscription, *, drain: bool) -> None:
+    """Unsubscribe; with ``drain``, first take what the server already sent.
+
+    The server drops the waiting pull once nobody listens to its inbox. Offline there
+    is nothing to drain from.
+    """
+    if drain:
+        try:
+            async with asyncio.timeout(2.0):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            log.debug("draining a pull subscription failed: %s", exc)
+        else:
+            return
+    await _quietly(sub.unsubscribe())
 
 
 async def _quietly(awaitable: Coroutine[Any, Any, Any]) -> None:

@@ -210,21 +210,24 @@ def _credentials(
     """(user, password, token, creds file) from the URL, files it names, or the environment."""
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
-    token: str | None = None
-    if user is not None and password is None:
-        token, user = user, None  # NATS convention: a lone user part is a token
     password_file = take_option(options, "password_file", str, "", shown)
     token_file = take_option(options, "token_file", str, "", shown)
     creds = take_option(options, "creds", str, "", shown) or env.get(ENV_CREDS) or None
-    if password is None and password_file:
-        password = _read_secret(password_file, "password_file", shown)
+    if user is not None and password is None:
+        if password_file:
+            password = _read_secret(password_file, "password_file", shown)
+        elif env.get(ENV_PASSWORD):
+            password = env[ENV_PASSWORD]
+    token: str | None = None
+    if user is not None and password is None:
+        token, user = user, None  # NATS convention: a user part alone is a token
     if token is None and token_file:
         token = _read_secret(token_file, "token_file", shown)
     if user is None and token is None and creds is None:
         user = env.get(ENV_USER) or None
-        if user is not None and password is None:
+        if user is not None:
             password = env.get(ENV_PASSWORD)
-        elif user is None:
+        else:
             token = env.get(ENV_TOKEN) or None
     return user, password, token, creds
 
