@@ -100,8 +100,9 @@ class _Partition:
     pull_retry_at: float = 0.0
     pull_done: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
-    #: The highest stream sequence delivered before this member took the partition over.
-    delivered_before: int = 0
+    #: The highest stream sequence delivered before this member took the partition over
+    #: (``None`` until the first look at the consumer's state).
+    delivered_before: int | None = None
     #: Deliveries that were not attempts, by stream sequence, from the previous owner's
     #: handoff note (messages it held, then put back untried).
     offsets: dict[int, int] = field(default_factory=dict)
@@ -191,6 +192,8 @@ class NatsConsumer:
         self._stopping = True
         self._wake.set()
         self._tick_now.set()
+        for p in self._partitions.values():
+            p.pull_done.set()  # a takeover in progress gives up at once
         try:
             # The batch in hand is handled and settled; a tick in progress finishes.
             for task in (self._runner, self._coordinator):
@@ -461,7 +464,7 @@ class NatsConsumer:
                 continue
             if p.mode != _RECOVERING:
                 return
-            if not p.delivered_before:
+            if p.delivered_before is None:
                 p.delivered_before = int(info.get("delivered", {}).get("stream_seq", 0))
             if not p.pull_open and info["num_ack_pending"] == known and info["num_waiting"] == 0:
                 p.mode = _ACTIVE
@@ -624,7 +627,7 @@ class NatsConsumer:
             return  # else the ack timer ran out while it was held or in flight
         if seq in p.offsets:
             attempt = max(1, delivered - p.offsets[seq])
-        elif seq <= p.delivered_before:
+        elif p.delivered_before is not None and seq <= p.delivered_before:
             attempt = max(delivered, 2)  # delivered to the previous owner, which died
         else:
             attempt = delivered
@@ -700,7 +703,13 @@ class NatsConsumer:
 
     def _claim(self) -> tuple[list[Delivery], float | None]:
         now = self._t.clock.monotonic()
-        parts = [p for p in self._partitions.values() if p.mode == _ACTIVE and p.entries]
+        # A lease that may have expired (the coordinator could not renew it in time)
+        # hands out nothing more, even before the coordinator lets the partition go.
+        parts = [
+            p
+            for p in self._partitions.values()
+            if p.mode == _ACTIVE and p.entries and p.valid_until > now
+        ]
         if not parts:
             return [], None
         self._rotation = (self._rotation + 1) % len(parts)
