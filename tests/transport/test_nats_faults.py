@@ -484,3 +484,71 @@ async def test_stopping_while_the_broker_is_unreachable_is_quick(namespaces):
         assert asyncio.get_running_loop().time() - started < 5
     finally:
         await proxy.close()
+
+
+async def test_a_member_cut_off_longer_than_its_lease_gives_way_without_breaking_order(
+    namespaces,
+):
+    namespaces.append(new_namespace())
+    proxy = TcpProxy("127.0.0.1", 4222)
+    await proxy.start()
+    cut_off = NatsTransport.from_url(nats_url(namespaces[0], base=f"nats://127.0.0.1:{proxy.port}"))
+    direct = NatsTransport.from_url(nats_url(namespaces[0]))
+    first: dict[str, object] = {}  # message id -> (member, number): first handling, as an inbox
+    order: dict[str, list[int]] = defaultdict(list)
+    in_flight: dict[str, int] = defaultdict(int)
+    violations: list[str] = []
+
+    def member(name):
+        async def handler(batch):
+            keys = {d.key for d in batch}
+            for key in keys:
+                in_flight[key] += 1
+                if in_flight[key] > 1:
+                    violations.append(key)
+            await asyncio.sleep(0.003)
+            for key in keys:
+                in_flight[key] -= 1
+            for d in batch:
+                if d.message_id not in first:
+                    first[d.message_id] = name
+                    order[d.key].append(number(d))
+            return [Ack() for _ in batch]
+
+        return handler
+
+    try:
+        await cut_off.connect()
+        await direct.connect()
+        await cut_off.subscribe("g", ["t"], member("cut-off"), max_batch=8)
+        await direct.subscribe("g", ["t"], member("direct"), max_batch=8)
+        sent = 0
+        for _ in range(3):
+            await direct.publish(
+                [message("t", n, key=f"k{n % 12}") for n in range(sent, sent + 50)]
+            )
+            sent += 50
+        await wait_until(lambda: len(first) == sent, what="the first messages")
+        assert set(first.values()) == {"cut-off", "direct"}, "the partitions were not shared"
+        proxy.block()
+        for _ in range(20):  # 3 s of traffic, longer than the 2 s lease
+            await direct.publish(
+                [message("t", n, key=f"k{n % 12}") for n in range(sent, sent + 20)]
+            )
+            sent += 20
+            await asyncio.sleep(0.15)
+        await wait_until(lambda: len(first) == sent, timeout=20, what="all, by the direct member")
+        proxy.unblock()
+        for _ in range(3):
+            await direct.publish(
+                [message("t", n, key=f"k{n % 12}") for n in range(sent, sent + 50)]
+            )
+            sent += 50
+        await wait_until(lambda: len(first) == sent, timeout=20, what="all after the cut")
+        assert not violations, f"keys in flight twice: {violations[:5]}"
+        for key, numbers in order.items():
+            assert numbers == sorted(numbers), f"{key} out of order: {numbers}"
+    finally:
+        await direct.close()
+        await cut_off.close()
+        await proxy.close()
