@@ -113,7 +113,7 @@ async def atoll_publish_and_consume(url: str, count: int) -> tuple[float, float]
 
         start = time.perf_counter()
         await transport.subscribe("g", ["service.g"], handler, max_batch=100)
-        await done.wait()
+        await asyncio.wait_for(done.wait(), 300)
         consume_rate = count / (time.perf_counter() - start)
     finally:
         await transport.close()
@@ -210,16 +210,17 @@ async def faststream_consume(url: str, count: int, *, pull: bool, db: Path | Non
         if seen >= count:
             done.set()
 
-    start = time.perf_counter()
-    await broker.start()
-    await done.wait()
-    rate = count / (time.perf_counter() - start)
-    await broker.stop()
-    if database is not None:
-        await database.close()
-    await nc.close()
-    await drop(url, [stream])
-    return rate
+    try:
+        start = time.perf_counter()
+        await broker.start()
+        await asyncio.wait_for(done.wait(), 300)
+        return count / (time.perf_counter() - start)
+    finally:
+        await broker.stop()
+        if database is not None:
+            await database.close()
+        await nc.close()
+        await drop(url, [stream])
 
 
 # -- driver -------------------------------------------------------------------------------
