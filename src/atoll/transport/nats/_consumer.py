@@ -398,10 +398,20 @@ class NatsConsumer:
                 self._spawn(self._let_go(p, delete=False))
                 return
             raise
+        p.lease_seq = int(ack["seq"])
         if p.mode != _RELEASING:
-            p.lease_seq = int(ack["seq"])
             p.renewed_at = sent
             p.valid_until = self._valid_until(sent)
+        elif p.closed:
+            # Renewed while being given back, after the lease was deleted: delete the
+            # renewal too, or the next owner waits for it to expire.
+            await _quietly(
+                self._t._sub.api(
+                    f"STREAM.MSG.DELETE.{self._t.names.coord_stream}",
+                    {"seq": p.lease_seq},
+                    idempotent=False,
+                )
+            )
 
     async def _acquire(self, index: int) -> None:
         t = self._t
