@@ -23,6 +23,7 @@ class Shop:
         }
         self.collector_port = free_port()
         self.traces = f"http://127.0.0.1:{self.collector_port}"
+        self.payments = f"http://127.0.0.1:{self.ports['payments']}"
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
         self.inventory = f"http://127.0.0.1:{self.ports['inventory']}"
         self.process: subprocess.Popen[str] | None = None
@@ -90,6 +91,10 @@ async def final(client, shop, order_id):
     return result
 
 
+async def stock_is(client, shop, sku, expected):
+    return await stock(client, shop, sku) == expected
+
+
 async def stock(client, shop, sku):
     return (await client.get(f"{shop.inventory}/stock/{sku}")).json()["available"]
 
@@ -109,7 +114,22 @@ async def trace_of(client, shop, order_id, services):
                 return True
         return False
 
-    await wait_until(arrived, timeout=30, interval=0.5, what=f"the trace of order {order_id}")
+    try:
+        await wait_until(arrived, timeout=30, interval=0.5, what=f"the trace of order {order_id}")
+    except AssertionError:
+        listing = await client.get(
+            f"{shop.traces}/api/traces", params={"attr": f"order.id={order_id}"}
+        )
+        seen = [
+            {
+                span["service"]
+                for span in (await client.get(f"{shop.traces}/api/traces/{t['trace_id']}")).json()[
+                    "spans"
+                ]
+            }
+            for t in listing.json()["traces"]
+        ]
+        raise AssertionError(f"traces of order {order_id} hold services {seen}") from None
     return found
 
 
@@ -130,10 +150,14 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
             assert confirmed["total_cents"] == 150
             assert confirmed["priced_from_fallback"] is False
             # One trace follows the order through every service it touched.
-            trace = await trace_of(client, shop, confirmed_id, {"orders", "inventory", "catalog"})
+            everyone = {"orders", "inventory", "catalog", "payments", "shipping"}
+            trace = await trace_of(client, shop, confirmed_id, everyone)
             names = {span["name"] for span in trace["spans"]}
             assert "process inventory.ReserveStock" in names
-            assert "process inventory.StockReserved" in names
+            assert "process payments.CapturePayment" in names
+            # The saga's steps are in the trace too.
+            assert "saga place-order: started" in names
+            assert any(n.startswith("saga place-order: reply") for n in names)
             # The order-history projection answers a customer's orders.
             history = []
 
@@ -165,13 +189,40 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
 
             # 30 concurrent orders for the 20 boxes of cherries: exactly 20 succeed.
             ids = await asyncio.gather(
-                *(order(client, shop, [{"sku": "cherry", "qty": 1}], f"c{i}") for i in range(30))
+                *(
+                    order(client, shop, [{"sku": "cherry", "qty": 1}], f"c{1 + i % 3}")
+                    for i in range(30)
+                )
             )
             outcomes = await asyncio.gather(*(final(client, shop, i) for i in ids))
             statuses = sorted(o["status"] for o in outcomes)
             assert statuses.count("CONFIRMED") == 20
             assert statuses.count("REJECTED") == 10
             assert await stock(client, shop, "cherry") == 0
+
+            # Each failing step shows its compensation path.
+            poor = await final(
+                client, shop, await order(client, shop, [{"sku": "banana", "qty": 5}], "poor")
+            )
+            assert poor["status"] == "REJECTED"
+            assert "insufficient funds" in poor["reason"]
+            refused = await final(
+                client, shop, await order(client, shop, [{"sku": "durian", "qty": 1}])
+            )
+            assert refused["status"] == "REJECTED"
+            assert "carrier refuses" in refused["reason"]
+            await wait_until(
+                lambda: stock_is(client, shop, "durian", 2), what="durian back in stock"
+            )
+            assert await stock(client, shop, "banana") == 50, "a rejected order kept stock"
+            payment = (await client.get(f"{shop.payments}/payments/{refused['order_id']}")).json()
+            assert payment["status"] == "VOIDED"
+            checks = (await client.get(f"{shop.payments}/admin/invariants")).json()
+            assert checks["conserved"]
+            assert checks["no_negative_balance"]
+            sagas = (await client.get(f"{shop.orders}/atoll/sagas")).json()
+            states = {s["state"] for s in sagas}
+            assert states <= {"COMPLETED", "COMPENSATED"}, states
 
             invalid = await client.post(
                 f"{shop.orders}/orders",
@@ -258,6 +309,12 @@ def test_memory_transport_without_single_process_is_refused_clearly(tmp_path):
 BROKERS = [
     pytest.param(None, "", id="postgresql+embedded"),
     pytest.param(
+        "production",
+        "nats://127.0.0.1:4222?namespace={ns}",
+        id="postgresql+nats",
+        marks=pytest.mark.nats,
+    ),
+    pytest.param(
         "redis",
         "redis://127.0.0.1:6379/0?namespace={ns}",
         id="postgresql+redis",
@@ -273,7 +330,11 @@ BROKERS = [
 
 
 async def _forget_broker_state(profile, namespace):
-    if profile == "redis":
+    if profile == "production":
+        from nats_support import drop_namespaces  # noqa: PLC0415
+
+        await drop_namespaces([namespace])
+    elif profile == "redis":
         from transport.redis_support import delete_namespace  # noqa: PLC0415
 
         delete_namespace(namespace)
@@ -321,7 +382,10 @@ async def test_the_shop_runs_unchanged_on_postgresql_and_each_broker(tmp_path, p
             )
             assert rejected["status"] == "REJECTED"
             ids = await asyncio.gather(
-                *(order(client, shop, [{"sku": "cherry", "qty": 3}], f"c{i}") for i in range(10))
+                *(
+                    order(client, shop, [{"sku": "cherry", "qty": 3}], f"c{1 + i % 3}")
+                    for i in range(10)
+                )
             )
             outcomes = [
                 o["status"] for o in await asyncio.gather(*(final(client, shop, i) for i in ids))
@@ -362,9 +426,9 @@ async def test_the_catalog_breaker_opens_and_closes_while_orders_keep_coming(tmp
             faulty = await client.put(f"{catalog}/admin/faults", json={"error_rate": 1.0})
             assert faulty.json() == {"latency_ms": 0, "error_rate": 1.0}
             fallbacks = []
-            for i in range(4):
+            for _ in range(4):
                 placed = await final(
-                    client, shop, await order(client, shop, [{"sku": "apple", "qty": 1}], f"f{i}")
+                    client, shop, await order(client, shop, [{"sku": "apple", "qty": 1}], "c2")
                 )
                 fallbacks.append(placed)
             assert all(o["priced_from_fallback"] for o in fallbacks)

@@ -1,27 +1,53 @@
 """orders: the shop's public API. Orders are event-sourced (the ``Order`` aggregate);
-their history per customer is a projection."""
+their history per customer is a projection; placing one runs the ``place-order`` saga:
+
+reserve stock -> authorize payment -> schedule shipment -> capture payment and commit
+stock (together) -> the order is CONFIRMED. A failure at any step compensates what was
+done, in reverse order (cancel the shipment, void the payment, release the stock), and
+the order ends REJECTED with the reason.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 import httpx
+import msgspec
 from fastapi import Header, HTTPException, Response
 from pydantic import BaseModel, Field
 
-from atoll import Context, Service
+from atoll import Service
 from atoll.eventstore import Aggregate, EventRecord, Projection, Transaction, applies, on
 from atoll.observability import annotate
 from atoll.resilience import HTTP, Fallback, ResilienceError
+from atoll.sagas import Parallel, Retry, Saga, SagaContext, SagaEngine, Send, Step
 from shop.messages import (
+    AuthorizePayment,
+    CancelShipment,
+    CapturePayment,
+    CommitStock,
     LineItem,
     OrderConfirmed,
     OrderPlaced,
     OrderRejected,
+    PaymentAuthorized,
+    PaymentCaptured,
+    PaymentDeclined,
+    PaymentRefunded,
+    PaymentVoided,
     PricedItem,
+    RefundPayment,
+    ReleaseStock,
     ReserveStock,
+    ScheduleShipment,
+    ShipmentCancelled,
+    ShipmentFailed,
+    ShipmentScheduled,
+    StockCommitted,
     StockRejected,
+    StockReleased,
     StockReserved,
+    VoidPayment,
 )
 
 OrderStatus = Literal["NEW", "PENDING", "CONFIRMED", "REJECTED"]
@@ -159,6 +185,150 @@ orders = service.repository(Order)
 service.projection(OrderHistory())
 
 
+# -- the place-order saga -----------------------------------------------------------------
+
+
+class PlaceOrderData(msgspec.Struct):
+    """What the saga carries from step to step."""
+
+    order_id: str
+    customer_id: str
+    items: list[LineItem]
+    amount_cents: int
+    reason: str | None = None
+
+
+def _note_reason(data: PlaceOrderData, reply: Any) -> None:
+    """A participant's refusal becomes the order's reason for being rejected."""
+    reason = getattr(reply, "reason", None)
+    if reason:
+        data.reason = reason
+
+
+async def _confirmed(saga: SagaContext[PlaceOrderData]) -> None:
+    order = await orders.load(saga.data.order_id, tx=saga.ctx)
+    order.confirm()
+    await orders.save(order, saga.ctx)
+
+
+async def _rejected(saga: SagaContext[PlaceOrderData]) -> None:
+    order = await orders.load(saga.data.order_id, tx=saga.ctx)
+    order.reject(saga.data.reason or "the order could not be completed in time")
+    await orders.save(order, saga.ctx)
+
+
+#: Each participant gets three tries 30 s apart before a step counts as failed;
+#: compensations keep trying longer, then wait for an operator (COMPENSATION_FAILED).
+_TIMEOUT = 30.0
+_TRIES = Retry(attempts=3, backoff=1.0)
+_UNDO_TRIES = Retry(attempts=10, backoff=1.0, max_backoff=60.0)
+
+place_order_saga: Saga[PlaceOrderData] = Saga(
+    "place-order",
+    PlaceOrderData,
+    version=1,
+    timeout=600.0,
+    steps=[
+        Step(
+            "reserve-stock",
+            Send(
+                "inventory",
+                lambda d: ReserveStock(order_id=d.order_id, items=d.items),
+                success=StockReserved,
+                failure=StockRejected,
+                on_reply=_note_reason,
+                timeout=_TIMEOUT,
+                retry=_TRIES,
+            ),
+            compensation=Send(
+                "inventory",
+                lambda d: ReleaseStock(order_id=d.order_id),
+                success=StockReleased,
+                timeout=_TIMEOUT,
+                retry=_UNDO_TRIES,
+            ),
+        ),
+        Step(
+            "authorize-payment",
+            Send(
+                "payments",
+                lambda d: AuthorizePayment(
+                    order_id=d.order_id, customer_id=d.customer_id, amount_cents=d.amount_cents
+                ),
+                success=PaymentAuthorized,
+                failure=PaymentDeclined,
+                on_reply=_note_reason,
+                timeout=_TIMEOUT,
+                retry=_TRIES,
+            ),
+            compensation=Send(
+                "payments",
+                lambda d: VoidPayment(order_id=d.order_id),
+                success=PaymentVoided,
+                timeout=_TIMEOUT,
+                retry=_UNDO_TRIES,
+            ),
+        ),
+        Step(
+            "schedule-shipment",
+            Send(
+                "shipping",
+                lambda d: ScheduleShipment(
+                    order_id=d.order_id, customer_id=d.customer_id, items=d.items
+                ),
+                success=ShipmentScheduled,
+                failure=ShipmentFailed,
+                on_reply=_note_reason,
+                timeout=_TIMEOUT,
+                retry=_TRIES,
+            ),
+            compensation=Send(
+                "shipping",
+                lambda d: CancelShipment(order_id=d.order_id),
+                success=ShipmentCancelled,
+                timeout=_TIMEOUT,
+                retry=_UNDO_TRIES,
+            ),
+        ),
+        Parallel(
+            "settle",
+            [
+                Step(
+                    "capture-payment",
+                    Send(
+                        "payments",
+                        lambda d: CapturePayment(order_id=d.order_id),
+                        success=PaymentCaptured,
+                        timeout=_TIMEOUT,
+                        retry=_TRIES,
+                    ),
+                    compensation=Send(
+                        "payments",
+                        lambda d: RefundPayment(order_id=d.order_id),
+                        success=PaymentRefunded,
+                        timeout=_TIMEOUT,
+                        retry=_UNDO_TRIES,
+                    ),
+                ),
+                Step(
+                    "commit-stock",
+                    Send(
+                        "inventory",
+                        lambda d: CommitStock(order_id=d.order_id),
+                        success=StockCommitted,
+                        timeout=_TIMEOUT,
+                        retry=_TRIES,
+                    ),
+                ),
+            ],
+        ),
+    ],
+    on_completed=_confirmed,
+    on_compensated=_rejected,
+)
+sagas = SagaEngine(service, [place_order_saga])
+
+
 class OrderLine(BaseModel):
     """One line of an order."""
 
@@ -281,13 +451,16 @@ async def place_order(
                     price.unit_price_cents,
                     now,
                 )
-        ctx.send(
-            ReserveStock(
+        await sagas.start(
+            ctx,
+            place_order_saga,
+            PlaceOrderData(
                 order_id=order.id,
+                customer_id=body.customer_id,
                 items=[LineItem(sku=line.sku, qty=line.qty) for line in body.items],
+                amount_cents=order.total_cents or 0,
             ),
-            to="inventory",
-            key=order.id,
+            saga_id=order.id,
         )
     response.headers["Location"] = f"/orders/{order.id}"
     return OrderAccepted(order_id=order.id, status="PENDING")
@@ -340,21 +513,3 @@ def _summary(row: Any) -> OrderSummary:
         total_cents=row[4],
         placed_at=row[5],
     )
-
-
-@service.handles(StockReserved)
-async def on_stock_reserved(reply: StockReserved, ctx: Context) -> None:
-    """inventory held the stock: the order is confirmed."""
-    annotate(**{"order.id": reply.order_id})
-    order = await orders.load(reply.order_id, tx=ctx)
-    order.confirm()
-    await orders.save(order, ctx)
-
-
-@service.handles(StockRejected)
-async def on_stock_rejected(reply: StockRejected, ctx: Context) -> None:
-    """inventory could not hold the stock: the order is rejected with the reason."""
-    annotate(**{"order.id": reply.order_id})
-    order = await orders.load(reply.order_id, tx=ctx)
-    order.reject(reply.reason)
-    await orders.save(order, ctx)

@@ -37,6 +37,15 @@ app.add_typer(events_app, name="events")
 projections_app = typer.Typer(help="Projections: their lag, and rebuilding.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
 
+
+def _mount_sagas() -> None:
+    from atoll.sagas.cli import app as sagas_app  # noqa: PLC0415 - imports FastAPI models
+
+    app.add_typer(sagas_app, name="sagas", help="Sagas: list, show, repair, diagram.")
+
+
+_mount_sagas()
+
 ServiceOption = Annotated[
     str | None,
     typer.Option("--service", "-s", help="The event-sourced service (if there are several)."),

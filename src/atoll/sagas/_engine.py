@@ -17,14 +17,18 @@ import asyncio
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from atoll._crash import crashpoint
 from atoll.determinism import Clock
 from atoll.messages import Event, Message, Reply
+from atoll.observability import annotate, attributes
+from atoll.observability._tracing import SpanKind
 from atoll.persistence import DatabaseError, Session
 from atoll.sagas import _store as store
 from atoll.sagas._definition import Saga, SagaMigration
@@ -54,6 +58,7 @@ from atoll.sagas._transitions import SAGA, Run
 from atoll.service import Context, MessageRejected, Service
 
 if TYPE_CHECKING:
+    from atoll.observability._lean import LeanTracer
     from atoll.service import ServiceRuntime
 
 log = logging.getLogger("atoll.sagas")
@@ -124,6 +129,8 @@ class SagaEngine:
         self._replies: set[str] = set()
         self._events: dict[str, list[str]] = {}
         self._listeners: list[Listener] = []
+        self._tracer: LeanTracer | None = None
+        self.last_counts: dict[tuple[str, str], int] = {}
         self._poller: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._planned: float | None = None
@@ -560,6 +567,13 @@ class SagaEngine:
             changes=changes,
             detail=detail,
         )
+        steps = sorted({change.step for change in changes})
+        annotate(**{attributes.SAGA_ID: instance.saga_id, attributes.SAGA_NAME: instance.name})
+        if self._tracer is not None:
+            # A span per transition, child of the span that caused it (the reply's process
+            # span, the request that started the saga, the deadline poller), recorded once
+            # the transition is committed.
+            self._trace_later(ctx, instance, event, before, steps)
         if self._listeners:
             transition = Transition(
                 saga_id=instance.saga_id,
@@ -594,6 +608,44 @@ class SagaEngine:
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
+    def _trace_later(
+        self,
+        ctx: Context,
+        instance: Instance,
+        event: str,
+        before: SagaState | None,
+        steps: list[str],
+    ) -> None:
+        from atoll.observability._lean import current_span_context  # noqa: PLC0415 - otel extra
+
+        tracer = self._tracer
+        assert tracer is not None
+        parent = current_span_context()
+        state_after = instance.state.value
+        started = ctx.clock.time()
+        span_attributes: dict[str, Any] = {
+            attributes.SAGA_ID: instance.saga_id,
+            attributes.SAGA_NAME: instance.name,
+            attributes.SAGA_STATE: state_after,
+            "atoll.saga.state_before": "" if before is None else before.value,
+            "atoll.saga.event": event,
+            "atoll.saga.version": instance.version,
+        }
+        if steps:
+            span_attributes[attributes.SAGA_STEP] = ",".join(steps)
+
+        def record() -> None:
+            span = tracer.span(
+                f"saga {instance.name}: {event}",
+                parent=parent if parent.is_valid else None,
+                kind=SpanKind.INTERNAL,
+                attributes=span_attributes,
+            )
+            span._start = int(started * 1e9)  # a point in time, already past
+            span.end()
+
+        ctx.on_commit(record)
+
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
@@ -608,6 +660,9 @@ class SagaEngine:
     # -- deadlines and retries ------------------------------------------------------------
 
     async def _on_start(self, runtime: ServiceRuntime) -> None:
+        self._tracer = runtime.tracing.lean
+        runtime.metrics.add_refresher(self._refresh_counts)
+        runtime.metrics.registry.register(_SagaCollector(self, runtime.service.name))
         self._locking = runtime.database.dialect == "postgresql"
         self._caching = runtime.database.dialect == "sqlite"
         self._cache.clear()
@@ -1019,6 +1074,30 @@ class SagaEngine:
         """Instances by ``(name, state)``: the gauge for metrics."""
         async with self.service.read() as session:
             return await store.counts(session)
+
+    async def _refresh_counts(self) -> None:
+        self.last_counts = await self.counts()
+
+
+class _SagaCollector(Collector):
+    """``atoll_sagas{service, saga, state}``: instances by state, counted at scrape time."""
+
+    def __init__(self, engine: SagaEngine, service: str) -> None:
+        self._engine = engine
+        self._service = service
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "atoll_sagas",
+            "Saga and process instances by state.",
+            labels=["service", "saga", "state"],
+        )
+        for (name, state), count in sorted(self._engine.last_counts.items()):
+            gauge.add_metric([self._service, name, state], count)
+        yield gauge
 
 
 def _migrate_steps(

@@ -150,18 +150,8 @@ def saga_context(
     they keep the trace and causation of what is being handled, and no deadline: a
     saga outlives the request that started it.
     """
-    derived = Context(
-        service,
-        uow or ctx.unit_of_work,
-        clock=ctx.clock,
-        random=ctx.random,
-        envelope=ctx.envelope,
-        message=ctx.message,
-        trace=ctx.trace,
-    )
-    derived.correlation_id = saga_id
-    derived.deadline = None
-    return derived
+    del service
+    return ctx.derive(correlation_id=saga_id, deadline=None, uow=uow)
 
 
 class Run(Generic[D]):

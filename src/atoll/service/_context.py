@@ -83,6 +83,30 @@ class Context(Session):
         self.trace = dict(envelope.trace) if envelope is not None else dict(trace or {})
         self.deadline = envelope.deadline if envelope is not None else deadline
 
+    def derive(
+        self,
+        *,
+        correlation_id: str,
+        deadline: datetime | None,
+        uow: UnitOfWork | None = None,
+    ) -> Context:
+        """A context on the same unit of work (or ``uow``) whose messages belong to another
+        conversation: what sagas send. Tracing and causation are kept."""
+        derived = Context(
+            self._service,
+            uow or self._uow,
+            clock=self._clock,
+            random=self._random,
+            envelope=self.envelope,
+            message=self.message,
+            trace=self.trace,
+            propagate=self._propagate,
+            trace_out=self._trace_out,
+        )
+        derived.correlation_id = correlation_id
+        derived.deadline = deadline
+        return derived
+
     @property
     def service_name(self) -> str:
         """The name of the service this unit of work belongs to."""
