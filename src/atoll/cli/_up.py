@@ -41,6 +41,7 @@ class _Child:
     ready_path: str = "/readyz"
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    started_at: float = 0.0
     ready: bool = False
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -137,6 +138,7 @@ class Supervisor:
         env.setdefault("ATOLL_LOG_FORMAT", "console")
         env.setdefault("ATOLL_LOG_COLOR", "1" if self.console.is_terminal else "0")
         env["PYTHONUNBUFFERED"] = "1"
+        child.started_at = self.clock.monotonic()
         child.process = await asyncio.create_subprocess_exec(
             sys.executable,
             *child.argv,
@@ -177,8 +179,10 @@ class Supervisor:
             self._say(None, f"{child.name} exited with code {code}", style="bold red")
             if not self.restart:
                 return
+            if self.clock.monotonic() - child.started_at > 30.0:
+                child.restarts = 0  # it ran well for a while: back to a quick restart
             child.restarts += 1
-            delay = min(10.0, 0.5 * 2 ** min(child.restarts, 5))
+            delay = min(10.0, 0.25 * 2 ** min(child.restarts, 6))
             self._say(None, f"restarting {child.name} in {delay:.1f}s", style="yellow")
             await self.clock.sleep(delay)
             if not self._stopping:
