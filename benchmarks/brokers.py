@@ -146,9 +146,9 @@ def faststream_broker(
         queue = RabbitQueue(tag, durable=True)
         sub = fs.subscriber(queue)
         return fs, sub, lambda body: fs.publish(body, queue=queue, persist=True)
-    from faststream.nats import JStream, NatsBroker  # noqa: PLC0415
-
     import warnings  # noqa: PLC0415
+
+    from faststream.nats import JStream, NatsBroker  # noqa: PLC0415
 
     # FastStream advises a pull consumer for scaling out; one instance is measured here.
     warnings.filterwarnings(
