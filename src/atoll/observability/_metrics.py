@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -110,8 +110,18 @@ class ServiceMetrics:
         self.outbox_pending = 0
         self.outbox_oldest_age = 0.0
         self._runtime = runtime
+        self._timers: dict[str, Any] = {}
         self._refreshers: list[Callable[[], Awaitable[None]]] = [self._refresh_outbox]
         self.registry.register(_RuntimeCollector(runtime))
+
+    def handler_timer(self, message_type: str) -> Any:
+        """The handler histogram of ``message_type`` (looked up once per type)."""
+        timer = self._timers.get(message_type)
+        if timer is None:
+            timer = self._timers[message_type] = self.handler_seconds.labels(
+                self._runtime.service.name, message_type
+            )
+        return timer
 
     def add_refresher(self, refresher: Callable[[], Awaitable[None]]) -> None:
         """Run ``refresher`` before every scrape."""

@@ -452,9 +452,7 @@ class ServiceRuntime:
         finally:
             message_context.reset(token)
             self.stats.by_type[(envelope.type, outcome)] += 1
-            self.metrics.handler_seconds.labels(self.service.name, envelope.type).observe(
-                self.clock.monotonic() - started
-            )
+            self.metrics.handler_timer(envelope.type).observe(self.clock.monotonic() - started)
 
     async def _traced(self, item: _Decoded) -> bool:
         lean = self.tracing.lean
