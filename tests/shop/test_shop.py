@@ -157,6 +157,7 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
             assert "process payments.CapturePayment" in names
             # The saga's steps are in the trace too.
             assert "saga place-order: started" in names
+            assert "eventstore append" in names  # the Order's events, in the same trace
             assert any(n.startswith("saga place-order: reply") for n in names)
             # The order-history projection answers a customer's orders.
             history = []

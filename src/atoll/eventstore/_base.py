@@ -87,6 +87,12 @@ class EventStore(abc.ABC):
     dialect: str
     clock: Clock
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from atoll.eventstore._tracing import trace_methods  # noqa: PLC0415 - no cycle
+
+        trace_methods(cls)
+
     def __init__(self, *, prefix: str, clock: Clock) -> None:
         self.prefix = check_identifier(prefix, "table prefix")
         self.clock = clock
