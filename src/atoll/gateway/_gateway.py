@@ -209,13 +209,13 @@ class Gateway:
         self.admin_state = ServerState(self._admin, self._bad_request)
         self._servers: list[asyncio.Server] = []
         self._watch: asyncio.Task[None] | None = None
+        self._sweepers: list[asyncio.Task[None]] = []
         self._mtimes = self._stat()
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error: str | None = None
         self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._drained: asyncio.Future[None] | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -342,13 +342,18 @@ class Gateway:
             self.admin_port = admin.sockets[0].getsockname()[1]
         if self.watch_interval is not None:
             self._watch = loop.create_task(self._watch_files())
+        self._sweepers = [
+            loop.create_task(self.state.sweep_idle()),
+            loop.create_task(self.admin_state.sweep_idle()),
+        ]
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, *self._sweepers):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for server in self._servers:
             server.close()
         self.state.closing = True
@@ -356,9 +361,11 @@ class Gateway:
         for conn in list(self.state.connections) + list(self.admin_state.connections):
             conn.close_if_idle()
         timeout = self.gen.config.server.drain_timeout if drain_timeout is None else drain_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
+        if self.in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._drained
         for conn in list(self.state.connections) + list(self.admin_state.connections):
             conn.abort()
         for upstream in self.gen.upstreams.values():
@@ -381,7 +388,6 @@ class Gateway:
     async def handle(self, request: Request) -> None:
         """Answer one request (the server calls this; it never raises)."""
         self.in_flight += 1
-        self._idle.clear()
         try:
             await self._handle(request)
         except Exception:
@@ -390,8 +396,8 @@ class Gateway:
                 self._send_problem(request, None, 500, "internal error", b"-", close=True)
         finally:
             self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+            if not self.in_flight and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
             request.conn.finish(request)
 
     async def _handle(self, request: Request) -> None:  # noqa: C901, PLR0912, PLR0915 - the hot path, kept flat

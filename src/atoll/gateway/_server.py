@@ -226,6 +226,17 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.closing = False
 
+    async def sweep_idle(self) -> None:
+        """Close keep-alive connections idle for ``idle_timeout`` (one timer for all of them,
+        rather than one per request)."""
+        loop = asyncio.get_running_loop()
+        step = max(0.05, self.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(step)  # determinism: allowed - a loop-time sweep of sockets
+            before = loop.time() - self.idle_timeout
+            for conn in list(self.connections):
+                conn.close_if_idle_since(before)
+
 
 class Connection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
@@ -234,7 +245,6 @@ class Connection(asyncio.Protocol):
         "_current",
         "_header_bytes",
         "_headers",
-        "_idle_handle",
         "_last",
         "_loop",
         "_parser",
@@ -243,6 +253,7 @@ class Connection(asyncio.Protocol):
         "_url",
         "_writable",
         "closed",
+        "last_active",
         "peer",
         "peer_transport",
         "responding",
@@ -264,7 +275,7 @@ class Connection(asyncio.Protocol):
         self._pending: deque[Request] = deque()  # parsed, waiting for their turn
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
         #: The request whose response is being written, if any.
         self.responding: Request | None = None
         self.closed = False
@@ -279,13 +290,11 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.state.connections.add(self)
-        self._arm_idle()
+        self.last_active = self._loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.state.connections.discard(self)
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
         error = ConnectionResetError("the client closed the connection")
         for request in (self._current, self.responding, *self._pending):
             if request is not None and not request.body.complete:
@@ -342,9 +351,6 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -423,7 +429,7 @@ class Connection(asyncio.Protocol):
             if len(self._pending) <= 1:
                 self._resume_reading()
         else:
-            self._arm_idle()
+            self.last_active = self._loop.time()
 
     def _refuse(self, exc: RequestError) -> None:
         self._pause_reading()
@@ -472,14 +478,9 @@ class Connection(asyncio.Protocol):
         """Resume reading (after an upgrade was decided)."""
         self._resume_reading()
 
-    def _arm_idle(self) -> None:
-        if self.state.closing:
-            self.close()
-            return
-        self._idle_handle = self._loop.call_later(self.state.idle_timeout, self._idle)
-
-    def _idle(self) -> None:
-        if self.responding is None and self._current is None:
+    def close_if_idle_since(self, before: float) -> None:
+        """Close if no request is in progress and none finished since ``before`` (loop time)."""
+        if self.responding is None and self._current is None and self.last_active < before:
             self.close()
 
     def close_if_idle(self) -> None:
