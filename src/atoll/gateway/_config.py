@@ -129,6 +129,8 @@ class RateLimitConfig:
     per: str = "client"
     shared: bool = False
     degraded_rate: float | None = None
+    #: Seconds a Redis round trip may take before this permit is decided locally.
+    shared_timeout: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,18 +661,18 @@ def _upstreams(
 
 def _check_policy(reader: _Reader, key: str, table: dict[str, Any], name: str) -> None:
     """Build the policy once so a bad one is refused now, under its full key."""
-    from atoll.resilience import policy_from_config  # noqa: PLC0415
-    from atoll.resilience.redis import RedisSharedState  # noqa: PLC0415
+    from atoll.gateway._proxy import build_pipeline  # noqa: PLC0415 - registers the classifiers
+    from atoll.resilience import Pipeline  # noqa: PLC0415
 
     if "rate_limit" in table:
         raise reader.error(f"{key}.rate_limit", "use the route's rate_limit in the gateway")
-    try:
-        policy_from_config(
-            table, source=reader.source, shared=RedisSharedState.__new__(RedisSharedState)
-        )
-    except ConfigError as exc:
-        raise reader.error(_join(key, exc.key), exc.problem) from None
-    del name
+    for section in ("breaker", "rate_limit"):
+        part = table.get(section)
+        if isinstance(part, Mapping) and part.get("shared"):
+            raise reader.error(f"{key}.{section}.shared", "is not supported for gateway upstreams")
+    probe = UpstreamConfig(name=name, targets=(("127.0.0.1", 1),), policy=table)
+    pipeline = build_pipeline(probe, source=reader.source, clock=None, random=None)
+    assert isinstance(pipeline, Pipeline)
 
 
 def _template_params(path: str) -> list[str]:
@@ -797,7 +799,7 @@ def _routes(
             rl = reader.table(
                 f"{key}.rate_limit",
                 t["rate_limit"],
-                ("rate", "burst", "per", "shared", "degraded_rate"),
+                ("rate", "burst", "per", "shared", "degraded_rate", "shared_timeout"),
             )
             if "rate" not in rl:
                 raise reader.error(f"{key}.rate_limit.rate", "is required")
@@ -811,6 +813,9 @@ def _routes(
                 burst=reader.whole(f"{key}.rate_limit.burst", rl.get("burst", 1), minimum=1),
                 per=per,
                 shared=reader.flag(f"{key}.rate_limit.shared", rl.get("shared", False)),
+                shared_timeout=reader.number(
+                    f"{key}.rate_limit.shared_timeout", rl.get("shared_timeout", 0.05), positive=True
+                ),
                 degraded_rate=(
                     reader.number(
                         f"{key}.rate_limit.degraded_rate", rl["degraded_rate"], positive=True

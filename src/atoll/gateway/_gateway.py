@@ -716,6 +716,9 @@ class Gateway:
                 body = await request.body.read()
             except ConnectionError:
                 return 499
+            except RequestError as exc:
+                self._send_problem(request, route, exc.status, exc.detail, rid, close=True, cors=extra)
+                return exc.status
         else:
             stream = request.body
         common = b"".join([b"%b: %b\r\n" % pair for pair in forwarded])
@@ -799,6 +802,9 @@ class Gateway:
                 cors=extra,
             )
             return 502
+        except RequestError as exc:  # the streamed body turned out malformed
+            self._send_problem(request, route, exc.status, exc.detail, rid, close=True, cors=extra)
+            return exc.status
         except ConnectionError:
             return 499  # the client went away while its body was streaming
         await self._relay(request, route, gen, response, rid, extra)

@@ -128,7 +128,7 @@ class RouteLimits:
             burst=config.burst,
             clock=self._clock,
             shared=self._store,
-            shared_timeout=0.05,
+            shared_timeout=config.shared_timeout,
             degraded_rate=config.degraded_rate,
         )
         limiters[key] = limiter

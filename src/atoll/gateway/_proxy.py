@@ -80,7 +80,7 @@ DEFAULT_TIMEOUT = 30.0
 
 
 def build_pipeline(
-    config: UpstreamConfig, *, source: str, clock: Clock, random: RandomSource
+    config: UpstreamConfig, *, source: str, clock: Clock | None, random: RandomSource | None
 ) -> Pipeline:
     """The upstream's pipeline from its ``policy`` table, with the gateway classifiers."""
     if config.policy is None:

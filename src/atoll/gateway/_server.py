@@ -433,7 +433,11 @@ class Connection(asyncio.Protocol):
 
     def _refuse(self, exc: RequestError) -> None:
         self._pause_reading()
-        if self.responding is None:
+        current = self._current
+        if current is not None and current is self.responding and not current.body.complete:
+            # A bad body of the request being handled: its handler answers (or closes).
+            current.body._fail(exc)
+        elif self.responding is None:
             self.state.on_bad_request(self, exc)
         else:
             self.close()
