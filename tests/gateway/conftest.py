@@ -1,5 +1,4 @@
 import pytest
-
 from gateway_support import Stub
 
 

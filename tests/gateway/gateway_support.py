@@ -101,13 +101,22 @@ class Stub:
                 Route("/upload", upload, methods=["POST", "PUT"]),
                 Route("/healthz", health),
                 WebSocketRoute("/ws", ws),
-                Route("/{path:path}", echo, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+                Route(
+                    "/{path:path}",
+                    echo,
+                    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                ),
             ]
         )
 
     async def start(self):
         config = uvicorn.Config(
-            self.app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off", ws="websockets-sansio"
+            self.app(),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            ws="websockets-sansio",
         )
         self.server = uvicorn.Server(config)
         self.task = asyncio.get_running_loop().create_task(self.server.serve())

@@ -2,9 +2,9 @@
 
 import httpx
 import pytest
+from gateway_support import Stub, base_config, running_gateway, url, write_config
 
 from atoll.determinism import SystemClock
-from gateway_support import Stub, base_config, running_gateway, url, write_config
 
 CLOCK = SystemClock()
 
@@ -38,7 +38,11 @@ def details_config(tmp_path, orders, payments, shipping, *, payment="optional", 
                     "aggregate": {
                         "timeout": timeout,
                         "parts": {
-                            "order": {"upstream": "orders", "path": "/orders/{id}", "required": True},
+                            "order": {
+                                "upstream": "orders",
+                                "path": "/orders/{id}",
+                                "required": True,
+                            },
                             "payment": payment_part,
                             "shipment": {
                                 "upstream": "shipping",
@@ -54,8 +58,11 @@ def details_config(tmp_path, orders, payments, shipping, *, payment="optional", 
 
 
 async def test_all_parts_answer(tmp_path, three):
-    orders, payments, shipping = three
-    async with running_gateway(details_config(tmp_path, *three)) as gw, httpx.AsyncClient() as client:
+    _orders, payments, _shipping = three
+    async with (
+        running_gateway(details_config(tmp_path, *three)) as gw,
+        httpx.AsyncClient() as client,
+    ):
         r = await client.get(url(gw, "/orders/o-7/details"))
         assert r.status_code == 200
         body = r.json()
@@ -68,8 +75,11 @@ async def test_all_parts_answer(tmp_path, three):
 
 
 async def test_optional_and_fallback_parts_of_stopped_upstreams(tmp_path, three):
-    orders, payments, shipping = three
-    async with running_gateway(details_config(tmp_path, *three)) as gw, httpx.AsyncClient() as client:
+    _orders, payments, shipping = three
+    async with (
+        running_gateway(details_config(tmp_path, *three)) as gw,
+        httpx.AsyncClient() as client,
+    ):
         await payments.stop()
         await shipping.stop()
         r = await client.get(url(gw, "/orders/o-1/details"))
@@ -82,8 +92,11 @@ async def test_optional_and_fallback_parts_of_stopped_upstreams(tmp_path, three)
 
 
 async def test_a_required_part_failing_fails_the_response(tmp_path, three):
-    orders, payments, shipping = three
-    async with running_gateway(details_config(tmp_path, *three, payment="required")) as gw, httpx.AsyncClient() as client:
+    orders, payments, _shipping = three
+    async with (
+        running_gateway(details_config(tmp_path, *three, payment="required")) as gw,
+        httpx.AsyncClient() as client,
+    ):
         await payments.stop()
         r = await client.get(url(gw, "/orders/o-1/details"))
         assert r.status_code == 502
@@ -95,9 +108,12 @@ async def test_a_required_part_failing_fails_the_response(tmp_path, three):
 
 
 async def test_a_required_parts_404_is_passed_on(tmp_path, three):
-    orders, payments, shipping = three
+    orders, _payments, _shipping = three
     orders.status = 404
-    async with running_gateway(details_config(tmp_path, *three)) as gw, httpx.AsyncClient() as client:
+    async with (
+        running_gateway(details_config(tmp_path, *three)) as gw,
+        httpx.AsyncClient() as client,
+    ):
         r = await client.get(url(gw, "/orders/nope/details"))
         assert r.status_code == 404
 
@@ -106,7 +122,10 @@ async def test_slow_parts_are_cut_at_the_one_deadline(tmp_path, three):
     orders, payments, shipping = three
     payments.delay = 2.0
     shipping.delay = 2.0
-    async with running_gateway(details_config(tmp_path, *three, timeout=0.3)) as gw, httpx.AsyncClient() as client:
+    async with (
+        running_gateway(details_config(tmp_path, *three, timeout=0.3)) as gw,
+        httpx.AsyncClient() as client,
+    ):
         started = CLOCK.monotonic()
         r = await client.get(url(gw, "/orders/o-2/details"))
         assert CLOCK.monotonic() - started < 1.0

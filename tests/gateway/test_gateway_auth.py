@@ -10,10 +10,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from gateway_support import base_config, running_gateway, url, write_config
 
 from atoll.determinism import SystemClock
 from atoll.gateway import mint_token
-from gateway_support import base_config, running_gateway, url, write_config
 
 SECRET = "a-development-secret-of-32-bytes!!"
 ISS = "https://id.example"
@@ -69,9 +69,26 @@ def auth_config(tmp_path, stub, keys):
         base_config(
             {"a": {"targets": [stub.address]}},
             [
-                {"name": "read", "match": {"prefix": "/read"}, "upstream": "a", "auth": "jwt", "scopes": ["orders:read"]},
-                {"name": "any", "match": {"prefix": "/any"}, "upstream": "a", "auth": ["jwt", "api_key"]},
-                {"name": "keys", "match": {"prefix": "/keys"}, "upstream": "a", "auth": "api_key", "scopes": ["partner"]},
+                {
+                    "name": "read",
+                    "match": {"prefix": "/read"},
+                    "upstream": "a",
+                    "auth": "jwt",
+                    "scopes": ["orders:read"],
+                },
+                {
+                    "name": "any",
+                    "match": {"prefix": "/any"},
+                    "upstream": "a",
+                    "auth": ["jwt", "api_key"],
+                },
+                {
+                    "name": "keys",
+                    "match": {"prefix": "/keys"},
+                    "upstream": "a",
+                    "auth": "api_key",
+                    "scopes": ["partner"],
+                },
                 {"name": "open", "match": {"prefix": "/open"}, "upstream": "a"},
             ],
             auth={
@@ -87,7 +104,10 @@ def auth_config(tmp_path, stub, keys):
                 "api_keys": {
                     "keys": [
                         {"name": "partner-a", "key": "pk-0123456789abcdef", "scopes": ["partner"]},
-                        {"name": "partner-b", "sha256": hashlib.sha256(b"pk-fedcba9876543210").hexdigest()},
+                        {
+                            "name": "partner-b",
+                            "sha256": hashlib.sha256(b"pk-fedcba9876543210").hexdigest(),
+                        },
                     ]
                 },
             },
@@ -99,12 +119,18 @@ def bearer(token):
     return {"authorization": f"Bearer {token}"}
 
 
-async def test_valid_tokens_of_every_algorithm_are_accepted_and_identity_forwarded(auth_config, keys, stub):
+async def test_valid_tokens_of_every_algorithm_are_accepted_and_identity_forwarded(
+    auth_config, keys, stub
+):
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
         for key, kid in ((keys.rsa, "rsa-1"), (keys.ec, "ec-1"), (keys.ed, "ed-1")):
-            r = await client.get(url(gw, "/read/x"), headers=bearer(keys.token(key, kid, scope="orders:read")))
+            r = await client.get(
+                url(gw, "/read/x"), headers=bearer(keys.token(key, kid, scope="orders:read"))
+            )
             assert r.status_code == 200, (kid, r.text)
-        hs = mint_token(subject="bob", scopes=["orders:read"], secret=SECRET.encode(), issuer=ISS, audience=AUD)
+        hs = mint_token(
+            subject="bob", scopes=["orders:read"], secret=SECRET.encode(), issuer=ISS, audience=AUD
+        )
         r = await client.get(
             url(gw, "/read/x"),
             headers=bearer(hs) | {"x-auth-subject": "root", "X-Auth-Scopes": "admin"},
@@ -121,7 +147,11 @@ async def test_valid_tokens_of_every_algorithm_are_accepted_and_identity_forward
 
 async def test_alg_none_is_refused(auth_config, keys):
     header = _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
-    payload = _b64(json.dumps({"sub": "alice", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}).encode())
+    payload = _b64(
+        json.dumps(
+            {"sub": "alice", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+        ).encode()
+    )
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
         for token in (f"{header}.{payload}.", f"{header}.{payload}.c2ln"):
             r = await client.get(url(gw, "/read/x"), headers=bearer(token))
@@ -135,7 +165,11 @@ async def test_algorithm_confusion_hs256_signed_with_the_public_key_is_refused(a
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}).encode())
-    payload = _b64(json.dumps({"sub": "mallory", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}).encode())
+    payload = _b64(
+        json.dumps(
+            {"sub": "mallory", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+        ).encode()
+    )
     signature = _b64(hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest())
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
         r = await client.get(url(gw, "/read/x"), headers=bearer(f"{header}.{payload}.{signature}"))
@@ -151,10 +185,16 @@ async def test_forged_expired_early_and_misaddressed_tokens(auth_config, keys):
     now = int(SystemClock().time())
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
         cases = {
-            "forged": keys.token(rsa.generate_private_key(public_exponent=65537, key_size=2048), "rsa-1", scope="orders:read"),
+            "forged": keys.token(
+                rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                "rsa-1",
+                scope="orders:read",
+            ),
             "expired": keys.token(keys.rsa, "rsa-1", scope="orders:read", exp=now - 60),
             "not yet": keys.token(keys.rsa, "rsa-1", scope="orders:read", nbf=now + 60),
-            "issuer": keys.token(keys.rsa, "rsa-1", scope="orders:read", iss="https://evil.example"),
+            "issuer": keys.token(
+                keys.rsa, "rsa-1", scope="orders:read", iss="https://evil.example"
+            ),
             "audience": keys.token(keys.rsa, "rsa-1", scope="orders:read", aud="other"),
             "no exp": keys.token(keys.rsa, "rsa-1", scope="orders:read", exp=None),
             "garbage": "not.a.token",
@@ -169,14 +209,17 @@ async def test_forged_expired_early_and_misaddressed_tokens(auth_config, keys):
         ok = keys.token(keys.rsa, "rsa-1", scope="orders:read", exp=now - 2, nbf=now + 2)
         assert (await client.get(url(gw, "/read/x"), headers=bearer(ok))).status_code == 200
         r = await client.get(url(gw, "/read/x"))
-        assert r.status_code == 401 and r.headers["www-authenticate"] == 'Bearer realm="atoll"'
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'Bearer realm="atoll"'
         r = await client.get(url(gw, "/read/x"), headers={"authorization": "Basic YTpi"})
         assert r.status_code == 401
 
 
 async def test_missing_scope_is_403(auth_config, keys):
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
-        r = await client.get(url(gw, "/read/x"), headers=bearer(keys.token(keys.rsa, "rsa-1", scope="orders:write")))
+        r = await client.get(
+            url(gw, "/read/x"), headers=bearer(keys.token(keys.rsa, "rsa-1", scope="orders:write"))
+        )
         assert r.status_code == 403
         assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
         assert "orders:read" in r.json()["detail"]
@@ -186,13 +229,18 @@ async def test_unknown_kid_refetches_the_key_set_once_then_refuses(auth_config, 
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
         keyset = gw.gen.auth.keyset
         fetches = keyset.fetches
-        r = await client.get(url(gw, "/read/x"), headers=bearer(keys.token(keys.rsa, "nope", scope="orders:read")))
-        assert r.status_code == 401 and "key id is unknown" in r.json()["detail"]
+        r = await client.get(
+            url(gw, "/read/x"), headers=bearer(keys.token(keys.rsa, "nope", scope="orders:read"))
+        )
+        assert r.status_code == 401
+        assert "key id is unknown" in r.json()["detail"]
         assert keyset.fetches == fetches + 1
         # Rotation: a new key published under a new kid is found by the refetch.
         new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         keys.publish({"rsa-2": new_key, "ec-1": keys.ec})
-        r = await client.get(url(gw, "/read/x"), headers=bearer(keys.token(new_key, "rsa-2", scope="orders:read")))
+        r = await client.get(
+            url(gw, "/read/x"), headers=bearer(keys.token(new_key, "rsa-2", scope="orders:read"))
+        )
         assert r.status_code == 200
         # The retired key no longer verifies (the token cache was emptied on rotation).
         old = keys.token(keys.rsa, "rsa-1", scope="orders:read")
@@ -201,7 +249,9 @@ async def test_unknown_kid_refetches_the_key_set_once_then_refuses(auth_config, 
 
 
 async def test_unknown_kid_refetches_are_rate_limited(tmp_path, auth_config, keys):
-    text = auth_config.read_text().replace("jwks_min_refetch_interval: 0", "jwks_min_refetch_interval: 60")
+    text = auth_config.read_text().replace(
+        "jwks_min_refetch_interval: 0", "jwks_min_refetch_interval: 60"
+    )
     auth_config.write_text(text)
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
         keyset = gw.gen.auth.keyset
@@ -218,11 +268,13 @@ async def test_api_keys(auth_config, stub):
         r = await client.get(url(gw, "/keys/x"), headers={"x-api-key": "pk-0123456789abcdef"})
         assert r.status_code == 200
         seen = stub.hits[-1]["headers"]
-        assert seen["x-auth-client"] == "partner-a" and seen["x-auth-method"] == "api_key"
+        assert seen["x-auth-client"] == "partner-a"
+        assert seen["x-auth-method"] == "api_key"
         assert "x-api-key" not in seen  # the key itself is not passed on
         r = await client.get(url(gw, "/keys/x"), headers={"x-api-key": "pk-fedcba9876543210"})
         assert r.status_code == 403  # partner-b lacks the scope
         r = await client.get(url(gw, "/keys/x"), headers={"x-api-key": "wrong"})
-        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("ApiKey")
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("ApiKey")
         r = await client.get(url(gw, "/any/x"), headers={"x-api-key": "pk-fedcba9876543210"})
         assert r.status_code == 200

@@ -2,7 +2,6 @@
 
 import httpx
 import pytest
-
 from gateway_support import base_config, problem_of, raw_request, running_gateway, url, write_config
 
 
@@ -16,7 +15,12 @@ def config(tmp_path, stub):
                 {"name": "small", "match": {"prefix": "/small"}, "upstream": "a", "max_body": 1000},
                 {"name": "a", "match": {"prefix": "/"}, "upstream": "a"},
             ],
-            server={"port": 8080, "access_log": False, "max_header_bytes": 4096, "max_url_bytes": 2048},
+            server={
+                "port": 8080,
+                "access_log": False,
+                "max_header_bytes": 4096,
+                "max_url_bytes": 2048,
+            },
         ),
     )
 
@@ -32,7 +36,10 @@ CASES = {
         400,
     ),
     "smuggling CL+TE": (
-        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        (
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n"
+            b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
         400,
     ),
     "bad chunk": (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400),
@@ -43,7 +50,10 @@ CASES = {
     "encoded dot segments": (b"GET /a/%2e%2E/admin HTTP/1.1\r\nhost: x\r\n\r\n", 400),
     "NUL in path": (b"GET /a%00b HTTP/1.1\r\nhost: x\r\n\r\n", 400),
     "absolute form": (b"GET http://evil/ HTTP/1.1\r\nhost: x\r\n\r\n", 400),
-    "body too large": (b"POST /small HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n" + b"a" * 5000, 413),
+    "body too large": (
+        b"POST /small HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n" + b"a" * 5000,
+        413,
+    ),
 }
 
 
@@ -64,13 +74,15 @@ async def test_bad_requests_get_the_right_status_and_a_problem(config, stub, nam
 
 async def test_pipelined_requests_are_answered_in_order(config, stub):
     async with running_gateway(config) as gw:
-        data = b"".join(
-            b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(5)
-        ) + b"GET /last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        data = (
+            b"".join(b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(5))
+            + b"GET /last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
         raw = await raw_request(gw.port, data)
         assert raw.count(b"HTTP/1.1 200 OK") == 6
         order = [raw.find(b'"path":"/p%d"' % i) for i in range(5)] + [raw.find(b'"path":"/last"')]
-        assert order == sorted(order) and -1 not in order
+        assert order == sorted(order)
+        assert -1 not in order
 
 
 async def test_a_client_vanishing_mid_body_breaks_nothing(config, stub):

@@ -9,11 +9,11 @@ import uuid
 
 import httpx
 import pytest
+from gateway_support import base_config, running_gateway, url, write_config
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from atoll.determinism import SystemClock
-from gateway_support import base_config, running_gateway, url, write_config
 
 REDIS_URL = os.environ.get("ATOLL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLOCK = SystemClock()
@@ -25,7 +25,12 @@ def limited_config(tmp_path, stub, rate_limit, **extra):
         base_config(
             {"a": {"targets": [stub.address]}},
             [
-                {"name": "limited", "match": {"prefix": "/"}, "upstream": "a", "rate_limit": rate_limit},
+                {
+                    "name": "limited",
+                    "match": {"prefix": "/"},
+                    "upstream": "a",
+                    "rate_limit": rate_limit,
+                },
             ],
             **extra,
         ),
@@ -53,13 +58,30 @@ async def test_limits_are_per_client(tmp_path, stub):
         tmp_path,
         stub,
         {"rate": 0.001, "burst": 2, "per": "client"},
-        auth={"api_keys": {"keys": [{"name": "k1", "key": "key-one-0123456789"}, {"name": "k2", "key": "key-two-0123456789"}]}},
+        auth={
+            "api_keys": {
+                "keys": [
+                    {"name": "k1", "key": "key-one-0123456789"},
+                    {"name": "k2", "key": "key-two-0123456789"},
+                ]
+            }
+        },
     )
     text = config.read_text().replace("rate_limit:", "auth: api_key\n  rate_limit:")
     config.write_text(text)
     async with running_gateway(config) as gw, httpx.AsyncClient() as client:
-        one = [(await client.get(url(gw, "/x"), headers={"x-api-key": "key-one-0123456789"})).status_code for _ in range(3)]
-        two = [(await client.get(url(gw, "/x"), headers={"x-api-key": "key-two-0123456789"})).status_code for _ in range(3)]
+        one = [
+            (
+                await client.get(url(gw, "/x"), headers={"x-api-key": "key-one-0123456789"})
+            ).status_code
+            for _ in range(3)
+        ]
+        two = [
+            (
+                await client.get(url(gw, "/x"), headers={"x-api-key": "key-two-0123456789"})
+            ).status_code
+            for _ in range(3)
+        ]
         assert one == [200, 200, 429]
         assert two == [200, 200, 429]
 

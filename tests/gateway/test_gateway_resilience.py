@@ -1,9 +1,9 @@
 """Per-upstream timeouts, retries (idempotent only), breakers and deadline propagation."""
 
 import httpx
+from gateway_support import base_config, running_gateway, url, write_config
 
 from atoll.determinism import SystemClock
-from gateway_support import base_config, running_gateway, url, write_config
 
 CLOCK = SystemClock()
 
@@ -19,13 +19,17 @@ def config_with(tmp_path, stub, policy, **route):
 
 
 async def test_retries_only_idempotent_requests(tmp_path, stub):
-    config = config_with(tmp_path, stub, {"retry": {"max_attempts": 3, "base_delay": 0, "max_delay": 0}})
+    config = config_with(
+        tmp_path, stub, {"retry": {"max_attempts": 3, "base_delay": 0, "max_delay": 0}}
+    )
     stub.status = 503
     async with running_gateway(config) as gw, httpx.AsyncClient() as client:
         r = await client.get(url(gw, "/x"))
-        assert r.status_code == 503 and len(stub.hits) == 3
+        assert r.status_code == 503
+        assert len(stub.hits) == 3
         r = await client.post(url(gw, "/x"), json={"pay": 1})
-        assert r.status_code == 503 and len(stub.hits) == 4  # a POST is sent once
+        assert r.status_code == 503
+        assert len(stub.hits) == 4
         r = await client.post(url(gw, "/x"), json={"pay": 1}, headers={"idempotency-key": "k1"})
         assert len(stub.hits) == 7  # with an idempotency key it may be retried
         r = await client.put(url(gw, "/x"), json={"v": 1})
@@ -50,8 +54,11 @@ async def test_breaker_opens_on_5xx_and_refuses_with_503(tmp_path, stub):
         assert "circuit breaker is open" in r.json()["detail"]
         assert 1 <= int(r.headers["retry-after"]) <= 30
         assert len(stub.hits) == 4
-        breakers = (await client.get(f"http://127.0.0.1:{gw.admin_port}/breakers")).json()["breakers"]
-        assert breakers[0]["name"] == "a" and breakers[0]["state"] == "open"
+        breakers = (await client.get(f"http://127.0.0.1:{gw.admin_port}/breakers")).json()[
+            "breakers"
+        ]
+        assert breakers[0]["name"] == "a"
+        assert breakers[0]["state"] == "open"
         metrics = (await client.get(f"http://127.0.0.1:{gw.admin_port}/metrics")).text
         assert 'atoll_breaker_state{breaker="a",state="open"} 1.0' in metrics
 
@@ -82,7 +89,8 @@ async def test_deadline_is_propagated_and_narrowed(tmp_path, stub):
         assert 0 < sent <= 300
         hits = len(stub.hits)
         r = await client.get(url(gw, "/x"), headers={"x-atoll-deadline": "0"})
-        assert r.status_code == 504 and len(stub.hits) == hits
+        assert r.status_code == 504
+        assert len(stub.hits) == hits
         await client.get(url(gw, "/x"), headers={"x-atoll-deadline": "junk"})
         assert 1500 < int(stub.hits[-1]["headers"]["x-atoll-deadline"]) <= 2000
         stub.delay = 0.6

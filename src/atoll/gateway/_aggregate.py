@@ -85,7 +85,7 @@ async def _fetch(
         ) from exc
 
 
-async def aggregate(
+async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat on the hot path
     gateway: Gateway,
     gen: Generation,
     request: Request,

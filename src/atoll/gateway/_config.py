@@ -310,8 +310,7 @@ class _Reader:
         raise self.error(key, f"must be a size in bytes (1048576 or '1 MiB'), not {value!r}")
 
     def port(self, key: str, value: object, *, allow_zero: bool = False) -> int:
-        port = self.whole(key, value, minimum=0 if allow_zero else 1, maximum=65535)
-        return port
+        return self.whole(key, value, minimum=0 if allow_zero else 1, maximum=65535)
 
     def headers(self, key: str, value: object) -> HeaderRules:
         rules = self.table(key, value, ("set", "remove"))
@@ -348,6 +347,8 @@ class _Reader:
 
 class _AnyKeys(tuple[str, ...]):
     """A ``known`` argument that accepts every key."""
+
+    __slots__ = ()
 
     def __contains__(self, item: object) -> bool:
         return True
@@ -542,7 +543,7 @@ def _target(reader: _Reader, key: str, value: object) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _upstreams(
+def _upstreams(  # noqa: C901 - a flat validator, one key after another
     reader: _Reader, value: object, services: dict[str, tuple[str, int]] | None
 ) -> dict[str, UpstreamConfig]:
     table = reader.table("upstreams", value, _ANY)
@@ -679,7 +680,7 @@ def _template_params(path: str) -> list[str]:
     return [m.group(1) for m in _PARAM.finditer(path)]
 
 
-def _routes(
+def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after another
     reader: _Reader, value: object, upstreams: Mapping[str, UpstreamConfig], auth: AuthConfig
 ) -> tuple[RouteConfig, ...]:
     if value is None:
@@ -814,7 +815,9 @@ def _routes(
                 per=per,
                 shared=reader.flag(f"{key}.rate_limit.shared", rl.get("shared", False)),
                 shared_timeout=reader.number(
-                    f"{key}.rate_limit.shared_timeout", rl.get("shared_timeout", 0.05), positive=True
+                    f"{key}.rate_limit.shared_timeout",
+                    rl.get("shared_timeout", 0.05),
+                    positive=True,
                 ),
                 degraded_rate=(
                     reader.number(
@@ -856,7 +859,7 @@ def _routes(
     return tuple(routes)
 
 
-def _aggregate(
+def _aggregate(  # noqa: C901 - a flat validator
     reader: _Reader, key: str, value: object, upstreams: Mapping[str, UpstreamConfig], path: str
 ) -> AggregateConfig:
     t = reader.table(key, value, ("parts", "timeout"))
@@ -895,7 +898,7 @@ def _aggregate(
     )
 
 
-def _auth(reader: _Reader, value: object, base: Path) -> AuthConfig:
+def _auth(reader: _Reader, value: object, base: Path) -> AuthConfig:  # noqa: C901, PLR0912, PLR0915 - a flat validator
     t = reader.table("auth", value, ("jwt", "api_keys", "identity_prefix"))
     jwt = None
     if t.get("jwt") is not None:
@@ -906,7 +909,8 @@ def _auth(reader: _Reader, value: object, base: Path) -> AuthConfig:
             if alg not in JWT_ALGORITHMS:
                 raise reader.error(
                     f"auth.jwt.algorithms[{i}]",
-                    f"unsupported algorithm {alg!r} (known: {', '.join(JWT_ALGORITHMS)}; never 'none')",
+                    f"unsupported algorithm {alg!r} "
+                    f"(known: {', '.join(JWT_ALGORITHMS)}; never 'none')",
                 )
         secret = j.get("hs256_secret")
         secret_bytes = None

@@ -108,7 +108,7 @@ async def _run(args: argparse.Namespace, admin_port: int, reuse_port: bool) -> i
     return 0
 
 
-def _supervise(args: argparse.Namespace, workers: int) -> int:
+def _supervise(args: argparse.Namespace, workers: int) -> int:  # noqa: C901 - signal plumbing
     base = [sys.executable, "-m", "atoll.gateway"]
     argv = [a for a in sys.argv[1:] if not a.startswith("--worker-index")]
     children: dict[int, subprocess.Popen[bytes]] = {}

@@ -14,6 +14,7 @@ retried. Each attempt picks an instance again, avoiding the one that just failed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +30,7 @@ from atoll.gateway._upstream import (
     PassiveHealth,
     PoolSettings,
     Response,
-    UpstreamClosed,
+    UpstreamClosedError,
     UpstreamError,
     run_health_checks,
 )
@@ -213,10 +214,8 @@ class UpstreamRuntime:
         """Stop health checks and close idle connections."""
         if self._health_task is not None:
             self._health_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-            except asyncio.CancelledError:
-                pass
             self._health_task = None
         for instance in self.instances:
             instance.close_idle()
@@ -298,7 +297,7 @@ class UpstreamRuntime:
                     response = waiter.result()
             else:
                 response = await waiter
-        except UpstreamClosed:
+        except UpstreamClosedError:
             if pump is not None:
                 pump.cancel()
             conn.abort()

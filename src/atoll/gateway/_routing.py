@@ -18,15 +18,16 @@ _PARAM = re.compile(rb"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
 def compile_template(template: str) -> re.Pattern[bytes]:
     """A regex for a path template: ``{id}`` is one segment, ``{rest:path}`` any tail."""
     raw = template.encode()
-    out = []
+    out: list[bytes] = []
     pos = 0
     for match in _PARAM.finditer(raw):
         out.append(re.escape(raw[pos : match.start()]))
         name = match.group(1).decode()
-        out.append(f"(?P<{name}>.+)" if match.group(2) else f"(?P<{name}>[^/]+)")
+        group = f"(?P<{name}>.+)" if match.group(2) else f"(?P<{name}>[^/]+)"
+        out.append(group.encode())
         pos = match.end()
     out.append(re.escape(raw[pos:]))
-    return re.compile(b"".join(x if isinstance(x, bytes) else x.encode() for x in out) + b"\\Z")
+    return re.compile(b"".join(out) + b"\\Z")
 
 
 def fill_template(template: str, params: dict[str, bytes]) -> bytes:

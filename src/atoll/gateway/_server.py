@@ -160,7 +160,7 @@ class Request:
         "version",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built only by the connection, per request
         self,
         conn: Connection,
         method: bytes,
@@ -286,13 +286,14 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment] - uvloop's are not asyncio.Transport subclasses
+        # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         self.state.connections.add(self)
         self.last_active = self._loop.time()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.closed = True
         self.state.connections.discard(self)
         error = ConnectionResetError("the client closed the connection")

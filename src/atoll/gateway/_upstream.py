@@ -46,13 +46,13 @@ class UpstreamError(Exception):
         self.problem = problem
 
 
-class ConnectFailed(UpstreamError):
+class ConnectFailedError(UpstreamError):
     """The connection could not be opened: nothing was sent."""
 
     nothing_sent = True
 
 
-class UpstreamClosed(UpstreamError):
+class UpstreamClosedError(UpstreamError):
     """The instance closed the connection or sent garbage before the response was complete."""
 
 
@@ -130,14 +130,14 @@ class ResponseBody:
                 self._waiter = None
 
     async def read(self, limit: int | None = None) -> bytes:
-        """The whole body (:class:`UpstreamClosed` past ``limit`` bytes)."""
+        """The whole body (:class:`UpstreamClosedError` past ``limit`` bytes)."""
         parts = []
         size = 0
         while (chunk := await self.chunk()) is not None:
             size += len(chunk)
             if limit is not None and size > limit:
                 self._conn.abort()
-                raise UpstreamClosed(self._conn.instance.address, f"body over {limit} bytes")
+                raise UpstreamClosedError(self._conn.instance.address, f"body over {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 
@@ -218,9 +218,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.leftover = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment] - uvloop's are not asyncio.Transport subclasses
+        # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.closed = True
         self.instance.pool_discard(self)
         self._uncount()
@@ -231,12 +232,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self._done()
             else:
                 response.body._fail(
-                    UpstreamClosed(self.instance.address, "connection closed mid-body")
+                    UpstreamClosedError(self.instance.address, "connection closed mid-body")
                 )
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(
-                UpstreamClosed(self.instance.address, "connection closed before a response")
+                UpstreamClosedError(self.instance.address, "connection closed before a response")
             )
         writable = self._writable
         if writable is not None and not writable.done():
@@ -267,7 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.leftover = data[offset:]
             self.transport.pause_reading()
         except httptools.HttpParserError as exc:
-            error = UpstreamClosed(self.instance.address, f"malformed response: {exc}")
+            error = UpstreamClosedError(self.instance.address, f"malformed response: {exc}")
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
@@ -486,9 +487,11 @@ class Instance:
                     lambda: UpstreamConnection(self), self.host, self.port
                 )
         except TimeoutError:
-            raise ConnectFailed(self.address, "connect timed out") from None
+            raise ConnectFailedError(self.address, "connect timed out") from None
         except OSError as exc:
-            raise ConnectFailed(self.address, f"cannot connect: {exc.strerror or exc}") from None
+            raise ConnectFailedError(
+                self.address, f"cannot connect: {exc.strerror or exc}"
+            ) from None
         assert isinstance(protocol, UpstreamConnection)
         sock = protocol.transport.get_extra_info("socket")
         if sock is not None:
@@ -585,13 +588,12 @@ class ActiveHealth:
 async def probe(instance: Instance, settings: ActiveHealth) -> bool:
     """One probe: ``GET path`` answered 2xx within ``timeout``."""
     loop = asyncio.get_running_loop()
-    transport: asyncio.BaseTransport | None = None
+    transport: asyncio.Transport | None = None
     try:
         async with asyncio.timeout(settings.timeout):
             probe_conn = UpstreamConnection(instance)
-            transport, _ = await loop.create_connection(
-                lambda: probe_conn, instance.host, instance.port
-            )
+            _, _ = await loop.create_connection(lambda: probe_conn, instance.host, instance.port)
+            transport = probe_conn.transport
             head = (
                 f"GET {settings.path} HTTP/1.1\r\nhost: {instance.address}\r\n"
                 "user-agent: atoll-gateway-probe\r\nconnection: close\r\n\r\n"

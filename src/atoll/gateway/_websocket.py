@@ -37,7 +37,7 @@ class _Splice(asyncio.Protocol):
             self.client.transport.write_eof()
         return True  # keep our side open until the client closes too
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.client.close()
         if not self.done.done():
             self.done.set_result(None)
@@ -49,7 +49,7 @@ class _Splice(asyncio.Protocol):
         self.client.transport.resume_reading()
 
 
-async def pass_through(
+async def pass_through(  # noqa: PLR0917 - the request's parts, passed flat
     gateway: Gateway,
     gen: Generation,
     request: Request,
