@@ -20,6 +20,9 @@ class Shop:
         self.args = list(args)
         self.ports = {"orders": free_port(), "inventory": free_port(), "catalog": free_port()}
         self.collector_port = free_port()
+        self.gateway_port = free_port()
+        self.gateway_admin_port = free_port()
+        self.gateway = f"http://127.0.0.1:{self.gateway_port}"
         self.traces = f"http://127.0.0.1:{self.collector_port}"
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
         self.inventory = f"http://127.0.0.1:{self.ports['inventory']}"
@@ -30,6 +33,8 @@ class Shop:
         env = dict(os.environ)
         env["ATOLL__SYSTEM__DATA_DIR"] = str(self.tmp_path / "data")
         env["ATOLL__SYSTEM__COLLECTOR__PORT"] = str(self.collector_port)
+        env["ATOLL__GATEWAY__PORT"] = str(self.gateway_port)
+        env["ATOLL__GATEWAY__ADMIN_PORT"] = str(self.gateway_admin_port)
         for name, port in self.ports.items():
             env[f"ATOLL__SERVICES__{name.upper()}__PORT"] = str(port)
         env.update(self.extra_env)
