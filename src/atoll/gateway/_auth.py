@@ -59,6 +59,30 @@ class Identity:
     client: str
     scopes: frozenset[str] = frozenset()
     claims: Mapping[str, Any] = field(default_factory=dict)
+    #: The identity headers sent upstream, made once per identity (cached with it).
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def with_headers(self, prefix: str) -> Identity:
+        """This identity with its :attr:`headers` under ``prefix`` (``X-Auth-``)."""
+        base = prefix.lower().encode()
+        return Identity(
+            self.method,
+            self.subject,
+            self.client,
+            self.scopes,
+            self.claims,
+            (
+                (base + b"subject", _header_value(self.subject)),
+                (base + b"client", _header_value(self.client)),
+                (base + b"method", self.method.encode()),
+                (base + b"scopes", _header_value(" ".join(sorted(self.scopes)))),
+            ),
+        )
+
+
+def _header_value(text: str) -> bytes:
+    """``text`` safe as a header value: control characters (CR, LF, NUL...) removed."""
+    return "".join(c for c in text if c >= " " and c != "\x7f").encode("utf-8", "replace")
 
 
 class AuthError(Exception):
@@ -204,7 +228,12 @@ class Authenticator:
             else None
         )
         self._cache: dict[str, tuple[Identity, float, float, float, int]] = {}
-        self._api_keys = {k.sha256: k for k in config.api_keys}
+        self._api_keys = {
+            k.sha256: Identity("api_key", k.name, k.name, frozenset(k.scopes)).with_headers(
+                config.identity_prefix
+            )
+            for k in config.api_keys
+        }
         self.api_key_header = config.api_key_header
         self.failures: dict[str, int] = {}
 
@@ -226,10 +255,10 @@ class Authenticator:
 
     def api_key(self, value: bytes) -> Identity:
         """The identity of an API key, or :class:`AuthError`."""
-        entry = self._api_keys.get(hashlib.sha256(value).digest())
-        if entry is None:
+        identity = self._api_keys.get(hashlib.sha256(value).digest())
+        if identity is None:
             raise self._fail(401, "the API key is not valid", "bad_api_key")
-        return Identity("api_key", entry.name, entry.name, frozenset(entry.scopes))
+        return identity
 
     # -- JWT ------------------------------------------------------------------------------
 
@@ -332,7 +361,7 @@ class Authenticator:
         client = claims.get("azp") or claims.get("client_id") or subject
         identity = Identity(
             "jwt", subject, str(client), _scopes(claims, config.scope_claim), claims
-        )
+        ).with_headers(self.config.identity_prefix)
         return identity, float(exp), float(nbf)
 
     async def _public_key(self, header: dict[str, Any], alg: str) -> Any:

@@ -95,6 +95,7 @@ _DROP_RESPONSE = frozenset(
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}\Z")
 _BUFFER_BODY = 64 * 1024  # bodies up to this are read whole first, so they can be retried
 _JSON = msgspec.json.Encoder()
+_NO_SCOPE = contextlib.nullcontext()
 
 
 class Generation:
@@ -120,10 +121,6 @@ class Generation:
         self.registry = ResilienceRegistry([u.pipeline for u in upstreams.values()])
         prefix = config.auth.identity_prefix.lower().encode()
         self.identity_prefix = prefix
-        self.subject_header = prefix + b"subject"
-        self.client_header = prefix + b"client"
-        self.scopes_header = prefix + b"scopes"
-        self.method_header = prefix + b"method"
         self.request_id_header = config.server.request_id_header.lower().encode()
         self.trust_request_id = config.server.trust_request_id
         self.trust_deadline = config.server.trust_deadline
@@ -526,12 +523,7 @@ class Gateway:
                 return
         # Forwarded headers.
         if identity is not None:
-            forwarded += [
-                (gen.subject_header, identity.subject.encode("utf-8", "replace")),
-                (gen.client_header, identity.client.encode("utf-8", "replace")),
-                (gen.method_header, identity.method.encode()),
-                (gen.scopes_header, " ".join(sorted(identity.scopes)).encode("utf-8", "replace")),
-            ]
+            forwarded += identity.headers
         client_ip = request.client.encode()
         forwarded.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
         forwarded.append((b"x-forwarded-proto", b"http"))
@@ -571,8 +563,9 @@ class Gateway:
             span = self._server_span(lean, request, route, traceparent, tracestate, gen.trust_trace)
             span.__enter__()
         status = 502
+        scope = deadline_scope(deadline) if deadline is not None else _NO_SCOPE
         try:
-            with deadline_scope(deadline):
+            with scope:
                 if route.aggregate is not None:
                     status = await aggregate(
                         self, gen, request, route, match.params, forwarded, rid, extra, span

@@ -48,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or config.server.workers
     if args.worker_index is None and workers > 1:
         return _supervise(args, workers)
+    # Each worker has its own admin port (base + index); 0 in the file means none.
     admin_port = args.admin_port if args.admin_port is not None else config.admin.port
-    if args.worker_index and admin_port:
+    if admin_port and args.worker_index:
         admin_port += args.worker_index
-    return _serve(args, admin_port, reuse_port=workers > 1)
+    return _serve(args, admin_port or None, reuse_port=workers > 1)
 
 
-def _serve(args: argparse.Namespace, admin_port: int, *, reuse_port: bool) -> int:
+def _serve(args: argparse.Namespace, admin_port: int | None, *, reuse_port: bool) -> int:
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up (uvicorn[standard] brings it)
 
@@ -65,7 +66,7 @@ def _serve(args: argparse.Namespace, admin_port: int, *, reuse_port: bool) -> in
         return runner.run(_run(args, admin_port, reuse_port))
 
 
-async def _run(args: argparse.Namespace, admin_port: int, reuse_port: bool) -> int:
+async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: bool) -> int:
     import logging  # noqa: PLC0415
 
     from atoll.gateway._gateway import Gateway  # noqa: PLC0415
