@@ -161,7 +161,8 @@ class Servers:
             "proxy",
             self.workers,
             f"upstream backend {{ server 127.0.0.1:{up}; keepalive 64; }} "
-            f"server {{ listen 127.0.0.1:{px} backlog=4096; location / {{ proxy_pass http://backend; "
+            f"server {{ listen 127.0.0.1:{px} backlog=4096; location / {{ "
+            f"proxy_pass http://backend; "
             f'proxy_http_version 1.1; proxy_set_header Connection ""; }} }}',
         )
         self.spawn([NGINX, "-c", str(conf), "-p", str(self.tmp)], log="proxy")
