@@ -314,7 +314,7 @@ def load_average() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run (under 60 s)")
-    parser.add_argument("--workers", type=int, default=1, help="processes per proxy")
+    parser.add_argument("--workers", type=int, default=2, help="processes per proxy (2 cores)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None)
     args = parser.parse_args()

@@ -251,7 +251,28 @@ class UpstreamRuntime:
         call.last = instance
         instance.requests_total += 1
         try:
-            response = await self._send(instance, call, idempotent)
+            if call.stream is None:
+                # The common case inline: a pooled connection, one write, one await.
+                conn = instance.take_idle() or await instance.connect_fresh()
+                data = self._head(instance, call)
+                try:
+                    response = await conn.send(data, head_only=call.head_only)
+                except UpstreamClosedError:
+                    conn.abort()
+                    if not (conn.reused and idempotent):
+                        raise
+                    # A pooled connection the instance closed as we used it: once more, fresh.
+                    fresh = await instance.connect_fresh()
+                    try:
+                        response = await fresh.send(data, head_only=call.head_only)
+                    except BaseException:
+                        fresh.abort()
+                        raise
+                except BaseException:
+                    conn.abort()
+                    raise
+            else:
+                response = await self._send_streaming(instance, call)
         except UpstreamError:
             instance.failed()
             raise
@@ -279,43 +300,26 @@ class UpstreamRuntime:
             parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _send(self, instance: Instance, call: Call, idempotent: bool) -> Response:
+    async def _send_streaming(self, instance: Instance, call: Call) -> Response:
+        """Send the head, then copy the body while waiting for the answer (never retried)."""
+        assert call.stream is not None
         conn = await instance.connect()
-        data = self._head(instance, call)
         pump: asyncio.Task[None] | None = None
         try:
-            waiter = conn.send(data, head_only=call.head_only)
-            if call.stream is not None:
-                pump = asyncio.get_running_loop().create_task(
-                    _pump(call.stream, conn, call.stream_limit)
-                )
-                done, _ = await asyncio.wait((waiter, pump), return_when=asyncio.FIRST_COMPLETED)
-                if waiter not in done:
-                    pump.result()  # raises if the body failed
-                    response = await waiter
-                else:
-                    response = waiter.result()
-            else:
-                response = await waiter
-        except UpstreamClosedError:
-            if pump is not None:
-                pump.cancel()
-            conn.abort()
-            if conn.reused and idempotent and call.stream is None:
-                # A pooled connection the instance closed as we used it: once more, fresh.
-                fresh = await instance.connect_fresh()
-                try:
-                    return await fresh.send(data, head_only=call.head_only)
-                except BaseException:
-                    fresh.abort()
-                    raise
-            raise
+            waiter = conn.send(self._head(instance, call), head_only=call.head_only)
+            pump = asyncio.get_running_loop().create_task(
+                _pump(call.stream, conn, call.stream_limit)
+            )
+            done, _ = await asyncio.wait((waiter, pump), return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                pump.result()  # raises if the body failed
+                return await waiter
+            return waiter.result()
         except BaseException:
             if pump is not None:
                 pump.cancel()
             conn.abort()
             raise
-        return response
 
 
 async def _pump(body: Body, conn: Any, limit: int | None) -> None:

@@ -128,6 +128,8 @@ class Body:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self.complete and not self._chunks:
+            return b""
         parts = []
         while (chunk := await self.chunk()) is not None:
             parts.append(chunk)
@@ -135,6 +137,28 @@ class Body:
         self._chunks.append(data)  # read() again gives the same bytes
         self._size += len(data)
         return data
+
+
+class _EmptyBody(Body):
+    """The body of every request that has none: complete from the start, shared."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.complete = True
+
+    def _feed(self, chunk: bytes) -> None:
+        raise RequestError(400, "a body where none was announced")
+
+    def _end(self) -> None:
+        pass
+
+    def _fail(self, exc: BaseException) -> None:
+        pass
+
+
+EMPTY_BODY = _EmptyBody()
 
 
 class Request:
@@ -179,7 +203,7 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.client = conn.peer
-        self.body = Body(conn)
+        self.body = EMPTY_BODY
         self.upgrade = False
         self.leftover = b""
         self.content_length: int | None = None
@@ -383,6 +407,8 @@ class Connection(asyncio.Protocol):
                 request.chunked = True
         if request.chunked and request.content_length is not None:
             raise RequestError(400, "both Content-Length and Transfer-Encoding")
+        if request.chunked or request.content_length:
+            request.body = Body(self)
         self._current = request
         self._last = request
         if self.responding is None:

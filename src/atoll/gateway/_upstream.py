@@ -463,6 +463,10 @@ class Instance:
 
     async def connect(self) -> UpstreamConnection:
         """An idle pooled connection, or a new one."""
+        return self.take_idle() or await self.connect_fresh()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle pooled connection still fit for use, if there is one."""
         idle = self._idle
         now = 0.0
         while idle:
@@ -476,7 +480,7 @@ class Instance:
                 continue
             conn.reused = True
             return conn
-        return await self.connect_fresh()
+        return None
 
     async def connect_fresh(self) -> UpstreamConnection:
         """A new connection, not from the pool."""
