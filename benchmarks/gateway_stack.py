@@ -94,7 +94,7 @@ def serve(server: str, client: str, port: int, upstream: int) -> None:
         if server == "uvicorn":
             import uvicorn  # noqa: PLC0415
 
-            async def app(scope, receive, send) -> None:  # noqa: ANN001
+            async def app(scope, receive, send) -> None:  # noqa: ANN001, ARG001
                 if scope["type"] != "http":
                     return
                 status, body = await fetch(scope["path"])
@@ -133,7 +133,7 @@ def serve(server: str, client: str, port: int, upstream: int) -> None:
             finally:
                 request.conn.finish(request)
 
-        state = ServerState(handle, lambda conn, exc: conn.close())
+        state = ServerState(handle, lambda conn, _exc: conn.close())
         loop = asyncio.get_running_loop()
         await loop.create_server(lambda: Connection(state), "127.0.0.1", port, backlog=4096)
         await asyncio.Event().wait()
@@ -202,8 +202,8 @@ def main() -> None:
         for port in [upstream, *ports.values()]:
             wait_port(port)
         best: dict[str, float] = {}
-        for name in ports:
-            wrk_rps(ports[name], 1)
+        for port in ports.values():
+            wrk_rps(port, 1)
         for round_ in range(rounds):
             order = list(ports) if round_ % 2 == 0 else list(reversed(ports))
             for name in order:

@@ -149,6 +149,7 @@ class _EmptyBody(Body):
         self.complete = True
 
     def _feed(self, chunk: bytes) -> None:
+        del chunk
         raise RequestError(400, "a body where none was announced")
 
     def _end(self) -> None:
@@ -203,7 +204,7 @@ class Request:
         self.version = version
         self.keep_alive = keep_alive
         self.client = conn.peer
-        self.body = EMPTY_BODY
+        self.body: Body = EMPTY_BODY
         self.upgrade = False
         self.leftover = b""
         self.content_length: int | None = None
