@@ -39,7 +39,8 @@ async def test_large_response_streams_without_buffering(tmp_path, stub):
             tracemalloc.stop()
         assert received == size
         # The whole test process (client, gateway and stub) never held a fraction of it.
-        assert peak < size / 4, peak
+        print(f"peak traced memory: {peak / 1e6:.1f} MB for {size / 1e6:.0f} MB streamed")
+        assert peak < size / 8, peak
 
 
 async def test_slow_client_pauses_the_upstream(tmp_path, stub):
