@@ -2,12 +2,12 @@
 
 import httpx
 import structlog
+from gateway_support import base_config, running_gateway, url, write_config
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from atoll.observability import Tracing
 from atoll.testing import wait_until
-from gateway_support import base_config, running_gateway, url, write_config
 
 
 def config(tmp_path, stub, access_log=True):
