@@ -262,17 +262,29 @@ class Authenticator:
 
     # -- JWT ------------------------------------------------------------------------------
 
+    def cached(self, token: str) -> Identity | None:
+        """The identity of a token verified recently (``exp``/``nbf`` checked again), if any.
+
+        Raises :class:`AuthError` for a cached token that has expired since.
+        """
+        cached = self._cache.get(token)
+        if cached is None:
+            return None
+        now = self.clock.time()
+        identity, exp, nbf, until, version = cached
+        keyset_version = self.keyset.version if self.keyset is not None else 0
+        if now < until and version == keyset_version:
+            self._check_times(exp, nbf, now)
+            return identity
+        del self._cache[token]
+        return None
+
     async def bearer(self, token: str) -> Identity:
         """The identity of a bearer token, or :class:`AuthError` saying what is wrong."""
+        identity = self.cached(token)
+        if identity is not None:
+            return identity
         now = self.clock.time()
-        cached = self._cache.get(token)
-        if cached is not None:
-            identity, exp, nbf, until, version = cached
-            keyset_version = self.keyset.version if self.keyset is not None else 0
-            if now < until and version == keyset_version:
-                self._check_times(exp, nbf, now)
-                return identity
-            del self._cache[token]
         identity, exp, nbf = await self._verify(token, now)
         cache = self._cache
         assert self.jwt is not None

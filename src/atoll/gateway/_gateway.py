@@ -502,7 +502,8 @@ class Gateway:
         permit: Permit | None = None
         limits = gen.limits.get(route.name) if route.rate_limit is not None else None
         if limits is not None:
-            permit = await limits.check(self._limit_key(route, identity, request.client))
+            key = self._limit_key(route, identity, request.client)
+            permit = limits.check_local(key) or await limits.check(key)
             if not permit.granted:
                 stats.rate_limited += 1
                 retry_after = max(1, math.ceil(permit.wait))
@@ -643,7 +644,7 @@ class Gateway:
                 text = token.strip().decode("ascii")
             except UnicodeDecodeError:
                 raise AuthError(401, "the bearer token is not ASCII") from None
-            identity = await gen.auth.bearer(text)
+            identity = gen.auth.cached(text) or await gen.auth.bearer(text)
         elif api_key is not None and "api_key" in route.auth:
             identity = gen.auth.api_key(api_key.strip())
         else:

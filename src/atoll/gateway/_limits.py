@@ -140,6 +140,12 @@ class RouteLimits:
         """Take a permit for ``key`` now, or say when there will be one."""
         return await self._limiter(key).try_acquire()
 
+    def check_local(self, key: str) -> Permit | None:
+        """:meth:`check` without a coroutine when the limit is local; ``None`` if shared."""
+        if self._store is not None:
+            return None
+        return self._limiter(key).try_acquire_local()
+
     @property
     def rejected_total(self) -> int:
         """Requests refused by the limiters still in the table."""

@@ -6,8 +6,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from atoll.determinism import Clock, SystemClock
 from atoll.resilience import _check
@@ -22,14 +21,13 @@ T = TypeVar("T")
 _EPSILON = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
-class Permit:
+class Permit(NamedTuple):
     """The outcome of :meth:`RateLimiter.try_acquire`, with what rate-limit headers need.
 
     ``wait`` is 0 for a granted permit, else the seconds until one would be granted.
     ``remaining`` is how many more permits are available right now and ``reset`` the
     seconds until the whole ``limit`` (the burst) is available again; both are ``None``
-    when a shared store does not report them.
+    when a shared store does not report them. (A named tuple: made on every request.)
     """
 
     granted: bool
@@ -173,7 +171,9 @@ class RateLimiter(Policy):
         the deadline do not apply: a permit is granted only if it is usable at once.
         """
         link = self._link
-        if link is not None and link.available:
+        if link is None:
+            return self.try_acquire_local()
+        if link.available:
             clock = self._clock
             reply = await link.run(
                 lambda: link.store.take_permit(
@@ -188,10 +188,19 @@ class RateLimiter(Policy):
                 if not granted:
                     self.rejected_total += 1
                 return self._permit(granted, seconds if not granted else 0.0, ahead, False)
-        interval = self._interval
-        if link is not None:
-            self.degraded_total += 1
-            interval = self._degraded_interval
+        self.degraded_total += 1
+        return self._take_local(self._degraded_interval)
+
+    def try_acquire_local(self) -> Permit:
+        """:meth:`try_acquire` for a limiter without a shared store, without a coroutine.
+
+        Raises :class:`TypeError` on a shared limiter (its permits need the store).
+        """
+        if self._link is not None:
+            raise TypeError(f"rate limiter {self._name!r} is shared: use try_acquire()")
+        return self._take_local(self._interval)
+
+    def _take_local(self, interval: float) -> Permit:
         now = self._clock.monotonic()
         tat = max(now, self._tat)
         wait = tat - self._tolerance - now
