@@ -126,24 +126,39 @@ async def proxy(path: str, request: Request) -> Response:
 """
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu(session: int) -> float:
+    """CPU seconds used so far by every process of a session (a server and its workers)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[3]) == session:  # field 6 of stat: the session id
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / _TICK
+
+
 class Servers:
     def __init__(self, tmp: Path, workers: int) -> None:
         self.tmp = tmp
         self.workers = workers
         self.processes: list[subprocess.Popen[bytes]] = []
         self.ports: dict[str, int] = {}
+        self.sessions: dict[str, int] = {}
 
     def spawn(self, argv: list[str], env: dict[str, str] | None = None, log: str = "log") -> None:
         out = (self.tmp / f"{log}.out").open("wb")
-        self.processes.append(
-            subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
+        self.processes.append(process)
+        self.sessions[log] = process.pid
 
     def start(self) -> None:
         up = self.ports["upstream"] = free_port()
@@ -292,6 +307,8 @@ def wrk(port: int, seconds: float, connections: int, headers: list[str], latency
     argv.append(f"http://127.0.0.1:{port}/bench")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     result: dict[str, float] = {}
+    total = re.search(r"(\d+) requests in", out)
+    result["requests"] = float(total.group(1)) if total else 0.0
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     result["rps"] = float(match.group(1)) if match else 0.0
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -342,12 +359,22 @@ def main() -> None:
         for round_ in range(rounds):
             order = list(cases) if round_ % 2 == 0 else list(reversed(cases))
             for name in order:
+                session = servers.sessions["proxy" if name == "nginx" else name]
+                cpu_before = session_cpu(session)
                 result = wrk(servers.ports[name], seconds, 64, cases[name], latency=False)
+                cpu = session_cpu(session) - cpu_before
+                us_per_request = cpu / max(1.0, result["requests"]) * 1e6
+                cpu_best = best.get(name, {}).get("cpu_us", float("inf"))
+                result["cpu_us"] = min(us_per_request, cpu_best)
                 if result["non_2xx"] or result.get("socket_errors"):
                     print(f"  warning: {name} had errors: {result}")
-                print(f"round {round_ + 1} {name:8} {result['rps']:>10,.0f} req/s")
+                print(
+                    f"round {round_ + 1} {name:8} {result['rps']:>10,.0f} req/s "
+                    f"{us_per_request:>8.1f} us CPU/request"
+                )
                 if result["rps"] > best.get(name, {}).get("rps", 0.0):
                     best[name] = result
+                best[name]["cpu_us"] = result["cpu_us"]
         for name, headers in cases.items():
             result = wrk(servers.ports[name], latency_seconds, 8, headers, latency=True)
             best[name]["p50_ms"] = result.get("p50_ms", float("nan"))
@@ -358,10 +385,16 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"load average after: {load_average()}")
     print()
-    print(f"{'server':10} {'req/s (best, c=64)':>20} {'p50 ms (c=8)':>14} {'p99 ms (c=8)':>14}")
+    print(
+        f"{'server':10} {'req/s (best, c=64)':>20} {'CPU us/req (min)':>17} "
+        f"{'p50 ms (c=8)':>14} {'p99 ms (c=8)':>14}"
+    )
     for name in cases:
         r = best[name]
-        print(f"{name:10} {r['rps']:>20,.0f} {r['p50_ms']:>14.3f} {r['p99_ms']:>14.3f}")
+        print(
+            f"{name:10} {r['rps']:>20,.0f} {r['cpu_us']:>17.1f} "
+            f"{r['p50_ms']:>14.3f} {r['p99_ms']:>14.3f}"
+        )
     plain, nginx, fastapi, secured = (
         best["plain"]["rps"],
         best["nginx"]["rps"],
@@ -389,6 +422,18 @@ def main() -> None:
             "unit": "req/s",
             "ratio": round(secured / plain, 3),
             "target": 0.75,
+        },
+        "cpu-per-request-plain-vs-nginx": {
+            "atoll": round(best["plain"]["cpu_us"], 1),
+            "peer": round(best["nginx"]["cpu_us"], 1),
+            "unit": "CPU us per request, all processes of the proxy (reported)",
+            "ratio": round(best["nginx"]["cpu_us"] / best["plain"]["cpu_us"], 3),
+        },
+        "cpu-per-request-secured-vs-plain": {
+            "atoll": round(best["secured"]["cpu_us"], 1),
+            "peer": round(best["plain"]["cpu_us"], 1),
+            "unit": "CPU us per request (reported)",
+            "ratio": round(best["plain"]["cpu_us"] / best["secured"]["cpu_us"], 3),
         },
         "latency-p50-plain-vs-nginx": {
             "atoll": best["plain"]["p50_ms"],

@@ -66,3 +66,6 @@ async def test_access_log_has_one_structured_line_per_request(tmp_path, stub):
     assert line["method"] == "GET"
     assert line["path"] == "/items/7"
     assert line["duration_ms"] >= 0
+    [unrouted] = [entry for entry in logs if entry.get("path") == "/nothing"]
+    assert unrouted["status"] == 404
+    assert unrouted["route"] is None

@@ -445,6 +445,7 @@ class Gateway:
         method = request.method
         if not _valid_path(path):
             self._send_problem(request, None, 400, "the request path is not valid", rid)
+            self._log(request, None, 400, started, rid, None, None)
             return
         match, allowed = gen.router.match(path, method, host, request.headers)
         cors_headers: list[tuple[bytes, bytes]] | None = None
@@ -468,6 +469,7 @@ class Gateway:
                 self._send_problem(
                     request, None, 404, "no route matches this request", rid, cors=cors_headers
                 )
+            self._log(request, None, 405 if allowed is not None else 404, started, rid, None, None)
             return
         route = match.route
         stats = self.metrics.route(route.name)
@@ -825,10 +827,11 @@ class Gateway:
         for rules in (gen.global_response_rules, route.response_headers):
             if not rules.empty:
                 headers = _apply_rules(headers, rules)
+        rid_name = gen.request_id_header
         for name, value in headers:
-            if name not in drop:
+            if name not in drop and name != rid_name:  # the gateway's id, not a second one
                 head += [name, b": ", value, b"\r\n"]
-        head += [gen.request_id_header, b": ", rid, b"\r\n"]
+        head += [rid_name, b": ", rid, b"\r\n"]
         for name, value in extra:
             head += [name, b": ", value, b"\r\n"]
         close = not request.keep_alive or self.state.closing
