@@ -123,3 +123,19 @@ async def test_websocket_refused_on_routes_without_it(tmp_path, stub):
             async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws"):
                 pass
         assert info.value.response.status_code == 400
+
+
+async def test_expect_100_continue_is_answered_after_the_checks(tmp_path, stub):
+    async with running_gateway(stream_config(tmp_path, stub)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b'"received":5' in await reader.read(1000)
+        writer.close()

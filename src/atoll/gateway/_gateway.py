@@ -77,6 +77,7 @@ _DROP_REQUEST = frozenset(
         b"tracestate",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"expect",
     }
 )
 #: Response headers not passed back as they came.
@@ -707,6 +708,9 @@ class Gateway:
         body: bytes | None = None
         stream = None
         limit = route.max_body if route.max_body is not None else gen.max_body
+        if not request.body.complete and request.header(b"expect") == b"100-continue":
+            # Only now, past auth and limits, does the client get to send its body.
+            request.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if request.body.complete:
             body = request.body.buffered()
         elif request.content_length is not None and request.content_length <= _BUFFER_BODY:
