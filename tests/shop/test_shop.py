@@ -22,6 +22,9 @@ class Shop:
             name: free_port() for name in ("orders", "inventory", "catalog", "payments", "shipping")
         }
         self.collector_port = free_port()
+        self.gateway_port = free_port()
+        self.gateway_admin_port = free_port()
+        self.gateway = f"http://127.0.0.1:{self.gateway_port}"
         self.traces = f"http://127.0.0.1:{self.collector_port}"
         self.payments = f"http://127.0.0.1:{self.ports['payments']}"
         self.orders = f"http://127.0.0.1:{self.ports['orders']}"
@@ -33,6 +36,8 @@ class Shop:
         env = dict(os.environ)
         env["ATOLL__SYSTEM__DATA_DIR"] = str(self.tmp_path / "data")
         env["ATOLL__SYSTEM__COLLECTOR__PORT"] = str(self.collector_port)
+        env["ATOLL__GATEWAY__PORT"] = str(self.gateway_port)
+        env["ATOLL__GATEWAY__ADMIN_PORT"] = str(self.gateway_admin_port)
         for name, port in self.ports.items():
             env[f"ATOLL__SERVICES__{name.upper()}__PORT"] = str(port)
         env.update(self.extra_env)

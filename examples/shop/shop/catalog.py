@@ -1,7 +1,7 @@
 """catalog: product names and prices, with a switch to make it slow or failing.
 
 The admin endpoint ``PUT /admin/faults`` injects latency and an error rate, so a user
-can watch the breaker in ``orders`` open (``GET :8080/atoll/breakers``), orders fall back
+can watch the breaker in ``orders`` open (``GET :8090/atoll/breakers``), orders fall back
 to the last known price, and the breaker close again once the faults are cleared.
 """
 

@@ -108,12 +108,40 @@ class Supervisor:
                     {**service_env, **spec.env},
                 )
             )
+        self.gateway: _Child | None = None
+        gateway = loaded.config.gateway
+        if gateway is not None:
+            # `python -m atoll.gateway`; ready when its admin port answers /readyz.
+            self.gateway = _Child(
+                "gateway",
+                "bright_blue",
+                f"http://{gateway.host}:{gateway.admin_port}",
+                [
+                    "-m",
+                    "atoll.gateway",
+                    "--config",
+                    str(loaded.base_dir / gateway.config),
+                    "--system",
+                    str(loaded.path),
+                    *profile,
+                    "--host",
+                    gateway.host,
+                    "--port",
+                    str(gateway.port),
+                    "--admin-port",
+                    str(gateway.admin_port),
+                    "--workers",
+                    str(gateway.workers),
+                ],
+                {**service_env, **gateway.env},
+            )
+            self.children.append(self.gateway)
         self._width = max(len(c.name) for c in self.children)
         self._stopping = False
 
     def services(self) -> list[_Child]:
-        """The service processes (not the collector)."""
-        return [c for c in self.children if c is not self.collector]
+        """The service processes (not the collector, not the gateway)."""
+        return [c for c in self.children if c is not self.collector and c is not self.gateway]
 
     def stopping(self) -> bool:
         """Whether the supervisor is shutting down."""
@@ -204,14 +232,29 @@ class Supervisor:
             self.console.print(
                 f"Traces: {self.collector.url}/ (every service exports there)", highlight=False
             )
-        first = self.services()[0]
-        self.console.print(
-            f"Try: curl -X POST {first.url}/orders -H 'content-type: application/json' "
-            """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'"""
-            if first.name == "orders"
-            else "Services answer at the URLs above; /readyz shows each one's state.",
-            highlight=False,
-        )
+        gateway = self.loaded.config.gateway
+        if gateway is not None:
+            admin = self.gateway.url if self.gateway is not None else ""
+            self.console.print(
+                f"Gateway: http://{gateway.host}:{gateway.port} (routes: {admin}/routes)",
+                highlight=False,
+            )
+            self.console.print(
+                "Try: TOKEN=$(atoll token --sub alice --scope orders:write --scope orders:read)\n"
+                f"     curl -X POST http://{gateway.host}:{gateway.port}/orders "
+                "-H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' "
+                """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'""",
+                highlight=False,
+            )
+        else:
+            first = self.services()[0]
+            self.console.print(
+                f"Try: curl -X POST {first.url}/orders -H 'content-type: application/json' "
+                """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'"""
+                if first.name == "orders"
+                else "Services answer at the URLs above; /readyz shows each one's state.",
+                highlight=False,
+            )
         self.console.print("Press Ctrl-C to stop.", style="dim")
 
     async def run(self) -> int:
@@ -250,6 +293,8 @@ class Supervisor:
         return code
 
     async def _stop_all(self) -> None:
+        if self.gateway is not None:
+            await self._stop([self.gateway])  # first: no new requests reach stopping services
         await self._stop(self.services())
         if self.collector is not None:
             await self._stop([self.collector])  # last: it receives the services' final spans

@@ -274,3 +274,19 @@ def _validate(source: str, config: AtollConfig) -> None:
             _check_url(source, f"{key}.database", service.database)
         if service.max_batch < 1:
             raise ConfigError(source, f"{key}.max_batch", "must be >= 1")
+    _validate_gateway(source, config, ports)
+
+
+def _validate_gateway(source: str, config: AtollConfig, ports: dict[tuple[str, int], str]) -> None:
+    gateway = config.gateway
+    if gateway is None:
+        return
+    for field in ("port", "admin_port"):
+        port = getattr(gateway, field)
+        if not 0 < port < 65536:
+            raise ConfigError(source, f"gateway.{field}", f"{port} is not a TCP port")
+        used_by = ports.get((gateway.host, port))
+        if used_by is not None:
+            raise ConfigError(source, f"gateway.{field}", f"{port} is already used by {used_by}")
+    if not 1 <= gateway.workers <= 64:
+        raise ConfigError(source, "gateway.workers", "must be between 1 and 64")

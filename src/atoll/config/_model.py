@@ -57,6 +57,24 @@ class ServiceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     env: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class GatewaySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[gateway]``: the API gateway ``atoll up`` starts in front of the services.
+
+    Its routes live in ``config`` (a YAML file, relative to ``atoll.toml``; see
+    ``docs/gateway.md``); ``service:`` upstreams there resolve to the services' addresses
+    here. ``host``/``port``/``admin_port``/``workers`` override the file's ``server``
+    and ``admin`` settings.
+    """
+
+    config: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 9901
+    workers: int = 1
+    #: Extra environment variables for the gateway's processes.
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
 class AtollConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole ``atoll.toml``."""
 
@@ -65,3 +83,5 @@ class AtollConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Resilience policies by name (``[policies.NAME]``, see ``docs/resilience.md``). A
     #: policy named like a service applies to every call made to that service.
     policies: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    #: The API gateway, if the system has one (``[gateway]``).
+    gateway: GatewaySection | None = None

@@ -57,7 +57,7 @@ from atoll.resilience._propagation import (
     current_trace_headers,
     trace_scope,
 )
-from atoll.resilience._ratelimit import RateLimiter
+from atoll.resilience._ratelimit import Permit, RateLimiter
 from atoll.resilience._registry import ResilienceRegistry
 from atoll.resilience._retry import Retry, RetryBudget
 from atoll.resilience._shared import SharedState, SharedWindow
@@ -85,6 +85,7 @@ __all__ = [
     "Fallback",
     "Hedge",
     "InvalidPolicyError",
+    "Permit",
     "Pipeline",
     "Policy",
     "PropagationMiddleware",

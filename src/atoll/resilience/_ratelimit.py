@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from atoll.determinism import Clock, SystemClock
 from atoll.resilience import _check
@@ -18,6 +19,24 @@ T = TypeVar("T")
 
 # Float arithmetic on the arrival time leaves dust: a permit due "1e-17 s from now" is due.
 _EPSILON = 1e-9
+
+
+class Permit(NamedTuple):
+    """The outcome of :meth:`RateLimiter.try_acquire`, with what rate-limit headers need.
+
+    ``wait`` is 0 for a granted permit, else the seconds until one would be granted.
+    ``remaining`` is how many more permits are available right now and ``reset`` the
+    seconds until the whole ``limit`` (the burst) is available again; both are ``None``
+    when a shared store does not report them. (A named tuple: made on every request.)
+    """
+
+    granted: bool
+    wait: float
+    limit: int
+    remaining: int | None
+    reset: float | None
+    #: Decided locally (no store, or the store was unavailable).
+    local: bool
 
 
 class RateLimiter(Policy):
@@ -135,6 +154,61 @@ class RateLimiter(Policy):
                 return seconds, False
         self.degraded_total += 1
         return self._reserve_local(self._degraded_interval, max_wait), True
+
+    def _permit(self, granted: bool, wait: float, ahead: float, local: bool) -> Permit:
+        """A :class:`Permit` from the theoretical arrival time ``ahead`` seconds from now."""
+        if not math.isfinite(ahead):
+            return Permit(granted, wait, self._burst, None, None, local)
+        interval = self._interval
+        remaining = 0 if not granted else int((self._tolerance - ahead) / interval + 1 + 1e-6)
+        return Permit(granted, wait, self._burst, max(0, remaining), max(0.0, ahead), local)
+
+    async def try_acquire(self) -> Permit:
+        """Take a permit if one is free now; never waits and never raises for want of one.
+
+        For request handlers that answer a refusal themselves (an HTTP 429 with
+        ``Retry-After`` and ``RateLimit-*`` headers) instead of waiting. ``max_wait`` and
+        the deadline do not apply: a permit is granted only if it is usable at once.
+        """
+        link = self._link
+        if link is None:
+            return self.try_acquire_local()
+        if link.available:
+            clock = self._clock
+            reply = await link.run(
+                lambda: link.store.take_permit(
+                    self._name,
+                    now=clock.time(),
+                    interval=self._interval,
+                    tolerance=self._tolerance,
+                )
+            )
+            if reply is not None:
+                granted, seconds, ahead = reply
+                if not granted:
+                    self.rejected_total += 1
+                return self._permit(granted, seconds if not granted else 0.0, ahead, False)
+        self.degraded_total += 1
+        return self._take_local(self._degraded_interval)
+
+    def try_acquire_local(self) -> Permit:
+        """:meth:`try_acquire` for a limiter without a shared store, without a coroutine.
+
+        Raises :class:`TypeError` on a shared limiter (its permits need the store).
+        """
+        if self._link is not None:
+            raise TypeError(f"rate limiter {self._name!r} is shared: use try_acquire()")
+        return self._take_local(self._interval)
+
+    def _take_local(self, interval: float) -> Permit:
+        now = self._clock.monotonic()
+        tat = max(now, self._tat)
+        wait = tat - self._tolerance - now
+        if wait > _EPSILON:
+            self.rejected_total += 1
+            return self._permit(False, wait, tat - now, True)
+        self._tat = tat + interval
+        return self._permit(True, 0.0, self._tat - now, True)
 
     async def _wait(self, seconds: float, local: bool) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -86,6 +87,20 @@ class SharedState(abc.ABC):
         self, name: str, *, now: float, interval: float, tolerance: float, max_wait: float
     ) -> tuple[bool, float]:
         """Take a permit of rate limiter ``name``: whether granted, and seconds to wait."""
+
+    async def take_permit(
+        self, name: str, *, now: float, interval: float, tolerance: float
+    ) -> tuple[bool, float, float]:
+        """:meth:`reserve_permit` with ``max_wait = 0``, also returning ``tat - now``.
+
+        The third value is the stored theoretical arrival time (after the grant, if
+        granted) minus ``now`` in seconds, from which the caller derives the remaining
+        permits; ``nan`` if the store cannot tell. The default implementation cannot.
+        """
+        granted, seconds = await self.reserve_permit(
+            name, now=now, interval=interval, tolerance=tolerance, max_wait=0.0
+        )
+        return granted, seconds, math.nan
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to close by default
         """Release connections."""

@@ -66,7 +66,8 @@ return tostring(until_ms)
 """
 
 # KEYS[1]: the limiter's theoretical arrival time. ARGV: now, interval, tolerance,
-# max wait (all ms). Returns {granted (0/1), wait or retry-after (ms, as a string)}.
+# max wait (all ms). Returns {granted (0/1), wait or retry-after (ms, as a string),
+# the stored tat minus now afterwards (ms, as a string)}.
 # Numbers are written with '%.3f': Lua's tostring keeps 14 significant digits, which at
 # epoch milliseconds (13 digits) would leave 0.1 ms steps and spurious refusals; the
 # comparison tolerates 1 microsecond of float dust for the same reason.
@@ -79,12 +80,12 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - tolerance - now
 if wait > max_wait + 0.001 then
-  return {0, string.format('%.3f', wait)}
+  return {0, string.format('%.3f', wait), string.format('%.3f', tat - now)}
 end
 local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
 if wait < 0.001 then wait = 0 end
-return {1, string.format('%.3f', wait)}
+return {1, string.format('%.3f', wait), string.format('%.3f', new_tat - now)}
 """
 
 
@@ -170,6 +171,15 @@ class RedisSharedState(SharedState):
             ],
         )
         return bool(int(reply[0])), max(0.0, float(reply[1]) / 1000)
+
+    async def take_permit(
+        self, name: str, *, now: float, interval: float, tolerance: float
+    ) -> tuple[bool, float, float]:
+        reply: list[Any] = await self._gcra(
+            keys=[self._key("limiter", name, "tat")],
+            args=[repr(now * 1000), repr(interval * 1000), repr(tolerance * 1000), "0"],
+        )
+        return bool(int(reply[0])), max(0.0, float(reply[1]) / 1000), float(reply[2]) / 1000
 
     async def aclose(self) -> None:
         if self._owns:

@@ -1,0 +1,146 @@
+"""Aggregate routes: several upstream calls made concurrently, one JSON response.
+
+Each part is ``required`` (its failure fails the whole response: its own 4xx status is
+passed on, anything else is a 502, or 504 when the deadline ran out), ``optional``
+(left out and named in ``"_partial"``) or has a ``fallback`` value (used in its place
+and also named in ``"_partial"``, so the client knows which data is not live). Every
+call runs under the route's one deadline, propagated to the upstreams in
+``X-Atoll-Deadline``; when it passes, calls still running are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from atoll.gateway._config import PartConfig, RouteConfig
+from atoll.gateway._proxy import Call
+from atoll.gateway._routing import fill_template
+from atoll.gateway._server import Request
+from atoll.gateway._upstream import UpstreamError
+from atoll.resilience import RejectedError, current_deadline
+
+if TYPE_CHECKING:
+    from atoll.gateway._gateway import Gateway, Generation
+
+#: The largest part body read (bytes): aggregates are for small JSON documents.
+MAX_PART_BODY = 4 * 1024 * 1024
+_DECODER = msgspec.json.Decoder()
+
+
+class PartFailedError(Exception):
+    def __init__(self, status: int, detail: str, body: Any = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.body = body
+
+
+async def _fetch(
+    gen: Generation,
+    part: PartConfig,
+    params: dict[str, bytes],
+    forwarded: list[tuple[bytes, bytes]],
+    span: Any,
+) -> Any:
+    upstream = gen.upstreams[part.upstream]
+    target = fill_template(part.path, params)
+    common = b"".join(
+        b"%b: %b\r\n" % pair
+        for pair in forwarded
+        if pair[0] not in (b"content-type", b"content-length", b"accept-encoding")
+    )
+    call = Call(
+        b"GET %b HTTP/1.1\r\n" % target, common + b"accept: application/json\r\n", None, None
+    )
+    if span is not None:
+        call.span_headers = [(k.encode(), v.encode()) for k, v in span.headers().items()]
+    try:
+        response = await upstream.exchange(call, b"GET", True)
+        body = await response.body.read(limit=MAX_PART_BODY)
+    except TimeoutError as exc:
+        raise PartFailedError(
+            504, f"{part.name}: upstream {part.upstream} did not answer in time"
+        ) from exc
+    except (UpstreamError, RejectedError) as exc:
+        raise PartFailedError(
+            502, f"{part.name}: upstream {part.upstream} failed ({type(exc).__name__})"
+        ) from exc
+    if response.status >= 400:
+        try:
+            detail_body = _DECODER.decode(body) if body else None
+        except msgspec.DecodeError:
+            detail_body = None
+        status = response.status if response.status < 500 else 502
+        raise PartFailedError(
+            status, f"{part.name}: upstream {part.upstream} answered {response.status}", detail_body
+        )
+    try:
+        return _DECODER.decode(body) if body else None
+    except msgspec.DecodeError as exc:
+        raise PartFailedError(
+            502, f"{part.name}: upstream {part.upstream} did not answer JSON"
+        ) from exc
+
+
+async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat on the hot path
+    gateway: Gateway,
+    gen: Generation,
+    request: Request,
+    route: RouteConfig,
+    params: dict[str, bytes],
+    forwarded: list[tuple[bytes, bytes]],
+    rid: bytes,
+    extra: list[tuple[bytes, bytes]],
+    span: Any,
+) -> int:
+    """Answer ``request`` with the parts of ``route``; returns the status sent."""
+    assert route.aggregate is not None
+    if request.method not in (b"GET", b"HEAD"):
+        gateway._send_problem(
+            request,
+            route,
+            405,
+            "aggregate routes answer GET only",
+            rid,
+            headers=[(b"allow", b"GET")],
+        )
+        return 405
+    parts = route.aggregate.parts
+    deadline = current_deadline()
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(_fetch(gen, part, params, forwarded, span)) for part in parts]
+    timeout = deadline.remaining() if deadline is not None else None
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    result: dict[str, Any] = {}
+    partial: list[str] = []
+    for part, task in zip(parts, tasks, strict=True):
+        error: PartFailedError | None = None
+        if task in done and task.exception() is None:
+            result[part.name] = task.result()
+            continue
+        exc = task.exception() if task in done else None
+        if isinstance(exc, PartFailedError):
+            error = exc
+        elif exc is None:
+            error = PartFailedError(504, f"{part.name}: no answer before the deadline")
+        else:
+            error = PartFailedError(502, f"{part.name}: {type(exc).__name__}")
+        if part.mode == "required":
+            fields: dict[str, Any] = {"part": part.name}
+            gateway._send_problem(request, route, error.status, error.detail, rid, cors=extra)
+            del fields
+            return error.status
+        partial.append(part.name)
+        if part.mode == "fallback":
+            result[part.name] = part.fallback
+    if partial:
+        result["_partial"] = partial
+    gateway.send_json(request, 200, result, rid, extra, route)
+    return 200

@@ -1,0 +1,1031 @@
+"""The gateway's configuration: a YAML file, or a TOML file (its ``[gateway]`` table or the
+whole file), checked key by key.
+
+Every problem raises :class:`atoll.config.ConfigError` naming the file and the dotted
+key (``gateway.yaml: routes[2].rate_limit.rate: must be > 0, got -1``), so a bad new
+configuration can be refused on reload with a precise log line while the old one keeps
+serving. ``docs/gateway.md`` lists every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atoll.config import ConfigError
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+AUTH_KINDS = ("jwt", "api_key")
+RATE_KEYS = ("client", "ip", "subject", "api_key", "route")
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA", "PS256", "HS256")
+
+
+# -- the model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Headers to set (replace) and remove."""
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    remove: frozenset[bytes] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        """True when the rules change nothing."""
+        return not self.set and not self.remove
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """``server``: the public listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body: int = 10 * 1024 * 1024
+    max_header_bytes: int = 16384
+    max_url_bytes: int = 8192
+    idle_timeout: float = 75.0
+    drain_timeout: float = 30.0
+    request_id_header: str = "X-Request-ID"
+    #: Keep a client's request id (when it looks sane) instead of always making one.
+    trust_request_id: bool = True
+    #: Adopt an incoming ``X-Atoll-Deadline`` (it can only shorten the route's timeout).
+    trust_deadline: bool = True
+    #: Continue an incoming W3C trace instead of starting a new one.
+    trust_trace: bool = True
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """``admin``: the read-only admin listener (``port = 0``: none)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_idle: int = 128
+    idle_timeout: float = 4.0
+    connect_timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 1
+    unhealthy_threshold: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveConfig:
+    failures: int = 5
+    ejection: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """``upstreams.NAME``."""
+
+    name: str
+    targets: tuple[tuple[str, int], ...]
+    balance: str = "round_robin"
+    preserve_host: bool = False
+    pool: PoolConfig = PoolConfig()
+    health: HealthConfig | None = None
+    passive: PassiveConfig = PassiveConfig()
+    #: An ``atoll.resilience`` policy table (``policy_from_config``); ``None``: defaults.
+    policy: Mapping[str, Any] | None = None
+    #: Where ``targets`` came from (``service:orders`` or ``static``), for the admin view.
+    source: str = "static"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    rate: float
+    burst: int = 1
+    per: str = "client"
+    shared: bool = False
+    degraded_rate: float | None = None
+    #: Seconds a Redis round trip may take before this permit is decided locally.
+    shared_timeout: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class PartConfig:
+    """One upstream call of an aggregate route."""
+
+    name: str
+    upstream: str
+    path: str
+    mode: str  # "required", "optional" or "fallback"
+    fallback: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateConfig:
+    parts: tuple[PartConfig, ...]
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """``routes[i]``."""
+
+    name: str
+    index: int
+    path: str | None = None
+    prefix: str | None = None
+    methods: frozenset[bytes] | None = None
+    host: str | None = None
+    headers: tuple[tuple[bytes, bytes | None], ...] = ()
+    upstream: str | None = None
+    strip_prefix: str | None = None
+    rewrite: str | None = None
+    auth: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    rate_limit: RateLimitConfig | None = None
+    timeout: float | None = None
+    max_body: int | None = None
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+    websocket: bool = False
+    aggregate: AggregateConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    name: str
+    sha256: bytes  # the digest of the key; keys are compared by digest
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    issuer: tuple[str, ...] = ()
+    audience: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    leeway: float = 30.0
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    hs256_secret: bytes | None = None
+    jwks_refresh_interval: float = 300.0
+    jwks_min_refetch_interval: float = 30.0
+    cache_size: int = 10000
+    cache_ttl: float = 60.0
+    scope_claim: str = "scope"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    jwt: JwtConfig | None = None
+    api_key_header: bytes = b"x-api-key"
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    #: Prefix of the identity headers sent upstream (and stripped from every request).
+    identity_prefix: str = "X-Auth-"
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-request-id")
+    expose_headers: tuple[str, ...] = ("x-request-id", "retry-after", "ratelimit-limit")
+    allow_credentials: bool = False
+    max_age: int = 600
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """A whole, checked gateway configuration."""
+
+    source: str
+    server: ServerSettings = ServerSettings()
+    admin: AdminSettings = AdminSettings()
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    auth: AuthConfig = AuthConfig()
+    cors: CorsConfig | None = None
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+    rate_limit_store: str | None = None
+    rate_limit_prefix: str = "atoll-gateway"
+    #: The files this configuration was read from (watched for changes).
+    files: tuple[Path, ...] = ()
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def table(self, key: str, value: object, known: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.error(key, f"must be a table, not {_describe(value)}")
+        for name in value:
+            if name not in known:
+                raise self.error(
+                    _join(key, str(name)), f"unknown key (known: {', '.join(sorted(known))})"
+                )
+        return dict(value)
+
+    def string(self, key: str, value: object) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a non-empty string, not {_describe(value)}")
+        return value
+
+    def strings(self, key: str, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, list):
+            raise self.error(key, f"must be a string or a list of strings, not {_describe(value)}")
+        return tuple(self.string(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+    def number(
+        self, key: str, value: object, *, minimum: float = 0.0, positive: bool = False
+    ) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number, not {_describe(value)}")
+        if positive and value <= 0:
+            raise self.error(key, f"must be > 0, got {value}")
+        if value < minimum:
+            raise self.error(key, f"must be >= {minimum:g}, got {value}")
+        return float(value)
+
+    def whole(
+        self, key: str, value: object, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be a whole number, not {_describe(value)}")
+        if value < minimum:
+            raise self.error(key, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be <= {maximum}, got {value}")
+        return value
+
+    def flag(self, key: str, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {_describe(value)}")
+        return value
+
+    def size(self, key: str, value: object) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise self.error(key, f"must be >= 0, got {value}")
+            return value
+        if isinstance(value, str):
+            match = _SIZE.match(value)
+            if match:
+                unit = match.group(2).lower() if match.group(2) else None
+                return int(match.group(1)) * _SIZE_UNITS[unit]
+        raise self.error(key, f"must be a size in bytes (1048576 or '1 MiB'), not {value!r}")
+
+    def port(self, key: str, value: object, *, allow_zero: bool = False) -> int:
+        return self.whole(key, value, minimum=0 if allow_zero else 1, maximum=65535)
+
+    def headers(self, key: str, value: object) -> HeaderRules:
+        rules = self.table(key, value, ("set", "remove"))
+        pairs: list[tuple[bytes, bytes]] = []
+        for name, item in self.table(f"{key}.set", rules.get("set"), _ANY).items():
+            pairs.append(
+                (
+                    self.header_name(f"{key}.set.{name}", name),
+                    self.header_value(f"{key}.set.{name}", item),
+                )
+            )
+        removed = frozenset(
+            self.header_name(f"{key}.remove[{i}]", n)
+            for i, n in enumerate(self.strings(f"{key}.remove", rules.get("remove", [])))
+        )
+        return HeaderRules(tuple(pairs), removed)
+
+    def header_name(self, key: str, name: object) -> bytes:
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise self.error(key, f"{name!r} is not a valid header name")
+        return name.lower().encode("ascii")
+
+    def header_value(self, key: str, value: object) -> bytes:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.error(key, f"must be a string, not {_describe(value)}")
+        text = str(value)
+        if any(c in text for c in "\r\n\0"):
+            raise self.error(key, "must not contain CR, LF or NUL")
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise self.error(key, "must be Latin-1 text") from None
+
+
+class _AnyKeys(tuple[str, ...]):
+    """A ``known`` argument that accepts every key."""
+
+    __slots__ = ()
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY = _AnyKeys()
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "nothing"
+    return type(value).__name__
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+_TOP = (
+    "server",
+    "admin",
+    "services_from",
+    "upstreams",
+    "routes",
+    "auth",
+    "cors",
+    "headers",
+    "rate_limits",
+)
+
+
+def read_gateway_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The raw table of a gateway file (YAML, or TOML with or without ``[gateway]``)."""
+    file = Path(path)
+    source = str(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot be read: {exc.strerror}") from None
+    if file.suffix == ".toml":
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(source, "", f"is not valid TOML: {exc}") from None
+        if "gateway" in data and isinstance(data["gateway"], dict) and "routes" in data["gateway"]:
+            data = data["gateway"]
+    else:
+        import yaml  # noqa: PLC0415 - the gateway extra
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, "", f"is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", "must hold a table of settings")
+    return data, source
+
+
+def load_gateway_config(
+    path: str | Path,
+    *,
+    system: str | Path | None = None,
+    profile: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GatewayConfig:
+    """Read and check the gateway configuration in ``path``.
+
+    ``system`` is an ``atoll.toml`` whose ``[services]`` give the addresses of
+    upstreams declared as ``service: NAME`` (default: the file's ``services_from``).
+    ``${NAME}`` in strings is replaced by environment variables.
+    """
+    import os  # noqa: PLC0415
+
+    env = os.environ if environ is None else environ
+    data, source = read_gateway_file(path)
+    from atoll.config._load import _expand  # noqa: PLC0415 - the same ${NAME} rules
+
+    data = _expand(source, "", data, env)
+    reader = _Reader(source)
+    top = reader.table("", data, _TOP)
+    files = [Path(path).resolve()]
+    services: dict[str, tuple[str, int]] | None = None
+    system_path: Path | None = Path(system) if system is not None else None
+    if system_path is None and "services_from" in top:
+        system_path = Path(path).parent / reader.string("services_from", top["services_from"])
+    if system_path is not None:
+        from atoll.config import load_config  # noqa: PLC0415
+
+        loaded = load_config(system_path, env, profile=profile)
+        files.append(loaded.path)
+        services = {
+            name: (_connect_host(section.host), section.port)
+            for name, section in loaded.config.services.items()
+        }
+    server = _server(reader, top.get("server"))
+    admin = _admin(reader, top.get("admin"))
+    upstreams = _upstreams(reader, top.get("upstreams"), services)
+    auth = _auth(reader, top.get("auth"), Path(path).parent)
+    routes = _routes(reader, top.get("routes"), upstreams, auth)
+    cors = _cors(reader, top["cors"]) if top.get("cors") is not None else None
+    headers = reader.table("headers", top.get("headers"), ("request", "response"))
+    limits = reader.table("rate_limits", top.get("rate_limits"), ("store", "prefix"))
+    store = limits.get("store")
+    if store is not None:
+        store = reader.string("rate_limits.store", store)
+        if not store.startswith(("redis://", "rediss://", "unix://")):
+            raise reader.error("rate_limits.store", "must be a redis:// URL")
+    if store is None and any(r.rate_limit and r.rate_limit.shared for r in routes):
+        shared = next(r for r in routes if r.rate_limit and r.rate_limit.shared)
+        raise reader.error(
+            f"routes[{shared.index}].rate_limit.shared", "is true but rate_limits.store is not set"
+        )
+    return GatewayConfig(
+        source=source,
+        server=server,
+        admin=admin,
+        upstreams=upstreams,
+        routes=routes,
+        auth=auth,
+        cors=cors,
+        request_headers=reader.headers("headers.request", headers.get("request")),
+        response_headers=reader.headers("headers.response", headers.get("response")),
+        rate_limit_store=store,
+        rate_limit_prefix=reader.string(
+            "rate_limits.prefix", limits.get("prefix", "atoll-gateway")
+        ),
+        files=tuple(files),
+    )
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 - a bind-all address is reached on loopback
+
+
+def _server(reader: _Reader, value: object) -> ServerSettings:
+    t = reader.table("server", value, tuple(ServerSettings.__slots__))
+    d = ServerSettings()
+    return ServerSettings(
+        host=reader.string("server.host", t.get("host", d.host)),
+        port=reader.port("server.port", t.get("port", d.port)),
+        workers=reader.whole("server.workers", t.get("workers", d.workers), minimum=1, maximum=64),
+        max_body=reader.size("server.max_body", t.get("max_body", d.max_body)),
+        max_header_bytes=reader.whole(
+            "server.max_header_bytes", t.get("max_header_bytes", d.max_header_bytes), minimum=256
+        ),
+        max_url_bytes=reader.whole(
+            "server.max_url_bytes", t.get("max_url_bytes", d.max_url_bytes), minimum=64
+        ),
+        idle_timeout=reader.number(
+            "server.idle_timeout", t.get("idle_timeout", d.idle_timeout), positive=True
+        ),
+        drain_timeout=reader.number(
+            "server.drain_timeout", t.get("drain_timeout", d.drain_timeout)
+        ),
+        request_id_header=reader.header_name(
+            "server.request_id_header", t.get("request_id_header", d.request_id_header)
+        ).decode(),
+        trust_request_id=reader.flag(
+            "server.trust_request_id", t.get("trust_request_id", d.trust_request_id)
+        ),
+        trust_deadline=reader.flag(
+            "server.trust_deadline", t.get("trust_deadline", d.trust_deadline)
+        ),
+        trust_trace=reader.flag("server.trust_trace", t.get("trust_trace", d.trust_trace)),
+        access_log=reader.flag("server.access_log", t.get("access_log", d.access_log)),
+    )
+
+
+def _admin(reader: _Reader, value: object) -> AdminSettings:
+    t = reader.table("admin", value, ("host", "port"))
+    d = AdminSettings()
+    return AdminSettings(
+        host=reader.string("admin.host", t.get("host", d.host)),
+        port=reader.port("admin.port", t.get("port", d.port), allow_zero=True),
+    )
+
+
+def _target(reader: _Reader, key: str, value: object) -> tuple[str, int]:
+    text = reader.string(key, value)
+    text = text.removeprefix("http://")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise reader.error(key, f"must be 'host:port', got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _upstreams(  # noqa: C901 - a flat validator, one key after another
+    reader: _Reader, value: object, services: dict[str, tuple[str, int]] | None
+) -> dict[str, UpstreamConfig]:
+    table = reader.table("upstreams", value, _ANY)
+    out: dict[str, UpstreamConfig] = {}
+    known = (
+        "service",
+        "targets",
+        "balance",
+        "preserve_host",
+        "pool",
+        "health",
+        "passive",
+        "policy",
+    )
+    for name, raw in table.items():
+        key = f"upstreams.{name}"
+        t = reader.table(key, raw, known)
+        if ("service" in t) == ("targets" in t):
+            raise reader.error(key, "needs exactly one of 'service' (from atoll.toml) or 'targets'")
+        if "service" in t:
+            service = reader.string(f"{key}.service", t["service"])
+            if services is None:
+                raise reader.error(
+                    f"{key}.service",
+                    "names a service but no atoll.toml was given (services_from or --system)",
+                )
+            if service not in services:
+                known_services = ", ".join(sorted(services)) or "none"
+                raise reader.error(
+                    f"{key}.service",
+                    f"no service {service!r} in atoll.toml (known: {known_services})",
+                )
+            targets: tuple[tuple[str, int], ...] = (services[service],)
+            origin = f"service:{service}"
+        else:
+            raw_targets = t["targets"]
+            if not isinstance(raw_targets, list) or not raw_targets:
+                raise reader.error(f"{key}.targets", "must be a non-empty list of 'host:port'")
+            targets = tuple(
+                _target(reader, f"{key}.targets[{i}]", v) for i, v in enumerate(raw_targets)
+            )
+            origin = "static"
+        balance = t.get("balance", "round_robin")
+        if balance not in ("round_robin", "least_outstanding"):
+            raise reader.error(
+                f"{key}.balance", f"must be 'round_robin' or 'least_outstanding', got {balance!r}"
+            )
+        pool_t = reader.table(
+            f"{key}.pool", t.get("pool"), ("max_idle", "idle_timeout", "connect_timeout")
+        )
+        dp = PoolConfig()
+        pool = PoolConfig(
+            max_idle=reader.whole(f"{key}.pool.max_idle", pool_t.get("max_idle", dp.max_idle)),
+            idle_timeout=reader.number(
+                f"{key}.pool.idle_timeout",
+                pool_t.get("idle_timeout", dp.idle_timeout),
+                positive=True,
+            ),
+            connect_timeout=reader.number(
+                f"{key}.pool.connect_timeout",
+                pool_t.get("connect_timeout", dp.connect_timeout),
+                positive=True,
+            ),
+        )
+        health = None
+        if t.get("health") is not None:
+            h = reader.table(f"{key}.health", t["health"], tuple(HealthConfig.__slots__))
+            dh = HealthConfig()
+            path = reader.string(f"{key}.health.path", h.get("path", dh.path))
+            if not path.startswith("/"):
+                raise reader.error(f"{key}.health.path", "must start with '/'")
+            health = HealthConfig(
+                path=path,
+                interval=reader.number(
+                    f"{key}.health.interval", h.get("interval", dh.interval), positive=True
+                ),
+                timeout=reader.number(
+                    f"{key}.health.timeout", h.get("timeout", dh.timeout), positive=True
+                ),
+                healthy_threshold=reader.whole(
+                    f"{key}.health.healthy_threshold",
+                    h.get("healthy_threshold", dh.healthy_threshold),
+                    minimum=1,
+                ),
+                unhealthy_threshold=reader.whole(
+                    f"{key}.health.unhealthy_threshold",
+                    h.get("unhealthy_threshold", dh.unhealthy_threshold),
+                    minimum=1,
+                ),
+            )
+        p = reader.table(f"{key}.passive", t.get("passive"), ("failures", "ejection"))
+        dpas = PassiveConfig()
+        passive = PassiveConfig(
+            failures=reader.whole(
+                f"{key}.passive.failures", p.get("failures", dpas.failures), minimum=1
+            ),
+            ejection=reader.number(f"{key}.passive.ejection", p.get("ejection", dpas.ejection)),
+        )
+        policy = t.get("policy")
+        if policy is not None:
+            policy = reader.table(f"{key}.policy", policy, _ANY)
+            _check_policy(reader, f"{key}.policy", policy, name)
+        out[str(name)] = UpstreamConfig(
+            name=str(name),
+            targets=targets,
+            balance=balance,
+            preserve_host=reader.flag(f"{key}.preserve_host", t.get("preserve_host", False)),
+            pool=pool,
+            health=health,
+            passive=passive,
+            policy=policy,
+            source=origin,
+        )
+    return out
+
+
+def _check_policy(reader: _Reader, key: str, table: dict[str, Any], name: str) -> None:
+    """Build the policy once so a bad one is refused now, under its full key."""
+    from atoll.gateway._proxy import build_pipeline  # noqa: PLC0415 - registers the classifiers
+    from atoll.resilience import Pipeline  # noqa: PLC0415
+
+    if "rate_limit" in table:
+        raise reader.error(f"{key}.rate_limit", "use the route's rate_limit in the gateway")
+    for section in ("breaker", "rate_limit"):
+        part = table.get(section)
+        if isinstance(part, Mapping) and part.get("shared"):
+            raise reader.error(f"{key}.{section}.shared", "is not supported for gateway upstreams")
+    probe = UpstreamConfig(name=name, targets=(("127.0.0.1", 1),), policy=table)
+    pipeline = build_pipeline(probe, source=reader.source, clock=None, random=None)
+    assert isinstance(pipeline, Pipeline)
+
+
+def _template_params(path: str) -> list[str]:
+    return [m.group(1) for m in _PARAM.finditer(path)]
+
+
+def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after another
+    reader: _Reader, value: object, upstreams: Mapping[str, UpstreamConfig], auth: AuthConfig
+) -> tuple[RouteConfig, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise reader.error("routes", f"must be a list of routes, not {_describe(value)}")
+    known = (
+        "name",
+        "match",
+        "upstream",
+        "strip_prefix",
+        "rewrite",
+        "auth",
+        "scopes",
+        "rate_limit",
+        "timeout",
+        "max_body",
+        "request_headers",
+        "response_headers",
+        "websocket",
+        "aggregate",
+    )
+    routes = []
+    names: set[str] = set()
+    for i, raw in enumerate(value):
+        key = f"routes[{i}]"
+        t = reader.table(key, raw, known)
+        name = reader.string(f"{key}.name", t.get("name", f"route-{i}"))
+        if name in names:
+            raise reader.error(f"{key}.name", f"{name!r} is already the name of another route")
+        names.add(name)
+        m = reader.table(
+            f"{key}.match", t.get("match"), ("path", "prefix", "methods", "host", "headers")
+        )
+        path = prefix = None
+        if "path" in m:
+            path = reader.string(f"{key}.match.path", m["path"])
+            if not path.startswith("/"):
+                raise reader.error(f"{key}.match.path", "must start with '/'")
+        if "prefix" in m:
+            prefix = reader.string(f"{key}.match.prefix", m["prefix"])
+            if not prefix.startswith("/"):
+                raise reader.error(f"{key}.match.prefix", "must start with '/'")
+        if path is not None and prefix is not None:
+            raise reader.error(f"{key}.match", "give 'path' or 'prefix', not both")
+        if path is None and prefix is None:
+            raise reader.error(f"{key}.match", "needs a 'path' or a 'prefix'")
+        methods = None
+        if "methods" in m:
+            listed = reader.strings(f"{key}.match.methods", m["methods"])
+            for j, method in enumerate(listed):
+                if method.upper() not in _METHODS:
+                    raise reader.error(f"{key}.match.methods[{j}]", f"unknown method {method!r}")
+            methods = frozenset(x.upper().encode() for x in listed)
+        host = reader.string(f"{key}.match.host", m["host"]).lower() if "host" in m else None
+        match_headers = []
+        for hname, hval in reader.table(f"{key}.match.headers", m.get("headers"), _ANY).items():
+            hkey = f"{key}.match.headers.{hname}"
+            match_headers.append(
+                (
+                    reader.header_name(hkey, hname),
+                    None if hval == "*" else reader.header_value(hkey, hval),
+                )
+            )
+        aggregate = None
+        upstream = None
+        if "aggregate" in t:
+            if "upstream" in t:
+                raise reader.error(key, "an aggregate route has no 'upstream' of its own")
+            aggregate = _aggregate(
+                reader, f"{key}.aggregate", t["aggregate"], upstreams, path or prefix or ""
+            )
+        else:
+            upstream = reader.string(f"{key}.upstream", t.get("upstream"))
+            if upstream not in upstreams:
+                raise reader.error(
+                    f"{key}.upstream",
+                    f"no upstream {upstream!r} (known: {', '.join(sorted(upstreams)) or 'none'})",
+                )
+        strip = t.get("strip_prefix")
+        strip_prefix = None
+        if strip is True:
+            if prefix is None:
+                raise reader.error(f"{key}.strip_prefix", "true needs a match.prefix")
+            strip_prefix = prefix.rstrip("/")
+        elif strip not in (None, False):
+            strip_prefix = reader.string(f"{key}.strip_prefix", strip).rstrip("/")
+        rewrite = None
+        if "rewrite" in t:
+            rewrite = reader.string(f"{key}.rewrite", t["rewrite"])
+            if not rewrite.startswith("/"):
+                raise reader.error(f"{key}.rewrite", "must start with '/'")
+            declared = set(_template_params(path or ""))
+            for param in _template_params(rewrite):
+                if param not in declared:
+                    raise reader.error(
+                        f"{key}.rewrite", f"uses {{{param}}}, which match.path does not declare"
+                    )
+        kinds = (
+            reader.strings(f"{key}.auth", t.get("auth", []))
+            if t.get("auth") not in (None, "none")
+            else ()
+        )
+        for j, kind in enumerate(kinds):
+            if kind not in AUTH_KINDS:
+                raise reader.error(f"{key}.auth", f"unknown kind {kind!r} (known: jwt, api_key)")
+            if kind == "jwt" and auth.jwt is None:
+                raise reader.error(f"{key}.auth", "jwt needs auth.jwt to be configured")
+            if kind == "api_key" and not auth.api_keys:
+                raise reader.error(f"{key}.auth", "api_key needs auth.api_keys")
+            del j
+        scopes = reader.strings(f"{key}.scopes", t.get("scopes", []))
+        if scopes and not kinds:
+            raise reader.error(f"{key}.scopes", "scopes need auth on the route")
+        rate_limit = None
+        if t.get("rate_limit") is not None:
+            rl = reader.table(
+                f"{key}.rate_limit",
+                t["rate_limit"],
+                ("rate", "burst", "per", "shared", "degraded_rate", "shared_timeout"),
+            )
+            if "rate" not in rl:
+                raise reader.error(f"{key}.rate_limit.rate", "is required")
+            per = rl.get("per", "client")
+            if per not in RATE_KEYS:
+                raise reader.error(
+                    f"{key}.rate_limit.per", f"must be one of {', '.join(RATE_KEYS)}, got {per!r}"
+                )
+            rate_limit = RateLimitConfig(
+                rate=reader.number(f"{key}.rate_limit.rate", rl["rate"], positive=True),
+                burst=reader.whole(f"{key}.rate_limit.burst", rl.get("burst", 1), minimum=1),
+                per=per,
+                shared=reader.flag(f"{key}.rate_limit.shared", rl.get("shared", False)),
+                shared_timeout=reader.number(
+                    f"{key}.rate_limit.shared_timeout",
+                    rl.get("shared_timeout", 0.05),
+                    positive=True,
+                ),
+                degraded_rate=(
+                    reader.number(
+                        f"{key}.rate_limit.degraded_rate", rl["degraded_rate"], positive=True
+                    )
+                    if "degraded_rate" in rl
+                    else None
+                ),
+            )
+        routes.append(
+            RouteConfig(
+                name=name,
+                index=i,
+                path=path,
+                prefix=prefix,
+                methods=methods,
+                host=host,
+                headers=tuple(match_headers),
+                upstream=upstream,
+                strip_prefix=strip_prefix,
+                rewrite=rewrite,
+                auth=tuple(kinds),
+                scopes=scopes,
+                rate_limit=rate_limit,
+                timeout=(
+                    reader.number(f"{key}.timeout", t["timeout"], positive=True)
+                    if "timeout" in t
+                    else None
+                ),
+                max_body=reader.size(f"{key}.max_body", t["max_body"]) if "max_body" in t else None,
+                request_headers=reader.headers(f"{key}.request_headers", t.get("request_headers")),
+                response_headers=reader.headers(
+                    f"{key}.response_headers", t.get("response_headers")
+                ),
+                websocket=reader.flag(f"{key}.websocket", t.get("websocket", False)),
+                aggregate=aggregate,
+            )
+        )
+    return tuple(routes)
+
+
+def _aggregate(  # noqa: C901 - a flat validator
+    reader: _Reader, key: str, value: object, upstreams: Mapping[str, UpstreamConfig], path: str
+) -> AggregateConfig:
+    t = reader.table(key, value, ("parts", "timeout"))
+    parts_t = reader.table(f"{key}.parts", t.get("parts"), _ANY)
+    if not parts_t:
+        raise reader.error(f"{key}.parts", "needs at least one part")
+    declared = set(_template_params(path))
+    parts = []
+    for name, raw in parts_t.items():
+        pkey = f"{key}.parts.{name}"
+        p = reader.table(pkey, raw, ("upstream", "path", "required", "optional", "fallback"))
+        upstream = reader.string(f"{pkey}.upstream", p.get("upstream"))
+        if upstream not in upstreams:
+            raise reader.error(f"{pkey}.upstream", f"no upstream {upstream!r}")
+        part_path = reader.string(f"{pkey}.path", p.get("path"))
+        if not part_path.startswith("/"):
+            raise reader.error(f"{pkey}.path", "must start with '/'")
+        for param in _template_params(part_path):
+            if param not in declared:
+                raise reader.error(
+                    f"{pkey}.path", f"uses {{{param}}}, which match.path does not declare"
+                )
+        modes = [m for m in ("required", "optional") if p.get(m) is True]
+        if "fallback" in p:
+            modes.append("fallback")
+        if len(modes) > 1:
+            raise reader.error(pkey, "is one of required, optional or fallback, not several")
+        for flag in ("required", "optional"):
+            if flag in p:
+                reader.flag(f"{pkey}.{flag}", p[flag])
+        mode = modes[0] if modes else "required"
+        parts.append(PartConfig(str(name), upstream, part_path, mode, p.get("fallback")))
+    return AggregateConfig(
+        parts=tuple(parts),
+        timeout=reader.number(f"{key}.timeout", t.get("timeout", 5.0), positive=True),
+    )
+
+
+def _auth(reader: _Reader, value: object, base: Path) -> AuthConfig:  # noqa: C901, PLR0912, PLR0915 - a flat validator
+    t = reader.table("auth", value, ("jwt", "api_keys", "identity_prefix"))
+    jwt = None
+    if t.get("jwt") is not None:
+        j = reader.table("auth.jwt", t["jwt"], tuple(JwtConfig.__slots__))
+        d = JwtConfig()
+        algorithms = reader.strings("auth.jwt.algorithms", j.get("algorithms", list(d.algorithms)))
+        for i, alg in enumerate(algorithms):
+            if alg not in JWT_ALGORITHMS:
+                raise reader.error(
+                    f"auth.jwt.algorithms[{i}]",
+                    f"unsupported algorithm {alg!r} "
+                    f"(known: {', '.join(JWT_ALGORITHMS)}; never 'none')",
+                )
+        secret = j.get("hs256_secret")
+        secret_bytes = None
+        if secret is not None:
+            secret_bytes = reader.string("auth.jwt.hs256_secret", secret).encode()
+            if len(secret_bytes) < 32:
+                raise reader.error(
+                    "auth.jwt.hs256_secret", "must be at least 32 bytes (RFC 7518 3.2)"
+                )
+        has_hs = "HS256" in algorithms
+        if has_hs and secret_bytes is None:
+            raise reader.error("auth.jwt.algorithms", "HS256 needs auth.jwt.hs256_secret")
+        if secret_bytes is not None and not has_hs:
+            raise reader.error("auth.jwt.hs256_secret", "is set but HS256 is not in algorithms")
+        asymmetric = [a for a in algorithms if a != "HS256"]
+        jwks_url = j.get("jwks_url")
+        jwks_file = j.get("jwks_file")
+        if jwks_url is not None:
+            jwks_url = reader.string("auth.jwt.jwks_url", jwks_url)
+            if not jwks_url.startswith(("http://", "https://")):
+                raise reader.error("auth.jwt.jwks_url", "must be an http(s) URL")
+        if jwks_file is not None:
+            jwks_file = str(base / reader.string("auth.jwt.jwks_file", jwks_file))
+        if asymmetric and jwks_url is None and jwks_file is None:
+            raise reader.error(
+                "auth.jwt", f"{', '.join(asymmetric)} need keys: jwks_url or jwks_file"
+            )
+        jwt = JwtConfig(
+            issuer=reader.strings("auth.jwt.issuer", j.get("issuer", [])),
+            audience=reader.strings("auth.jwt.audience", j.get("audience", [])),
+            algorithms=algorithms,
+            leeway=reader.number("auth.jwt.leeway", j.get("leeway", d.leeway)),
+            jwks_url=jwks_url,
+            jwks_file=jwks_file,
+            hs256_secret=secret_bytes,
+            jwks_refresh_interval=reader.number(
+                "auth.jwt.jwks_refresh_interval",
+                j.get("jwks_refresh_interval", d.jwks_refresh_interval),
+                positive=True,
+            ),
+            jwks_min_refetch_interval=reader.number(
+                "auth.jwt.jwks_min_refetch_interval",
+                j.get("jwks_min_refetch_interval", d.jwks_min_refetch_interval),
+            ),
+            cache_size=reader.whole("auth.jwt.cache_size", j.get("cache_size", d.cache_size)),
+            cache_ttl=reader.number("auth.jwt.cache_ttl", j.get("cache_ttl", d.cache_ttl)),
+            scope_claim=reader.string("auth.jwt.scope_claim", j.get("scope_claim", d.scope_claim)),
+        )
+    keys: list[ApiKeyConfig] = []
+    header = b"x-api-key"
+    if t.get("api_keys") is not None:
+        a = reader.table("auth.api_keys", t["api_keys"], ("header", "keys"))
+        header = reader.header_name("auth.api_keys.header", a.get("header", "X-API-Key"))
+        raw_keys = a.get("keys", [])
+        if not isinstance(raw_keys, list):
+            raise reader.error("auth.api_keys.keys", "must be a list")
+        import hashlib  # noqa: PLC0415
+
+        for i, raw in enumerate(raw_keys):
+            k = f"auth.api_keys.keys[{i}]"
+            kt = reader.table(k, raw, ("name", "key", "sha256", "scopes"))
+            if ("key" in kt) == ("sha256" in kt):
+                raise reader.error(k, "needs exactly one of 'key' or 'sha256'")
+            if "key" in kt:
+                secret_key = reader.string(f"{k}.key", kt["key"])
+                if len(secret_key) < 16:
+                    raise reader.error(f"{k}.key", "must be at least 16 characters")
+                digest = hashlib.sha256(secret_key.encode()).digest()
+            else:
+                hexdigest = reader.string(f"{k}.sha256", kt["sha256"])
+                try:
+                    digest = bytes.fromhex(hexdigest)
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    raise reader.error(f"{k}.sha256", "must be 64 hex digits")
+            keys.append(
+                ApiKeyConfig(
+                    name=reader.string(f"{k}.name", kt.get("name")),
+                    sha256=digest,
+                    scopes=reader.strings(f"{k}.scopes", kt.get("scopes", [])),
+                )
+            )
+    prefix = reader.string("auth.identity_prefix", t.get("identity_prefix", "X-Auth-"))
+    reader.header_name("auth.identity_prefix", prefix.rstrip("-") or "x")
+    return AuthConfig(jwt=jwt, api_key_header=header, api_keys=tuple(keys), identity_prefix=prefix)
+
+
+def _cors(reader: _Reader, value: object) -> CorsConfig:
+    t = reader.table("cors", value, tuple(CorsConfig.__slots__))
+    d = CorsConfig()
+    origins = reader.strings("cors.allow_origins", t.get("allow_origins", []))
+    credentials = reader.flag("cors.allow_credentials", t.get("allow_credentials", False))
+    if credentials and "*" in origins:
+        raise reader.error("cors.allow_origins", "'*' cannot be used with allow_credentials")
+    return CorsConfig(
+        allow_origins=origins,
+        allow_methods=tuple(
+            m.upper()
+            for m in reader.strings(
+                "cors.allow_methods", t.get("allow_methods", list(d.allow_methods))
+            )
+        ),
+        allow_headers=tuple(
+            h.lower()
+            for h in reader.strings(
+                "cors.allow_headers", t.get("allow_headers", list(d.allow_headers))
+            )
+        ),
+        expose_headers=tuple(
+            h.lower()
+            for h in reader.strings(
+                "cors.expose_headers", t.get("expose_headers", list(d.expose_headers))
+            )
+        ),
+        allow_credentials=credentials,
+        max_age=reader.whole("cors.max_age", t.get("max_age", d.max_age)),
+    )

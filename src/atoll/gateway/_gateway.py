@@ -1,0 +1,1042 @@
+"""The gateway: configuration generations, the request path, listeners and reloads.
+
+A *generation* is everything one configuration builds (router, upstreams with their
+pools and breakers, authenticator, rate limiters). A request takes the current
+generation once, at its start, and uses it to the end; a reload builds the next
+generation beside it and swaps one reference, so in-flight requests finish on the old
+one and nothing is dropped. Upstreams whose configuration did not change are carried
+over (their pools, health and breaker state included). A configuration that fails its
+checks is refused with one log line naming the file and the key; the old generation
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from atoll.config import ConfigError
+from atoll.determinism import Clock, RandomSource, SystemClock
+from atoll.gateway._aggregate import aggregate
+from atoll.gateway._auth import Authenticator, AuthError, Identity
+from atoll.gateway._config import GatewayConfig, RouteConfig, load_gateway_config
+from atoll.gateway._limits import RouteLimits, client_key, gated
+from atoll.gateway._metrics import GatewayMetrics
+from atoll.gateway._proxy import IDEMPOTENT, BodyTooLargeError, Call, UpstreamRuntime
+from atoll.gateway._routing import Router, fill_template
+from atoll.gateway._server import (
+    Connection,
+    Request,
+    RequestError,
+    ServerState,
+    problem_bytes,
+    status_line,
+)
+from atoll.gateway._upstream import Response, UpstreamError
+from atoll.resilience import (
+    BreakerOpenError,
+    BulkheadFullError,
+    CallTimeoutError,
+    Deadline,
+    DeadlineExceededError,
+    Permit,
+    RateLimitedError,
+    ResilienceRegistry,
+    SharedState,
+    deadline_scope,
+)
+
+log = logging.getLogger("atoll.gateway")
+access_log = structlog.get_logger("atoll.gateway.access")
+
+#: Request headers never forwarded as they came (hop-by-hop, or set by the gateway).
+_DROP_REQUEST = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"x-atoll-deadline",
+        b"traceparent",
+        b"tracestate",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"expect",
+    }
+)
+#: Response headers not passed back as they came.
+_DROP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"content-length",
+        b"trailer",
+        b"upgrade",
+        b"te",
+    }
+)
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}\Z")
+_BUFFER_BODY = 64 * 1024  # bodies up to this are read whole first, so they can be retried
+_JSON = msgspec.json.Encoder()
+_NO_SCOPE = contextlib.nullcontext()
+
+
+class Generation:
+    """Everything one configuration builds."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        upstreams: dict[str, UpstreamRuntime],
+        *,
+        clock: Clock,
+        store: SharedState | None,
+    ) -> None:
+        self.config = config
+        self.router = Router(config.routes)
+        self.upstreams = upstreams
+        self.auth = Authenticator(config.auth, clock)
+        self.limits: dict[str, RouteLimits] = {
+            route.name: RouteLimits(route.name, route.rate_limit, clock=clock, store=store)
+            for route in config.routes
+            if route.rate_limit is not None
+        }
+        self.registry = ResilienceRegistry([u.pipeline for u in upstreams.values()])
+        prefix = config.auth.identity_prefix.lower().encode()
+        self.identity_prefix = prefix
+        self.request_id_header = config.server.request_id_header.lower().encode()
+        self.trust_request_id = config.server.trust_request_id
+        self.trust_deadline = config.server.trust_deadline
+        self.trust_trace = config.server.trust_trace
+        self.max_body = config.server.max_body
+        cors = config.cors
+        self.cors = cors
+        self.cors_any = cors is not None and "*" in cors.allow_origins
+        self.cors_origins = (
+            frozenset(o.encode() for o in cors.allow_origins) if cors is not None else frozenset()
+        )
+        self.global_request_rules = config.request_headers
+        self.global_response_rules = config.response_headers
+
+
+def _valid_path(path: bytes) -> bool:
+    if not path.startswith(b"/"):
+        return False
+    if b"%" in path:
+        lowered = path.lower().replace(b"%2e", b".").replace(b"%2f", b"/").replace(b"%5c", b"\\")
+        if b"%00" in lowered:
+            return False
+        path = lowered
+    if b"\\" in path:
+        return False
+    if b"/." in path:
+        for segment in path.split(b"/"):
+            if segment in (b".", b".."):
+                return False
+    return True
+
+
+class Gateway:
+    """An API gateway serving one configuration file (reloaded when it changes).
+
+    ``config_path`` (a YAML or TOML file) and ``system`` (an ``atoll.toml`` for
+    ``service:`` upstreams) are re-read on :meth:`reload`. ``port`` and ``admin_port``
+    override the file's (``0``: a free port, for tests).
+    """
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        system: str | Path | None = None,
+        profile: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        admin_port: int | None = None,
+        clock: Clock | None = None,
+        random: RandomSource | None = None,
+        tracing: Any = None,
+        reuse_port: bool = False,
+        watch_interval: float | None = 1.0,
+        shared_store: SharedState | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.system = system
+        self.profile = profile
+        self.clock: Clock = clock or SystemClock()
+        self.random = random or RandomSource(clock=self.clock)
+        self.tracing = tracing
+        self._lean = getattr(tracing, "lean", None)
+        self.reuse_port = reuse_port
+        self.watch_interval = watch_interval
+        self._host_override = host
+        self._port_override = port
+        self._admin_override = admin_port
+        config = load_gateway_config(self.config_path, system=system, profile=profile)
+        self._store_given = shared_store
+        self.store: SharedState | None = None
+        self.store_url: str | None = None
+        self._setup_store(config)
+        self.gen = self._build(config, {})
+        self.metrics = GatewayMetrics(self)
+        self.state = ServerState(
+            self.handle,
+            self._bad_request,
+            max_header_bytes=config.server.max_header_bytes,
+            max_url_bytes=config.server.max_url_bytes,
+            idle_timeout=config.server.idle_timeout,
+        )
+        self.admin_state = ServerState(self._admin, self._bad_request)
+        self._servers: list[asyncio.Server] = []
+        self._watch: asyncio.Task[None] | None = None
+        self._sweepers: list[asyncio.Task[None]] = []
+        self._mtimes = self._stat()
+        self.reloads = 0
+        self.reload_failures = 0
+        self.last_reload_error: str | None = None
+        self.in_flight = 0
+        self._drained: asyncio.Future[None] | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    # -- generations -----------------------------------------------------------------
+
+    def _setup_store(self, config: GatewayConfig) -> None:
+        url = config.rate_limit_store
+        if self._store_given is not None:
+            self.store = gated(self._store_given, self.clock)
+        elif url is not None and url != self.store_url:
+            from atoll.resilience.redis import RedisSharedState  # noqa: PLC0415 - optional
+
+            self.store = gated(
+                RedisSharedState.from_url(url, prefix=config.rate_limit_prefix), self.clock
+            )
+        self.store_url = url
+
+    def _build(self, config: GatewayConfig, old: dict[str, UpstreamRuntime]) -> Generation:
+        upstreams: dict[str, UpstreamRuntime] = {}
+        for name, upstream_config in config.upstreams.items():
+            previous = old.get(name)
+            if previous is not None and previous.config == upstream_config:
+                upstreams[name] = previous
+            else:
+                upstreams[name] = UpstreamRuntime(
+                    upstream_config, source=config.source, clock=self.clock, random=self.random
+                )
+        return Generation(config, upstreams, clock=self.clock, store=self.store)
+
+    def _stat(self) -> dict[Path, float]:
+        out = {}
+        for file in self.gen.config.files:
+            with contextlib.suppress(OSError):
+                out[file] = file.stat().st_mtime
+        return out
+
+    async def reload(self) -> bool:
+        """Load the configuration again; keep the current one if the new one is bad."""
+        try:
+            config = load_gateway_config(self.config_path, system=self.system, profile=self.profile)
+            self._setup_store(config)
+            generation = self._build(config, self.gen.upstreams)
+            await generation.auth.start()
+        except ConfigError as exc:
+            self.reload_failures += 1
+            self.last_reload_error = str(exc)
+            log.error(  # noqa: TRY400 - the message says it all; no traceback for a typo
+                "gateway configuration refused, the previous one keeps serving: %s",
+                exc,
+                extra={"file": exc.source, "key": exc.key},
+            )
+            self._mtimes = self._stat() | self._stat_files(exc.source)
+            return False
+        old = self.gen
+        self.gen = generation
+        self._mtimes = self._stat()
+        for upstream in generation.upstreams.values():
+            upstream.start()
+        self.reloads += 1
+        self.last_reload_error = None
+        log.info("gateway configuration reloaded from %s", self.config_path)
+        asyncio.get_running_loop().create_task(self._retire(old))
+        return True
+
+    def _stat_files(self, source: str) -> dict[Path, float]:
+        path = Path(source)
+        with contextlib.suppress(OSError):
+            return {path.resolve(): path.stat().st_mtime}
+        return {}
+
+    async def _retire(self, old: Generation) -> None:
+        """Stop what the old generation had alone, once its requests are done."""
+        await old.auth.stop()
+        current = set(map(id, self.gen.upstreams.values()))
+        gone = [u for u in old.upstreams.values() if id(u) not in current]
+        if not gone:
+            return
+        # Requests that started on the old generation may still be using these.
+        deadline = self.clock.monotonic() + self.gen.config.server.drain_timeout
+        while any(i.outstanding for u in gone for i in u.instances):
+            if self.clock.monotonic() > deadline:
+                break
+            await self.clock.sleep(0.05)
+        for upstream in gone:
+            await upstream.stop()
+
+    async def _watch_files(self) -> None:
+        assert self.watch_interval is not None
+        config_file = self.config_path.resolve()
+        while True:
+            await self.clock.sleep(self.watch_interval)
+            current = {}
+            for file in {*self._mtimes, config_file}:
+                with contextlib.suppress(OSError):
+                    current[file] = file.stat().st_mtime
+            if current != self._mtimes:
+                self._mtimes = current
+                await self.reload()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen (public and admin ports), start health checks, JWKS and the file watch."""
+        loop = asyncio.get_running_loop()
+        config = self.gen.config
+        await self.gen.auth.start()
+        for upstream in self.gen.upstreams.values():
+            upstream.start()
+        host = self._host_override or config.server.host
+        port = config.server.port if self._port_override is None else self._port_override
+        server = await loop.create_server(
+            lambda: Connection(self.state),
+            sock=_listen(host, port, reuse_port=self.reuse_port),
+        )
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        admin_port = config.admin.port if self._admin_override is None else self._admin_override
+        if admin_port or self._admin_override == 0:
+            admin = await loop.create_server(
+                lambda: Connection(self.admin_state),
+                sock=_listen(config.admin.host, admin_port, reuse_port=False),
+            )
+            self._servers.append(admin)
+            self.admin_port = admin.sockets[0].getsockname()[1]
+        if self.watch_interval is not None:
+            self._watch = loop.create_task(self._watch_files())
+        self._sweepers = [
+            loop.create_task(self.state.sweep_idle()),
+            loop.create_task(self.admin_state.sweep_idle()),
+        ]
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
+        for task in (self._watch, *self._sweepers):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for server in self._servers:
+            server.close()
+        self.state.closing = True
+        self.admin_state.closing = True
+        for conn in list(self.state.connections) + list(self.admin_state.connections):
+            conn.close_if_idle()
+        timeout = self.gen.config.server.drain_timeout if drain_timeout is None else drain_timeout
+        if self.in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._drained
+        for conn in list(self.state.connections) + list(self.admin_state.connections):
+            conn.abort()
+        for upstream in self.gen.upstreams.values():
+            await upstream.stop()
+        await self.gen.auth.stop()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.aclose()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    # -- the request path ----------------------------------------------------------------
+
+    def _bad_request(self, conn: Connection, exc: RequestError) -> None:
+        self.metrics.bad_requests += 1
+        conn.write(problem_bytes(exc.status, exc.detail, close=True))
+        conn.close()
+
+    async def handle(self, request: Request) -> None:
+        """Answer one request (the server calls this; it never raises)."""
+        self.in_flight += 1
+        try:
+            await self._handle(request)
+        except Exception:
+            log.exception("gateway: unexpected error on %s", request.path[:200])
+            if request.conn.responding is request and not request.conn.closed:
+                self._send_problem(request, None, 500, "internal error", b"-", close=True)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+            request.conn.finish(request)
+
+    async def _handle(  # noqa: C901, PLR0911, PLR0912, PLR0915 - the hot path, kept flat
+        self, request: Request
+    ) -> None:
+        gen = self.gen
+        started = self.clock.monotonic()
+        # One pass over the headers: pick what the gateway reads, keep what it forwards.
+        rid: bytes | None = None
+        host = authorization = api_key = origin = traceparent = tracestate = None
+        deadline_value: bytes | None = None
+        forwarded: list[tuple[bytes, bytes]] = []
+        xff: bytes | None = None
+        identity_prefix = gen.identity_prefix
+        rid_name = gen.request_id_header
+        api_key_name = gen.auth.api_key_header
+        drop = _DROP_REQUEST
+        for name, value in request.headers:
+            if name in drop:
+                if name == b"host":
+                    host = value
+                elif name == b"traceparent":
+                    traceparent = value
+                elif name == b"tracestate":
+                    tracestate = value
+                elif name == b"x-atoll-deadline":
+                    deadline_value = value
+                continue
+            if name == rid_name:
+                rid = value
+                continue
+            if name.startswith(identity_prefix):
+                continue  # only the gateway says who the caller is
+            if name == b"authorization":
+                authorization = value
+            elif name == api_key_name:
+                api_key = value
+                continue  # the key is a secret of the gateway's; never forwarded
+            elif name == b"origin":
+                origin = value
+            elif name == b"x-forwarded-for":
+                xff = value
+                continue
+            forwarded.append((name, value))
+        if rid is None or not gen.trust_request_id or not _REQUEST_ID.match(rid):
+            rid = b"%032x" % self.random.getrandbits(128)
+        path = request.path
+        method = request.method
+        if not _valid_path(path):
+            self._send_problem(request, None, 400, "the request path is not valid", rid)
+            self._log(request, None, 400, started, rid, None, None)
+            return
+        match, allowed = gen.router.match(path, method, host, request.headers)
+        cors_headers: list[tuple[bytes, bytes]] | None = None
+        if origin is not None and gen.cors is not None:
+            cors_headers = self._cors_headers(gen, origin)
+            if method == b"OPTIONS" and request.header(b"access-control-request-method"):
+                self._preflight(request, gen, cors_headers, rid)
+                return
+        if match is None:
+            if allowed is not None:
+                self._send_problem(
+                    request,
+                    None,
+                    405,
+                    f"{method.decode()} is not allowed here",
+                    rid,
+                    headers=[(b"allow", b", ".join(sorted(allowed)))],
+                    cors=cors_headers,
+                )
+            else:
+                self._send_problem(
+                    request, None, 404, "no route matches this request", rid, cors=cors_headers
+                )
+            self._log(request, None, 405 if allowed is not None else 404, started, rid, None, None)
+            return
+        route = match.route
+        stats = self.metrics.route(route.name)
+        limit = route.max_body if route.max_body is not None else gen.max_body
+        if request.content_length is not None and request.content_length > limit:
+            self._send_problem(
+                request,
+                route,
+                413,
+                f"the request body is larger than {limit} bytes",
+                rid,
+                close=True,
+                cors=cors_headers,
+            )
+            stats.record(413, self.clock.monotonic() - started)
+            return
+        # Who is calling.
+        identity: Identity | None = None
+        if route.auth:
+            try:
+                identity = await self._authenticate(gen, route, authorization, api_key)
+            except AuthError as exc:
+                scheme = "ApiKey" if route.auth == ("api_key",) else "Bearer"
+                headers = [(b"www-authenticate", exc.www_authenticate(scheme))]
+                self._send_problem(
+                    request, route, exc.status, exc.detail, rid, headers=headers, cors=cors_headers
+                )
+                stats.record(exc.status, self.clock.monotonic() - started)
+                self._log(request, route, exc.status, started, rid, None, identity)
+                return
+        # How often.
+        permit: Permit | None = None
+        limits = gen.limits.get(route.name) if route.rate_limit is not None else None
+        if limits is not None:
+            key = self._limit_key(route, identity, request.client)
+            permit = limits.check_local(key) or await limits.check(key)
+            if not permit.granted:
+                stats.rate_limited += 1
+                retry_after = max(1, math.ceil(permit.wait))
+                self._send_problem(
+                    request,
+                    route,
+                    429,
+                    "too many requests; try again later",
+                    rid,
+                    headers=[
+                        (b"retry-after", str(retry_after).encode()),
+                        *_ratelimit_headers(permit),
+                    ],
+                    cors=cors_headers,
+                )
+                stats.record(429, self.clock.monotonic() - started)
+                self._log(request, route, 429, started, rid, None, identity)
+                return
+        # Forwarded headers.
+        if identity is not None:
+            forwarded += identity.headers
+        client_ip = request.client.encode()
+        forwarded.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
+        forwarded.append((b"x-forwarded-proto", b"http"))
+        if host is not None:
+            forwarded.append((b"x-forwarded-host", host))
+        forwarded.append((rid_name, rid))
+        for rules in (gen.global_request_rules, route.request_headers):
+            if not rules.empty:
+                forwarded = _apply_rules(forwarded, rules)
+        # The deadline: the route's timeout, shortened by the caller's.
+        deadline: Deadline | None = None
+        if route.timeout is not None:
+            deadline = Deadline.after(route.timeout, clock=self.clock)
+        elif route.aggregate is not None:
+            deadline = Deadline.after(route.aggregate.timeout, clock=self.clock)
+        if deadline_value is not None and gen.trust_deadline:
+            incoming = Deadline.from_header(deadline_value.decode("latin-1"), clock=self.clock)
+            if incoming is not None:
+                if incoming.expired:
+                    self._send_problem(
+                        request,
+                        route,
+                        504,
+                        "the caller's deadline had already passed",
+                        rid,
+                        cors=cors_headers,
+                    )
+                    stats.record(504, self.clock.monotonic() - started)
+                    return
+                deadline = incoming.earliest(deadline)
+        extra = _ratelimit_headers(permit) if permit is not None else []
+        if cors_headers:
+            extra += cors_headers
+        span = None
+        lean = self._lean
+        if lean is not None:
+            span = self._server_span(lean, request, route, traceparent, tracestate, gen.trust_trace)
+            span.__enter__()
+        status = 502
+        scope = deadline_scope(deadline) if deadline is not None else _NO_SCOPE
+        try:
+            with scope:
+                if route.aggregate is not None:
+                    status = await aggregate(
+                        self, gen, request, route, match.params, forwarded, rid, extra, span
+                    )
+                elif request.upgrade:
+                    from atoll.gateway._websocket import pass_through  # noqa: PLC0415 - rare
+
+                    status = await pass_through(
+                        self, gen, request, route, match.params, forwarded, rid
+                    )
+                else:
+                    status = await self._proxy(
+                        gen, request, route, match.params, forwarded, rid, extra, span
+                    )
+        finally:
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
+
+                    span.set_status(Status(StatusCode.ERROR))
+                if identity is not None:
+                    span.set_attribute("enduser.id", identity.subject)
+            stats.record(status, self.clock.monotonic() - started)
+            self._log(request, route, status, started, rid, route.upstream, identity)
+            if span is not None:
+                span.__exit__(None, None, None)
+
+    def _server_span(  # noqa: PLR0917 - private, called once
+        self,
+        lean: Any,
+        request: Request,
+        route: RouteConfig,
+        traceparent: bytes | None,
+        tracestate: bytes | None,
+        trust: bool,
+    ) -> Any:
+        from opentelemetry.trace import SpanKind  # noqa: PLC0415 - only with tracing on
+
+        from atoll.observability._lean import parse_traceparent  # noqa: PLC0415
+
+        parent = None
+        if trust and traceparent is not None:
+            carrier = {"traceparent": traceparent.decode("latin-1")}
+            if tracestate is not None:
+                carrier["tracestate"] = tracestate.decode("latin-1")
+            parent = parse_traceparent(carrier)
+        target = route.path or route.prefix or "/"
+        return lean.span(
+            f"{request.method.decode()} {target}",
+            parent=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method.decode(),
+                "url.path": request.path.decode("latin-1"),
+                "http.route": target,
+                "atoll.gateway.route": route.name,
+                "client.address": request.client,
+            },
+        )
+
+    async def _authenticate(
+        self,
+        gen: Generation,
+        route: RouteConfig,
+        authorization: bytes | None,
+        api_key: bytes | None,
+    ) -> Identity:
+        identity: Identity | None = None
+        if authorization is not None and "jwt" in route.auth:
+            scheme, _, token = authorization.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                raise AuthError(401, "the Authorization header must be 'Bearer <token>'")
+            try:
+                text = token.strip().decode("ascii")
+            except UnicodeDecodeError:
+                raise AuthError(401, "the bearer token is not ASCII") from None
+            identity = gen.auth.cached(text) or await gen.auth.bearer(text)
+        elif api_key is not None and "api_key" in route.auth:
+            identity = gen.auth.api_key(api_key.strip())
+        else:
+            wanted = " or ".join(
+                "a bearer token" if kind == "jwt" else "an API key" for kind in route.auth
+            )
+            raise AuthError(401, f"this route needs {wanted}", error="missing")
+        missing = [scope for scope in route.scopes if scope not in identity.scopes]
+        if missing:
+            raise AuthError(
+                403,
+                f"the credentials lack the scope(s) {', '.join(missing)}",
+                error="insufficient_scope",
+                scope=" ".join(route.scopes),
+            )
+        return identity
+
+    @staticmethod
+    def _limit_key(route: RouteConfig, identity: Identity | None, ip: str) -> str:
+        assert route.rate_limit is not None
+        per = route.rate_limit.per
+        if per == "route":
+            return "*"
+        if per == "ip" or identity is None:
+            return client_key("ip:" + ip)
+        if per == "subject":
+            return client_key("sub:" + identity.subject)
+        if per == "api_key" and identity.method != "api_key":
+            return client_key("ip:" + ip)
+        return client_key(f"{identity.method}:{identity.client}")
+
+    def _target(self, route: RouteConfig, request: Request, params: dict[str, bytes]) -> bytes:
+        if route.rewrite is not None:
+            path = fill_template(route.rewrite, params)
+        elif route.strip_prefix is not None:
+            path = request.path[len(route.strip_prefix) :] or b"/"
+            if not path.startswith(b"/"):
+                path = b"/" + path
+        else:
+            return request.raw_path
+        return path + b"?" + request.query if request.query else path
+
+    async def _proxy(  # noqa: C901, PLR0911, PLR0912, PLR0917 - one flat path for speed
+        self,
+        gen: Generation,
+        request: Request,
+        route: RouteConfig,
+        params: dict[str, bytes],
+        forwarded: list[tuple[bytes, bytes]],
+        rid: bytes,
+        extra: list[tuple[bytes, bytes]],
+        span: Any,
+    ) -> int:
+        assert route.upstream is not None
+        upstream = gen.upstreams[route.upstream]
+        method = request.method
+        target = self._target(route, request, params)
+        body: bytes | None = None
+        stream = None
+        limit = route.max_body if route.max_body is not None else gen.max_body
+        if not request.body.complete and request.header(b"expect") == b"100-continue":
+            # Only now, past auth and limits, does the client get to send its body.
+            request.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if request.body.complete:
+            body = request.body.buffered()
+        elif request.content_length is not None and request.content_length <= _BUFFER_BODY:
+            try:
+                body = await request.body.read()
+            except ConnectionError:
+                return 499
+            except RequestError as exc:
+                self._send_problem(
+                    request, route, exc.status, exc.detail, rid, close=True, cors=extra
+                )
+                return exc.status
+        else:
+            stream = request.body
+        common = b"".join([b"%b: %b\r\n" % pair for pair in forwarded])
+        call = Call(
+            b"%b %b HTTP/1.1\r\n" % (method, target),
+            common,
+            body,
+            stream,
+            head_only=method == b"HEAD",
+            stream_limit=limit,
+        )
+        if span is not None:
+            call.span_headers = [(k.encode(), v.encode()) for k, v in span.headers().items()]
+        idempotent = method in IDEMPOTENT or request.header(b"idempotency-key") is not None
+        try:
+            response = await upstream.exchange(call, method, idempotent)
+        except BreakerOpenError as exc:
+            retry = max(1, math.ceil(exc.retry_after if exc.retry_after is not None else 1))
+            self._send_problem(
+                request,
+                route,
+                503,
+                f"upstream {upstream.name} is failing; its circuit breaker is open",
+                rid,
+                headers=[(b"retry-after", str(retry).encode())],
+                cors=extra,
+            )
+            return 503
+        except BulkheadFullError:
+            self._send_problem(
+                request,
+                route,
+                503,
+                f"upstream {upstream.name} is at capacity",
+                rid,
+                headers=[(b"retry-after", b"1")],
+                cors=extra,
+            )
+            return 503
+        except RateLimitedError as exc:
+            retry = max(1, math.ceil(exc.retry_after or 1))
+            self._send_problem(
+                request,
+                route,
+                503,
+                f"upstream {upstream.name} is at its rate limit",
+                rid,
+                headers=[(b"retry-after", str(retry).encode())],
+                cors=extra,
+            )
+            return 503
+        except (CallTimeoutError, DeadlineExceededError, TimeoutError):
+            self._send_problem(
+                request,
+                route,
+                504,
+                f"upstream {upstream.name} did not answer in time",
+                rid,
+                cors=extra,
+            )
+            return 504
+        except BodyTooLargeError:
+            self._send_problem(
+                request,
+                route,
+                413,
+                f"the request body is larger than {limit} bytes",
+                rid,
+                close=True,
+                cors=extra,
+            )
+            return 413
+        except UpstreamError as exc:
+            log.warning("upstream %s: %s", upstream.name, exc)
+            self._send_problem(
+                request,
+                route,
+                502,
+                f"upstream {upstream.name} could not be reached",
+                rid,
+                cors=extra,
+            )
+            return 502
+        except RequestError as exc:  # the streamed body turned out malformed
+            self._send_problem(request, route, exc.status, exc.detail, rid, close=True, cors=extra)
+            return exc.status
+        except ConnectionError:
+            return 499  # the client went away while its body was streaming
+        await self._relay(request, route, gen, response, rid, extra)
+        return response.status
+
+    async def _relay(  # noqa: C901, PLR0912, PLR0917 - one flat path for speed
+        self,
+        request: Request,
+        route: RouteConfig,
+        gen: Generation,
+        response: Response,
+        rid: bytes,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Send an upstream response to the client: whole if it is all here, else streamed."""
+        conn = request.conn
+        head = [status_line(response.status)]
+        drop = _DROP_RESPONSE
+        headers = response.headers
+        for rules in (gen.global_response_rules, route.response_headers):
+            if not rules.empty:
+                headers = _apply_rules(headers, rules)
+        rid_name = gen.request_id_header
+        for name, value in headers:
+            if name not in drop and name != rid_name:  # the gateway's id, not a second one
+                head += [name, b": ", value, b"\r\n"]
+        head += [rid_name, b": ", rid, b"\r\n"]
+        for name, value in extra:
+            head += [name, b": ", value, b"\r\n"]
+        close = not request.keep_alive or self.state.closing
+        if close:
+            head.append(b"connection: close\r\n")
+        if request.method == b"HEAD" or response.status in (204, 304):
+            length = response.header(b"content-length")
+            if length is not None and response.status != 204:
+                head += [b"content-length: ", length, b"\r\n"]
+            head.append(b"\r\n")
+            conn.write(b"".join(head))
+            return
+        body = response.body.buffered()
+        if body is not None:
+            head += [b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body]
+            conn.write(b"".join(head))
+            return
+        # Streamed: never held whole. Reading from the instance pauses while the client lags.
+        chunked = response.content_length is None and request.version == "1.1"
+        if response.content_length is not None:
+            head += [b"content-length: ", str(response.content_length).encode(), b"\r\n\r\n"]
+        elif chunked:
+            head.append(b"transfer-encoding: chunked\r\n\r\n")
+        else:
+            head.append(b"connection: close\r\n\r\n")
+            request.keep_alive = False
+        conn.write(b"".join(head))
+        try:
+            while (chunk := await response.body.chunk()) is not None:
+                if chunked:
+                    if chunk:
+                        conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    conn.write(chunk)
+                writable = conn.writable
+                if writable is not None:
+                    await writable
+        except (UpstreamError, ConnectionError) as exc:
+            # Mid-body there is no status left to change: cut the client off so it knows.
+            log.warning("response from upstream %s broken off: %s", route.upstream, exc)
+            response.conn.abort()
+            conn.abort()
+            return
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+
+    # -- answers made by the gateway ---------------------------------------------------------
+
+    def _send_problem(
+        self,
+        request: Request,
+        route: RouteConfig | None,
+        status: int,
+        detail: str,
+        rid: bytes,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+        cors: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        extra = [(self.gen.request_id_header, rid), *(headers or ()), *(cors or ())]
+        close = close or not request.keep_alive or not request.body.complete
+        fields: dict[str, Any] = {"instance": request.path.decode("latin-1")[:500]}
+        if route is not None:
+            fields["route"] = route.name
+        fields["request_id"] = rid.decode()
+        request.conn.write(
+            problem_bytes(status, detail, extra_headers=extra, close=close, **fields)
+        )
+        if close:
+            request.keep_alive = False
+            if route is None:
+                self.metrics.unrouted += 1
+
+    def send_json(  # noqa: PLR0917 - the parts of one response
+        self,
+        request: Request,
+        status: int,
+        payload: Any,
+        rid: bytes,
+        extra: list[tuple[bytes, bytes]],
+        route: RouteConfig | None = None,
+    ) -> None:
+        """A JSON response made by the gateway (aggregates)."""
+        body = _JSON.encode(payload)
+        head = [
+            status_line(status),
+            b"content-type: application/json\r\n",
+            b"content-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            self.gen.request_id_header,
+            b": ",
+            rid,
+            b"\r\n",
+        ]
+        for name, value in extra:
+            head += [name, b": ", value, b"\r\n"]
+        if route is not None:
+            for name, value in route.response_headers.set:
+                head += [name, b": ", value, b"\r\n"]
+        if not request.keep_alive:
+            head.append(b"connection: close\r\n")
+        head += [b"\r\n", body]
+        request.conn.write(b"".join(head))
+
+    def _cors_headers(self, gen: Generation, origin: bytes) -> list[tuple[bytes, bytes]]:
+        cors = gen.cors
+        assert cors is not None
+        if not (gen.cors_any or origin in gen.cors_origins):
+            return []
+        allowed = b"*" if gen.cors_any and not cors.allow_credentials else origin
+        out = [(b"access-control-allow-origin", allowed), (b"vary", b"Origin")]
+        if cors.allow_credentials:
+            out.append((b"access-control-allow-credentials", b"true"))
+        if cors.expose_headers:
+            out.append((b"access-control-expose-headers", ", ".join(cors.expose_headers).encode()))
+        return out
+
+    def _preflight(
+        self, request: Request, gen: Generation, cors: list[tuple[bytes, bytes]], rid: bytes
+    ) -> None:
+        config = gen.cors
+        assert config is not None
+        if not cors:
+            self._send_problem(request, None, 403, "this origin may not call this API", rid)
+            return
+        head = [status_line(204), gen.request_id_header, b": ", rid, b"\r\n"]
+        for name, value in [
+            *cors,
+            (b"access-control-allow-methods", ", ".join(config.allow_methods).encode()),
+            (b"access-control-allow-headers", ", ".join(config.allow_headers).encode()),
+            (b"access-control-max-age", str(config.max_age).encode()),
+        ]:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        request.conn.write(b"".join(head))
+
+    def _log(  # noqa: PLR0917 - the fields of one access log line
+        self,
+        request: Request,
+        route: RouteConfig | None,
+        status: int,
+        started: float,
+        rid: bytes,
+        upstream: str | None,
+        identity: Identity | None,
+    ) -> None:
+        if not self.gen.config.server.access_log:
+            return
+        access_log.info(
+            "request",
+            method=request.method.decode(),
+            path=request.path.decode("latin-1")[:500],
+            status=status,
+            duration_ms=round((self.clock.monotonic() - started) * 1000, 3),
+            route=route.name if route is not None else None,
+            upstream=upstream,
+            request_id=rid.decode(),
+            client=request.client,
+            subject=identity.subject if identity is not None else None,
+        )
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    async def _admin(self, request: Request) -> None:
+        from atoll.gateway._admin import handle_admin  # noqa: PLC0415 - admin is off the hot path
+
+        try:
+            await handle_admin(self, request)
+        finally:
+            request.conn.finish(request)
+
+
+def _ratelimit_headers(permit: Permit) -> list[tuple[bytes, bytes]]:
+    headers = [(b"ratelimit-limit", str(permit.limit).encode())]
+    if permit.remaining is not None:
+        headers.append((b"ratelimit-remaining", str(permit.remaining).encode()))
+    if permit.reset is not None:
+        headers.append((b"ratelimit-reset", str(math.ceil(permit.reset)).encode()))
+    return headers
+
+
+def _apply_rules(headers: list[tuple[bytes, bytes]], rules: Any) -> list[tuple[bytes, bytes]]:
+    replaced = {name for name, _ in rules.set}
+    kept = [(n, v) for n, v in headers if n not in rules.remove and n not in replaced]
+    kept.extend(rules.set)
+    return kept
+
+
+def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+OnReady = Callable[[Gateway], None]

@@ -1,0 +1,167 @@
+"""Rate limits per route and per client, on ``atoll.resilience.RateLimiter`` (GCRA).
+
+Each (route, client) pair gets its own limiter, made on first use and kept in a bounded
+least-recently-used table. With ``shared: true`` every permit is taken in Redis (one
+round trip running GCRA in Lua, atomic across gateway instances); while Redis is down
+or slow each instance limits locally at ``degraded_rate`` instead of failing requests.
+:class:`_GatedStore` makes the whole gateway notice a dead store once: without it every
+client's limiter would wait out its own first timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections import OrderedDict
+
+from atoll.determinism import Clock
+from atoll.gateway._config import RateLimitConfig
+from atoll.resilience import Permit, RateLimiter, SharedState, SharedWindow
+
+log = logging.getLogger("atoll.gateway")
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9._:@/-]{1,64}$")
+
+
+class StoreUnavailableError(Exception):
+    """The shared store failed recently; limiters decide locally for a while."""
+
+
+class _GatedStore(SharedState):
+    """A store wrapper that fails fast for ``retry_interval`` after any failure."""
+
+    def __init__(self, store: SharedState, clock: Clock, retry_interval: float = 1.0) -> None:
+        self.store = store
+        self.clock = clock
+        self.retry_interval = retry_interval
+        self.down_until = float("-inf")
+
+    def _check(self) -> None:
+        if self.clock.monotonic() < self.down_until:
+            raise StoreUnavailableError("the shared rate-limit store failed recently")
+
+    async def take_permit(
+        self, name: str, *, now: float, interval: float, tolerance: float
+    ) -> tuple[bool, float, float]:
+        self._check()
+        try:
+            return await self.store.take_permit(
+                name, now=now, interval=interval, tolerance=tolerance
+            )
+        except BaseException:
+            self.down_until = self.clock.monotonic() + self.retry_interval
+            raise
+
+    async def reserve_permit(
+        self, name: str, *, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[bool, float]:
+        self._check()
+        try:
+            return await self.store.reserve_permit(
+                name, now=now, interval=interval, tolerance=tolerance, max_wait=max_wait
+            )
+        except BaseException:
+            self.down_until = self.clock.monotonic() + self.retry_interval
+            raise
+
+    async def sync_window(
+        self,
+        name: str,
+        *,
+        now: float,
+        bucket_width: float,
+        buckets: int,
+        calls: int,
+        failures: int,
+        slow: int,
+    ) -> SharedWindow:
+        raise NotImplementedError("the gateway shares only rate limits through this store")
+
+    async def open_circuit(
+        self, name: str, *, now: float, until: float, bucket_width: float, buckets: int
+    ) -> float:
+        raise NotImplementedError("the gateway shares only rate limits through this store")
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+def client_key(raw: str) -> str:
+    """A key safe in a limiter's (and Redis key's) name: short ones as they are, else hashed."""
+    if _SAFE_KEY.match(raw):
+        return raw
+    return "h-" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+class RouteLimits:
+    """The limiters of one route: one per client key (or one for ``per: route``)."""
+
+    __slots__ = ("_clock", "_limiters", "_max_keys", "_route", "_store", "config")
+
+    def __init__(
+        self,
+        route: str,
+        config: RateLimitConfig,
+        *,
+        clock: Clock,
+        store: SharedState | None,
+        max_keys: int = 100_000,
+    ) -> None:
+        self._route = route
+        self.config = config
+        self._clock = clock
+        self._store = store if config.shared else None
+        self._max_keys = max_keys
+        self._limiters: OrderedDict[str, RateLimiter] = OrderedDict()
+
+    def _limiter(self, key: str) -> RateLimiter:
+        limiters = self._limiters
+        limiter = limiters.get(key)
+        if limiter is not None:
+            limiters.move_to_end(key)
+            return limiter
+        config = self.config
+        limiter = RateLimiter(
+            f"{self._route}:{key}",
+            rate=config.rate,
+            burst=config.burst,
+            clock=self._clock,
+            shared=self._store,
+            shared_timeout=config.shared_timeout,
+            degraded_rate=config.degraded_rate,
+        )
+        limiters[key] = limiter
+        if len(limiters) > self._max_keys:
+            limiters.popitem(last=False)
+        return limiter
+
+    async def check(self, key: str) -> Permit:
+        """Take a permit for ``key`` now, or say when there will be one."""
+        return await self._limiter(key).try_acquire()
+
+    def check_local(self, key: str) -> Permit | None:
+        """:meth:`check` without a coroutine when the limit is local; ``None`` if shared."""
+        if self._store is not None:
+            return None
+        return self._limiter(key).try_acquire_local()
+
+    @property
+    def rejected_total(self) -> int:
+        """Requests refused by the limiters still in the table."""
+        return sum(limiter.rejected_total for limiter in self._limiters.values())
+
+    @property
+    def degraded_total(self) -> int:
+        """Permits decided locally because the shared store was unavailable."""
+        return sum(limiter.degraded_total for limiter in self._limiters.values())
+
+    @property
+    def keys(self) -> int:
+        """Clients with a limiter in the table."""
+        return len(self._limiters)
+
+
+def gated(store: SharedState, clock: Clock) -> SharedState:
+    """``store`` behind a gate that makes every limiter fall back at once when it fails."""
+    return _GatedStore(store, clock)

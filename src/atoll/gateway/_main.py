@@ -1,0 +1,161 @@
+"""``python -m atoll.gateway``: run the gateway, in one process or N with ``SO_REUSEPORT``.
+
+With ``--workers N`` (or ``server.workers``) this process starts N worker processes
+that each listen on the same port (the kernel spreads connections between them) and
+restarts a worker that dies. Each worker serves its admin endpoints on
+``admin.port + index``. SIGTERM/SIGINT stop gracefully (in-flight requests finish);
+SIGHUP reloads the configuration now (it is also reloaded when its file changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+from atoll.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m atoll.gateway", description=__doc__)
+    parser.add_argument("--config", "-c", required=True, help="gateway YAML or TOML file")
+    parser.add_argument("--system", help="atoll.toml for 'service:' upstreams")
+    parser.add_argument("--profile", help="profile of atoll.toml")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--admin-port", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from atoll.gateway._config import load_gateway_config  # noqa: PLC0415
+    from atoll.observability import configure_logging  # noqa: PLC0415
+
+    configure_logging(service="gateway")
+    try:
+        config = load_gateway_config(args.config, system=args.system, profile=args.profile)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    workers = args.workers or config.server.workers
+    if args.worker_index is None and workers > 1:
+        return _supervise(args, workers)
+    # Each worker has its own admin port (base + index); 0 in the file means none.
+    admin_port = args.admin_port if args.admin_port is not None else config.admin.port
+    if admin_port and args.worker_index:
+        admin_port += args.worker_index
+    return _serve(args, admin_port or None, reuse_port=workers > 1)
+
+
+def _serve(args: argparse.Namespace, admin_port: int | None, *, reuse_port: bool) -> int:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up (uvicorn[standard] brings it)
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(_run(args, admin_port, reuse_port))
+
+
+async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: bool) -> int:
+    import logging  # noqa: PLC0415
+
+    from atoll.gateway._gateway import Gateway  # noqa: PLC0415
+    from atoll.observability import Tracing  # noqa: PLC0415
+
+    log = logging.getLogger("atoll.gateway")
+    tracing = Tracing("gateway")
+    tracing.make_global()
+    try:
+        gateway = Gateway(
+            args.config,
+            system=args.system,
+            profile=args.profile,
+            host=args.host,
+            port=args.port,
+            admin_port=admin_port,
+            tracing=tracing if tracing.enabled else None,
+            reuse_port=reuse_port,
+        )
+        await gateway.start()
+    except (ConfigError, OSError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
+    log.info(
+        "gateway listening on %s:%d (admin %d, %d route(s))",
+        args.host or gateway.gen.config.server.host,
+        gateway.port,
+        gateway.admin_port,
+        len(gateway.gen.config.routes),
+    )
+    await stop.wait()
+    log.info("gateway stopping: finishing in-flight requests")
+    await gateway.stop()
+    tracing.shutdown()
+    return 0
+
+
+def _supervise(args: argparse.Namespace, workers: int) -> int:  # noqa: C901 - signal plumbing
+    base = [sys.executable, "-m", "atoll.gateway"]
+    argv = [a for a in sys.argv[1:] if not a.startswith("--worker-index")]
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def spawn(index: int) -> None:
+        children[index] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [*base, *argv, "--workers", str(workers), "--worker-index", str(index)],
+            env=dict(os.environ),
+        )
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        del frame
+        stopping = True
+        for child in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    def reload(signum: int, frame: object) -> None:
+        del frame
+        for child in children.values():
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    for index in range(workers):
+        spawn(index)
+    code = 0
+    while children:
+        pid, status = os.wait()
+        for index, child in list(children.items()):
+            if child.pid != pid:
+                continue
+            child.returncode = os.waitstatus_to_exitcode(status)
+            del children[index]
+            if not stopping:
+                if child.returncode == 2:  # a configuration error: restarting will not help
+                    stop(signal.SIGTERM, None)
+                    code = 2
+                    break
+                sys.stderr.write(
+                    f"gateway worker {index} exited ({child.returncode}); restarting\n"
+                )
+                spawn(index)
+    del args
+    return code

@@ -1,0 +1,343 @@
+"""One upstream at run time: instances, balancing, and the ``atoll.resilience`` pipeline
+that every exchange with it goes through.
+
+The pipeline per upstream is built from its ``policy`` table with
+``atoll.resilience.policy_from_config`` (timeout, attempt_timeout, retry, breaker,
+bulkhead), with the gateway's own classifiers: the breaker counts 5xx answers, failed
+connections and timeouts; retries happen only for idempotent methods (GET, HEAD,
+OPTIONS, PUT, DELETE, or any request carrying an ``Idempotency-Key``), and a request
+that is not idempotent is retried only when it provably never left (the connection
+could not be opened). A streamed request body cannot be replayed, so it is never
+retried. Each attempt picks an instance again, avoiding the one that just failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from atoll.config import ConfigError
+from atoll.determinism import Clock, RandomSource
+from atoll.gateway._config import UpstreamConfig
+from atoll.gateway._server import Body
+from atoll.gateway._upstream import (
+    ActiveHealth,
+    Balancer,
+    Instance,
+    PassiveHealth,
+    PoolSettings,
+    Response,
+    UpstreamClosedError,
+    UpstreamError,
+    run_health_checks,
+)
+from atoll.resilience import (
+    CircuitBreaker,
+    Classifier,
+    Pipeline,
+    Timeout,
+    current_deadline,
+    policy_from_config,
+    register_classifier,
+)
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def _is_5xx(result: object) -> bool:
+    return isinstance(result, Response) and result.status >= 500
+
+
+def _is_retryable_status(result: object) -> bool:
+    return isinstance(result, Response) and result.status in (502, 503, 504)
+
+
+def _nothing_sent(exc: BaseException) -> bool:
+    return isinstance(exc, UpstreamError) and exc.nothing_sent
+
+
+#: The breaker's view of an upstream: 5xx answers, failed exchanges and timeouts.
+GATEWAY = Classifier(
+    "gateway", failure_types=(UpstreamError, TimeoutError), result_predicate=_is_5xx
+)
+#: What is retried for idempotent requests: failed exchanges, timeouts, 502/503/504.
+GATEWAY_IDEMPOTENT = Classifier(
+    "gateway-idempotent",
+    failure_types=(UpstreamError, TimeoutError),
+    result_predicate=_is_retryable_status,
+)
+#: What is retried for other requests: only a connection that could not be opened.
+GATEWAY_UNSAFE = Classifier(
+    "gateway-unsafe", failure_types=(UpstreamError,), exception_predicate=_nothing_sent
+)
+for _classifier in (GATEWAY, GATEWAY_IDEMPOTENT, GATEWAY_UNSAFE):
+    register_classifier(_classifier)
+
+#: The pipeline of an upstream without a ``policy`` table.
+DEFAULT_TIMEOUT = 30.0
+
+
+def build_pipeline(
+    config: UpstreamConfig, *, source: str, clock: Clock | None, random: RandomSource | None
+) -> Pipeline:
+    """The upstream's pipeline from its ``policy`` table, with the gateway classifiers."""
+    if config.policy is None:
+        return Pipeline(
+            name=config.name,
+            timeout=Timeout(DEFAULT_TIMEOUT, name=f"{config.name}.timeout", clock=clock),
+        )
+    table: dict[str, Any] = copy.deepcopy(dict(config.policy))
+    key = f"upstreams.{config.name}.policy"
+    for section, classifier in (("breaker", "gateway"), ("retry", "gateway-idempotent")):
+        part = table.get(section)
+        if isinstance(part, dict):
+            given = part.setdefault("classifier", classifier)
+            if given not in ("gateway", "gateway-idempotent", "gateway-unsafe"):
+                raise ConfigError(
+                    source,
+                    f"{key}.{section}.classifier",
+                    "the gateway classifies upstream answers itself (5xx, timeouts, failed "
+                    "connections); leave classifier out",
+                )
+    try:
+        pipeline = policy_from_config(
+            table, source=source, name=config.name, clock=clock, random=random
+        )
+    except ConfigError as exc:
+        raise ConfigError(
+            source, f"{key}.{exc.key.removeprefix(f'policies.{config.name}.')}", exc.problem
+        ) from None
+    if pipeline.timeout is None:
+        pipeline = pipeline.replace(
+            timeout=Timeout(DEFAULT_TIMEOUT, name=f"{config.name}.timeout", clock=clock)
+        )
+    return pipeline
+
+
+class Call:
+    """One request to an upstream, possibly tried several times."""
+
+    __slots__ = (
+        "body",
+        "common",
+        "head_only",
+        "last",
+        "request_line",
+        "responses",
+        "span_headers",
+        "stream",
+        "stream_limit",
+    )
+
+    def __init__(
+        self,
+        request_line: bytes,
+        common: bytes,
+        body: bytes | None,
+        stream: Body | None,
+        *,
+        head_only: bool = False,
+        stream_limit: int | None = None,
+    ) -> None:
+        self.request_line = request_line
+        self.common = common
+        self.body = body
+        self.stream = stream
+        self.head_only = head_only
+        self.stream_limit = stream_limit
+        self.last: Instance | None = None
+        self.responses: list[Response] = []
+        self.span_headers: Any = None
+
+
+class BodyTooLargeError(Exception):
+    """A streamed request body went over the limit."""
+
+
+class UpstreamRuntime:
+    """An upstream with its instances, balancer, health checks and pipelines."""
+
+    def __init__(
+        self, config: UpstreamConfig, *, source: str, clock: Clock, random: RandomSource
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.clock = clock
+        pool = PoolSettings(
+            max_idle=config.pool.max_idle,
+            idle_timeout=config.pool.idle_timeout,
+            connect_timeout=config.pool.connect_timeout,
+        )
+        passive = PassiveHealth(failures=config.passive.failures, ejection=config.passive.ejection)
+        self.instances = [
+            Instance(host, port, pool=pool, passive=passive, clock=clock)
+            for host, port in config.targets
+        ]
+        self.balancer = Balancer(self.instances, config.balance)
+        self.pipeline = build_pipeline(config, source=source, clock=clock, random=random)
+        retry = self.pipeline.retry
+        self.unsafe_pipeline = (
+            self.pipeline
+            if retry is None
+            else self.pipeline.replace(retry=retry.with_classifier(GATEWAY_UNSAFE))
+        )
+        self.stream_pipeline = self.pipeline if retry is None else self.pipeline.replace(retry=None)
+        self._health_task: asyncio.Task[None] | None = None
+        self.tracer: Any = None
+        self.requests_total = 0
+        self.failures_total = 0
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The upstream's circuit breaker, if it has one."""
+        return self.pipeline.breaker
+
+    def start(self) -> None:
+        """Start the active health checks, if configured."""
+        health = self.config.health
+        if health is not None and self._health_task is None:
+            settings = ActiveHealth(
+                path=health.path,
+                interval=health.interval,
+                timeout=health.timeout,
+                healthy_threshold=health.healthy_threshold,
+                unhealthy_threshold=health.unhealthy_threshold,
+            )
+            self._health_task = asyncio.get_running_loop().create_task(
+                run_health_checks(self.instances, settings, self.clock, lambda: None)
+            )
+
+    async def stop(self) -> None:
+        """Stop health checks and close idle connections."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        for instance in self.instances:
+            instance.close_idle()
+        await self.pipeline.breaker.aclose() if self.pipeline.breaker is not None else None
+
+    async def exchange(self, call: Call, method: bytes, idempotent: bool) -> Response:
+        """The response to ``call`` through the pipeline; superseded attempts discarded."""
+        self.requests_total += 1
+        if call.stream is not None:
+            pipeline = self.stream_pipeline
+        elif idempotent:
+            pipeline = self.pipeline
+        else:
+            pipeline = self.unsafe_pipeline
+        try:
+            response = await pipeline.call(self._attempt, call, idempotent)
+        except BaseException:
+            self.failures_total += 1
+            for stale in call.responses:
+                stale.discard()
+            raise
+        if len(call.responses) > 1:
+            for stale in call.responses:
+                if stale is not response:
+                    stale.discard()
+        if response.status >= 500:
+            self.failures_total += 1
+        del method
+        return response
+
+    async def _attempt(self, call: Call, idempotent: bool) -> Response:
+        instance = self.balancer.pick(call.last)
+        call.last = instance
+        instance.requests_total += 1
+        try:
+            if call.stream is None:
+                # The common case inline: a pooled connection, one write, one await.
+                conn = instance.take_idle() or await instance.connect_fresh()
+                data = self._head(instance, call)
+                try:
+                    response = await conn.send(data, head_only=call.head_only)
+                except UpstreamClosedError:
+                    conn.abort()
+                    if not (conn.reused and idempotent):
+                        raise
+                    # A pooled connection the instance closed as we used it: once more, fresh.
+                    fresh = await instance.connect_fresh()
+                    try:
+                        response = await fresh.send(data, head_only=call.head_only)
+                    except BaseException:
+                        fresh.abort()
+                        raise
+                except BaseException:
+                    conn.abort()
+                    raise
+            else:
+                response = await self._send_streaming(instance, call)
+        except UpstreamError:
+            instance.failed()
+            raise
+        if response.status >= 500:
+            instance.failed()
+        else:
+            instance.succeeded()
+        call.responses.append(response)
+        return response
+
+    def _head(self, instance: Instance, call: Call) -> bytes:
+        host = instance.host_header
+        parts = [call.request_line, b"host: ", host, b"\r\n", call.common]
+        deadline = current_deadline()
+        if deadline is not None:
+            parts += [b"x-atoll-deadline: ", deadline.to_header().encode(), b"\r\n"]
+        if call.span_headers is not None:
+            for name, value in call.span_headers:
+                parts += [name, b": ", value, b"\r\n"]
+        if call.stream is not None:
+            parts.append(b"transfer-encoding: chunked\r\n\r\n")
+        elif call.body:
+            parts += [b"content-length: ", str(len(call.body)).encode(), b"\r\n\r\n", call.body]
+        else:
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _send_streaming(self, instance: Instance, call: Call) -> Response:
+        """Send the head, then copy the body while waiting for the answer (never retried)."""
+        assert call.stream is not None
+        conn = await instance.connect()
+        pump: asyncio.Task[None] | None = None
+        try:
+            waiter = conn.send(self._head(instance, call), head_only=call.head_only)
+            pump = asyncio.get_running_loop().create_task(
+                _pump(call.stream, conn, call.stream_limit)
+            )
+            done, _ = await asyncio.wait((waiter, pump), return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                pump.result()  # raises if the body failed
+                return await waiter
+            return waiter.result()
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            conn.abort()
+            raise
+
+
+async def _pump(body: Body, conn: Any, limit: int | None) -> None:
+    """Copy a request body to the instance in chunked encoding, with flow control."""
+    while (chunk := await body.chunk()) is not None:
+        if limit is not None and body.received > limit:
+            conn.abort()
+            raise BodyTooLargeError
+        if chunk:
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        writable = conn.writable
+        if writable is not None:
+            await writable
+    conn.write(b"0\r\n\r\n")
+
+
+def upstreams_changed(
+    old: Mapping[str, UpstreamConfig], new: Mapping[str, UpstreamConfig]
+) -> set[str]:
+    """Names whose configuration differs (or is new)."""
+    return {name for name, config in new.items() if old.get(name) != config}

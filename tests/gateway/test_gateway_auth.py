@@ -1,0 +1,280 @@
+"""JWT and API-key authentication, including the attacks the gateway must refuse."""
+
+import base64
+import hashlib
+import hmac
+import json
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from gateway_support import base_config, running_gateway, url, write_config
+
+from atoll.determinism import SystemClock
+from atoll.gateway import mint_token
+
+SECRET = "a-development-secret-of-32-bytes!!"
+ISS = "https://id.example"
+AUD = "shop"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwk(key, kid):
+    data = json.loads(jwt.algorithms.get_default_algorithms()[_alg(key)].to_jwk(key.public_key()))
+    data["kid"] = kid
+    return data
+
+
+def _alg(key):
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ES256"
+    return "EdDSA"
+
+
+class Keys:
+    def __init__(self, tmp_path):
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.ed = ed25519.Ed25519PrivateKey.generate()
+        self.jwks = tmp_path / "jwks.json"
+        self.publish({"rsa-1": self.rsa, "ec-1": self.ec, "ed-1": self.ed})
+
+    def publish(self, keys):
+        self.jwks.write_text(json.dumps({"keys": [_jwk(k, kid) for kid, k in keys.items()]}))
+
+    def token(self, key, kid, *, alg=None, **claims):
+        now = int(SystemClock().time())
+        payload = {"sub": "alice", "iss": ISS, "aud": AUD, "iat": now, "exp": now + 300}
+        payload.update(claims)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return jwt.encode(payload, key, algorithm=alg or _alg(key), headers={"kid": kid})
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return Keys(tmp_path)
+
+
+@pytest.fixture
+def auth_config(tmp_path, stub, keys):
+    return write_config(
+        tmp_path / "gateway.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [
+                {
+                    "name": "read",
+                    "match": {"prefix": "/read"},
+                    "upstream": "a",
+                    "auth": "jwt",
+                    "scopes": ["orders:read"],
+                },
+                {
+                    "name": "any",
+                    "match": {"prefix": "/any"},
+                    "upstream": "a",
+                    "auth": ["jwt", "api_key"],
+                },
+                {
+                    "name": "keys",
+                    "match": {"prefix": "/keys"},
+                    "upstream": "a",
+                    "auth": "api_key",
+                    "scopes": ["partner"],
+                },
+                {"name": "open", "match": {"prefix": "/open"}, "upstream": "a"},
+            ],
+            auth={
+                "jwt": {
+                    "issuer": ISS,
+                    "audience": AUD,
+                    "algorithms": ["RS256", "ES256", "EdDSA", "HS256"],
+                    "jwks_file": str(keys.jwks),
+                    "hs256_secret": SECRET,
+                    "leeway": 5,
+                    "jwks_min_refetch_interval": 0,
+                },
+                "api_keys": {
+                    "keys": [
+                        {"name": "partner-a", "key": "pk-0123456789abcdef", "scopes": ["partner"]},
+                        {
+                            "name": "partner-b",
+                            "sha256": hashlib.sha256(b"pk-fedcba9876543210").hexdigest(),
+                        },
+                    ]
+                },
+            },
+        ),
+    )
+
+
+def bearer(token):
+    return {"authorization": f"Bearer {token}"}
+
+
+async def test_valid_tokens_of_every_algorithm_are_accepted_and_identity_forwarded(
+    auth_config, keys, stub
+):
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for key, kid in ((keys.rsa, "rsa-1"), (keys.ec, "ec-1"), (keys.ed, "ed-1")):
+            r = await client.get(
+                url(gw, "/read/x"), headers=bearer(keys.token(key, kid, scope="orders:read"))
+            )
+            assert r.status_code == 200, (kid, r.text)
+        hs = mint_token(
+            subject="bob", scopes=["orders:read"], secret=SECRET.encode(), issuer=ISS, audience=AUD
+        )
+        r = await client.get(
+            url(gw, "/read/x"),
+            headers=bearer(hs) | {"x-auth-subject": "root", "X-Auth-Scopes": "admin"},
+        )
+        assert r.status_code == 200
+        seen = stub.hits[-1]["headers"]
+        assert seen["x-auth-subject"] == "bob"  # the forged copy was dropped
+        assert seen["x-auth-scopes"] == "orders:read"
+        assert seen["x-auth-method"] == "jwt"
+        # A route without auth still strips forged identity headers.
+        await client.get(url(gw, "/open/x"), headers={"x-auth-subject": "root"})
+        assert "x-auth-subject" not in stub.hits[-1]["headers"]
+
+
+async def test_alg_none_is_refused(auth_config, keys):
+    header = _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    payload = _b64(
+        json.dumps(
+            {"sub": "alice", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+        ).encode()
+    )
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for token in (f"{header}.{payload}.", f"{header}.{payload}.c2ln"):
+            r = await client.get(url(gw, "/read/x"), headers=bearer(token))
+            assert r.status_code == 401
+            assert "alg 'none'" in r.json()["detail"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_algorithm_confusion_hs256_signed_with_the_public_key_is_refused(auth_config, keys):
+    public_pem = keys.rsa.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}).encode())
+    payload = _b64(
+        json.dumps(
+            {"sub": "mallory", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+        ).encode()
+    )
+    signature = _b64(hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest())
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/read/x"), headers=bearer(f"{header}.{payload}.{signature}"))
+        assert r.status_code == 401
+        assert r.json()["detail"] == "the token's signature is not valid"
+        # And an RS256 header on an EC key's kid is refused by key type.
+        forged = keys.token(keys.ec, "rsa-1", scope="orders:read")
+        r = await client.get(url(gw, "/read/x"), headers=bearer(forged))
+        assert r.status_code == 401
+
+
+async def test_forged_expired_early_and_misaddressed_tokens(auth_config, keys):
+    now = int(SystemClock().time())
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        cases = {
+            "forged": keys.token(
+                rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                "rsa-1",
+                scope="orders:read",
+            ),
+            "expired": keys.token(keys.rsa, "rsa-1", scope="orders:read", exp=now - 60),
+            "not yet": keys.token(keys.rsa, "rsa-1", scope="orders:read", nbf=now + 60),
+            "issuer": keys.token(
+                keys.rsa, "rsa-1", scope="orders:read", iss="https://evil.example"
+            ),
+            "audience": keys.token(keys.rsa, "rsa-1", scope="orders:read", aud="other"),
+            "no exp": keys.token(keys.rsa, "rsa-1", scope="orders:read", exp=None),
+            "garbage": "not.a.token",
+            "two parts": "abc.def",
+            "tampered": keys.token(keys.rsa, "rsa-1", scope="orders:read")[:-6] + "AAAAAA",
+        }
+        for name, token in cases.items():
+            r = await client.get(url(gw, "/read/x"), headers=bearer(token))
+            assert r.status_code == 401, name
+            assert r.headers["content-type"] == "application/problem+json", name
+        # Within the leeway both are still fine.
+        ok = keys.token(keys.rsa, "rsa-1", scope="orders:read", exp=now - 2, nbf=now + 2)
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(ok))).status_code == 200
+        r = await client.get(url(gw, "/read/x"))
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'Bearer realm="atoll"'
+        r = await client.get(url(gw, "/read/x"), headers={"authorization": "Basic YTpi"})
+        assert r.status_code == 401
+
+
+async def test_missing_scope_is_403(auth_config, keys):
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(
+            url(gw, "/read/x"), headers=bearer(keys.token(keys.rsa, "rsa-1", scope="orders:write"))
+        )
+        assert r.status_code == 403
+        assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
+        assert "orders:read" in r.json()["detail"]
+
+
+async def test_unknown_kid_refetches_the_key_set_once_then_refuses(auth_config, keys):
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        keyset = gw.gen.auth.keyset
+        fetches = keyset.fetches
+        r = await client.get(
+            url(gw, "/read/x"), headers=bearer(keys.token(keys.rsa, "nope", scope="orders:read"))
+        )
+        assert r.status_code == 401
+        assert "key id is unknown" in r.json()["detail"]
+        assert keyset.fetches == fetches + 1
+        # Rotation: a new key published under a new kid is found by the refetch.
+        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        keys.publish({"rsa-2": new_key, "ec-1": keys.ec})
+        r = await client.get(
+            url(gw, "/read/x"), headers=bearer(keys.token(new_key, "rsa-2", scope="orders:read"))
+        )
+        assert r.status_code == 200
+        # The retired key no longer verifies (the token cache was emptied on rotation).
+        old = keys.token(keys.rsa, "rsa-1", scope="orders:read")
+        r = await client.get(url(gw, "/read/x"), headers=bearer(old))
+        assert r.status_code == 401
+
+
+async def test_unknown_kid_refetches_are_rate_limited(tmp_path, auth_config, keys):
+    text = auth_config.read_text().replace(
+        "jwks_min_refetch_interval: 0", "jwks_min_refetch_interval: 60"
+    )
+    auth_config.write_text(text)
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        keyset = gw.gen.auth.keyset
+        keyset._last_fetch = -1e9  # the start-up load does not count against the interval
+        fetches = keyset.fetches
+        for i in range(20):
+            token = keys.token(keys.rsa, f"random-{i}", scope="orders:read")
+            assert (await client.get(url(gw, "/read/x"), headers=bearer(token))).status_code == 401
+        assert keyset.fetches == fetches + 1
+
+
+async def test_api_keys(auth_config, stub):
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/keys/x"), headers={"x-api-key": "pk-0123456789abcdef"})
+        assert r.status_code == 200
+        seen = stub.hits[-1]["headers"]
+        assert seen["x-auth-client"] == "partner-a"
+        assert seen["x-auth-method"] == "api_key"
+        assert "x-api-key" not in seen  # the key itself is not passed on
+        r = await client.get(url(gw, "/keys/x"), headers={"x-api-key": "pk-fedcba9876543210"})
+        assert r.status_code == 403  # partner-b lacks the scope
+        r = await client.get(url(gw, "/keys/x"), headers={"x-api-key": "wrong"})
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("ApiKey")
+        r = await client.get(url(gw, "/any/x"), headers={"x-api-key": "pk-fedcba9876543210"})
+        assert r.status_code == 200

@@ -1,0 +1,96 @@
+"""Malformed, oversized and hostile requests: the right status, problem+json, no crash."""
+
+import httpx
+import pytest
+from gateway_support import base_config, problem_of, raw_request, running_gateway, url, write_config
+
+
+@pytest.fixture
+def config(tmp_path, stub):
+    return write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [
+                {"name": "small", "match": {"prefix": "/small"}, "upstream": "a", "max_body": 1000},
+                {"name": "a", "match": {"prefix": "/"}, "upstream": "a"},
+            ],
+            server={
+                "port": 8080,
+                "access_log": False,
+                "max_header_bytes": 4096,
+                "max_url_bytes": 2048,
+            },
+        ),
+    )
+
+
+CASES = {
+    "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello\r\n\r\n", 400),
+    "bad method": (b"G(T / HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    "bad version": (b"GET / HTTP/9.9\r\nhost: x\r\n\r\n", 400),
+    "header without colon": (b"GET / HTTP/1.1\r\nhost x\r\n\r\n", 400),
+    "bad content-length": (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n", 400),
+    "two content-lengths": (
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+        400,
+    ),
+    "smuggling CL+TE": (
+        (
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n"
+            b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        400,
+    ),
+    "bad chunk": (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", 400),
+    "huge headers": (b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 8000 + b"\r\n\r\n", 431),
+    "many headers": (b"GET / HTTP/1.1\r\n" + b"x-h: 1234567890\r\n" * 400 + b"\r\n", 431),
+    "long url": (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nhost: x\r\n\r\n", 414),
+    "dot segments": (b"GET /a/../admin HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    "encoded dot segments": (b"GET /a/%2e%2E/admin HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    "NUL in path": (b"GET /a%00b HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    "absolute form": (b"GET http://evil/ HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    "body too large": (
+        b"POST /small HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n" + b"a" * 5000,
+        413,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_bad_requests_get_the_right_status_and_a_problem(config, stub, name):
+    data, status = CASES[name]
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        raw = await raw_request(gw.port, data, read_timeout=2)
+        got, problem = problem_of(raw)
+        assert got == status, raw[:300]
+        assert problem["status"] == status
+        assert b"application/problem+json" in raw.split(b"\r\n\r\n")[0]
+        assert not stub.hits  # nothing reached the upstream
+        # The worker is fine and serves the next request.
+        assert (await client.get(url(gw, "/ok"))).status_code == 200
+        assert gw.metrics.routes.get("a") is not None
+
+
+async def test_pipelined_requests_are_answered_in_order(config, stub):
+    async with running_gateway(config) as gw:
+        data = (
+            b"".join(b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(5))
+            + b"GET /last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        raw = await raw_request(gw.port, data)
+        assert raw.count(b"HTTP/1.1 200 OK") == 6
+        order = [raw.find(b'"path":"/p%d"' % i) for i in range(5)] + [raw.find(b'"path":"/last"')]
+        assert order == sorted(order)
+        assert -1 not in order
+
+
+async def test_a_client_vanishing_mid_body_breaks_nothing(config, stub):
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        raw = await raw_request(
+            gw.port,
+            b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n" + b"a" * 1000,
+            read_timeout=0.3,
+        )
+        assert raw == b""
+        assert (await client.get(url(gw, "/ok"))).status_code == 200

@@ -1,0 +1,184 @@
+"""Rate limits: local, shared through Redis (accurate under concurrency), degrading to local."""
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+
+import httpx
+import pytest
+from gateway_support import base_config, running_gateway, url, write_config
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from atoll.determinism import SystemClock
+
+REDIS_URL = os.environ.get("ATOLL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CLOCK = SystemClock()
+
+
+def limited_config(tmp_path, stub, rate_limit, **extra):
+    return write_config(
+        tmp_path / f"gw-{uuid.uuid4().hex[:6]}.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [
+                {
+                    "name": "limited",
+                    "match": {"prefix": "/"},
+                    "upstream": "a",
+                    "rate_limit": rate_limit,
+                },
+            ],
+            **extra,
+        ),
+    )
+
+
+async def test_local_limit_answers_429_with_retry_after_and_ratelimit_headers(tmp_path, stub):
+    config = limited_config(tmp_path, stub, {"rate": 1, "burst": 3, "per": "ip"})
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        responses = [await client.get(url(gw, "/x")) for _ in range(4)]
+        assert [r.status_code for r in responses] == [200, 200, 200, 429]
+        assert [r.headers["ratelimit-remaining"] for r in responses] == ["2", "1", "0", "0"]
+        assert all(r.headers["ratelimit-limit"] == "3" for r in responses)
+        refused = responses[-1]
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["ratelimit-reset"]) >= 1
+        assert len(stub.hits) == 3
+        metrics = (await client.get(f"http://127.0.0.1:{gw.admin_port}/metrics")).text
+        assert 'atoll_gateway_rate_limited_total{route="limited"} 1.0' in metrics
+
+
+async def test_limits_are_per_client(tmp_path, stub):
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 0.001, "burst": 2, "per": "client"},
+        auth={
+            "api_keys": {
+                "keys": [
+                    {"name": "k1", "key": "key-one-0123456789"},
+                    {"name": "k2", "key": "key-two-0123456789"},
+                ]
+            }
+        },
+    )
+    text = config.read_text().replace("rate_limit:", "auth: api_key\n  rate_limit:")
+    config.write_text(text)
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        one = [
+            (
+                await client.get(url(gw, "/x"), headers={"x-api-key": "key-one-0123456789"})
+            ).status_code
+            for _ in range(3)
+        ]
+        two = [
+            (
+                await client.get(url(gw, "/x"), headers={"x-api-key": "key-two-0123456789"})
+            ).status_code
+            for _ in range(3)
+        ]
+        assert one == [200, 200, 429]
+        assert two == [200, 200, 429]
+
+
+@pytest.mark.redis
+async def test_shared_limit_is_accurate_across_gateways_under_concurrency(tmp_path, stub):
+    """Two gateway instances, 48 concurrent clients, one limit of 40/s with a burst of 10."""
+    prefix = f"atoll-test-gw-{uuid.uuid4().hex[:10]}"
+    rate, burst = 40.0, 10
+    config = limited_config(
+        tmp_path,
+        stub,
+        # A generous timeout: this test's one event loop runs both gateways and 48 clients.
+        {"rate": rate, "burst": burst, "per": "route", "shared": True, "shared_timeout": 1.0},
+        rate_limits={"store": REDIS_URL, "prefix": prefix},
+    )
+    async with running_gateway(config) as gw1, running_gateway(config) as gw2:
+        limits = httpx.Limits(max_connections=48, max_keepalive_connections=48)
+        async with httpx.AsyncClient(limits=limits) as client:
+            granted = []
+            refused = 0
+            started = CLOCK.monotonic()
+            stop_at = started + 2.0
+
+            async def hammer(i):
+                nonlocal refused
+                target = gw1 if i % 2 else gw2
+                while CLOCK.monotonic() < stop_at:
+                    r = await client.get(url(target, "/x"))
+                    if r.status_code == 200:
+                        granted.append(CLOCK.monotonic())
+                    else:
+                        assert r.status_code == 429, r.text
+                        refused += 1
+
+            await asyncio.gather(*(hammer(i) for i in range(48)))
+            elapsed = max(granted) - started
+        assert gw1.gen.limits["limited"].degraded_total == 0
+        assert gw2.gen.limits["limited"].degraded_total == 0
+    # GCRA: at most burst + rate * elapsed (+1 for the permit at the boundary).
+    ceiling = burst + rate * elapsed + 1
+    assert len(granted) <= ceiling, (len(granted), ceiling)
+    assert len(granted) >= 0.9 * (burst + rate * elapsed), (len(granted), elapsed)
+    assert refused > len(granted)  # the clients really did ask for more
+    client = Redis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    assert keys  # the limit lived in Redis
+    await client.delete(*keys)
+    await client.aclose()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def own_redis():
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    for _ in range(200):
+        try:
+            await client.ping()
+            break
+        except (OSError, RedisConnectionError):
+            await asyncio.sleep(0.05)
+    await client.aclose()
+    yield process, f"redis://127.0.0.1:{port}/0"
+    if process.poll() is None:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_when_redis_fails_limits_fall_back_to_local(tmp_path, stub, own_redis):
+    process, redis_url = own_redis
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 0.001, "burst": 5, "per": "route", "shared": True, "degraded_rate": 0.001},
+        rate_limits={"store": redis_url, "prefix": "fallback"},
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        assert (await client.get(url(gw, "/x"))).status_code == 200  # through Redis
+        limits = gw.gen.limits["limited"]
+        assert limits.degraded_total == 0
+        process.terminate()
+        process.wait(10)
+        statuses = [(await client.get(url(gw, "/x"))).status_code for _ in range(8)]
+        # No request failed because Redis did: the local limit (burst 5) took over.
+        assert statuses == [200] * 5 + [429] * 3
+        assert limits.degraded_total == 8

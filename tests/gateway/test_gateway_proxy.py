@@ -1,0 +1,261 @@
+"""Routing, forwarding, balancing, health and the admin view, against stub upstreams."""
+
+import asyncio
+
+import httpx
+import pytest
+from gateway_support import Stub, admin_url, base_config, running_gateway, url, write_config
+
+from atoll.testing import wait_until
+
+
+@pytest.fixture
+def routes_config(tmp_path, stub, stub_b):
+    return write_config(
+        tmp_path / "gateway.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}, "b": {"targets": [stub_b.address]}},
+            [
+                {
+                    "name": "order",
+                    "match": {"path": "/orders/{id}", "methods": ["GET"]},
+                    "upstream": "a",
+                },
+                {
+                    "name": "orders-post",
+                    "match": {"path": "/orders", "methods": ["POST"]},
+                    "upstream": "a",
+                },
+                {
+                    "name": "v2",
+                    "match": {"prefix": "/api/v2"},
+                    "upstream": "b",
+                    "strip_prefix": True,
+                },
+                {
+                    "name": "rewrite",
+                    "match": {"path": "/legacy/{id}/info"},
+                    "upstream": "b",
+                    "rewrite": "/items/{id}",
+                },
+                {
+                    "name": "by-host",
+                    "match": {"prefix": "/hosted", "host": "*.example.com"},
+                    "upstream": "b",
+                },
+                {
+                    "name": "by-header",
+                    "match": {"prefix": "/beta", "headers": {"x-beta": "1"}},
+                    "upstream": "b",
+                    "request_headers": {"set": {"x-added": "yes"}, "remove": ["x-secret"]},
+                    "response_headers": {"set": {"x-gateway": "atoll"}, "remove": ["x-stub"]},
+                },
+                {"name": "stock", "match": {"prefix": "/stock"}, "upstream": "a"},
+            ],
+        ),
+    )
+
+
+async def test_routes_match_path_params_prefixes_hosts_and_headers(routes_config, stub, stub_b):
+    async with running_gateway(routes_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/orders/42?x=1"))
+        assert r.status_code == 200
+        assert r.json()["path"] == "/orders/42"
+        assert r.json()["query"] == "x=1"
+        assert r.json()["stub"] == "a"
+        r = await client.get(url(gw, "/api/v2/things/7"))
+        assert r.json() == r.json() | {"stub": "b", "path": "/things/7"}
+        r = await client.get(url(gw, "/legacy/9/info"))
+        assert r.json()["path"] == "/items/9"
+        r = await client.get(url(gw, "/hosted/x"), headers={"host": "shop.example.com"})
+        assert r.json()["stub"] == "b"
+        r = await client.get(url(gw, "/hosted/x"), headers={"host": "evil.test"})
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "application/problem+json"
+        r = await client.get(url(gw, "/beta/x"))
+        assert r.status_code == 404
+        r = await client.get(
+            url(gw, "/beta/x"), headers={"x-beta": "1", "x-secret": "s", "x-added": "forged"}
+        )
+        assert r.status_code == 200
+        seen = r.json()["headers"]
+        assert seen["x-added"] == "yes"
+        assert "x-secret" not in seen
+        assert r.headers["x-gateway"] == "atoll"
+        assert "x-stub" not in r.headers
+        # /stock matches /stock and /stock/..., not /stockpile
+        assert (await client.get(url(gw, "/stock"))).status_code == 200
+        assert (await client.get(url(gw, "/stock/apple"))).status_code == 200
+        assert (await client.get(url(gw, "/stockpile"))).status_code == 404
+
+
+async def test_method_mismatch_is_405_with_allow(routes_config):
+    async with running_gateway(routes_config) as gw, httpx.AsyncClient() as client:
+        r = await client.delete(url(gw, "/orders/1"))
+        assert r.status_code == 405
+        assert r.headers["allow"] == "GET"
+        assert r.json()["status"] == 405
+        r = await client.post(url(gw, "/orders"), json={"a": 1})
+        assert r.status_code == 200
+        assert r.json()["method"] == "POST"
+        r = await client.head(url(gw, "/orders/1"))
+        assert r.status_code == 200
+        assert r.content == b""
+
+
+async def test_forwarded_headers_and_request_ids(routes_config, stub):
+    async with running_gateway(routes_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/orders/1"), headers={"x-request-id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        seen = stub.hits[-1]["headers"]
+        assert seen["x-request-id"] == "abc-123"
+        assert seen["x-forwarded-for"] == "127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http"
+        assert seen["host"] == stub.address
+        r = await client.get(url(gw, "/orders/1"), headers={"x-request-id": "bad id\twith spaces"})
+        generated = r.headers["x-request-id"]
+        assert len(generated) == 32
+        assert generated != "bad id\twith spaces"
+        assert stub.hits[-1]["headers"]["x-request-id"] == generated
+        r = await client.get(url(gw, "/orders/1"), headers={"x-forwarded-for": "10.0.0.1"})
+        assert stub.hits[-1]["headers"]["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+
+
+async def test_round_robin_and_least_outstanding(tmp_path, stub, stub_b):
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {
+                "rr": {"targets": [stub.address, stub_b.address]},
+                "lo": {"targets": [stub.address, stub_b.address], "balance": "least_outstanding"},
+            },
+            [
+                {"name": "rr", "match": {"prefix": "/rr"}, "upstream": "rr"},
+                {"name": "lo", "match": {"prefix": "/lo"}, "upstream": "lo"},
+            ],
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        names = [(await client.get(url(gw, "/rr/x"))).json()["stub"] for _ in range(10)]
+        assert names.count("a") == 5
+        assert names.count("b") == 5
+        # a is stuck: least-outstanding sends everything else to b.
+        stub.release.clear()
+        stuck = None
+        for _ in range(4):  # until one request is stuck on a (ties rotate)
+            task = asyncio.create_task(client.get(url(gw, "/lo/slow")))
+            await asyncio.sleep(0.2)
+            if any(h["path"] == "/lo/slow" for h in stub.hits):
+                stuck = task
+                break
+            assert (await task).json()["stub"] == "b"
+        assert stuck is not None
+        names = [(await client.get(url(gw, "/lo/x"))).json()["stub"] for _ in range(6)]
+        assert names == ["b"] * 6
+        stub.release.set()
+        assert (await stuck).status_code == 200
+
+
+async def test_passive_ejection_and_active_health_checks(tmp_path, stub, stub_b):
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {
+                "pair": {
+                    "targets": [stub.address, stub_b.address],
+                    "passive": {"failures": 2, "ejection": 30},
+                },
+                "probed": {
+                    "targets": [stub.address, stub_b.address],
+                    "health": {"path": "/healthz", "interval": 0.05, "unhealthy_threshold": 2},
+                },
+            },
+            [
+                {"name": "pair", "match": {"prefix": "/pair"}, "upstream": "pair"},
+                {"name": "probed", "match": {"prefix": "/probed"}, "upstream": "probed"},
+            ],
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        stub.status = 500
+        statuses = [(await client.get(url(gw, "/pair/x"))).status_code for _ in range(4)]
+        assert statuses.count(500) == 2  # a failed twice, then was ejected
+        names = [(await client.get(url(gw, "/pair/x"))).json()["stub"] for _ in range(6)]
+        assert names == ["b"] * 6
+        view = (await client.get(admin_url(gw, "/upstreams"))).json()["upstreams"]
+        pair = next(u for u in view if u["name"] == "pair")
+        assert [i["health"] for i in pair["instances"]] == ["ejected", "healthy"]
+        # The active probe marks a down (its /healthz answers 503) and b stays in.
+        await wait_until(
+            lambda: not gw.gen.upstreams["probed"].instances[0].available, timeout=5, what="a down"
+        )
+        names = [(await client.get(url(gw, "/probed/x"))).json()["stub"] for _ in range(4)]
+        assert names == ["b"] * 4
+        stub.status = 200
+        await wait_until(lambda: gw.gen.upstreams["probed"].instances[0].available, timeout=5)
+
+
+async def test_admin_lists_routes_upstreams_breakers_and_metrics(routes_config):
+    async with running_gateway(routes_config) as gw, httpx.AsyncClient() as client:
+        await client.get(url(gw, "/orders/1"))
+        await client.get(url(gw, "/nowhere"))
+        routes = (await client.get(admin_url(gw, "/routes"))).json()["routes"]
+        assert [r["name"] for r in routes][:2] == ["order", "orders-post"]
+        assert (await client.get(admin_url(gw, "/readyz"))).status_code == 200
+        metrics = (await client.get(admin_url(gw, "/metrics"))).text
+        assert 'atoll_gateway_requests_total{code="200",route="order"} 1.0' in metrics
+        assert 'atoll_gateway_upstream_requests_total{upstream="a"} 1.0' in metrics
+        assert "atoll_gateway_request_duration_seconds_bucket" in metrics
+        r = await client.post(admin_url(gw, "/routes"))
+        assert r.status_code == 405
+        # The admin endpoints are not on the public port.
+        assert (await client.get(url(gw, "/metrics"))).status_code == 404
+
+
+async def test_cors_preflight_and_simple_requests(tmp_path, stub):
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
+            cors={
+                "allow_origins": ["https://shop.example"],
+                "allow_headers": ["authorization", "content-type"],
+            },
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        r = await client.options(
+            url(gw, "/orders"),
+            headers={"origin": "https://shop.example", "access-control-request-method": "POST"},
+        )
+        assert r.status_code == 204
+        assert r.headers["access-control-allow-origin"] == "https://shop.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        hits = len(stub.hits)
+        assert hits == 0  # a preflight never reaches the upstream
+        r = await client.get(url(gw, "/x"), headers={"origin": "https://shop.example"})
+        assert r.headers["access-control-allow-origin"] == "https://shop.example"
+        r = await client.get(url(gw, "/x"), headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        r = await client.options(
+            url(gw, "/orders"),
+            headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+        )
+        assert r.status_code == 403
+
+
+async def test_unreachable_upstream_is_502_problem(tmp_path):
+    dead = Stub("dead")  # never started: its port refuses connections
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"d": {"targets": [dead.address]}},
+            [{"name": "d", "match": {"prefix": "/"}, "upstream": "d"}],
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/x"))
+        assert r.status_code == 502
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["route"] == "d"
