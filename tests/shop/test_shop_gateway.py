@@ -1,8 +1,12 @@
 """The shop behind its gateway, started by `atoll up` like `make demo` does."""
 
+import os
+import signal
+
 import httpx
 import pytest
 from test_shop import Shop, final
+from test_shop_crash import pids_of
 
 from atoll.gateway import load_gateway_config, mint_token
 from atoll.testing import wait_until
@@ -52,8 +56,24 @@ async def test_the_shop_answers_through_its_gateway(tmp_path):
             assert details.status_code == 200
             body = details.json()
             assert body["order"]["order_id"] == order_id
-            # payments and shipping are not part of the shop yet: flagged, not failed.
-            assert body["_partial"] == ["payment", "shipment"]
+            assert body["payment"]["status"] == "CAPTURED"
+            assert body["shipment"]["status"] == "SCHEDULED"
+            assert "_partial" not in body
+            # With payments stopped, its part is optional: omitted and flagged, not failed.
+            frozen = pids_of("payments")
+            assert frozen
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                degraded = await client.get(f"{gw}/orders/{order_id}/details")
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            assert degraded.status_code == 200
+            body = degraded.json()
+            assert body["_partial"] == ["payment"]
+            assert "payment" not in body
+            assert body["shipment"]["status"] == "SCHEDULED"
             assert (await client.get(f"{gw}/orders/nope")).status_code == 404
             routes = (await client.get(f"http://127.0.0.1:{shop.gateway_admin_port}/routes")).json()
             assert "place-order" in {r["name"] for r in routes["routes"]}

@@ -44,7 +44,14 @@ def _mount_sagas() -> None:
     app.add_typer(sagas_app, name="sagas", help="Sagas: list, show, repair, diagram.")
 
 
+def _mount_token() -> None:
+    from atoll.gateway.cli import token  # noqa: PLC0415 - the gateway's development tokens
+
+    app.command("token", help="Mint a development token for the gateway.")(token)
+
+
 _mount_sagas()
+_mount_token()
 
 ServiceOption = Annotated[
     str | None,
