@@ -76,6 +76,8 @@ class LeanTracer:
         "_parent_based",
         "_roots_always",
         "clock",
+        "emit",
+        "encode",
         "processor",
         "random",
         "resource",
@@ -98,6 +100,14 @@ class LeanTracer:
         self.clock = clock
         self.random = random
         self.scope = InstrumentationScope("atoll")
+        # A processor that takes spans encoded already (FastBatchSpanProcessor) gets them
+        # straight from the span's slots: no ReadableSpan, no encoding on its thread.
+        self.emit: Any = getattr(processor, "emit", None)
+        self.encode: Any = None
+        if self.emit is not None:
+            from atoll.observability._otlp import encode_span  # noqa: PLC0415 - otlp extra
+
+            self.encode = encode_span
         # The default sampler (parent-based, roots always on) needs no call per span.
         description = sampler.get_description() if sampler is not None else ""
         self._roots_always = description.startswith("ParentBased{root:AlwaysOnSampler")
@@ -260,6 +270,25 @@ class LeanSpan(Span):
         if not self._context.trace_flags.sampled:
             return
         tracer = self._tracer
+        if tracer.emit is not None:
+            try:
+                encoded = tracer.encode(
+                    self._context,
+                    self._parent,
+                    self._name,
+                    self._kind.value,
+                    self._start,
+                    self._end,
+                    self._attributes,
+                    self._events,
+                    (),
+                    self._status,
+                )
+            except Exception:  # noqa: S110 - a value OTLP cannot hold: the processor reports it
+                pass
+            else:
+                tracer.emit(tracer.resource, tracer.scope, encoded)
+                return
         tracer.processor.on_end(
             ReadableSpan(
                 name=self._name,

@@ -17,13 +17,17 @@ SDK's encoder.
 from __future__ import annotations
 
 import logging
+import os
 import struct
+import threading
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
@@ -179,7 +183,37 @@ def _span(span: ReadableSpan) -> bytes:
     # links on every access. An SDK without these slots makes the exporter fall back.
     context = span._context
     assert context is not None
-    parent = span._parent
+    return encode_span(
+        context,
+        span._parent,
+        span._name,
+        span._kind.value,
+        span._start_time,
+        span._end_time,
+        span._attributes,
+        span._events,
+        span._links,
+        span._status,
+    )
+
+
+def encode_span(  # noqa: PLR0917 - the fields of a protobuf Span, in its order
+    context: SpanContext,
+    parent: SpanContext | None,
+    name: str,
+    kind: int,
+    start: int | None,
+    end: int | None,
+    attributes: Mapping[str, Any] | None,
+    events: Sequence[Any],
+    links: Sequence[Any],
+    status: Any,
+) -> bytes:
+    """One ``Span`` message: what :func:`encode_request` writes for a span, from its fields.
+
+    ``kind`` is the value of the span's ``SpanKind``; ``events`` are SDK ``Event`` objects
+    and ``links`` SDK ``Link`` objects.
+    """
     out = b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08"
     out += context.span_id.to_bytes(8, "big")
     state = context.trace_state
@@ -187,27 +221,23 @@ def _span(span: ReadableSpan) -> bytes:
         out += _ld(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode())
     if parent is not None:
         out += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
-    name = span._name
     if name:
         out += _ld(b"\x2a", name.encode())
-    out += _KIND[span._kind.value]
-    if span._start_time:
-        out += b"\x39" + _pack_q(span._start_time)
-    if span._end_time:
-        out += b"\x41" + _pack_q(span._end_time)
-    attributes = span._attributes
+    out += _KIND[kind]
+    if start:
+        out += b"\x39" + _pack_q(start)
+    if end:
+        out += b"\x41" + _pack_q(end)
     if attributes:
         out += _attributes(b"\x4a", attributes)
         dropped = _dropped(attributes)
         if dropped:
             out += b"\x50" + _varint(dropped)
-    events = span._events
     if events:
         out += _events(events)
-    links = span._links
     if links:
         out += _links(links)
-    out += _status(span._status)
+    out += _status(status)
     return out + _flags(parent)
 
 
@@ -224,27 +254,36 @@ def _scope(scope: InstrumentationScope | None) -> bytes:
     return body + _attributes(b"\x1a", scope.attributes)
 
 
+#: A span ready for a request: its resource, its instrumentation scope, its encoding.
+EncodedSpan = tuple[Resource, "InstrumentationScope | None", bytes]
+
+
 def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
     """The serialised ``ExportTraceServiceRequest`` the SDK's encoder would make."""
+    return encode_encoded(
+        [(span._resource, span._instrumentation_scope or None, _span(span)) for span in spans]
+    )
+
+
+def encode_encoded(spans: Sequence[EncodedSpan]) -> bytes:
+    """The ``ExportTraceServiceRequest`` of spans encoded already, grouped as the SDK does."""
     # Grouped by identity: a Resource's hash serialises it to JSON every time.
     grouped: dict[int, tuple[Resource, dict[int, tuple[Any, list[bytes]]]]] = {}
-    for span in spans:
-        resource = span._resource
+    for resource, scope, encoded in spans:
         by_scope = grouped.get(id(resource))
         if by_scope is None:
             by_scope = grouped[id(resource)] = (resource, {})
-        scope = span._instrumentation_scope or None
         entry = by_scope[1].get(id(scope))
         if entry is None:
             entry = by_scope[1][id(scope)] = (scope, [])
-        entry[1].append(_span(span))
+        entry[1].append(encoded)
     request = []
     for resource, by_id in grouped.values():
         scopes = dict(by_id.values())
         body = _ld(b"\x0a", _attributes(b"\x0a", resource.attributes))
-        for scope, encoded in scopes.items():
+        for scope, encoded_spans in scopes.items():
             scope_body = _ld(b"\x0a", _scope(scope))
-            scope_body += b"".join(_ld(b"\x12", s) for s in encoded)
+            scope_body += b"".join(_ld(b"\x12", s) for s in encoded_spans)
             if scope is not None and scope.schema_url:
                 scope_body += _ld(b"\x1a", scope.schema_url.encode())
             body += _ld(b"\x12", scope_body)
@@ -268,3 +307,130 @@ class FastOTLPSpanExporter(OTLPSpanExporter):
             return super().export(spans)
         result = client.export(data)
         return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+    def export_encoded(self, data: bytes) -> SpanExportResult:
+        """Send a request :func:`encode_encoded` made (retried as the SDK retries)."""
+        client = getattr(self, "_client", None)
+        if getattr(self, "_shutdown", False) or client is None:
+            return SpanExportResult.FAILURE
+        result = client.export(data)
+        return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+
+def env_int(name: str, default: int) -> int:
+    """A positive integer from the environment (``OTEL_BSP_*``), else ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        log.warning("%s=%r is not an integer; using %d", name, raw, default)
+        return default
+    return value if value > 0 else default
+
+
+class FastBatchSpanProcessor(SpanProcessor):
+    """The SDK's ``BatchSpanProcessor`` contract, with spans encoded when they end.
+
+    As the SDK's processor: ended spans wait in a queue of at most ``max_queue_size``
+    (more are dropped and counted in :attr:`dropped`, never block the caller); one
+    thread exports up to ``max_export_batch_size`` at a time as soon as that many wait,
+    and whatever waits every ``schedule_delay_millis``; :meth:`force_flush` exports
+    everything queued; :meth:`shutdown` exports the rest and stops. The standard
+    ``OTEL_BSP_*`` variables set the defaults.
+
+    The difference: a span is encoded to OTLP protobuf as it ends (a lean span straight
+    from its slots, see :meth:`emit`), so no ``ReadableSpan`` is built for it and the
+    export thread only joins bytes and posts them. Encoding on the export thread held the
+    GIL for milliseconds per batch, stalling the service's event loop meanwhile.
+    """
+
+    def __init__(
+        self,
+        exporter: FastOTLPSpanExporter,
+        *,
+        max_queue_size: int | None = None,
+        max_export_batch_size: int | None = None,
+        schedule_delay_millis: int | None = None,
+    ) -> None:
+        self.exporter = exporter
+        self.max_queue_size = max_queue_size or env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+        batch = max_export_batch_size or env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+        self.max_export_batch_size = min(batch, self.max_queue_size)
+        delay = schedule_delay_millis or env_int("OTEL_BSP_SCHEDULE_DELAY", 5000)
+        self.schedule_delay = delay / 1000
+        #: Spans dropped because the queue was full (or could not be encoded).
+        self.dropped = 0
+        self._queue: deque[EncodedSpan] = deque()
+        self._wake = threading.Event()
+        self._export_lock = threading.Lock()
+        self._shutdown = False
+        self._thread = threading.Thread(target=self._work, name="atoll-otlp-export", daemon=True)
+        self._thread.start()
+
+    def emit(self, resource: Resource, scope: InstrumentationScope | None, span: bytes) -> None:
+        """Queue one span encoded by :func:`encode_span`; never blocks."""
+        queue = self._queue
+        if self._shutdown or len(queue) >= self.max_queue_size:
+            self.dropped += 1
+            return
+        queue.append((resource, scope, span))
+        if len(queue) >= self.max_export_batch_size and not self._wake.is_set():
+            self._wake.set()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        try:
+            encoded = _span(span)
+        except Exception as exc:  # an attribute value no OTLP type holds
+            log.warning("span %r dropped: it cannot be encoded (%s)", span.name, exc)
+            self.dropped += 1
+            return
+        self.emit(span._resource, span._instrumentation_scope or None, encoded)
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait(self.schedule_delay)
+            self._wake.clear()
+            if self._shutdown:
+                return  # shutdown() exports what is left
+            with self._export_lock:
+                # One batch at least (the delay passed), more while full batches wait.
+                self._export_batch()
+                while len(self._queue) >= self.max_export_batch_size and not self._shutdown:
+                    self._export_batch()
+
+    def _export_batch(self) -> None:
+        queue = self._queue
+        count = min(len(queue), self.max_export_batch_size)
+        if not count:
+            return
+        batch = [queue.popleft() for _ in range(count)]
+        try:
+            result = self.exporter.export_encoded(encode_encoded(batch))
+        except Exception:
+            log.exception("exporting %d spans failed", count)
+            return
+        if result is not SpanExportResult.SUCCESS:
+            log.debug("exporting %d spans failed; they are dropped", count)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._export_lock:
+            while self._queue:
+                if time.monotonic() > deadline:
+                    return False
+                self._export_batch()
+        return True
+
+    def shutdown(self) -> None:
+        if self._shutdown:
+            return
+        self._shutdown = True
+        self._wake.set()
+        self._thread.join()
+        self.force_flush()
+        self.exporter.shutdown()  # type: ignore[no-untyped-call]

@@ -89,11 +89,15 @@ if OTEL_AVAILABLE:
     class DropCountingSpanProcessor(SpanProcessor):
         """A :class:`BatchSpanProcessor` that counts the spans it drops on a full queue."""
 
-        def __init__(self, exporter: SpanExporter, *, max_queue_size: int = 2048) -> None:
+        def __init__(self, exporter: SpanExporter, *, max_queue_size: int | None = None) -> None:
+            from atoll.observability._otlp import env_int  # noqa: PLC0415 - otlp extra
+
+            max_queue_size = max_queue_size or env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+            batch = env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
             self.batch = BatchSpanProcessor(
                 exporter,
                 max_queue_size=max_queue_size,
-                max_export_batch_size=min(512, max_queue_size),
+                max_export_batch_size=min(batch, max_queue_size),
             )
             self.max_queue_size = max_queue_size
             self.dropped = 0
@@ -128,7 +132,7 @@ class Tracing:
         *,
         exporter: SpanExporter | None = None,
         endpoint: str | None = None,
-        max_queue_size: int = 2048,
+        max_queue_size: int | None = None,
         clock: Clock | None = None,
         random: RandomSource | None = None,
     ) -> None:
@@ -148,7 +152,15 @@ class Tracing:
             exporter = FastOTLPSpanExporter(endpoint=endpoint)
         resource = Resource.create({"service.name": service})
         self.provider = SdkTracerProvider(resource=resource)
-        self.processor = DropCountingSpanProcessor(exporter, max_queue_size=max_queue_size)
+        from atoll.observability._otlp import (  # noqa: PLC0415 - otlp extra
+            FastBatchSpanProcessor,
+            FastOTLPSpanExporter,
+        )
+
+        if isinstance(exporter, FastOTLPSpanExporter) and hasattr(exporter, "_client"):
+            self.processor = FastBatchSpanProcessor(exporter, max_queue_size=max_queue_size)
+        else:
+            self.processor = DropCountingSpanProcessor(exporter, max_queue_size=max_queue_size)
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("atoll")
         clock = clock or SystemClock()
