@@ -11,7 +11,9 @@ group): about 6 µs per span. A property test checks it against the SDK's encode
 :class:`FastOTLPSpanExporter` is the SDK's ``OTLPSpanExporter`` (so every standard
 ``OTEL_EXPORTER_OTLP_*`` variable, TLS setting and retry rule is the SDK's own) with
 only the encoding step replaced; if anything unexpected turns up it falls back to the
-SDK's encoder.
+SDK's encoder. :class:`FastBatchSpanProcessor` goes one step further: spans are encoded
+(:func:`encode_span`) as they end, on the thread that ends them, and its export thread
+only joins the bytes and posts them.
 """
 
 from __future__ import annotations
