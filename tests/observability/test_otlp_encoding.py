@@ -17,6 +17,7 @@ from opentelemetry.trace import (
     TraceState,
 )
 
+from atoll.observability import _otlp
 from atoll.observability._otlp import encode_request
 
 keys = st.text(min_size=0, max_size=12)
@@ -91,6 +92,24 @@ def spans(draw):
 @given(st.lists(spans(), min_size=1, max_size=5))
 def test_the_fast_encoding_is_the_sdk_encoding(batch):
     ours = ExportTraceServiceRequest.FromString(encode_request(batch))
+    assert ours == encode_spans(batch)
+
+
+class _Everything(set):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(spans(), min_size=1, max_size=5))
+def test_the_uncached_path_is_the_sdk_encoding_too(batch):
+    # Keys whose values never repeat (ids) skip the cache: every key does here.
+    real = _otlp._uncached_keys
+    _otlp._uncached_keys = _Everything()
+    try:
+        ours = ExportTraceServiceRequest.FromString(encode_request(batch))
+    finally:
+        _otlp._uncached_keys = real
     assert ours == encode_spans(batch)
 
 

@@ -93,8 +93,23 @@ _uncached_keys: set[str] = set()
 _cached_per_key: dict[str, int] = {}
 
 
-def _encode_pair(tag: bytes, key: str, value: Any) -> bytes:
-    return _ld(tag, _key_value(key, value))
+_key_prefixes: dict[str, bytes] = {}
+
+
+def _str_pair(tag: bytes, key: str, value: str) -> bytes:
+    """``_ld(tag, _key_value(key, value))`` for a string value, the common uncached case."""
+    prefix = _key_prefixes.get(key)
+    if prefix is None:
+        prefix = _ld(b"\x0a", key.encode()) if key else b""
+        if len(_key_prefixes) < 1024:
+            _key_prefixes[key] = prefix
+    data = value.encode()
+    size = len(data)
+    if size < 126:  # both lengths fit in one varint byte
+        body = prefix + b"\x12" + _VARINT_1[size + 2] + b"\x0a" + _VARINT_1[size] + data
+    else:
+        body = prefix + _ld(b"\x12", _ld(b"\x0a", data))
+    return _ld(tag, body)
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -105,7 +120,10 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     uncached = _uncached_keys
     for key, value in attributes.items():
         if key in uncached:
-            parts.append(_ld(tag, _key_value(key, value)))
+            if value.__class__ is str:
+                parts.append(_str_pair(tag, key, value))
+            else:
+                parts.append(_ld(tag, _key_value(key, value)))
             continue
         cache_key = (tag, key, value, value.__class__)
         try:
