@@ -567,12 +567,12 @@ class SagaEngine:
             changes=changes,
             detail=detail,
         )
-        steps = sorted({change.step for change in changes})
         annotate(**{attributes.SAGA_ID: instance.saga_id, attributes.SAGA_NAME: instance.name})
         if self._tracer is not None:
             # A span per transition, child of the span that caused it (the reply's process
             # span, the request that started the saga, the deadline poller), recorded once
             # the transition is committed.
+            steps = sorted({change.step for change in changes})
             self._trace_later(ctx, instance, event, before, steps)
         if self._listeners:
             transition = Transition(
