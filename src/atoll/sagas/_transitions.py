@@ -29,7 +29,7 @@ Rules (docs/sagas.md has the diagram):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic
 
 import msgspec
@@ -182,6 +182,8 @@ class Run(Generic[D]):
         self.expected_revision = inst.revision
         self._data: D | None = data
         self._sender: Context | None = None
+        #: Awaited (once) before a local step or a hook may touch the unit of work.
+        self._before_effects: Callable[[], Awaitable[None]] | None = None
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -357,6 +359,7 @@ class Run(Generic[D]):
         else:
             hook = None
         if hook is not None:
+            await self._effects()
             context = self._context(self._sending())
             await hook(context)
             self._data = context.data
@@ -425,6 +428,7 @@ class Run(Generic[D]):
 
     async def _call(self, action: Call[D], i: int, attempt: int) -> tuple[str, str]:
         """Run a local step in a savepoint; its messages wait until it returns."""
+        await self._effects()
         snapshot = _encoder.encode(self.data)
         buffered = BufferedUnitOfWork(self.ctx.unit_of_work)
         local = saga_context(self.service, self.ctx, self.inst.saga_id, buffered)
@@ -503,6 +507,37 @@ class Run(Generic[D]):
         """A new instance: enter the first group."""
         self.changes.append(StepChange(SAGA, "", _RUNNING, "started"))
         await self.advance()
+
+    async def begin_unchecked(
+        self, check: Callable[[], Awaitable[None]]
+    ) -> BufferedUnitOfWork | None:
+        """:meth:`begin` for an instance whose id may be taken, not checked yet.
+
+        The commands it sends wait in a buffer. Only a local step or a hook touches the
+        unit of work otherwise: ``check()`` (which raises if the id is taken) is awaited
+        before the first of them, and the buffer handed over then. Returns the buffer if
+        that did not happen: the caller inserts the row (which refuses a taken id) and
+        then flushes it, so a taken id has written and sent nothing.
+        """
+        buffered = BufferedUnitOfWork(self.ctx.unit_of_work)
+        self._sender = saga_context(self.service, self.ctx, self.inst.saga_id, buffered)
+        pending: list[BufferedUnitOfWork] = [buffered]
+
+        async def before_effects() -> None:
+            await check()
+            pending.clear()
+            buffered.flush()
+            self._sender = None  # from now on, straight into the unit of work
+
+        self._before_effects = before_effects
+        await self.begin()
+        self._before_effects = None
+        return pending[0] if pending else None
+
+    async def _effects(self) -> None:
+        before, self._before_effects = self._before_effects, None
+        if before is not None:
+            await before()
 
     def match(self, causation_id: str | None) -> tuple[int, bool] | None:
         """The step (and whether its compensation) whose command has this message id."""
