@@ -515,6 +515,66 @@ async def test_a_saga_id_is_used_once_and_a_rolled_back_start_leaves_nothing(kit
             await kit.engine.start(ctx, "place-order", {"order_id": "x"})
 
 
+async def test_a_taken_id_writes_and_sends_nothing_even_when_the_caller_goes_on(kit):
+    async with kit.runtime.unit_of_work() as ctx:
+        await kit.engine.start(ctx, "place-order", Order(order_id="o17b"), saga_id="order-17b")
+    before = await kit.instance("order-17b")
+    async with kit.runtime.unit_of_work() as ctx:
+        with pytest.raises(SagaExistsError, match="'order-17b' exists already"):
+            await kit.engine.start(ctx, "place-order", Order(order_id="x"), saga_id="order-17b")
+        # the caller handles the error and commits its unit of work
+    await kit.run()
+    async with kit.runtime.database.read() as db:
+        outbox = await db.fetch_value("SELECT count(*) FROM atoll_outbox")
+    after = await kit.instance("order-17b")
+    assert outbox == 0
+    assert names(kit.commands()) == ["ReserveStock", "ChargePayment", "ScheduleShipment"]
+    assert [h.seq for h in after.history] == [h.seq for h in before.history] + [2, 3, 4]
+    assert after.data["order_id"] == "o17b"
+
+
+@pytest.mark.parametrize("first", ["local step", "hook"])
+async def test_a_taken_id_is_checked_before_a_local_step_or_hook_of_the_start_runs(tmp_path, first):
+    effects = []
+
+    async def local(saga) -> None:
+        effects.append(saga.data.order_id)
+        await saga.ctx.execute(
+            "INSERT INTO confirmed (order_id, saga_id) VALUES (?, ?)", saga.data.order_id, "s"
+        )
+        saga.ctx.send(ReserveStock(order_id=saga.data.order_id, qty=1), to="inventory")
+
+    async def completed(saga) -> None:
+        await local(saga)
+
+    reserve = Send(
+        "inventory", lambda d: ReserveStock(order_id=d.order_id, qty=1), success=StockReserved
+    )
+    skipped = Step("skipped", reserve, when=lambda d: False)
+    if first == "local step":
+        steps = [skipped, Step("local", Call(local))]
+        saga = Saga("starts-local", Order, steps=steps)
+    else:
+        saga = Saga("starts-hook", Order, steps=[skipped], on_completed=completed)
+    engine = make_engine("first-orders", saga)
+    async with SagaTestKit(engine, tmp_path) as kit:
+        async with kit.runtime.unit_of_work() as ctx:
+            await kit.engine.start(ctx, saga, Order(order_id="a"), saga_id="s-1")
+        assert effects == ["a"]
+        async with kit.runtime.unit_of_work() as ctx:
+            with pytest.raises(SagaExistsError, match="'s-1' exists already"):
+                await kit.engine.start(ctx, saga, Order(order_id="b"), saga_id="s-1")
+        await kit.run()
+        assert effects == ["a"], f"the {first} ran for a taken id"
+        async with kit.runtime.database.read() as db:
+            rows = await db.fetch_all("SELECT order_id FROM confirmed")
+        assert [r[0] for r in rows] == ["a"]
+        assert len(kit.commands()) == 1, "a message of the refused start was sent"
+        view = await kit.instance("s-1")
+        assert view.state == "COMPLETED"
+        assert len(view.history) == 1
+
+
 async def test_listeners_see_each_committed_transition(kit):
     seen = []
     kit.engine.add_listener(seen.append)

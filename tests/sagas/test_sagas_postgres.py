@@ -17,7 +17,7 @@ from order_saga import (
 
 from atoll.determinism import RandomSource
 from atoll.persistence.postgres import PostgresDatabase
-from atoll.sagas import Call, Retry, Saga, Step
+from atoll.sagas import Call, Retry, Saga, SagaExistsError, Step
 from atoll.testing import SagaTestKit
 
 pytestmark = pytest.mark.postgres
@@ -111,3 +111,17 @@ async def test_a_failing_local_step_is_rolled_back_to_its_savepoint_on_postgres(
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             await conn.close()
+
+
+async def test_a_taken_id_writes_and_sends_nothing_on_postgres(kit):
+    async with kit.runtime.unit_of_work() as ctx:
+        await kit.engine.start(ctx, "place-order", Order(order_id="o9"), saga_id="order-9")
+    async with kit.runtime.unit_of_work() as ctx:
+        with pytest.raises(SagaExistsError, match="'order-9' exists already"):
+            await kit.engine.start(ctx, "place-order", Order(order_id="x"), saga_id="order-9")
+    await kit.run()
+    view = await kit.instance("order-9")
+    assert view.state == "COMPLETED"
+    assert view.data["order_id"] == "o9"
+    assert [h.seq for h in view.history] == [1, 2, 3, 4]
+    assert len(kit.commands()) == 3

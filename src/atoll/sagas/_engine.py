@@ -295,8 +295,12 @@ class SagaEngine:
             created_at=now,
             updated_at=now,
         )
-        if await store.exists(ctx, instance.saga_id):
-            raise SagaExistsError(f"a saga or process with id {instance.saga_id!r} exists already")
+        taken = f"a saga or process with id {instance.saga_id!r} exists already"
+
+        async def check() -> None:
+            if await store.exists(ctx, instance.saga_id):
+                raise SagaExistsError(taken)
+
         run = Run(
             definition,
             instance,
@@ -307,12 +311,19 @@ class SagaEngine:
             data=data,
             steps=[StepState() for _ in definition.steps],
         )
-        await run.begin()
+        # No SELECT for the id first (a statement per start): the INSERT refuses a taken
+        # id, and until it has, the first commands wait in a buffer. Should a local step
+        # or a hook come first (they use the unit of work), the id is checked before it.
+        buffered = await run.begin_unchecked(check)
         run.finish()
         if not await store.insert(ctx, instance):
-            # Only a concurrent start of the same id (PostgreSQL) gets here: the commands
-            # this start sent are in the unit of work, which the exception rolls back.
-            raise SagaExistsError(f"a saga or process with id {instance.saga_id!r} exists already")
+            # A taken id found by the INSERT: the buffered commands are dropped. Checked
+            # before already, only a concurrent start of the same id (PostgreSQL) gets
+            # here: what this start did is in the unit of work, which the exception rolls
+            # back.
+            raise SagaExistsError(taken)
+        if buffered is not None:
+            buffered.flush()
         await self._write(
             ctx,
             instance,
@@ -567,12 +578,12 @@ class SagaEngine:
             changes=changes,
             detail=detail,
         )
-        steps = sorted({change.step for change in changes})
         annotate(**{attributes.SAGA_ID: instance.saga_id, attributes.SAGA_NAME: instance.name})
         if self._tracer is not None:
             # A span per transition, child of the span that caused it (the reply's process
             # span, the request that started the saga, the deadline poller), recorded once
             # the transition is committed.
+            steps = sorted({change.step for change in changes})
             self._trace_later(ctx, instance, event, before, steps)
         if self._listeners:
             transition = Transition(

@@ -190,6 +190,8 @@ async def insert(session: Session, inst: Instance) -> bool:
 
 
 _OPTIONAL = ("version", "state", "data", "wake_at", "deadline_at", "error")
+_BITS = tuple(1 << bit for bit in range(len(_OPTIONAL)))
+_ALL = (1 << len(_OPTIONAL)) - 1
 #: UPDATE statements by the set of optional columns they write.
 _UPDATES: dict[int, str] = {}
 
@@ -202,13 +204,17 @@ async def update(session: Session, inst: Instance, expected_revision: int) -> No
     steps (and the next deadline).
     """
     params: list[Any] = [inst.steps, inst.revision, inst.updated_at]
-    mask = 0
     now = inst.changeable()
-    loaded = inst.loaded or (None,) * len(_OPTIONAL)
-    for bit, (old, new) in enumerate(zip(loaded, now, strict=True)):
-        if not inst.loaded or old != new:
-            mask |= 1 << bit
-            params.append(new)
+    loaded = inst.loaded
+    if loaded:
+        mask = 0
+        for bit, old, new in zip(_BITS, loaded, now):  # noqa: B905 - both are changeable()
+            if old != new:
+                mask |= bit
+                params.append(new)
+    else:
+        mask = _ALL
+        params.extend(now)
     sql = _UPDATES.get(mask)
     if sql is None:
         names = [name for bit, name in enumerate(_OPTIONAL) if mask & (1 << bit)]

@@ -29,7 +29,7 @@ Rules (docs/sagas.md has the diagram):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic
 
 import msgspec
@@ -182,6 +182,8 @@ class Run(Generic[D]):
         self.expected_revision = inst.revision
         self._data: D | None = data
         self._sender: Context | None = None
+        #: Awaited (once) before a local step or a hook may touch the unit of work.
+        self._before_effects: Callable[[], Awaitable[None]] | None = None
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -237,16 +239,20 @@ class Run(Generic[D]):
         """Fold the run's results into the instance, ready to be written."""
         if self._data is not None:
             self.inst.data = _encoder.encode(self._data).decode()
-        self.inst.steps = encode_steps(self.steps)
+        inst = self.inst
+        inst.steps = encode_steps(self.steps)
         wake: float | None = None
-        if self.inst.state in (_RUNNING, _COMPENSATING):
-            dues = [s.due for s in self.steps if s.due is not None]
-            if self.inst.state is _RUNNING and self.inst.deadline_at is not None:
-                dues.append(self.inst.deadline_at)
-            wake = min(dues) if dues else None
-        self.inst.wake_at = wake
-        self.inst.updated_at = self.now
-        self.inst.revision += 1
+        state = inst.state
+        if state is _RUNNING or state is _COMPENSATING:
+            if state is _RUNNING:
+                wake = inst.deadline_at
+            for step in self.steps:
+                due = step.due
+                if due is not None and (wake is None or due < wake):
+                    wake = due
+        inst.wake_at = wake
+        inst.updated_at = self.now
+        inst.revision += 1
 
     # -- the state machine ----------------------------------------------------------------
 
@@ -295,13 +301,15 @@ class Run(Generic[D]):
             await self._end(_COMPLETED, "every step completed")
             return False
         members = self.definition.groups[g]
-        pending = [i for i in members if self.steps[i].status is _S_PENDING]
+        steps = self.steps
+        pending = [i for i in members if steps[i].status is _S_PENDING]
         if pending:
             for i in pending:
                 await self._enter(i)
             return True
-        if any(self.steps[i].status in FORWARD_ACTIVE for i in members):
-            return False
+        for i in members:
+            if steps[i].status in FORWARD_ACTIVE:
+                return False
         failed = [
             f"{self._name(i)}: {self.steps[i].error or self.steps[i].status.value}"
             for i in members
@@ -342,12 +350,16 @@ class Run(Generic[D]):
         self.inst.deadline_at = None if state in RESTING_STATES else self.inst.deadline_at
         if state is _COMPLETED:
             self.inst.error = None
-        hook = {
-            _COMPLETED: self.definition.on_completed,
-            _COMPENSATED: self.definition.on_compensated,
-            _COMPENSATION_FAILED: self.definition.on_compensation_failed,
-        }.get(state)
+        if state is _COMPLETED:
+            hook = self.definition.on_completed
+        elif state is _COMPENSATED:
+            hook = self.definition.on_compensated
+        elif state is _COMPENSATION_FAILED:
+            hook = self.definition.on_compensation_failed
+        else:
+            hook = None
         if hook is not None:
+            await self._effects()
             context = self._context(self._sending())
             await hook(context)
             self._data = context.data
@@ -416,6 +428,7 @@ class Run(Generic[D]):
 
     async def _call(self, action: Call[D], i: int, attempt: int) -> tuple[str, str]:
         """Run a local step in a savepoint; its messages wait until it returns."""
+        await self._effects()
         snapshot = _encoder.encode(self.data)
         buffered = BufferedUnitOfWork(self.ctx.unit_of_work)
         local = saga_context(self.service, self.ctx, self.inst.saga_id, buffered)
@@ -495,6 +508,37 @@ class Run(Generic[D]):
         self.changes.append(StepChange(SAGA, "", _RUNNING, "started"))
         await self.advance()
 
+    async def begin_unchecked(
+        self, check: Callable[[], Awaitable[None]]
+    ) -> BufferedUnitOfWork | None:
+        """:meth:`begin` for an instance whose id may be taken, not checked yet.
+
+        The commands it sends wait in a buffer. Only a local step or a hook touches the
+        unit of work otherwise: ``check()`` (which raises if the id is taken) is awaited
+        before the first of them, and the buffer handed over then. Returns the buffer if
+        that did not happen: the caller inserts the row (which refuses a taken id) and
+        then flushes it, so a taken id has written and sent nothing.
+        """
+        buffered = BufferedUnitOfWork(self.ctx.unit_of_work)
+        self._sender = saga_context(self.service, self.ctx, self.inst.saga_id, buffered)
+        pending: list[BufferedUnitOfWork] = [buffered]
+
+        async def before_effects() -> None:
+            await check()
+            pending.clear()
+            buffered.flush()
+            self._sender = None  # from now on, straight into the unit of work
+
+        self._before_effects = before_effects
+        await self.begin()
+        self._before_effects = None
+        return pending[0] if pending else None
+
+    async def _effects(self) -> None:
+        before, self._before_effects = self._before_effects, None
+        if before is not None:
+            await before()
+
     def match(self, causation_id: str | None) -> tuple[int, bool] | None:
         """The step (and whether its compensation) whose command has this message id."""
         if causation_id is None:
@@ -508,42 +552,46 @@ class Run(Generic[D]):
 
     def _match_reply(self, envelope: Envelope) -> tuple[int, bool, Send[D], str]:
         """The step, phase, action and outcome a reply is for, or :class:`MessageRejected`."""
-        saga = f"saga {self.inst.saga_id!r} ({self.inst.name} v{self.inst.version})"
-        what = f"reply {envelope.type} (message {envelope.id} from {envelope.source})"
         found = self.match(envelope.causation_id)
         if found is None:
             raise MessageRejected(
-                f"{what} answers no command of {saga}"
+                f"{_reply_name(envelope)} answers no command of {self._saga_name()}"
                 f" (its causation id {envelope.causation_id!r} is not a command the saga sent)"
             )
         i, compensation = found
         step = self.definition.steps[i].step
         action = step.compensation if compensation else step.action
         if not isinstance(action, Send):  # the ids were recorded by a Send
-            raise MessageRejected(f"{what}: step {step.name!r} of {saga} sends no command")
+            raise MessageRejected(
+                f"{_reply_name(envelope)}: step {step.name!r} of {self._saga_name()}"
+                " sends no command"
+            )
         outcome = action.outcome_of(envelope.type)
         if outcome is None:
             expected = ", ".join(t.message_type for t in action.reply_types)
             phase = "compensation" if compensation else "action"
             raise MessageRejected(
-                f"{what} is not a reply {saga} expects from the {phase} of step"
-                f" {step.name!r} (it expects {expected})"
+                f"{_reply_name(envelope)} is not a reply {self._saga_name()} expects from the"
+                f" {phase} of step {step.name!r} (it expects {expected})"
             )
         return i, compensation, action, outcome
+
+    def _saga_name(self) -> str:
+        return f"saga {self.inst.saga_id!r} ({self.inst.name} v{self.inst.version})"
 
     async def on_reply(self, envelope: Envelope, reply: Message) -> None:
         """A reply to one of the saga's commands."""
         i, compensation, action, outcome = self._match_reply(envelope)
         step = self.definition.steps[i].step
-        phase = "compensation" if compensation else "action"
-        self.detail["reply"] = {"type": envelope.type, "id": envelope.id, "from": envelope.source}
-        self.detail["step"] = step.name
+        detail = self.detail
+        detail["reply"] = {"type": envelope.type, "id": envelope.id, "from": envelope.source}
+        detail["step"] = step.name
         state = self.steps[i]
         sent = state.csent if compensation else state.sent
         causation = envelope.causation_id or ""
-        latest = sent[-1] == causation
         active = COMPENSATION_ACTIVE if compensation else FORWARD_ACTIVE
         if self.inst.state in RESTING_STATES or state.status not in active:
+            phase = "compensation" if compensation else "action"
             self.ignore(
                 f"step {step.name!r} is {state.status.value} and the saga"
                 f" {self.inst.state.value}: a duplicate or late reply to its {phase}"
@@ -553,6 +601,7 @@ class Run(Generic[D]):
         if not success:
             # A success from any attempt is final (participants are idempotent per saga). A
             # failure is not while a later attempt may still succeed: the latest decides.
+            latest = sent[-1] == causation
             waiting = state.status in (_S_RETRY_WAIT, _S_COMPENSATION_RETRY_WAIT)
             if not latest:
                 self.ignore(
@@ -704,6 +753,10 @@ class Run(Generic[D]):
             state.due = None
         self.inst.error = f"aborted by an operator: {reason}"
         self._saga_note(_ABORTED, self.inst.error)
+
+
+def _reply_name(envelope: Envelope) -> str:
+    return f"reply {envelope.type} (message {envelope.id} from {envelope.source})"
 
 
 def _reply_text(envelope: Envelope) -> str:
