@@ -60,3 +60,38 @@ async def test_an_unreachable_server_is_a_clear_error_without_the_password():
         await db.open()
     assert "s3cret" not in str(caught.value)
     assert "127.0.0.1:1" in str(caught.value)
+
+
+@pytest.mark.parametrize("reset_sessions", [False, True])
+async def test_units_of_work_leave_connections_without_a_reset_unless_asked(reset_sessions):
+    # One connection, so both units of work get the same session.
+    db = PostgresDatabase(
+        DSN, schema=unique_schema(), min_size=1, max_size=1, reset_sessions=reset_sessions
+    )
+    await db.open()
+    try:
+        async with db.unit_of_work() as uow:
+            await uow.execute("SET application_name = 'left-behind'")
+        async with db.unit_of_work() as uow:
+            name = await uow.fetch_value("SELECT current_setting('application_name')")
+        # No reset (the default): what a unit of work sets for the session stays, which is
+        # why handlers use SET LOCAL. With reset_sessions, asyncpg's RESET ALL clears it.
+        assert (name == "left-behind") is not reset_sessions
+        async with db.unit_of_work() as uow:
+            await uow.execute("SET LOCAL application_name = 'this-transaction-only'")
+        async with db.unit_of_work() as uow:
+            assert await uow.fetch_value("SELECT current_setting('application_name')") != (
+                "this-transaction-only"
+            )
+    finally:
+        await db.close()
+        await drop_schema(db.schema)
+
+
+def test_reset_sessions_is_a_url_option():
+    url = "postgresql://h/db?reset_sessions=true"
+    db = database_from_url(url, base_dir=None)  # type: ignore[arg-type]
+    assert isinstance(db, PostgresDatabase)
+    assert db.reset_sessions
+    with pytest.raises(Exception, match="reset_sessions='maybe' is invalid"):
+        database_from_url("postgresql://h/db?reset_sessions=maybe", base_dir=None)  # type: ignore[arg-type]

@@ -177,15 +177,6 @@ def map_pg_error(exc: BaseException, what: str) -> DatabaseError:
     return DatabaseError(f"{what}: {exc}")
 
 
-async def _keep_session(_connection: Any) -> None:
-    """Release pooled connections without asyncpg's reset query (a round trip each).
-
-    The store leaves no session state behind: its locks are transaction-scoped, the
-    listener is removed (UNLISTEN) before its connection goes back, and asyncpg itself
-    still rolls back any open transaction on release.
-    """
-
-
 def _is_driver_error(exc: BaseException) -> bool:
     import asyncpg  # noqa: PLC0415 - optional extra
 
@@ -476,6 +467,10 @@ class PostgresEventStore(EventStore):
         if self._pool is None:
             import asyncpg  # noqa: PLC0415 - optional extra
 
+            # The store leaves no session state either (its locks are transaction-scoped;
+            # its listener is removed, UNLISTEN, before the connection goes back).
+            from atoll.persistence.postgres._database import keep_session  # noqa: PLC0415
+
             try:
                 # Read models that projections create without a schema land in the
                 # store's schema, next to the events and checkpoints they derive from.
@@ -484,7 +479,7 @@ class PostgresEventStore(EventStore):
                     min_size=self._min_connections,
                     max_size=self._max_connections,
                     server_settings={"search_path": f'"{self.schema}", public'},
-                    reset=_keep_session,
+                    reset=keep_session,
                 )
             except Exception as exc:
                 raise map_pg_error(exc, f"connecting {self.what}") from exc
