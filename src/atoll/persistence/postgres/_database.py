@@ -253,9 +253,11 @@ async def keep_session(_connection: asyncpg.Connection) -> None:
     """Release a pooled connection as it is, without asyncpg's reset query.
 
     asyncpg resets every connection it takes back (``pg_advisory_unlock_all(); CLOSE ALL;
-    UNLISTEN *; RESET ALL``): a round trip per unit of work, which cost 30-60 % of the
-    commit rate of short transactions here (8 writers: 2,800-3,500 against 4,400-5,600
-    commits/s). It still rolls back a transaction left open. What atoll runs leaves no
+    UNLISTEN *; RESET ALL``): a round trip per unit of work. Without it, atoll's unit of
+    work shape runs 1.3x faster when commits do not wait for the disk and 1.14x with one
+    writer that does; with 8 writers waiting on fsync it makes no difference
+    (``benchmarks/pg_drivers.py``, ``keep-session-vs-reset-*``). asyncpg still rolls back
+    a transaction left open. What atoll runs leaves no
     session state (transaction-scoped advisory locks; its LISTEN has a connection of its
     own), so what remains is the rule of PgBouncer's transaction pooling for handler
     code: ``SET LOCAL``, not ``SET``; ``pg_advisory_xact_lock``, not session locks.
