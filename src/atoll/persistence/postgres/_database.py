@@ -328,6 +328,9 @@ class PostgresDatabase(Database):
     def from_url(cls, url: str, *, clock: Clock | None = None) -> PostgresDatabase:
         """``postgresql://user[:pass]@host:port/db?schema=orders&pool_max=10&sslmode=require``.
 
+        Options: ``schema``, ``pool_min``, ``pool_max``, ``connect_timeout`` (seconds),
+        ``reset_sessions`` (``true`` to reset each connection as it goes back to the pool).
+
         TLS: ``sslmode`` (``disable``, ``require``, ``verify-full``), ``sslrootcert``,
         ``sslcert``, ``sslkey`` file paths. The password may also come from
         ``password_file`` (a path) or the ``PGPASSWORD`` environment variable.
