@@ -59,8 +59,11 @@ class Shop:
             )
 
     async def wait_ready(self, client):
+        # Every service: the first order needs catalog's prices, payments and shipping.
+        urls = [f"http://127.0.0.1:{port}" for port in self.ports.values()]
+
         async def ready():
-            for url in (self.orders, self.inventory):
+            for url in urls:
                 try:
                     if (await client.get(f"{url}/readyz")).status_code != 200:
                         return False

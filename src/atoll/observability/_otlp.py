@@ -438,10 +438,13 @@ class FastBatchSpanProcessor(SpanProcessor):
             log.debug("exporting %d spans failed; they are dropped", count)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        deadline = time.monotonic() + timeout_millis / 1000
+        # Wall-clock bounds, as the SDK's processor has: exports are real HTTP requests
+        # on a thread, outside anything a simulated clock drives.
+        now = time.monotonic  # determinism: allowed - see above
+        deadline = now() + timeout_millis / 1000
         with self._export_lock:
             while self._queue:
-                if time.monotonic() > deadline:
+                if now() > deadline:
                     return False
                 self._export_batch()
         return True

@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -69,6 +70,30 @@ def map_sqlite_error(exc: sqlite3.Error, what: str) -> DatabaseError:
     return DatabaseError(f"{what}: {exc}")
 
 
+def _enter_wal(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting out other processes that open the file too.
+
+    Switching to WAL (and running WAL recovery) answers SQLITE_BUSY at once, without the
+    busy handler, while another connection does the same: several processes opening one
+    new file together (``atoll up`` starting every service on one embedded bus) saw
+    "database is locked" here. Runs on a database thread, never on the event loop.
+    """
+    waited = 0.0
+    delay = 0.002
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            busy = (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_BUSY")
+            if not busy or waited >= busy_timeout:
+                raise
+        else:
+            return
+        time.sleep(delay)  # determinism: allowed - a blocking retry on a database thread
+        waited += delay
+        delay = min(delay * 2, 0.05)
+
+
 def connect_sqlite(
     path: str | Path,
     *,
@@ -85,7 +110,7 @@ def connect_sqlite(
         cached_statements=256,
     )
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
+    _enter_wal(conn, busy_timeout)
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
     if read_only:
