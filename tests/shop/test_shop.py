@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -255,6 +256,36 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
                 "REJECTED",
             }
         assert shop.stop() == 0
+    finally:
+        if shop.process is not None and shop.process.poll() is None:
+            shop.process.kill()
+            shop.process.wait()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_supervisor_takes_its_services_with_it(tmp_path):
+    # Children run in their own sessions; SIGKILL leaves the supervisor no chance to stop
+    # them, so the kernel does (SIGTERM on parent death): their ports are free again.
+    shop = Shop(tmp_path)
+    shop.start()
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await shop.wait_ready(client)
+        ports = [*shop.ports.values(), shop.collector_port, shop.gateway_port]
+        assert all(listening(port) for port in ports)
+        shop.process.kill()
+        shop.process.wait()
+
+        async def all_stopped():
+            return not any(listening(port) for port in ports)
+
+        await wait_until(all_stopped, timeout=30, what="the killed supervisor's services to stop")
     finally:
         if shop.process is not None and shop.process.poll() is None:
             shop.process.kill()
