@@ -1,11 +1,13 @@
 """A lean span for atoll's per-message hot path.
 
-The OpenTelemetry SDK's ``Tracer.start_as_current_span`` costs 45-60 µs per span on
-this machine (limits, locks, attribute cleaning, sampler plumbing); a message costs
-about 100 µs end to end, so SDK spans alone would cost half the throughput. A
-:class:`LeanSpan` is a real ``opentelemetry.trace.Span`` (user code in a handler sees
-it as the current span, nests its own spans under it, adds attributes and events) that
-records into a few slots: about 13 µs from start to end instead of 50. With atoll's
+A consumer span through the OpenTelemetry SDK (extract the W3C parent,
+``start_as_current_span``, inject for what it sends, end into the SDK's batch processor)
+costs about 35 µs on the handling thread on this machine (limits, locks, attribute
+cleaning, sampler plumbing), and encoding it for export another 36 to 40; a message
+costs about 100 µs end to end. A :class:`LeanSpan` is a real ``opentelemetry.trace.Span``
+(user code in a handler sees it as the current span, nests its own spans under it, adds
+attributes and events) that records into a few slots: about 12 µs for the same work,
+encoding included (``benchmarks/tracing_parts.py``). With atoll's
 default OTLP export it ends by encoding itself to OTLP protobuf and queueing the bytes on
 a :class:`~atoll.observability._otlp.FastBatchSpanProcessor` (no ``ReadableSpan``, no
 encoding on the export thread); with any other processor it hands over an SDK
