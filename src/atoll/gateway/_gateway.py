@@ -491,7 +491,11 @@ class Gateway:
         identity: Identity | None = None
         if route.auth:
             try:
-                identity = await self._authenticate(gen, route, authorization, api_key)
+                found = self._identify(gen, route, authorization, api_key)
+                if isinstance(found, str):  # a bearer token not verified recently
+                    found = await gen.auth.bearer(found)
+                    self._check_scopes(route, found)
+                identity = found
             except AuthError as exc:
                 scheme = "ApiKey" if route.auth == ("api_key",) else "Bearer"
                 headers = [(b"www-authenticate", exc.www_authenticate(scheme))]
@@ -631,14 +635,19 @@ class Gateway:
             },
         )
 
-    async def _authenticate(
+    def _identify(
         self,
         gen: Generation,
         route: RouteConfig,
         authorization: bytes | None,
         api_key: bytes | None,
-    ) -> Identity:
-        identity: Identity | None = None
+    ) -> Identity | str:
+        """The caller's identity, or the bearer token still to be verified.
+
+        Synchronous, so that a token verified recently (every request of a client after
+        its first) costs no coroutine. The caller verifies a returned token with
+        ``gen.auth.bearer`` and then checks its scopes with :meth:`_check_scopes`.
+        """
         if authorization is not None and "jwt" in route.auth:
             scheme, _, token = authorization.partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
@@ -647,7 +656,9 @@ class Gateway:
                 text = token.strip().decode("ascii")
             except UnicodeDecodeError:
                 raise AuthError(401, "the bearer token is not ASCII") from None
-            identity = gen.auth.cached(text) or await gen.auth.bearer(text)
+            identity = gen.auth.cached(text)
+            if identity is None:
+                return text
         elif api_key is not None and "api_key" in route.auth:
             identity = gen.auth.api_key(api_key.strip())
         else:
@@ -655,15 +666,20 @@ class Gateway:
                 "a bearer token" if kind == "jwt" else "an API key" for kind in route.auth
             )
             raise AuthError(401, f"this route needs {wanted}", error="missing")
-        missing = [scope for scope in route.scopes if scope not in identity.scopes]
-        if missing:
-            raise AuthError(
-                403,
-                f"the credentials lack the scope(s) {', '.join(missing)}",
-                error="insufficient_scope",
-                scope=" ".join(route.scopes),
-            )
+        self._check_scopes(route, identity)
         return identity
+
+    @staticmethod
+    def _check_scopes(route: RouteConfig, identity: Identity) -> None:
+        if identity.scopes.issuperset(route.scopes):
+            return
+        missing = [scope for scope in route.scopes if scope not in identity.scopes]
+        raise AuthError(
+            403,
+            f"the credentials lack the scope(s) {', '.join(missing)}",
+            error="insufficient_scope",
+            scope=" ".join(route.scopes),
+        )
 
     @staticmethod
     def _limit_key(route: RouteConfig, identity: Identity | None, ip: str) -> str:
@@ -1011,11 +1027,12 @@ class Gateway:
 
 
 def _ratelimit_headers(permit: Permit) -> list[tuple[bytes, bytes]]:
-    headers = [(b"ratelimit-limit", str(permit.limit).encode())]
-    if permit.remaining is not None:
-        headers.append((b"ratelimit-remaining", str(permit.remaining).encode()))
-    if permit.reset is not None:
-        headers.append((b"ratelimit-reset", str(math.ceil(permit.reset)).encode()))
+    _, _, limit, remaining, reset, _ = permit
+    headers = [(b"ratelimit-limit", b"%d" % limit)]
+    if remaining is not None:
+        headers.append((b"ratelimit-remaining", b"%d" % remaining))
+    if reset is not None:
+        headers.append((b"ratelimit-reset", b"%d" % math.ceil(reset)))
     return headers
 
 

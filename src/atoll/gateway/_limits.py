@@ -10,6 +10,7 @@ client's limiter would wait out its own first timeout.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -87,6 +88,7 @@ class _GatedStore(SharedState):
         await self.store.aclose()
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every request, for a few distinct clients
 def client_key(raw: str) -> str:
     """A key safe in a limiter's (and Redis key's) name: short ones as they are, else hashed."""
     if _SAFE_KEY.match(raw):
@@ -144,7 +146,13 @@ class RouteLimits:
         """:meth:`check` without a coroutine when the limit is local; ``None`` if shared."""
         if self._store is not None:
             return None
-        return self._limiter(key).try_acquire_local()
+        limiters = self._limiters
+        limiter = limiters.get(key)
+        if limiter is None:
+            limiter = self._limiter(key)
+        else:
+            limiters.move_to_end(key)
+        return limiter.try_acquire_local()
 
     @property
     def rejected_total(self) -> int:
