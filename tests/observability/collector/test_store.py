@@ -7,6 +7,8 @@ import sqlite3
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from otlp import T0, make_request, make_span, span_id, trace_id
 
 from atoll.determinism import VirtualClock
@@ -347,3 +349,103 @@ async def test_attribute_search_across_many_index_chunks(db_path):
         assert await found(store, attributes=(("n", "71"),)) == []
     finally:
         await store.close()
+
+
+# --- the attribute index: terms from the decoder, or read back from the rows ------------
+
+# No NUL in strings: SQLite's text functions stop at the first one, so the search's JSON
+# check cannot match such a value whatever the index holds.
+_text = st.text(
+    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12
+)
+_scalars = st.one_of(
+    _text,
+    st.text(
+        alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+        min_size=250,
+        max_size=260,
+    ),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+)
+_values = st.one_of(
+    _scalars,
+    st.lists(_scalars, max_size=3),
+    st.dictionaries(_text, _scalars, max_size=2),
+    st.binary(max_size=4),
+)
+_attributes = st.dictionaries(
+    st.sampled_from(["k", "order.id", "n", "flag", "ünï", ""]), _values, max_size=5
+)
+_INDEX_ROWS = "SELECT key, quote(value), typeof(value), chunk FROM attrs_1 ORDER BY 1, 2, 3, 4"
+#: What the search's JSON check matches, as the index must hold it (the reference).
+_JSON_TERMS = (
+    "SELECT DISTINCT j.key,"
+    " quote(CASE j.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE j.value END),"
+    " CASE WHEN j.type IN ('true', 'false') THEN 'text' ELSE typeof(j.value) END, 1"
+    " FROM spans_1 AS s, json_each(s.attributes) AS j"
+    " WHERE j.type IN ('text', 'integer', 'real', 'true', 'false')"
+    " AND (j.type != 'text' OR length(j.value) <= 256) ORDER BY 1, 2, 3, 4"
+)
+
+
+async def _index(path, spans_attributes, *, after_restart: bool) -> tuple[list, list]:
+    store = SpanStore(path, index_delay=3600)
+    await store.open()
+    try:
+        decoder = OTLPDecoder(store.resources, store.scopes)
+        for attributes in spans_attributes:
+            batch = decoder.convert(
+                make_request("svc", [make_span(trace_id(), span_id(), attributes=attributes)])
+            )
+            if after_restart:
+                batch.terms = None  # as if stored before a restart: read from the rows
+            await store.write(batch)
+        await store.index_now()
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as peek:
+        index, reference = (
+            peek.execute(_INDEX_ROWS).fetchall(),
+            peek.execute(_JSON_TERMS).fetchall(),
+        )
+    peek.close()
+    return index, reference
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(spans_attributes=st.lists(_attributes, min_size=1, max_size=6))
+async def test_the_attribute_index_holds_what_the_json_check_matches(tmp_path, spans_attributes):
+    """The index rows, from the decoder's terms or read back after a restart, are the
+    distinct (key, value) pairs that SQLite's ``json_each`` finds in the stored JSON."""
+    run = tmp_path / str(time.perf_counter_ns())
+    run.mkdir()
+    index, reference = await _index(run / "fast.db", spans_attributes, after_restart=False)
+    assert index == reference
+    index, reference = await _index(run / "slow.db", spans_attributes, after_restart=True)
+    assert index == reference
+
+
+async def test_spans_stored_before_a_restart_are_indexed_from_their_rows(db_path):
+    store = SpanStore(db_path, index_delay=3600)
+    await store.open()
+    tid = trace_id()
+    await put(store, "svc", [make_span(tid, span_id(), attributes={"order.id": "R-1"})])
+    await store.close()  # not indexed yet: the terms in memory are gone with the process
+    reopened = SpanStore(db_path, index_delay=3600)
+    await reopened.open()
+    try:
+        other = trace_id()
+        await put(reopened, "svc", [make_span(other, span_id(), attributes={"order.id": "R-2"})])
+        await reopened.index_now()
+        with sqlite3.connect(db_path) as peek:
+            values = peek.execute("SELECT value FROM attrs_1 ORDER BY value").fetchall()
+        peek.close()
+        assert values == [("R-1",), ("R-2",)]
+        assert await found(reopened, attributes=(("order.id", "R-1"),)) == [tid.hex()]
+        assert await found(reopened, attributes=(("order.id", "R-2"),)) == [other.hex()]
+    finally:
+        await reopened.close()

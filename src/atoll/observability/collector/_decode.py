@@ -93,6 +93,11 @@ class ScopeRow:
     attributes: str | None
 
 
+#: An attribute as the attribute index holds it: the key, and the value as SQLite's
+#: ``json_each`` reads it from the stored JSON, booleans as ``'true'``/``'false'``.
+Term = tuple[str, str | int | float]
+
+
 @dataclass(slots=True)
 class DecodedBatch:
     """The valid spans of one export request, ready to store, and what was rejected."""
@@ -103,6 +108,9 @@ class DecodedBatch:
     operations: set[tuple[str, str]] = field(default_factory=set)
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    #: Every distinct scalar span attribute of the batch, for the attribute index (see
+    #: :func:`add_terms`); ``None`` when not collected, and the index reads the rows.
+    terms: set[Term] | None = None
 
     def reject(self, reason: str) -> None:
         self.rejected += 1
@@ -181,6 +189,25 @@ def attributes_dict(attributes: Iterable[KeyValue]) -> dict[str, Any]:
     return {kv.key: any_value(kv.value) for kv in attributes}
 
 
+def add_terms(terms: set[Term], attributes: dict[str, Any]) -> None:
+    """Add the indexable attributes of one span to ``terms``.
+
+    What the attribute index takes, as the search's ``json_each`` check reads the stored
+    JSON: strings, integers, finite floats (non-finite ones are stored as strings
+    already) and booleans as ``'true'``/``'false'``; arrays, maps and nulls are not
+    indexed. The value length limit is applied when the index is written.
+    """
+    for key, value in attributes.items():
+        kind = value.__class__
+        if kind is str or kind is int:
+            terms.add((key, value))
+        elif kind is float:
+            if math.isfinite(value):  # the decoders store others as strings; be sure
+                terms.add((key, value))
+        elif kind is bool:
+            terms.add((key, "true" if value else "false"))
+
+
 def _json_text(value: object) -> str:
     return _json_encoder.encode(value).decode()
 
@@ -232,16 +259,18 @@ class OTLPDecoder:
             ) from exc
         return self.convert(request)
 
-    def convert_json(self, document: dict[str, Any]) -> DecodedBatch:  # noqa: C901, PLR0915 - the JSON twin of convert
+    def convert_json(self, document: dict[str, Any]) -> DecodedBatch:  # noqa: C901, PLR0912, PLR0915 - the JSON twin of convert
         """An OTLP/JSON request in its usual forms to rows, as :meth:`convert` makes them.
 
         Raises:
             _json.Fallback: the document needs protobuf's parser (see ``_json``).
         """
         j = _json
-        batch = DecodedBatch()
+        batch = DecodedBatch(terms=set())
         rows = batch.spans
         operations = batch.operations
+        terms = batch.terms
+        assert terms is not None
         for resource_spans in j.as_list(j.field(document, "resourceSpans", "resource_spans")):
             resource_spans = j.as_dict(resource_spans)  # noqa: PLW2901 - the same item, checked
             resource_id = self._resource(j.resource(resource_spans.get("resource")), batch)
@@ -318,6 +347,8 @@ class OTLPDecoder:
                         batch.reject("time")
                         continue
                     operations.add((service, name))
+                    if attributes:
+                        add_terms(terms, attributes)
                     dropped = None
                     if any(dropped_counts):
                         dropped = _json_text(
@@ -376,9 +407,11 @@ class OTLPDecoder:
         return id_
 
     def convert(self, request: ExportTraceServiceRequest) -> DecodedBatch:  # noqa: C901 - one flat hot loop
-        batch = DecodedBatch()
+        batch = DecodedBatch(terms=set())
         rows = batch.spans
         operations = batch.operations
+        terms = batch.terms
+        assert terms is not None
         for resource_spans in request.resource_spans:
             resource_id = self._resource(resource_spans.resource, batch)
             service = batch.resources[resource_id].service
@@ -410,6 +443,11 @@ class OTLPDecoder:
                     name = span.name
                     operations.add((service, name))
                     attributes = span.attributes
+                    attribute_json = None
+                    if attributes:
+                        values = {kv.key: any_value(kv.value) for kv in attributes}
+                        add_terms(terms, values)
+                        attribute_json = _json_text(values)
                     events = span.events
                     links = span.links
                     dropped = None
@@ -441,9 +479,7 @@ class OTLPDecoder:
                             status.message or None,
                             span.trace_state or None,
                             span.flags,
-                            _json_text({kv.key: any_value(kv.value) for kv in attributes})
-                            if attributes
-                            else None,
+                            attribute_json,
                             _json_text(
                                 [
                                     {

@@ -15,8 +15,8 @@ Indexes, per segment, and why each is there:
   timeout) a no-op.
 * ``spans_N(start_ns)``: newest-first search and time ranges without a sort.
 * ``attrs_N`` is itself the attribute index: a WITHOUT ROWID table keyed by
-  ``(key, value, span)``, filled from the stored attribute JSON by SQLite's
-  ``json_each`` in the same transaction, so the Python side builds no row per attribute.
+  ``(key, value, chunk)``, one row per distinct scalar attribute in a chunk of spans,
+  from the terms the decoder collected while it read the attributes (see below).
 
 Writes. One writer thread owns the write connection. Requests queue their decoded
 batches; the writer takes everything queued (up to ``max_transaction_spans``) into one
@@ -36,7 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -50,6 +50,8 @@ from atoll.observability.collector._decode import (
     ResourceRow,
     ScopeRow,
     SpanRow,
+    Term,
+    add_terms,
 )
 from atoll.observability.collector._errors import (
     CollectorClosedError,
@@ -146,7 +148,6 @@ def _segment_schema(n: int) -> tuple[str, ...]:
 _INDEXED_VALUE: Final = (
     "CASE j.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false' ELSE j.value END"
 )
-_INDEXED_TYPES: Final = "('text', 'integer', 'real', 'true', 'false')"
 
 STATUS_NAMES: Final = {0: "unset", 1: "ok", 2: "error"}
 KIND_NAMES: Final = {
@@ -319,6 +320,10 @@ class _Segment:
     #: Spans with ids up to this one have their rows in ``attrs_N``.
     indexed_upto: int = 0
     max_id: int = 0
+    #: The attribute terms of the spans after ``indexed_upto``, as the decoder collected
+    #: them; ``None`` when they are not all known (spans stored before a restart, or a
+    #: batch without terms), and the indexer reads them from the rows instead.
+    terms: set[Term] | None = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,6 +568,8 @@ class SpanStore:
                 segment.max_id = conn.execute(
                     f"SELECT coalesce(max(id), 0) FROM spans_{segment.id}"
                 ).fetchone()[0]
+                if segment.max_id > segment.indexed_upto:
+                    segment.terms = None  # stored by an earlier run: read from the rows
             self.resources.seed(conn.execute("SELECT digest, id FROM resources"))
             self.scopes.seed(conn.execute("SELECT digest, id FROM scopes"))
         except BaseException:
@@ -696,6 +703,14 @@ class SpanStore:
         segment.span_count += inserted
         segment.last_write_at = now
         segment.max_id = before + inserted  # rowids are handed out as max(id) + 1
+        if self.index_attributes and segment.terms is not None:
+            # Terms of spans that were duplicates (not inserted) may be among them: a
+            # superset is harmless, as a search checks each candidate span's attributes.
+            for batch in batches:
+                if batch.terms is None:
+                    segment.terms = None
+                    break
+                segment.terms.update(batch.terms)
         limit = self.retention.max_spans
         if limit is not None and sum(s.span_count for s in self._segments) > limit:
             self._prune_count_sync(conn)
@@ -774,19 +789,28 @@ class SpanStore:
             if segment.max_id <= segment.indexed_upto:
                 continue
             n, low, high = segment.id, segment.indexed_upto + 1, segment.max_id
+            terms = segment.terms
+            longest = self.max_indexed_value_length
             conn.execute("BEGIN IMMEDIATE")
             try:
-                # One row per distinct (key, value) in the chunk, sorted, so the index
-                # pages are visited in order.
-                conn.execute(
-                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, chunk)"
-                    f" SELECT DISTINCT j.key, {_INDEXED_VALUE}, ?"
-                    f" FROM spans_{n} AS s, json_each(s.attributes) AS j"
-                    f" WHERE s.id BETWEEN ? AND ? AND s.attributes IS NOT NULL"
-                    f" AND j.type IN {_INDEXED_TYPES}"
-                    f" AND (j.type != 'text' OR length(j.value) <= ?)"
-                    " ORDER BY 1, 2",
-                    (low, low, high, self.max_indexed_value_length),
+                # One row per distinct (key, value) in the chunk, from the terms the
+                # decoder collected; spans stored before a restart have theirs read back
+                # from their attribute JSON, by the same function.
+                if terms is None:
+                    terms = set()
+                    for (text,) in conn.execute(
+                        f"SELECT attributes FROM spans_{n}"
+                        " WHERE id BETWEEN ? AND ? AND attributes IS NOT NULL",
+                        (low, high),
+                    ):
+                        add_terms(terms, _loads(text, {}))
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, chunk) VALUES (?, ?, ?)",
+                    [
+                        (key, value, low)
+                        for key, value in terms
+                        if value.__class__ is not str or len(value) <= longest
+                    ],
                 )
                 conn.execute(f"INSERT INTO chunks_{n} (lo, hi) VALUES (?, ?)", (low, high))
                 conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (high, n))
@@ -796,6 +820,7 @@ class SpanStore:
                     conn.execute("ROLLBACK")
                 raise
             segment.indexed_upto = high
+            segment.terms = set()
 
     # --- retention ----------------------------------------------------------------
 
