@@ -208,6 +208,37 @@ def add_terms(terms: set[Term], attributes: dict[str, Any]) -> None:
             terms.add((key, "true" if value else "false"))
 
 
+def events_json(events: Iterable[Any]) -> str:
+    """Span events (``Span.Event`` messages) as the JSON array stored with the span."""
+    return _json_text(
+        [
+            {
+                "name": event.name,
+                "time_unix_nano": event.time_unix_nano,
+                "attributes": attributes_dict(event.attributes),
+                "dropped_attributes_count": event.dropped_attributes_count,
+            }
+            for event in events
+        ]
+    )
+
+
+def links_json(links: Iterable[Any]) -> str:
+    """Span links (``Span.Link`` messages) as the JSON array stored with the span."""
+    return _json_text(
+        [
+            {
+                "trace_id": link.trace_id.hex(),
+                "span_id": link.span_id.hex(),
+                "trace_state": link.trace_state,
+                "attributes": attributes_dict(link.attributes),
+                "flags": link.flags,
+            }
+            for link in links
+        ]
+    )
+
+
 def _json_text(value: object) -> str:
     return _json_encoder.encode(value).decode()
 
@@ -480,33 +511,8 @@ class OTLPDecoder:
                             span.trace_state or None,
                             span.flags,
                             attribute_json,
-                            _json_text(
-                                [
-                                    {
-                                        "name": event.name,
-                                        "time_unix_nano": event.time_unix_nano,
-                                        "attributes": attributes_dict(event.attributes),
-                                        "dropped_attributes_count": event.dropped_attributes_count,
-                                    }
-                                    for event in events
-                                ]
-                            )
-                            if events
-                            else None,
-                            _json_text(
-                                [
-                                    {
-                                        "trace_id": link.trace_id.hex(),
-                                        "span_id": link.span_id.hex(),
-                                        "trace_state": link.trace_state,
-                                        "attributes": attributes_dict(link.attributes),
-                                        "flags": link.flags,
-                                    }
-                                    for link in links
-                                ]
-                            )
-                            if links
-                            else None,
+                            events_json(events) if events else None,
+                            links_json(links) if links else None,
                             dropped,
                         )
                     )
