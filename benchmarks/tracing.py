@@ -113,10 +113,10 @@ def main() -> None:
             collector.terminate()
             collector.wait(30)
     best_off, best_on = max(untraced), max(traced)
-    spans = 40_000 if args.quick else 200_000
+    spans = 80_000 if args.quick else 400_000
     ingest = collector_ingest.run_case(
-        clients=2,
-        spans_per_client=spans // 2,
+        clients=collector_ingest.CLIENTS,
+        spans_per_client=spans // collector_ingest.CLIENTS,
         variant="asgi",
         index_attributes=True,
         synchronous="NORMAL",
