@@ -188,6 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_counted",
         "_head_only",
         "_headers",
+        "_loop",
         "_paused",
         "_waiter",
         "_writable",
@@ -216,10 +217,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.leftover = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence no isinstance check.
         self.transport = transport  # type: ignore[assignment]
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.closed = True
@@ -325,7 +329,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, data: bytes, *, head_only: bool = False) -> asyncio.Future[Response]:
         """Write a request; the future resolves with the response head."""
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        loop = self._loop or asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
         self._head_only = head_only
         self.response = None
         if not self._counted:

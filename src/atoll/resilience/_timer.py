@@ -105,14 +105,19 @@ class FifoTimer:
 
     def enter(self) -> Ticket:
         """Start timing the current task."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a policy outliving its loop (tests): start afresh
-            self._loop = loop
-            self._queue = collections.deque()
-            self._armed = False
-        task = asyncio.current_task(loop)
-        if task is None:
-            raise RuntimeError("a Timeout must be used inside a task")
+        # The loop of the last call first: asking for the running loop costs a getpid()
+        # system call on Python 3.11, and a task of that loop is running only in it.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:  # a policy outliving its loop (tests): start afresh
+                self._loop = loop
+                self._queue = collections.deque()
+                self._armed = False
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("a Timeout must be used inside a task")
         ticket = Ticket(task, loop.time() + self._seconds)
         self._queue.append(ticket)
         if not self._armed:
