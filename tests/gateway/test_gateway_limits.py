@@ -128,7 +128,10 @@ async def test_shared_limit_is_accurate_across_gateways_under_concurrency(tmp_pa
     # 48 clients) falling behind on a loaded machine: a GCRA banks no permits beyond the
     # burst for moments nobody asked (0.9 failed once in a full suite run: 94 of 95.4).
     assert len(granted) >= 0.8 * (burst + rate * elapsed), (len(granted), elapsed)
-    assert refused > len(granted)  # the clients really did ask for more
+    # The clients asked for well over the limit, so the limit decided what was granted.
+    # (Not "more refused than granted": under load this test's one event loop sends
+    # fewer requests: once in a full suite run, 189 asked for 101 granted.)
+    assert len(granted) + refused > 1.2 * ceiling, (len(granted), refused, ceiling)
     client = Redis.from_url(REDIS_URL)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     assert keys  # the limit lived in Redis
