@@ -43,3 +43,13 @@ def test_processes_opening_one_new_file_together_all_get_in(tmp_path):
             worker.join(30)
         outcomes += [results.get(timeout=5) for _ in workers]
     assert [o for o in outcomes if o != "ok"] == []
+
+
+def test_savepoint_journals_stay_in_memory(tmp_path):
+    # Units of work are savepoints; with temp_store=MEMORY their sub-journal never spills
+    # to a temporary file (two pwrite() calls per page otherwise).
+    conn = connect_sqlite(tmp_path / "t.db", synchronous="FULL", busy_timeout=10)
+    try:
+        assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    finally:
+        conn.close()

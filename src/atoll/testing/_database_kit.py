@@ -214,6 +214,30 @@ class DatabaseConformance(abc.ABC):
         assert await self.count(db, "SELECT count(*) FROM items") == 4
         assert [r.message_id for r in await db.outbox_fetch(10)] == ["m0", "m1", "m3", "m4"]
 
+    async def test_a_large_failed_unit_in_a_batch_keeps_nothing(self, db: Database) -> None:
+        """A unit of work that changed every page of a table, then failed, is undone in
+        full, and the units before and after it in the same batch are kept. (Its undo
+        information is well past SQLite's 64 KiB in-memory threshold for a savepoint.)"""
+        async with db.unit_of_work() as uow:
+            await uow.executemany(
+                "INSERT INTO items (id, name) VALUES (?, ?)", [(i, "a" * 200) for i in range(3000)]
+            )
+        async with db.batch():
+            async with db.unit_of_work() as uow:
+                await uow.execute("UPDATE items SET name = ? WHERE id = 0", "first")
+            try:
+                async with db.unit_of_work() as uow:
+                    await uow.execute("UPDATE items SET name = ?", "b" * 200)
+                    raise BoomError
+            except BoomError:
+                pass
+            async with db.unit_of_work() as uow:
+                await uow.execute("UPDATE items SET name = ? WHERE id = 1", "last")
+        untouched = await self.count(db, "SELECT count(*) FROM items WHERE name = ?", "a" * 200)
+        assert untouched == 2998
+        assert await self.count(db, "SELECT count(*) FROM items WHERE name = 'first'") == 1
+        assert await self.count(db, "SELECT count(*) FROM items WHERE name = 'last'") == 1
+
     async def test_concurrent_units_of_work_all_commit(self, db: Database) -> None:
         async def one(i: int) -> None:
             async with db.unit_of_work() as uow:
