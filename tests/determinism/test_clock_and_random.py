@@ -1,4 +1,5 @@
 import asyncio
+import uuid
 
 import pytest
 
@@ -46,3 +47,7 @@ def test_seeded_sources_repeat_and_ids_sort_by_creation():
     assert ids == sorted(ids)
     assert len(set(ids)) == 5000
     assert a.uuid7().version == 7
+    # new_id() is the same UUIDv7, as 32 hex digits: same version and variant bits.
+    parsed = uuid.UUID(hex=a.new_id())
+    assert parsed.version == 7
+    assert parsed.variant == uuid.RFC_4122
