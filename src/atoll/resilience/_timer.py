@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -95,24 +96,29 @@ class FifoTimer:
     this timeout, and the caller raises its :class:`TimeoutError`.
     """
 
-    __slots__ = ("_armed", "_loop", "_queue", "_seconds")
+    __slots__ = ("_armed", "_loop", "_queue", "_seconds", "_thread")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
         self._queue: collections.deque[Ticket] = collections.deque()
         self._armed = False
 
     def enter(self) -> Ticket:
         """Start timing the current task."""
-        # The loop of the last call first: asking for the running loop costs a getpid()
-        # system call on Python 3.11, and a task of that loop is running only in it.
+        # The loop of the last call first, if this is its thread: asking for the running
+        # loop costs a getpid() system call on Python 3.11, and in the thread that ran
+        # that loop, a current task of it means it is the loop running now.
         loop = self._loop
-        task = asyncio.current_task(loop) if loop is not None else None
+        task = None
+        if loop is not None and self._thread == threading.get_ident():
+            task = asyncio.current_task(loop)
         if loop is None or task is None:
             loop = asyncio.get_running_loop()
             if loop is not self._loop:  # a policy outliving its loop (tests): start afresh
                 self._loop = loop
+                self._thread = threading.get_ident()
                 self._queue = collections.deque()
                 self._armed = False
             task = asyncio.current_task(loop)
