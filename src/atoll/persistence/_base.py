@@ -59,6 +59,18 @@ class Session(abc.ABC):
         row = await self.fetch_one(sql, *params)
         return None if row is None else row[0]
 
+    async def insert_at_commit(self, sql: str, *params: Any) -> None:
+        """Insert one row as part of this session's unit of work, perhaps at its commit.
+
+        For append-only rows that nothing in the unit of work reads back, such as an
+        audit trail. The row must be kept if and only if the unit of work is, like every
+        other statement in it. A backend may hold it and run all such rows of one
+        transaction together just before its COMMIT, one ``executemany`` per statement;
+        the statement must then not fail, because if it does the whole transaction fails
+        with every unit of work in it. This default runs it at once.
+        """
+        await self.execute(sql, *params)
+
 
 class UnitOfWork(Session):
     """One atomic piece of work on a service's database.

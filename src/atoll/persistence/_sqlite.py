@@ -165,13 +165,26 @@ class SQLiteSession(Session):
 class SQLiteUnitOfWork(SQLiteSession, UnitOfWork):
     """A unit of work held in a savepoint of the database's current write transaction."""
 
-    __slots__ = ("_callbacks", "_db", "_outgoing")
+    __slots__ = ("_callbacks", "_db", "_deferred", "_outgoing")
 
     def __init__(self, db: SQLiteDatabase) -> None:
         super().__init__(db._conn_or_raise(), db.what)
         self._db = db
         self._callbacks: list[Callable[[], None]] = []
         self._outgoing = False
+        self._deferred: dict[str, list[tuple[Any, ...]]] | None = None
+
+    async def insert_at_commit(self, sql: str, *params: Any) -> None:
+        # Held until the transaction's COMMIT, and then run with the rows of every other
+        # unit in it: one executemany per statement instead of one execute per row.
+        deferred = self._deferred
+        if deferred is None:
+            deferred = self._deferred = {}
+        rows = deferred.get(sql)
+        if rows is None:
+            deferred[sql] = [params]
+        else:
+            rows.append(params)
 
     def add_outgoing(
         self,
@@ -212,13 +225,23 @@ class SQLiteUnitOfWork(SQLiteSession, UnitOfWork):
 class _Group:
     """Units of work that share one transaction and wait for its commit."""
 
-    __slots__ = ("callbacks", "done", "outgoing")
+    __slots__ = ("callbacks", "deferred", "done", "outgoing")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # Resolves to None on commit, or to the error that lost the transaction.
         self.done: asyncio.Future[BaseException | None] = loop.create_future()
         self.callbacks: list[Callable[[], None]] = []
         self.outgoing = False
+        #: Rows of the units kept so far, for ``insert_at_commit``, by statement.
+        self.deferred: dict[str, list[tuple[Any, ...]]] = {}
+
+    def keep(self, uow: SQLiteUnitOfWork) -> None:
+        """Take what a unit of work that was kept (released) leaves for the commit."""
+        self.callbacks.extend(uow._callbacks)
+        self.outgoing = self.outgoing or uow._outgoing
+        if uow._deferred:
+            for sql, rows in uow._deferred.items():
+                self.deferred.setdefault(sql, []).extend(rows)
 
 
 class SQLiteDatabase(Database):
@@ -359,6 +382,10 @@ class SQLiteDatabase(Database):
         if conn is None:
             return
         try:
+            if group is not None and group.deferred:
+                # Inline: inserts into pages in memory; only the COMMIT waits on the disk.
+                for sql, rows in group.deferred.items():
+                    conn.executemany(sql, rows)
             await self._in_thread(lambda: conn.execute("COMMIT"))
         except asyncio.CancelledError:
             # The COMMIT ran to completion on its thread; settle the group as it ended.
@@ -437,8 +464,7 @@ class SQLiteDatabase(Database):
             try:
                 async with self._savepoint() as uow:
                     yield uow
-                group.callbacks.extend(uow._callbacks)
-                group.outgoing = group.outgoing or uow._outgoing
+                group.keep(uow)
             finally:
                 # Even a failed unit must end the transaction soon: an open write
                 # transaction holds SQLite's lock against every other process.
@@ -470,8 +496,7 @@ class SQLiteDatabase(Database):
             raise map_sqlite_error(exc, self.what) from exc
         batch_group = self._group
         if _current_batch.get() is self and batch_group is not None:
-            batch_group.callbacks.extend(uow._callbacks)
-            batch_group.outgoing = batch_group.outgoing or uow._outgoing
+            batch_group.keep(uow)
 
     @asynccontextmanager
     async def batch(self) -> AsyncIterator[None]:

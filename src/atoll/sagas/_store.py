@@ -241,8 +241,8 @@ async def add_history(
     changes: Sequence[StepChange],
     detail: dict[str, Any] | None,
 ) -> None:
-    """Record one transition."""
-    await session.execute(
+    """Record one transition (the row may wait for the unit of work's commit)."""
+    await session.insert_at_commit(
         "INSERT INTO atoll_saga_history (saga_id, seq, at, event, state, changes, detail)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         saga_id,

@@ -138,6 +138,9 @@ class Context(Session):
     async def fetch_all(self, sql: str, *params: Any) -> list[Row]:
         return await self._uow.fetch_all(sql, *params)
 
+    async def insert_at_commit(self, sql: str, *params: Any) -> None:
+        await self._uow.insert_at_commit(sql, *params)
+
     async def fetch_one(self, sql: str, *params: Any) -> Row | None:
         return await self._uow.fetch_one(sql, *params)
 

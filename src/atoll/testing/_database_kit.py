@@ -238,6 +238,33 @@ class DatabaseConformance(abc.ABC):
         assert await self.count(db, "SELECT count(*) FROM items WHERE name = 'first'") == 1
         assert await self.count(db, "SELECT count(*) FROM items WHERE name = 'last'") == 1
 
+    async def test_rows_inserted_at_commit_share_their_units_fate(self, db: Database) -> None:
+        insert = "INSERT INTO items (id, name) VALUES (?, ?)"
+        async with db.unit_of_work() as uow:
+            await uow.insert_at_commit(insert, 1, "alone")
+        async with db.batch():
+            for i in (2, 3, 4):
+                try:
+                    async with db.unit_of_work() as uow:
+                        await uow.execute(
+                            "UPDATE counter SET n = n + 1 WHERE id = 1"
+                        )  # an ordinary statement beside it
+                        await uow.insert_at_commit(insert, i, f"batched {i}")
+                        if i == 3:
+                            raise BoomError
+                except BoomError:
+                    pass
+        try:
+            async with db.unit_of_work() as uow:
+                await uow.insert_at_commit(insert, 5, "failed")
+                raise BoomError
+        except BoomError:
+            pass
+        async with db.read() as session:
+            rows = await session.fetch_all("SELECT id, name FROM items ORDER BY id")
+        assert [(r[0], r[1]) for r in rows] == [(1, "alone"), (2, "batched 2"), (4, "batched 4")]
+        assert await self.count(db, "SELECT n FROM counter WHERE id = 1") == 2
+
     async def test_concurrent_units_of_work_all_commit(self, db: Database) -> None:
         async def one(i: int) -> None:
             async with db.unit_of_work() as uow:
