@@ -250,11 +250,16 @@ def _digest(data: bytes) -> bytes:
 class OTLPDecoder:
     """Turns export requests into :class:`DecodedBatch` es. Safe to use from several threads."""
 
-    __slots__ = ("_resources", "_scopes")
+    __slots__ = ("_collect_terms", "_resources", "_scopes")
 
-    def __init__(self, resources: Interner, scopes: Interner) -> None:
+    def __init__(
+        self, resources: Interner, scopes: Interner, *, collect_terms: bool = True
+    ) -> None:
         self._resources = resources
         self._scopes = scopes
+        #: Collect each batch's attribute terms (``DecodedBatch.terms``): only a store
+        #: with the attribute index uses them.
+        self._collect_terms = collect_terms
 
     def decode_protobuf(self, body: bytes) -> DecodedBatch:
         try:
@@ -297,11 +302,10 @@ class OTLPDecoder:
             _json.Fallback: the document needs protobuf's parser (see ``_json``).
         """
         j = _json
-        batch = DecodedBatch(terms=set())
+        batch = DecodedBatch(terms=set() if self._collect_terms else None)
         rows = batch.spans
         operations = batch.operations
         terms = batch.terms
-        assert terms is not None
         for resource_spans in j.as_list(j.field(document, "resourceSpans", "resource_spans")):
             resource_spans = j.as_dict(resource_spans)  # noqa: PLW2901 - the same item, checked
             resource_id = self._resource(j.resource(resource_spans.get("resource")), batch)
@@ -378,7 +382,7 @@ class OTLPDecoder:
                         batch.reject("time")
                         continue
                     operations.add((service, name))
-                    if attributes:
+                    if attributes and terms is not None:
                         add_terms(terms, attributes)
                     dropped = None
                     if any(dropped_counts):
@@ -437,12 +441,11 @@ class OTLPDecoder:
             )
         return id_
 
-    def convert(self, request: ExportTraceServiceRequest) -> DecodedBatch:  # noqa: C901 - one flat hot loop
-        batch = DecodedBatch(terms=set())
+    def convert(self, request: ExportTraceServiceRequest) -> DecodedBatch:  # noqa: C901, PLR0912 - one flat hot loop
+        batch = DecodedBatch(terms=set() if self._collect_terms else None)
         rows = batch.spans
         operations = batch.operations
         terms = batch.terms
-        assert terms is not None
         for resource_spans in request.resource_spans:
             resource_id = self._resource(resource_spans.resource, batch)
             service = batch.resources[resource_id].service
@@ -477,7 +480,8 @@ class OTLPDecoder:
                     attribute_json = None
                     if attributes:
                         values = {kv.key: any_value(kv.value) for kv in attributes}
-                        add_terms(terms, values)
+                        if terms is not None:
+                            add_terms(terms, values)
                         attribute_json = _json_text(values)
                     events = span.events
                     links = span.links

@@ -154,7 +154,9 @@ class OTLPReceiver:
         #: body is read, which bounds the memory that bodies in flight can take.
         self.max_in_flight = max_in_flight
         self._in_flight = 0
-        self.decoder = OTLPDecoder(store.resources, store.scopes)
+        self.decoder = OTLPDecoder(
+            store.resources, store.scopes, collect_terms=store.index_attributes
+        )
         self._executor: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
