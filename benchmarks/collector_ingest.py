@@ -55,6 +55,7 @@ def serve(port: int, db: str, variant: str, index_attributes: bool, synchronous:
 
     from atoll.observability.collector import Retention, create_collector_app  # noqa: PLC0415
     from atoll.observability.collector._app import listen_socket  # noqa: PLC0415
+    from atoll.service import freeze_startup_heap  # noqa: PLC0415
 
     app = create_collector_app(
         db,
@@ -65,6 +66,7 @@ def serve(port: int, db: str, variant: str, index_attributes: bool, synchronous:
     served = fastapi_variant(app) if variant == "fastapi" else app
     sock = listen_socket("127.0.0.1", port)
     config = uvicorn.Config(served, lifespan="on", access_log=False, log_level="warning")
+    freeze_startup_heap()  # as run_collector does
     uvicorn.Server(config).run(sockets=[sock])
 
 

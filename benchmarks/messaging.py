@@ -33,7 +33,7 @@ from pathlib import Path
 
 from atoll import Command, Context, Service
 from atoll.persistence import SQLiteDatabase
-from atoll.service import ServiceRuntime
+from atoll.service import ServiceRuntime, freeze_startup_heap
 from atoll.transport import Transport
 from atoll.transport.memory import InMemoryTransport
 from atoll.transport.sqlite import SQLiteTransport
@@ -134,6 +134,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
     if role == "consumer":
         runtime = make_runtime(consumer, workdir / "consumer.db", transport, owns=True)
         await runtime.start()
+        freeze_startup_heap()  # as `atoll up` does once its services have started
         print("ready", flush=True)
         cpu_start = time.process_time()
         main_start = resource.getrusage(resource.RUSAGE_THREAD)
@@ -161,6 +162,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
         return
     runtime = make_runtime(producer, workdir / "producer.db", transport, owns=True)
     await runtime.start()
+    freeze_startup_heap()  # as `atoll up` does once its services have started
     start = time.time()
     cpu_start = time.process_time()
     print(json.dumps({"start": start}), flush=True)

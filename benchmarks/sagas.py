@@ -35,7 +35,7 @@ import msgspec
 from atoll import Command, Context, Reply, Service
 from atoll.persistence import SQLiteDatabase
 from atoll.sagas import Retry, Saga, SagaContext, SagaEngine, Send, Step
-from atoll.service import ServiceRuntime
+from atoll.service import ServiceRuntime, freeze_startup_heap
 from atoll.transport import Transport
 from atoll.transport.memory import InMemoryTransport
 from atoll.transport.sqlite import SQLiteTransport
@@ -240,6 +240,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
     if role == "worker":
         runtime = make_runtime(worker, workdir / "worker.db", transport, owns=True)
         await runtime.start()
+        freeze_startup_heap()  # as `atoll up` does once its services have started
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await runtime.stop()
@@ -247,6 +248,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
     service = saga_orchestrator if mode == "saga" else raw_orchestrator
     runtime = make_runtime(service, workdir / "orchestrator.db", transport, owns=True)
     await runtime.start()
+    freeze_startup_heap()  # as `atoll up` does once its services have started
     cpu = time.process_time()
     elapsed = await drive(runtime, mode, count)
     cpu = time.process_time() - cpu
@@ -293,6 +295,7 @@ async def in_memory(count: int, mode: str) -> float:
         await transport.connect()
         await participant.start()
         await orchestrator.start()
+        freeze_startup_heap()  # as `atoll up --single-process` does
         elapsed = await drive(orchestrator, mode, count)
         await orchestrator.stop()
         await participant.stop()

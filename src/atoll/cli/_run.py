@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from atoll._errors import AtollError
+from atoll._heap import freeze_startup_heap
 from atoll.config import ConfigError, LoadedConfig
 from atoll.determinism import RandomSource, SystemClock
 from atoll.observability import otlp_endpoint
@@ -274,6 +275,7 @@ async def serve(loaded: LoadedConfig, names: Sequence[str], *, single_process: b
         loop.add_signal_handler(sig, stop.set)
     try:
         await process.start()
+        freeze_startup_heap()  # see atoll._heap: no full collections of start-up objects
         await process.wait(stop)
     finally:
         await process.shutdown()

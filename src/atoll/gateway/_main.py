@@ -69,6 +69,7 @@ def _serve(args: argparse.Namespace, admin_port: int | None, *, reuse_port: bool
 async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: bool) -> int:
     import logging  # noqa: PLC0415
 
+    from atoll._heap import freeze_startup_heap  # noqa: PLC0415
     from atoll.gateway._gateway import Gateway  # noqa: PLC0415
     from atoll.observability import Tracing  # noqa: PLC0415
 
@@ -90,6 +91,7 @@ async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: boo
     except (ConfigError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    freeze_startup_heap()  # see atoll._heap: no 40 ms full collections while serving
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

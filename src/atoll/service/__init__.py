@@ -1,5 +1,6 @@
 """Services: declaring handlers and HTTP APIs, and running them."""
 
+from atoll._heap import freeze_startup_heap
 from atoll.service._context import Context
 from atoll.service._http import PROBLEM_JSON, problem
 from atoll.service._runtime import RuntimeStats, ServiceRuntime
@@ -19,5 +20,6 @@ __all__ = [
     "Service",
     "ServiceNotRunningError",
     "ServiceRuntime",
+    "freeze_startup_heap",
     "problem",
 ]

@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from atoll._heap import freeze_startup_heap
 from atoll._version import __version__
 from atoll.determinism import Clock, SystemClock
 from atoll.observability.collector import _pages
@@ -575,6 +576,7 @@ def run_collector(
     sock = listen_socket(host, port)
     try:
         log.info("collector listening on http://%s:%d", host, sock.getsockname()[1])
+        freeze_startup_heap()  # see atoll._heap: no 40 ms full collections while serving
         _server(app, log_level).run(sockets=[sock])
     finally:
         sock.close()
