@@ -1,3 +1,4 @@
+import asyncio
 import sqlite3
 
 import pytest
@@ -47,3 +48,40 @@ async def test_a_full_database_is_a_clear_transient_error_and_keeps_nothing(db):
     async with db.read() as session:
         assert await session.fetch_value("SELECT count(*) FROM t") == 0
     assert await db.outbox_fetch(10) == []
+
+
+async def test_a_unit_of_work_waits_for_another_writers_lock_off_the_event_loop(tmp_path):
+    # BEGIN IMMEDIATE runs inline when the lock is free; when another process holds it,
+    # the wait must happen on the writer thread: the event loop keeps running meanwhile,
+    # and the unit of work goes through once the lock is released.
+    database = SQLiteDatabase(tmp_path / "w.db", lock_timeout=10.0)
+    await database.open()
+    await database.migrate("t", ["CREATE TABLE t (n INTEGER PRIMARY KEY)"])
+    other = sqlite3.connect(tmp_path / "w.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, other.execute, "ROLLBACK")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        async with database.unit_of_work() as uow:
+            await uow.execute("INSERT INTO t (n) VALUES (1)")
+    finally:
+        ticking.cancel()
+        other.close()
+    assert ticks >= 10  # the loop ran while the unit of work waited for the lock
+    async with database.read() as session:
+        assert await session.fetch_value("SELECT count(*) FROM t") == 1
+    # The inline attempt switched SQLite's busy handler off; it must be back on.
+    assert database._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+    async with database.unit_of_work() as uow:  # and the fast path works again
+        await uow.execute("INSERT INTO t (n) VALUES (2)")
+    assert database._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 10_000
+    await database.close()

@@ -304,7 +304,13 @@ class ProjectionRunner:
         try:
             applied = await self._apply_batch(raws)
         except CheckpointConflictError:
-            # Another runner moved the checkpoint (or a rebuild reset it): follow it.
+            # Another runner moved the checkpoint (or a rebuild reset it): follow it, once
+            # that move is committed. Runners sharing a SQLite database can meet in one
+            # open group transaction, whose change a read does not see yet: without
+            # waiting for that commit, this loop would read the old checkpoint, conflict
+            # again and never let the commit run. An empty transaction ends after it.
+            async with self.store.transaction():
+                pass
             self.checkpoint = await self.store.load_checkpoint(self.name)
             return 0, True
         self._progressed(applied)
