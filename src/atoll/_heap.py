@@ -1,7 +1,7 @@
 """Keeping the cyclic garbage collector off the hot path of a long-running atoll process.
 
 Measured in one gateway worker under ``wrk -c64`` (a ``gc.callbacks`` timer around every
-collection, 130,000 to 195,000 requests a run):
+collection, 130,000 to 195,000 requests a run; ``benchmarks/gc_settings.py`` repeats it):
 
 * CPython's default settings cost **9 µs of collector time a request**, about a sixth of
   the gateway's CPU. Two thirds of it were *full* collections: one every 7,000 requests,
