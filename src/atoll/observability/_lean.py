@@ -48,7 +48,8 @@ from atoll.determinism import Clock, RandomSource
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_UNSET = Status(StatusCode.UNSET)
+#: The status of a span nobody set one on (shared, so the encoder knows it at a glance).
+UNSET_STATUS = Status(StatusCode.UNSET)
 
 
 def parse_traceparent(carrier: Mapping[str, str]) -> SpanContext | None:
@@ -189,7 +190,7 @@ class LeanSpan(Span):
         self._kind = kind
         self._attributes = attributes
         self._events: list[Event] = []
-        self._status = _UNSET
+        self._status = UNSET_STATUS
         self._start = 0
         self._end: int | None = None
         self._token: object = None

@@ -34,6 +34,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext
 
+from atoll.observability._lean import UNSET_STATUS as _UNSET
+
 log = logging.getLogger("atoll.tracing")
 
 _FLAGS_HAS_IS_REMOTE = 0x100
@@ -91,6 +93,11 @@ _kv_cache: dict[tuple[bytes, str, Any, type], bytes] = {}
 #: Keys whose values rarely repeat (ids): caching them would only churn the cache.
 _uncached_keys: set[str] = set()
 _cached_per_key: dict[str, int] = {}
+#: String-valued pairs by tag, key and value: two plain dict lookups per hit, no tuple to
+#: build and hash (most attributes are strings that repeat: the system, the destination).
+_str_cache: dict[bytes, dict[str, dict[str, bytes]]] = {}
+_MAX_CACHED = 8192
+_cached_total = 0
 
 
 _key_prefixes: dict[str, bytes] = {}
@@ -115,31 +122,55 @@ def _str_pair(tag: bytes, key: str, value: str) -> bytes:
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
-    parts = []
-    cache = _kv_cache
+    parts: list[bytes] = []
+    append = parts.append
     uncached = _uncached_keys
+    strings = _str_cache.get(tag)
+    if strings is None:
+        strings = _str_cache[tag] = {}
     for key, value in attributes.items():
         if key in uncached:
             if value.__class__ is str:
-                parts.append(_str_pair(tag, key, value))
+                append(_str_pair(tag, key, value))
             else:
-                parts.append(_ld(tag, _key_value(key, value)))
+                append(_ld(tag, _key_value(key, value)))
             continue
+        if value.__class__ is str:
+            by_value = strings.get(key)
+            if by_value is not None:
+                encoded = by_value.get(value)
+                if encoded is not None:
+                    append(encoded)
+                    continue
+        append(_cached_pair(tag, key, value, strings))
+    return b"".join(parts)
+
+
+def _cached_pair(tag: bytes, key: str, value: Any, strings: dict[str, dict[str, bytes]]) -> bytes:
+    """One pair missing from the caches: encoded, and kept unless ``key`` looks like an id."""
+    global _cached_total  # noqa: PLW0603 - the caches' shared bound
+    if value.__class__ is str:
+        encoded = _str_pair(tag, key, value)
+        cache_key = None
+    else:
         cache_key = (tag, key, value, value.__class__)
         try:
-            encoded = cache[cache_key]
+            return _kv_cache[cache_key]
         except KeyError:
             encoded = _ld(tag, _key_value(key, value))
-            seen = _cached_per_key.get(key, 0) + 1
-            _cached_per_key[key] = seen
-            if seen > 64:
-                uncached.add(key)  # an id, not a label: stop caching it
-            elif len(cache) < 8192:
-                cache[cache_key] = encoded
         except TypeError:  # unhashable (a list value)
-            encoded = _ld(tag, _key_value(key, value))
-        parts.append(encoded)
-    return b"".join(parts)
+            return _ld(tag, _key_value(key, value))
+    seen = _cached_per_key.get(key, 0) + 1
+    _cached_per_key[key] = seen
+    if seen > 64:
+        _uncached_keys.add(key)  # an id, not a label: stop caching it
+    elif _cached_total < _MAX_CACHED:
+        _cached_total += 1
+        if cache_key is None:
+            strings.setdefault(key, {})[value] = encoded
+        else:
+            _kv_cache[cache_key] = encoded
+    return encoded
 
 
 def _dropped(container: Any) -> int:
@@ -156,6 +187,9 @@ _LOCAL_FLAGS = b"\x85\x01" + _pack_i(_FLAGS_HAS_IS_REMOTE)
 _REMOTE_FLAGS = b"\x85\x01" + _pack_i(_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE)
 _KIND = [b"\x30" + _varint(k + 1) for k in range(5)]
 _EMPTY_STATUS = b"\x7a\x00"
+#: A span name's field, by name (names repeat: ``process <type>``).
+_names: dict[str, bytes] = {}
+_pack_times = struct.Struct("<BQBQ").pack
 
 
 def _events(events: Sequence[Any]) -> bytes:
@@ -217,7 +251,7 @@ def _span(span: ReadableSpan) -> bytes:
     )
 
 
-def encode_span(  # noqa: PLR0917 - the fields of a protobuf Span, in its order
+def encode_span(  # noqa: C901, PLR0912, PLR0917 - a Span's fields in order, one flat hot path
     context: SpanContext,
     parent: SpanContext | None,
     name: str,
@@ -234,31 +268,49 @@ def encode_span(  # noqa: PLR0917 - the fields of a protobuf Span, in its order
     ``kind`` is the value of the span's ``SpanKind``; ``events`` are SDK ``Event`` objects
     and ``links`` SDK ``Link`` objects.
     """
-    out = b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08"
-    out += context.span_id.to_bytes(8, "big")
+    parts = [
+        b"\x0a\x10",
+        context.trace_id.to_bytes(16, "big"),
+        b"\x12\x08",
+        context.span_id.to_bytes(8, "big"),
+    ]
+    append = parts.append
     state = context.trace_state
     if state:
-        out += _ld(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode())
+        append(_ld(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode()))
     if parent is not None:
-        out += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
+        append(b"\x22\x08")
+        append(parent.span_id.to_bytes(8, "big"))
     if name:
-        out += _ld(b"\x2a", name.encode())
-    out += _KIND[kind]
-    if start:
-        out += b"\x39" + _pack_q(start)
-    if end:
-        out += b"\x41" + _pack_q(end)
+        encoded_name = _names.get(name)
+        if encoded_name is None:
+            encoded_name = _ld(b"\x2a", name.encode())
+            if len(_names) < 1024:
+                _names[name] = encoded_name
+        append(encoded_name)
+    append(_KIND[kind])
+    if start and end:
+        append(_pack_times(0x39, start, 0x41, end))
+    elif start:
+        append(b"\x39" + _pack_q(start))
+    elif end:
+        append(b"\x41" + _pack_q(end))
     if attributes:
-        out += _attributes(b"\x4a", attributes)
-        dropped = _dropped(attributes)
-        if dropped:
-            out += b"\x50" + _varint(dropped)
+        append(_attributes(b"\x4a", attributes))
+        if attributes.__class__ is not dict:  # a plain dict drops nothing
+            dropped = _dropped(attributes)
+            if dropped:
+                append(b"\x50" + _varint(dropped))
     if events:
-        out += _events(events)
+        append(_events(events))
     if links:
-        out += _links(links)
-    out += _status(status)
-    return out + _flags(parent)
+        append(_links(links))
+    if status is _UNSET:
+        append(_EMPTY_STATUS)
+    else:
+        append(_status(status))
+    append(_REMOTE_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
+    return b"".join(parts)
 
 
 def _count(tag: bytes, n: int) -> bytes:
