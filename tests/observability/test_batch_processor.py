@@ -164,3 +164,26 @@ def test_sdk_spans_and_unsampled_spans(monkeypatch):
     assert span.name == "GET /orders"
     assert span.attributes[0].key == "http.route"
     processor.shutdown()
+
+
+def test_a_lean_span_propagates_its_own_context_and_the_incoming_baggage():
+    exporter = RecordingExporter()
+    processor = FastBatchSpanProcessor(exporter)
+    tracer = lean_tracer(processor)
+    incoming = {**PARENT, "tracestate": "vendor=sender", "baggage": "tenant=t1"}
+    with tracer.span(
+        "process shop.OrderPlaced",
+        parent=parse_traceparent(incoming),
+        kind=SpanKind.CONSUMER,
+        attributes={},
+    ) as span:
+        outgoing = span.propagated(incoming)
+    context = span.get_span_context()
+    assert outgoing == {
+        "traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-01",
+        "tracestate": "vendor=sender",  # the trace's state goes on with the trace
+        "baggage": "tenant=t1",
+    }
+    assert outgoing["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert incoming["traceparent"] == PARENT["traceparent"]  # the message's are untouched
+    processor.shutdown()

@@ -225,6 +225,15 @@ class LeanSpan(Span):
             headers["tracestate"] = context.trace_state.to_header()
         return headers
 
+    def propagated(self, incoming: Mapping[str, str]) -> dict[str, str]:
+        """The trace headers for what this span's handler sends: ``incoming`` (the
+        message's, so its baggage goes on) with this span's ``traceparent`` and
+        ``tracestate`` in place of the sender's."""
+        outgoing = dict(incoming)
+        outgoing.pop("tracestate", None)
+        outgoing.update(self.headers())
+        return outgoing
+
     def get_span_context(self) -> SpanContext:
         return self._context
 

@@ -67,7 +67,7 @@ class Context(Session):
         trace: dict[str, str] | None = None,
         deadline: datetime | None = None,
         propagate: bool = False,
-        trace_out: dict[str, str] | None = None,
+        trace_out: dict[str, str] | Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self._service = service
         self._propagate = propagate
@@ -238,6 +238,8 @@ class Context(Session):
         if trace is None:
             trace = (inject_current() or self.trace) if self._propagate else self.trace
             self._trace_out = trace
+        elif not isinstance(trace, dict):  # a handler's span: its headers, made once
+            trace = self._trace_out = trace()
         deadline = self.deadline
         if deadline is None:
             current = current_deadline()  # an HTTP caller's X-Atoll-Deadline, for one

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CollectorRegistry
@@ -465,11 +466,9 @@ class ServiceRuntime:
             kind=SpanKind.CONSUMER,
             attributes=self._span_attributes(item),
         ) as span:
-            # What this handler sends carries this span (and the incoming baggage).
-            outgoing = dict(envelope.trace)
-            outgoing.pop("tracestate", None)
-            outgoing.update(span.headers())
-            handled = await self._run_handler(item, outgoing)
+            # What this handler sends carries this span (and the incoming baggage): the
+            # headers are worked out if it sends something (most handlers send nothing).
+            handled = await self._run_handler(item, partial(span.propagated, envelope.trace))
             if not handled:
                 span.set_attribute(attributes.OUTCOME, "duplicate")
         return handled
@@ -487,7 +486,9 @@ class ServiceRuntime:
             attributes.MESSAGE_TYPE: envelope.type,
         }
 
-    async def _run_handler(self, item: _Decoded, trace_out: dict[str, str]) -> bool:
+    async def _run_handler(
+        self, item: _Decoded, trace_out: dict[str, str] | Callable[[], dict[str, str]]
+    ) -> bool:
         async with self.database.unit_of_work() as uow:
             if not await uow.claim_inbox(self.service.name, item.envelope.id):
                 return False
