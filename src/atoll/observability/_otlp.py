@@ -18,6 +18,7 @@ only joins the bytes and posts them.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import struct
@@ -25,8 +26,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+from opentelemetry.exporter.http.transport._base import BaseHTTPResult, BaseHTTPTransport
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -50,6 +54,8 @@ _VARINT_1 = [bytes((i,)) for i in range(128)]
 def _varint(n: int) -> bytes:
     if n < 128:
         return _VARINT_1[n] if n >= 0 else _varint(n & _MASK64)
+    if n < 0x4000:  # two bytes: a span's length, most lengths in a request
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -339,6 +345,10 @@ def encode_request(spans: Sequence[ReadableSpan]) -> bytes:
 
 def encode_encoded(spans: Sequence[EncodedSpan]) -> bytes:
     """The ``ExportTraceServiceRequest`` of spans encoded already, grouped as the SDK does."""
+    return (_single_group(spans) if spans else None) or _grouped(spans)
+
+
+def _grouped(spans: Sequence[EncodedSpan]) -> bytes:
     # Grouped by identity: a Resource's hash serialises it to JSON every time.
     grouped: dict[int, tuple[Resource, dict[int, tuple[Any, list[bytes]]]]] = {}
     for resource, scope, encoded in spans:
@@ -354,8 +364,10 @@ def encode_encoded(spans: Sequence[EncodedSpan]) -> bytes:
         scopes = dict(by_id.values())
         body = _ld(b"\x0a", _attributes(b"\x0a", resource.attributes))
         for scope, encoded_spans in scopes.items():
-            scope_body = _ld(b"\x0a", _scope(scope))
-            scope_body += b"".join(_ld(b"\x12", s) for s in encoded_spans)
+            parts = [_ld(b"\x0a", _scope(scope))]
+            for span in encoded_spans:  # one copy of each span, in the join
+                parts += (b"\x12", _varint(len(span)), span)
+            scope_body = b"".join(parts)
             if scope is not None and scope.schema_url:
                 scope_body += _ld(b"\x1a", scope.schema_url.encode())
             body += _ld(b"\x12", scope_body)
@@ -365,8 +377,153 @@ def encode_encoded(spans: Sequence[EncodedSpan]) -> bytes:
     return b"".join(request)
 
 
+def _single_group(spans: Sequence[EncodedSpan]) -> bytes | None:
+    """The request for spans of one resource and one scope (a service's own batch), the
+    spans copied once into the result; ``None`` for a batch of several."""
+    resource, scope, _ = spans[0]
+    framed: list[bytes] = []
+    for span_resource, span_scope, span in spans:
+        if span_resource is not resource or span_scope is not scope:
+            return None
+        framed += (b"\x12", _varint(len(span)), span)
+    scope_head = _ld(b"\x0a", _scope(scope))
+    scope_tail = _ld(b"\x1a", scope.schema_url.encode()) if scope and scope.schema_url else b""
+    scope_size = len(scope_head) + sum(map(len, framed)) + len(scope_tail)
+    resource_head = _ld(b"\x0a", _attributes(b"\x0a", resource.attributes))
+    resource_tail = _ld(b"\x1a", resource.schema_url.encode()) if resource.schema_url else b""
+    scope_length = _varint(scope_size)
+    resource_size = len(resource_head) + 1 + len(scope_length) + scope_size + len(resource_tail)
+    return b"".join(
+        [
+            b"\x0a",
+            _varint(resource_size),
+            resource_head,
+            b"\x12",
+            scope_length,
+            scope_head,
+            *framed,
+            scope_tail,
+            resource_tail,
+        ]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlainHTTPResult(BaseHTTPResult):
+    """What :class:`PlainHTTPTransport` got back: status, reason, body and headers."""
+
+    body: bytes = b""
+    #: ``http.client``'s message: case-insensitive, as the SDK's retry rules want.
+    response_headers: Any = None
+
+    def content(self) -> bytes:
+        return self.body
+
+    def headers(self) -> Mapping[str, str]:
+        return {} if self.response_headers is None else self.response_headers
+
+
+class PlainHTTPTransport(BaseHTTPTransport):
+    """The SDK exporter's HTTP transport, on ``http.client`` (``http://`` endpoints only).
+
+    The SDK's ``requests`` session spends about 1.2 ms of CPU on a 512-span POST (adapters,
+    hooks, cookie jars, a ``.netrc`` lookup per request), ``http.client`` 0.3 ms
+    (``benchmarks/tracing_parts.py``), on the export thread of every traced service. The
+    SDK's ``_OTLPHTTPClient`` still does all the rest: retries and their backoff,
+    ``Retry-After``, the deadline, compression and headers. One kept-alive connection;
+    any error closes it, and is a connection error (as ``requests`` classes them), which
+    the SDK retries at once for a stale kept-alive connection, then with backoff.
+    """
+
+    def __init__(self) -> None:
+        self._connection: http.client.HTTPConnection | None = None
+        self._netloc = ""
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        data: bytes | None = None,
+    ) -> BaseHTTPResult:
+        try:
+            parts = urlsplit(url)
+            connection = self._connection
+            if connection is None or parts.netloc != self._netloc:
+                self.close()
+                connection = http.client.HTTPConnection(
+                    parts.hostname or "localhost", parts.port, timeout=timeout
+                )
+                self._connection, self._netloc = connection, parts.netloc
+            else:
+                connection.timeout = timeout
+                if connection.sock is not None:
+                    connection.sock.settimeout(timeout)
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request(method, path, body=data, headers=headers or {})
+            response = connection.getresponse()
+            body = response.read()
+        except Exception as error:
+            self.close()
+            return PlainHTTPResult(error=error)
+        if response.will_close:
+            self.close()
+        return PlainHTTPResult(
+            status_code=response.status,
+            reason=response.reason,
+            body=body,
+            response_headers=response.msg,
+        )
+
+    def is_connection_error(self, exception: Exception | None) -> bool:
+        # requests' connection errors and timeouts: refused, reset, closed, timed out,
+        # a name that does not resolve, a malformed status line.
+        return isinstance(exception, (OSError, http.client.HTTPException))
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _plain_http_suits(endpoint: str) -> bool:
+    """Whether ``requests`` would post to ``endpoint`` as plain ``http.client`` does: an
+    ``http://`` URL, no proxy for it and no ``.netrc`` credentials (read from the
+    environment as ``requests`` reads them)."""
+    if urlsplit(endpoint).scheme != "http":
+        return False
+    if os.environ.get(_CREDENTIAL_PROVIDER) or os.environ.get(_TRACES_CREDENTIAL_PROVIDER):
+        return False
+    from requests.utils import get_environ_proxies, get_netrc_auth  # noqa: PLC0415
+
+    return not get_environ_proxies(endpoint) and get_netrc_auth(endpoint) is None
+
+
+_CREDENTIAL_PROVIDER = "OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER"
+_TRACES_CREDENTIAL_PROVIDER = "OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER"
+
+
 class FastOTLPSpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/HTTP span exporter with :func:`encode_request` as its encoder."""
+    """The SDK's OTLP/HTTP span exporter with :func:`encode_request` as its encoder.
+
+    Built as the SDK's (endpoint, headers, timeout, compression, TLS and their
+    ``OTEL_EXPORTER_OTLP_*`` variables; its retry rules); for an ``http://`` endpoint
+    that ``requests`` would reach directly (no proxy, no ``.netrc`` entry, no
+    credential-provider session) it posts through :class:`PlainHTTPTransport`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if len(args) > 7 or kwargs.get("session") is not None or "_transport" in kwargs:
+            return  # the caller chose how to post
+        client = getattr(self, "_client", None)
+        transport = getattr(client, "_transport", None)
+        if transport is None or not _plain_http_suits(getattr(self, "_endpoint", "")):
+            return
+        client._transport = PlainHTTPTransport()  # type: ignore[union-attr]
+        transport.close()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         client = getattr(self, "_client", None)
