@@ -754,3 +754,44 @@ def reserve_for(order: Order) -> ReserveStock:
 
 def charge_for(order: Order) -> ChargePayment:
     return ChargePayment(order_id=order.order_id, amount=1)
+
+
+async def test_a_transition_that_fails_after_moving_the_cached_instance_is_redone_fresh(tmp_path):
+    """The cache hands its objects to the transition: one that fails half-way leaves none."""
+    calls = 0
+
+    async def completed(saga) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the hook fails once")
+
+    saga = Saga(
+        "flaky-end",
+        Order,
+        on_completed=completed,
+        steps=[
+            Step(
+                "pay",
+                Send(
+                    "payments",
+                    lambda d: ChargePayment(order_id=d.order_id, amount=1),
+                    success=PaymentCharged,
+                ),
+            )
+        ],
+    )
+    kit = SagaTestKit(make_engine("flaky-orders", saga), tmp_path)
+    async with kit:
+        saga_id = await kit.start(saga, Order(order_id="o30"))
+        assert saga_id in kit.engine._cache
+        [sent] = kit.held("payments")
+        # The first handling moves the cached instance to COMPLETED, then the hook raises
+        # and the unit of work rolls back; the redelivery must not see that state.
+        await kit.reply(sent, PaymentCharged(order_id="o30", payment_id="p30"))
+        assert calls == 2
+        view = await kit.instance(saga_id)
+        assert view.state == "COMPLETED"
+        assert [h.event for h in view.history] == ["started", "reply t.PaymentCharged"]
+        assert kit.dead_letters == []
+        assert saga_id not in kit.engine._cache

@@ -139,7 +139,9 @@ class SagaEngine:
         self._caching = False
         #: Unfinished sagas whose committed rows this process keeps (SQLite only).
         self.cache_size = 10_000
-        self._cache: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        #: By saga id: the instance as last written and its decoded steps (``None`` if
+        #: not at hand). An entry is taken out while a transition uses it.
+        self._cache: OrderedDict[str, tuple[Instance, list[StepState] | None]] = OrderedDict()
         service.migration("atoll-sagas", store.SCHEMA)
         service.on_start(self._on_start)
         service.on_stop(self._on_stop)
@@ -316,7 +318,7 @@ class SagaEngine:
         # or a hook come first (they use the unit of work), the id is checked before it.
         buffered = await run.begin_unchecked(check)
         run.finish()
-        if not await store.insert(ctx, instance):
+        if not await store.insert(ctx.unit_of_work, instance):
             # A taken id found by the INSERT: the buffered commands are dropped. Checked
             # before already, only a concurrent start of the same id (PostgreSQL) gets
             # here: what this start did is in the unit of work, which the exception rolls
@@ -333,6 +335,7 @@ class SagaEngine:
             changes=run.changes,
             detail=run.detail,
             inserted=True,
+            steps=run.steps,
         )
         return instance.saga_id
 
@@ -346,21 +349,25 @@ class SagaEngine:
     async def _on_reply(self, reply: Message, ctx: Context) -> None:
         envelope = ctx.envelope
         assert envelope is not None
-        cached = self._cache.get(envelope.correlation_id)
+        # Taken out, not read: the transition moves these very objects, and puts them back
+        # once written. If it fails before that, the next reply loads the row afresh.
+        cached = self._cache.pop(envelope.correlation_id, None)
         if cached is None:
-            await self._handle_reply(reply, ctx, None)
+            await self._handle_reply(reply, ctx, None, None)
             return
         try:
-            await self._handle_reply(reply, ctx, Instance.from_row(cached))
+            await self._handle_reply(reply, ctx, *cached)
         except MessageRejected:
             # Decided on the cached state: make sure it is not stale. Nothing was written.
-            self._cache.pop(envelope.correlation_id, None)
-            await self._handle_reply(reply, ctx, None)
-        except store.ConcurrentTransitionError:
-            self._cache.pop(envelope.correlation_id, None)
-            raise
+            await self._handle_reply(reply, ctx, None, None)
 
-    async def _handle_reply(self, reply: Message, ctx: Context, instance: Instance | None) -> None:
+    async def _handle_reply(
+        self,
+        reply: Message,
+        ctx: Context,
+        instance: Instance | None,
+        steps: list[StepState] | None,
+    ) -> None:
         envelope = ctx.envelope
         assert envelope is not None
         if instance is None:
@@ -377,7 +384,7 @@ class SagaEngine:
                 f"reply {envelope.type} (message {envelope.id}) is for {instance.saga_id!r},"
                 " a process manager instance: process managers take events, not replies"
             )
-        run = Run(definition, instance, ctx, self.service, f"reply {envelope.type}")
+        run = Run(definition, instance, ctx, self.service, f"reply {envelope.type}", steps=steps)
         await run.on_reply(envelope, reply)
         await self._save(ctx, run)
         crashpoint("saga.after_transition")
@@ -547,6 +554,7 @@ class SagaEngine:
             event=run.event,
             changes=run.changes,
             detail=run.detail,
+            steps=run.steps,
         )
 
     async def _write(
@@ -560,14 +568,15 @@ class SagaEngine:
         changes: Sequence[StepChange],
         detail: dict[str, Any],
         inserted: bool = False,
+        steps: list[StepState] | None = None,
     ) -> None:
         if not inserted:
-            await store.update(ctx, instance, expected)
+            await store.update(ctx.unit_of_work, instance, expected)
         if self._caching and instance.kind == "saga":
             # At once, not on commit: a second reply for this saga in the same batch must
             # see this transition. If the unit of work rolls back instead, the revision
             # guard refuses the next transition made from this row and it is retried fresh.
-            self._remember(instance.row())
+            self._remember(instance, steps)
         await store.add_history(
             ctx,
             saga_id=instance.saga_id,
@@ -583,8 +592,8 @@ class SagaEngine:
             # A span per transition, child of the span that caused it (the reply's process
             # span, the request that started the saga, the deadline poller), recorded once
             # the transition is committed.
-            steps = sorted({change.step for change in changes})
-            self._trace_later(ctx, instance, event, before, steps)
+            names = sorted({change.step for change in changes})
+            self._trace_later(ctx, instance, event, before, names)
         if self._listeners:
             transition = Transition(
                 saga_id=instance.saga_id,
@@ -603,20 +612,23 @@ class SagaEngine:
         if wake is not None and (self._planned is None or wake < self._planned):
             ctx.on_commit(self._poke)
 
-    def _remember(self, row: tuple[Any, ...]) -> None:
-        """Keep a saga's row as last written, so its next reply needs no SELECT.
+    def _remember(self, instance: Instance, steps: list[StepState] | None) -> None:
+        """Keep a saga as last written, so its next reply needs no SELECT (nor decoding).
 
-        Only where this process is the database's one writer (SQLite). The row can be
+        Only where this process is the database's one writer (SQLite). The entry can be
         stale if another process moved the instance or if the write was rolled back;
         then the revision guard of the UPDATE refuses the transition, the entry is
-        dropped and the reply retried on fresh state.
+        dropped and the reply retried on fresh state. ``steps`` are the decoded form of
+        ``instance.steps`` (``None``: decoded when needed); nothing changes either once
+        written, until the next transition takes them out of the cache.
         """
-        saga_id = row[0]
-        self._cache.pop(saga_id, None)
-        if row[4] in RESTING_STATES:
+        saga_id = instance.saga_id
+        cache = self._cache
+        cache.pop(saga_id, None)
+        if instance.state in RESTING_STATES:
             return
-        self._cache[saga_id] = row
-        if len(self._cache) > self.cache_size:
+        cache[saga_id] = (instance, steps)
+        if len(cache) > self.cache_size:
             self._cache.popitem(last=False)
 
     def _trace_later(

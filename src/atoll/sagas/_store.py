@@ -186,7 +186,10 @@ async def insert(session: Session, inst: Instance) -> bool:
         inst.created_at,
         inst.updated_at,
     )
-    return changed == 1
+    if changed != 1:
+        return False
+    inst.loaded = inst.changeable()
+    return True
 
 
 _OPTIONAL = ("version", "state", "data", "wake_at", "deadline_at", "error")
@@ -228,6 +231,7 @@ async def update(session: Session, inst: Instance, expected_revision: int) -> No
             f"saga {inst.saga_id!r} was changed by another unit of work (revision"
             f" {expected_revision} is gone); the input will be handled again"
         )
+    inst.loaded = now  # what the row holds now, for the next transition from this object
 
 
 async def add_history(
