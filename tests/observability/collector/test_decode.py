@@ -284,3 +284,36 @@ def test_json_fast_path_accepts_only_what_protobuf_accepts(document):
     slow = reference(document)
     assert slow is not None, document
     same(fast, slow)
+
+
+def test_span_attributes_and_terms_are_the_general_ones():
+    # The inline path (strings and integers) and the general one give the same values
+    # and index terms, a key given twice included (the last one wins).
+    from opentelemetry.proto.common.v1.common_pb2 import KeyValue  # noqa: PLC0415
+
+    from atoll.observability.collector._decode import (  # noqa: PLC0415
+        _span_attributes,
+        add_terms,
+        attributes_dict,
+    )
+
+    def pair(key: str, **value: object) -> KeyValue:
+        kv = KeyValue(key=key)
+        for field_name, field_value in value.items():
+            setattr(kv.value, field_name, field_value)
+        return kv
+
+    cases = [
+        [pair("a", string_value="x"), pair("n", int_value=3)],
+        [pair("a", string_value="x"), pair("a", int_value=3)],
+        [pair("a", string_value="x"), pair("b", bool_value=True), pair("d", double_value=0.5)],
+        [pair("a", string_value="x"), pair("e")],
+    ]
+    for attributes in cases:
+        terms: set[tuple[str, str | int | float]] = set()
+        expected_terms: set[tuple[str, str | int | float]] = set()
+        expected = attributes_dict(attributes)
+        add_terms(expected_terms, expected)
+        assert _span_attributes(attributes, terms) == expected
+        assert terms == expected_terms
+        assert _span_attributes(attributes, None) == expected
