@@ -71,6 +71,9 @@ _encoder = msgspec.json.Encoder()
 _progress_decoder = msgspec.json.Decoder(ProcessProgress)
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 
+_SAGA_ID = attributes.SAGA_ID
+_SAGA_NAME = attributes.SAGA_NAME
+
 #: The engine of each service, so ``atoll sagas diagram`` finds it after importing services.
 ENGINES: weakref.WeakKeyDictionary[Service, SagaEngine] = weakref.WeakKeyDictionary()
 
@@ -578,7 +581,7 @@ class SagaEngine:
             # guard refuses the next transition made from this row and it is retried fresh.
             self._remember(instance, steps)
         await store.add_history(
-            ctx,
+            ctx.unit_of_work,
             saga_id=instance.saga_id,
             seq=instance.revision,
             at=instance.updated_at,
@@ -587,7 +590,7 @@ class SagaEngine:
             changes=changes,
             detail=detail,
         )
-        annotate(**{attributes.SAGA_ID: instance.saga_id, attributes.SAGA_NAME: instance.name})
+        annotate(**{_SAGA_ID: instance.saga_id, _SAGA_NAME: instance.name})
         if self._tracer is not None:
             # A span per transition, child of the span that caused it (the reply's process
             # span, the request that started the saga, the deadline poller), recorded once

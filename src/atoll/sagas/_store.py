@@ -8,7 +8,7 @@ the outbox records of the commands it sends: all of it commits, or none of it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,7 +234,13 @@ async def update(session: Session, inst: Instance, expected_revision: int) -> No
     inst.loaded = now  # what the row holds now, for the next transition from this object
 
 
-async def add_history(
+_INSERT_HISTORY = (
+    "INSERT INTO atoll_saga_history (saga_id, seq, at, event, state, changes, detail)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def add_history(
     session: Session,
     *,
     saga_id: str,
@@ -244,18 +250,22 @@ async def add_history(
     state: str,
     changes: Sequence[StepChange],
     detail: dict[str, Any] | None,
-) -> None:
-    """Record one transition (the row may wait for the unit of work's commit)."""
-    await session.insert_at_commit(
-        "INSERT INTO atoll_saga_history (saga_id, seq, at, event, state, changes, detail)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+) -> Awaitable[None]:
+    """Record one transition (the row may wait for the unit of work's commit).
+
+    Returns the session's awaitable, to be awaited by the caller (no coroutine of its own
+    in between: this runs at every transition).
+    """
+    encode = _steps_encoder.encode
+    return session.insert_at_commit(
+        _INSERT_HISTORY,
         saga_id,
         seq,
         at,
         event,
         str(state),
-        _steps_encoder.encode(changes).decode(),
-        None if not detail else _steps_encoder.encode(detail).decode(),
+        encode(changes).decode(),
+        encode(detail).decode() if detail else None,
     )
 
 

@@ -304,9 +304,9 @@ class Run(Generic[D]):
         steps = self.steps
         pending = [i for i in members if steps[i].status is _S_PENDING]
         if pending:
-            for i in pending:
-                await self._enter(i)
-            return True
+            await self._enter_all(pending)
+            # What the next call would find out (without it): the group waits for a step.
+            return not self._waits(members)
         for i in members:
             if steps[i].status in FORWARD_ACTIVE:
                 return False
@@ -317,6 +317,32 @@ class Run(Generic[D]):
         ]
         self._begin_compensation("; ".join(failed))
         return True
+
+    async def _enter_all(self, pending: list[int]) -> None:
+        flat = self.definition.steps
+        for i in pending:
+            step = flat[i].step
+            action = step.action
+            if step.when is None and isinstance(action, Send):
+                # _enter and _attempt for the common case, without their coroutines.
+                self.steps[i].attempt = 0
+                reason = self._send(i, action, compensation=False)
+                if reason is not None:
+                    await self._attempt_failed(i, False, reason, timed_out=False)
+            else:
+                await self._enter(i)
+
+    def _waits(self, members: Sequence[int]) -> bool:
+        """Whether a forward group has no step left to enter and one in flight."""
+        steps = self.steps
+        waiting = False
+        for i in members:
+            status = steps[i].status
+            if status is _S_PENDING:
+                return False
+            if status in FORWARD_ACTIVE:
+                waiting = True
+        return waiting
 
     async def _advance_compensation(self) -> bool:
         """One step back; ``False`` once there is nothing to do but wait (or the end)."""
@@ -384,24 +410,14 @@ class Run(Generic[D]):
         step = self.definition.steps[i].step
         action = step.compensation if compensation else step.action
         assert action is not None
+        if isinstance(action, Send):
+            reason = self._send(i, action, compensation=compensation)
+            if reason is not None:
+                await self._attempt_failed(i, compensation, reason, timed_out=False)
+            return
         state = self.steps[i]
         state.attempt += 1
         state.due = None
-        if isinstance(action, Send):
-            command = self._build(action)
-            if isinstance(command, str):
-                await self._attempt_failed(i, compensation, command, timed_out=False)
-                return
-            message_id = self._sending().send(command, to=action.to, key=self.inst.saga_id)
-            (state.csent if compensation else state.sent).append(message_id)
-            if action.timeout is not None:
-                state.due = self.now + action.timeout
-            self._set(
-                i,
-                _S_COMPENSATING if compensation else _S_RUNNING,
-                f"sent {command.message_type} to {action.to} (attempt {state.attempt})",
-            )
-            return
         outcome, reason = await self._call(action, i, state.attempt)
         if outcome == "ok":
             state.error = None
@@ -415,6 +431,26 @@ class Run(Generic[D]):
             self._set(i, _S_FAILED, f"{action.describe()} failed: {reason}")
         else:
             await self._attempt_failed(i, compensation, reason, timed_out=False)
+
+    def _send(self, i: int, action: Send[D], *, compensation: bool) -> str | None:
+        """Start the next attempt of a :class:`Send`; why it failed if the command could
+        not be built (the caller counts the attempt as failed)."""
+        state = self.steps[i]
+        state.attempt += 1
+        state.due = None
+        command = self._build(action)
+        if isinstance(command, str):
+            return command
+        message_id = self._sending().send(command, to=action.to, key=self.inst.saga_id)
+        (state.csent if compensation else state.sent).append(message_id)
+        if action.timeout is not None:
+            state.due = self.now + action.timeout
+        self._set(
+            i,
+            _S_COMPENSATING if compensation else _S_RUNNING,
+            f"sent {command.message_type} to {action.to} (attempt {state.attempt})",
+        )
+        return None
 
     def _build(self, action: Send[D]) -> Command | str:
         """The action's command, or why it could not be built."""
