@@ -273,7 +273,8 @@ class SagaEngine:
             definition: Saga[Any] = found
         else:
             definition = saga
-            if self._definitions.get(saga.name, {}).get(saga.version) is not saga:
+            versions = self._definitions.get(saga.name)
+            if versions is None or versions.get(saga.version) is not saga:
                 raise SagaDefinitionError(
                     f"saga {saga.name!r} v{saga.version} is not registered with the engine of"
                     f" service {self.service.name!r}"
@@ -300,11 +301,13 @@ class SagaEngine:
             created_at=now,
             updated_at=now,
         )
-        taken = f"a saga or process with id {instance.saga_id!r} exists already"
+
+        def taken() -> SagaExistsError:
+            return SagaExistsError(f"a saga or process with id {instance.saga_id!r} exists already")
 
         async def check() -> None:
             if await store.exists(ctx, instance.saga_id):
-                raise SagaExistsError(taken)
+                raise taken()
 
         run = Run(
             definition,
@@ -326,7 +329,7 @@ class SagaEngine:
             # before already, only a concurrent start of the same id (PostgreSQL) gets
             # here: what this start did is in the unit of work, which the exception rolls
             # back.
-            raise SagaExistsError(taken)
+            raise taken()
         if buffered is not None:
             buffered.flush()
         await self._write(

@@ -48,12 +48,13 @@ from atoll.sagas._state import (
     StepState,
     StepStatus,
 )
-from atoll.sagas._store import Instance, encode_steps
+from atoll.sagas._store import Instance
 from atoll.service import Context, MessageRejected, Service
 
 log = logging.getLogger("atoll.sagas")
 
 _encoder = msgspec.json.Encoder()
+_steps_encode = _encoder.encode
 SAGA = "(saga)"
 # Enum members as module constants: the hot path reads them often, and a module
 # global is cheaper than an enum class attribute.
@@ -157,6 +158,23 @@ def saga_context(
 class Run(Generic[D]):
     """One transition of one saga instance."""
 
+    __slots__ = (
+        "_before_effects",
+        "_data",
+        "_sender",
+        "changes",
+        "ctx",
+        "definition",
+        "detail",
+        "event",
+        "expected_revision",
+        "inst",
+        "now",
+        "service",
+        "state_before",
+        "steps",
+    )
+
     def __init__(
         self,
         definition: Saga[D],
@@ -201,7 +219,8 @@ class Run(Generic[D]):
         step = self.steps[i]
         if step.status != status or note:
             # Members of a StrEnum are strings already: no .value on this hot path.
-            self.changes.append(StepChange(self._name(i), step.status, status, note))
+            name = self.definition.steps[i].step.name
+            self.changes.append(StepChange(name, step.status, status, note))
         step.status = status
 
     def _saga_note(self, after: SagaState, note: str) -> None:
@@ -240,7 +259,7 @@ class Run(Generic[D]):
         if self._data is not None:
             self.inst.data = _encoder.encode(self._data).decode()
         inst = self.inst
-        inst.steps = encode_steps(self.steps)
+        inst.steps = _steps_encode(self.steps).decode()
         wake: float | None = None
         state = inst.state
         if state is _RUNNING or state is _COMPENSATING:
