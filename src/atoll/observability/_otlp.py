@@ -6,12 +6,14 @@ than the rest of tracing a message together. :func:`encode_request` writes the s
 ``ExportTraceServiceRequest`` bytes directly (protobuf's wire format is simple: tags,
 varints, fixed-width numbers and length-prefixed bytes) and caches the encoding of
 attribute pairs that repeat from span to span (the system, the destination, the
-group): about 6 µs per span. A property test checks it against the SDK's encoder.
+group): about 3.5 µs per span. A property test checks it against the SDK's encoder.
 
 :class:`FastOTLPSpanExporter` is the SDK's ``OTLPSpanExporter`` (so every standard
 ``OTEL_EXPORTER_OTLP_*`` variable, TLS setting and retry rule is the SDK's own) with
-only the encoding step replaced; if anything unexpected turns up it falls back to the
-SDK's encoder. :class:`FastBatchSpanProcessor` goes one step further: spans are encoded
+the encoding step replaced (if anything unexpected turns up it falls back to the SDK's
+encoder) and, for a plain ``http://`` endpoint, its ``requests`` session replaced by
+:class:`PlainHTTPTransport` under the SDK's own retrying client.
+:class:`FastBatchSpanProcessor` goes one step further: spans are encoded
 (:func:`encode_span`) as they end, on the thread that ends them, and its export thread
 only joins the bytes and posts them.
 """
