@@ -287,7 +287,7 @@ def test_json_fast_path_accepts_only_what_protobuf_accepts(document):
 
 
 def test_span_attributes_and_terms_are_the_general_ones():
-    # The inline path (strings and integers) and the general one give the same values
+    # The inline path (scalars) and the general one give the same values
     # and index terms, a key given twice included (the last one wins).
     from opentelemetry.proto.common.v1.common_pb2 import KeyValue  # noqa: PLC0415
 
@@ -308,7 +308,12 @@ def test_span_attributes_and_terms_are_the_general_ones():
         [pair("a", string_value="x"), pair("a", int_value=3)],
         [pair("a", string_value="x"), pair("b", bool_value=True), pair("d", double_value=0.5)],
         [pair("a", string_value="x"), pair("e")],
+        [pair("b", bool_value=False), pair("d", double_value=float("inf")), pair("n", int_value=0)],
+        [pair("d", double_value=float("nan")), pair("e", double_value=-2.5)],
+        [pair("b", bool_value=True), pair("b", string_value="true"), pair("c", bool_value=True)],
+        [pair("a", string_value="x"), listed := pair("l")],
     ]
+    listed.value.array_value.values.add(int_value=1)
     for attributes in cases:
         terms: set[tuple[str, str | int | float]] = set()
         expected_terms: set[tuple[str, str | int | float]] = set()

@@ -191,26 +191,39 @@ def attributes_dict(attributes: Iterable[KeyValue]) -> dict[str, Any]:
 
 def _span_attributes(attributes: Sequence[KeyValue], terms: set[Term] | None) -> dict[str, Any]:
     """``attributes_dict(attributes)``, with its terms added to ``terms`` (when collected)
-    as :func:`add_terms` adds them. String and integer values, nearly all of them, are
-    read inline with no call per attribute (a consumer span has eight); a span with a
-    value of another kind is done the general way."""
+    as :func:`add_terms` adds them. Scalar values (strings, integers, booleans, doubles:
+    nearly all of them) are read inline with no call per attribute (a consumer span has
+    eight); a span with an array, map, bytes or empty value is done the general way."""
     values: dict[str, Any] = {}
     found: list[Term] = []
-    item: Term
     for kv in attributes:
         value = kv.value
         kind = value.WhichOneof("value")
         if kind == "string_value":
-            item = (kv.key, value.string_value)
+            key = kv.key
+            found.append((key, text := value.string_value))
+            values[key] = text
         elif kind == "int_value":
-            item = (kv.key, value.int_value)
+            key = kv.key
+            found.append((key, integer := value.int_value))
+            values[key] = integer
+        elif kind == "bool_value":
+            key = kv.key
+            flag = value.bool_value
+            values[key] = flag
+            found.append((key, "true" if flag else "false"))  # as add_terms indexes it
+        elif kind == "double_value":
+            key = kv.key
+            number = value.double_value
+            # Non-finite as a string, as any_value stores it: JSON has no NaN.
+            stored = number if math.isfinite(number) else str(number)
+            values[key] = stored
+            found.append((key, stored))
         else:
             values = attributes_dict(attributes)
             if terms is not None:
                 add_terms(terms, values)
             return values
-        values[item[0]] = item[1]
-        found.append(item)
     if terms is not None:
         if len(found) == len(values):  # no key twice: exactly add_terms' terms
             terms.update(found)
