@@ -99,10 +99,13 @@ class Context(Session):
             random=self._random,
             envelope=self.envelope,
             message=self.message,
+            # Given, so that a context with no envelope makes no correlation id of its own.
+            correlation_id=correlation_id,
             trace=self.trace,
             propagate=self._propagate,
             trace_out=self._trace_out,
         )
+        # An envelope's correlation id and deadline take precedence in the constructor.
         derived.correlation_id = correlation_id
         derived.deadline = deadline
         return derived
