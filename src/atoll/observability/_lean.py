@@ -29,6 +29,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    DEFAULT_TRACE_STATE,
     INVALID_SPAN_CONTEXT,
     Link,
     NonRecordingSpan,
@@ -221,8 +222,9 @@ class LeanSpan(Span):
             "traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}-"
             f"{int(context.trace_flags):02x}"
         }
-        if context.trace_state:
-            headers["tracestate"] = context.trace_state.to_header()
+        state = context.trace_state
+        if state is not DEFAULT_TRACE_STATE and state:  # no Python __len__ for most spans
+            headers["tracestate"] = state.to_header()
         return headers
 
     def propagated(self, incoming: Mapping[str, str]) -> dict[str, str]:

@@ -38,7 +38,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanContext
 
 from atoll.observability._lean import UNSET_STATUS as _UNSET
 
@@ -284,7 +284,8 @@ def encode_span(  # noqa: C901, PLR0912, PLR0917 - a Span's fields in order, one
     ]
     append = parts.append
     state = context.trace_state
-    if state:
+    # The shared empty state (most spans') is skipped without TraceState's Python __len__.
+    if state is not DEFAULT_TRACE_STATE and state:
         append(_ld(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items()).encode()))
     if parent is not None:
         append(b"\x22\x08")
