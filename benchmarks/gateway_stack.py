@@ -2,7 +2,8 @@
 
 Each variant is the smallest proxy that forwards ``GET`` to one upstream (nginx returning a
 20-byte body) over keep-alive connections, in one process on uvloop, measured with
-``wrk -t1 -c64`` (best of ``--rounds`` alternating rounds):
+``wrk -t1 -c64`` (best of ``--rounds`` alternating rounds), with the CPU its process
+spends per request (the least over the rounds):
 
 * server: uvicorn (httptools, uvloop) with a raw ASGI app (no framework), or atoll's
   ``asyncio.Protocol`` server parsing with httptools directly (``atoll.gateway._server``);
@@ -142,15 +143,23 @@ def serve(server: str, client: str, port: int, upstream: int) -> None:
         runner.run(main())
 
 
-def wrk_rps(port: int, seconds: float) -> float:
+def wrk_run(port: int, seconds: float) -> tuple[float, int]:
+    """Requests/s and requests served in one ``wrk -t1 -c64`` run."""
     out = subprocess.run(
         [WRK, "-t1", "-c64", f"-d{seconds:g}s", f"http://127.0.0.1:{port}/bench"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    return float(match.group(1)) if match else 0.0
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    served = re.search(r"(\d+) requests in", out)
+    return (float(rate.group(1)) if rate else 0.0), (int(served.group(1)) if served else 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of one process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -183,6 +192,7 @@ def main() -> None:
             subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp)], start_new_session=True)
         )
         ports = {}
+        pids = {}
         for name, server, client in VARIANTS:
             ports[name] = free_port()
             processes.append(
@@ -199,17 +209,26 @@ def main() -> None:
                     start_new_session=True,
                 )
             )
+            pids[name] = processes[-1].pid
         for port in [upstream, *ports.values()]:
             wait_port(port)
         best: dict[str, float] = {}
+        #: CPU of the proxy's process per request served (the minimum over the rounds):
+        #: steadier than requests/s on a shared machine.
+        cpu: dict[str, float] = {}
         for port in ports.values():
-            wrk_rps(port, 1)
+            wrk_run(port, 1)
         for round_ in range(rounds):
             order = list(ports) if round_ % 2 == 0 else list(reversed(ports))
             for name in order:
-                rps = wrk_rps(ports[name], seconds)
-                print(f"round {round_ + 1} {name:26} {rps:>10,.0f} req/s")
+                before = cpu_seconds(pids[name])
+                rps, served = wrk_run(ports[name], seconds)
+                used = (cpu_seconds(pids[name]) - before) / max(served, 1) * 1e6
+                print(
+                    f"round {round_ + 1} {name:26} {rps:>10,.0f} req/s {used:7.1f} us CPU/request"
+                )
                 best[name] = max(best.get(name, 0.0), rps)
+                cpu[name] = min(cpu.get(name, float("inf")), used)
     finally:
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
@@ -227,6 +246,12 @@ def main() -> None:
         }
         for name, rps in best.items()
         if name != "atoll-server+atoll-pool"
+    }
+    cases["chosen-cpu-per-request"] = {
+        "atoll": round(cpu["atoll-server+atoll-pool"], 1),
+        "peer": round(cpu["uvicorn-asgi+atoll-pool"], 1),
+        "unit": "us of CPU per request, the proxy's process (reported: uvicorn as peer)",
+        "ratio": round(cpu["uvicorn-asgi+atoll-pool"] / cpu["atoll-server+atoll-pool"], 2),
     }
     print(json.dumps({"benchmark": "gateway_stack", "cases": cases}))
 
