@@ -53,10 +53,15 @@ resources = st.sampled_from(
     [
         Resource.create({"service.name": "orders"}),
         Resource.create({"service.name": "inventory", "deployment.environment": "test"}),
+        Resource({"service.name": "payments"}, schema_url="https://opentelemetry.io/schemas/1"),
     ]
 )
 scopes = st.sampled_from(
-    [InstrumentationScope("atoll", "0.1.0"), InstrumentationScope("other", None, None, {"k": 1})]
+    [
+        InstrumentationScope("atoll", "0.1.0"),
+        InstrumentationScope("other", None, None, {"k": 1}),
+        InstrumentationScope("versioned", "2", "https://opentelemetry.io/schemas/1.2"),
+    ]
 )
 
 
