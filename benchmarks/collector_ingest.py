@@ -53,7 +53,12 @@ CLIENTS = 4
 def serve(port: int, db: str, variant: str, index_attributes: bool, synchronous: str) -> None:
     import uvicorn  # noqa: PLC0415 - only the server process needs these
 
-    from atoll.observability.collector import Retention, create_collector_app  # noqa: PLC0415
+    from atoll.observability.collector import (  # noqa: PLC0415
+        DEFAULT_NICE,
+        Retention,
+        create_collector_app,
+        lower_priority,
+    )
     from atoll.observability.collector._app import listen_socket  # noqa: PLC0415
     from atoll.service import freeze_startup_heap  # noqa: PLC0415
 
@@ -66,6 +71,7 @@ def serve(port: int, db: str, variant: str, index_attributes: bool, synchronous:
     served = fastapi_variant(app) if variant == "fastapi" else app
     sock = listen_socket("127.0.0.1", port)
     config = uvicorn.Config(served, lifespan="on", access_log=False, log_level="warning")
+    lower_priority(DEFAULT_NICE)  # as run_collector does
     freeze_startup_heap()  # as run_collector does
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -33,6 +33,12 @@ def test_a_good_file_loads_with_defaults(tmp_path):
     assert loaded.data_dir == (tmp_path / ".atoll").resolve()
 
 
+def test_the_collector_runs_at_nice_10_unless_configured(tmp_path):
+    assert load_config(write(tmp_path, GOOD), environ={}).config.system.collector.nice == 10
+    environ = {"ATOLL__SYSTEM__COLLECTOR__NICE": "0"}
+    assert load_config(write(tmp_path, GOOD), environ=environ).config.system.collector.nice == 0
+
+
 def test_environment_overrides_any_key(tmp_path):
     environ = {
         "ATOLL__SYSTEM__TRANSPORT": "memory://",
@@ -69,6 +75,11 @@ def test_environment_overrides_any_key(tmp_path):
             "missing required field `app`",
         ),
         (GOOD + "\n[surprise]\nx = 1\n", "surprise", "unknown key"),
+        (
+            GOOD.replace('name = "shop"', 'name = "shop"\ncollector = {nice = 25}'),
+            "system.collector.nice",
+            "must be 0 to 19",
+        ),
     ],
     ids=[
         "wrong-type",
@@ -79,6 +90,7 @@ def test_environment_overrides_any_key(tmp_path):
         "bad-app",
         "missing",
         "unknown-section",
+        "collector-nice-out-of-range",
     ],
 )
 def test_each_problem_names_the_file_and_the_key(tmp_path, text, key, problem):

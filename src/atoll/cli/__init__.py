@@ -185,6 +185,7 @@ def collector(
             port or section.port,
             loaded.data_dir / "traces.db",
             retention=Retention(max_age=parse_lookback(section.retention), max_spans=1_000_000),
+            nice=section.nice,
         )
     except CollectorError as exc:
         fail(str(exc), 1)

@@ -89,6 +89,8 @@ class Supervisor:
                     str(loaded.data_dir / "traces.db"),
                     "--max-age",
                     collector.retention,
+                    "--nice",
+                    str(collector.nice),
                     "--log-level",
                     "warning",
                 ],

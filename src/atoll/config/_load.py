@@ -18,6 +18,7 @@ from atoll.config._model import AtollConfig, ServiceSection
 
 T = TypeVar("T")
 ENV_PREFIX = "ATOLL__"
+_MAX_NICE = 19  # the lowest priority a Unix nice value gives
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _SCHEMES = {
     "sqlite",
@@ -248,6 +249,10 @@ def _validate_collector(source: str, config: AtollConfig) -> None:
         raise ConfigError(source, "system.collector.retention", str(exc)) from None
     if not 0 < collector.port < 65536:
         raise ConfigError(source, "system.collector.port", f"{collector.port} is not a TCP port")
+    if not 0 <= collector.nice <= _MAX_NICE:
+        raise ConfigError(
+            source, "system.collector.nice", f"must be 0 to {_MAX_NICE}, not {collector.nice}"
+        )
 
 
 def _validate(source: str, config: AtollConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -112,3 +113,65 @@ async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
         assert await store.get_trace(tid) is not None
     finally:
         await store.close()
+
+
+def _nice_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:  # noqa: PTH123 - a /proc file
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    ("argv", "expected"), [([], 10), (["--nice", "3"], 3), (["--nice", "0"], 0)]
+)
+def test_the_collector_process_yields_the_cpu_at_its_nice_value(db_path, argv, expected):
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "atoll.observability.collector", "--port", str(port)),
+            *("--db", str(db_path), "--log-level", "warning", *argv),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "the collector process did not become ready"
+            time.sleep(0.05)
+        assert _nice_of(process.pid) == max(expected, os.nice(0))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+
+
+def test_a_nice_value_out_of_range_is_refused_naming_the_option(db_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "atoll.observability.collector", "--nice", "25", "--db", db_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--nice" in result.stderr
+    assert "must be 0 to 19, not 25" in result.stderr
+
+
+def test_lower_priority_never_raises_the_priority():
+    code = (
+        "import os; from atoll.observability.collector import lower_priority; "
+        "print(lower_priority(5), lower_priority(2), lower_priority(0), os.nice(0))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    base = os.nice(0)
+    after = max(5, base)
+    assert result.stdout.split() == [str(after)] * 4

@@ -8,9 +8,11 @@ retention and durability.
 
 from atoll.observability.collector._app import (
     DEFAULT_DB_PATH,
+    DEFAULT_NICE,
     DEFAULT_PORT,
     CollectorApp,
     create_collector_app,
+    lower_priority,
     run_collector,
     serve_collector,
 )
@@ -36,6 +38,7 @@ from atoll.observability.collector._store import (
 
 __all__ = [
     "DEFAULT_DB_PATH",
+    "DEFAULT_NICE",
     "DEFAULT_PORT",
     "CollectorApp",
     "CollectorClosedError",
@@ -54,6 +57,7 @@ __all__ = [
     "TraceSummary",
     "UnsupportedMediaTypeError",
     "create_collector_app",
+    "lower_priority",
     "run_collector",
     "serve_collector",
 ]

@@ -10,7 +10,12 @@ import argparse
 import sys
 
 from atoll.observability import configure_logging
-from atoll.observability.collector._app import DEFAULT_DB_PATH, DEFAULT_PORT, run_collector
+from atoll.observability.collector._app import (
+    DEFAULT_DB_PATH,
+    DEFAULT_NICE,
+    DEFAULT_PORT,
+    run_collector,
+)
 from atoll.observability.collector._errors import CollectorError
 from atoll.observability.collector._query import QueryError, parse_lookback
 from atoll.observability.collector._receiver import DEFAULT_MAX_BODY_BYTES
@@ -30,6 +35,16 @@ def _count(text: str) -> int | None:
     if text.strip().lower() in ("", "none", "0"):
         return None
     return int(text.replace("_", ""))
+
+
+def _nice(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 19:  # Unix's range of nice values
+        raise argparse.ArgumentTypeError(f"must be 0 to 19, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a web origin whose pages may export from the browser (repeatable; * for any)",
     )
+    parser.add_argument(
+        "--nice",
+        type=_nice,
+        default=DEFAULT_NICE,
+        help="CPU niceness, 0 to 19 (0: normal priority); yields the CPU to services",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     configure_logging(service="collector", level=args.log_level)
@@ -69,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             synchronous=args.synchronous,
             index_attributes=not args.no_attribute_index,
             cors_origins=args.cors_origin,
+            nice=args.nice,
         )
     except CollectorError as exc:
         print(f"collector: {exc}", file=sys.stderr)  # noqa: T201 - a CLI's error line
