@@ -39,6 +39,9 @@ class Permit(NamedTuple):
     local: bool
 
 
+_new_permit = tuple.__new__  # Permit(...) without the named tuple's __new__
+
+
 class RateLimiter(Policy):
     """At most ``rate`` calls per second on average, with bursts of up to ``burst`` calls.
 
@@ -202,18 +205,26 @@ class RateLimiter(Policy):
 
     def _take_local(self, interval: float) -> Permit:
         # A gateway calls this on every request: the granted case is spelled out inline
-        # (it is what ``_permit(True, 0.0, ahead, True)`` returns), saving a call.
+        # (it is what ``_permit(True, 0.0, ahead, True)`` returns) and the Permit is made
+        # with tuple.__new__, skipping the named tuple's Python-level __new__ (660 to
+        # 360 ns a call, timeit).
         now = self._clock.monotonic()
-        tat = max(self._tat, now)
-        wait = tat - self._tolerance - now
+        tat = self._tat
+        if tat < now:  # noqa: PLR1730 - max() is a call, and this runs per request
+            tat = now
+        tolerance = self._tolerance
+        wait = tat - tolerance - now
         if wait > _EPSILON:
             self.rejected_total += 1
             return self._permit(False, wait, tat - now, True)
         tat += interval
         self._tat = tat
         ahead = tat - now
-        remaining = int((self._tolerance - ahead) / self._interval + 1 + 1e-6)
-        return Permit(True, 0.0, self._burst, max(0, remaining), ahead, True)
+        remaining = int((tolerance - ahead) / self._interval + 1.000001)
+        return _new_permit(
+            Permit,
+            (True, 0.0, self._burst, remaining if remaining > 0 else 0, ahead, True),  # noqa: FURB136 - no call
+        )
 
     async def _wait(self, seconds: float, local: bool) -> None:
         try:
