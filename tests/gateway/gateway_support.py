@@ -44,6 +44,7 @@ class Stub:
                     "path": request.url.path,
                     "query": request.url.query,
                     "headers": dict(request.headers),
+                    "header_list": request.headers.items(),  # repeated names kept
                     "body": body,
                 }
             )

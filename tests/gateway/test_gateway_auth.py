@@ -90,6 +90,16 @@ def auth_config(tmp_path, stub, keys):
                     "scopes": ["partner"],
                 },
                 {"name": "open", "match": {"prefix": "/open"}, "upstream": "a"},
+                {
+                    "name": "ruled",
+                    "match": {"prefix": "/ruled"},
+                    "upstream": "a",
+                    "auth": "jwt",
+                    "request_headers": {
+                        "set": {"x-auth-method": "gateway"},
+                        "remove": ["x-auth-client"],
+                    },
+                },
             ],
             auth={
                 "jwt": {
@@ -143,6 +153,33 @@ async def test_valid_tokens_of_every_algorithm_are_accepted_and_identity_forward
         # A route without auth still strips forged identity headers.
         await client.get(url(gw, "/open/x"), headers={"x-auth-subject": "root"})
         assert "x-auth-subject" not in stub.hits[-1]["headers"]
+
+
+async def test_header_rules_apply_to_the_identity_headers_too(auth_config, stub):
+    # Without rules the identity's headers go upstream pre-joined; with rules they are
+    # forwarded as separate headers so that the rules can set and remove them.
+    hs = mint_token(subject="eve", scopes=["s1"], secret=SECRET.encode(), issuer=ISS, audience=AUD)
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/ruled/x"), headers=bearer(hs) | {"x-auth-subject": "root"})
+        assert r.status_code == 200, r.text
+        seen = stub.hits[-1]["headers"]
+        assert seen["x-auth-subject"] == "eve"
+        assert seen["x-auth-scopes"] == "s1"
+        assert seen["x-auth-method"] == "gateway"
+        assert "x-auth-client" not in seen
+        names = [n for n, _ in stub.hits[-1]["header_list"] if n.startswith("x-auth-")]
+        assert sorted(names) == ["x-auth-method", "x-auth-scopes", "x-auth-subject"]
+        r = await client.get(url(gw, "/read/x"), headers=bearer(hs))
+        assert r.status_code == 403
+        r = await client.get(url(gw, "/any/x"), headers=bearer(hs) | {"x-auth-subject": "root"})
+        assert r.status_code == 200, r.text
+        identity = [(n, v) for n, v in stub.hits[-1]["header_list"] if n.startswith("x-auth-")]
+        assert sorted(identity) == [
+            ("x-auth-client", "eve"),
+            ("x-auth-method", "jwt"),
+            ("x-auth-scopes", "s1"),
+            ("x-auth-subject", "eve"),
+        ]
 
 
 async def test_alg_none_is_refused(auth_config, keys):

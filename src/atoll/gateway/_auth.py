@@ -61,22 +61,26 @@ class Identity:
     claims: Mapping[str, Any] = field(default_factory=dict)
     #: The identity headers sent upstream, made once per identity (cached with it).
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    #: :attr:`headers` as they go on the wire (``name: value\r\n`` each), joined once.
+    header_block: bytes = b""
 
     def with_headers(self, prefix: str) -> Identity:
         """This identity with its :attr:`headers` under ``prefix`` (``X-Auth-``)."""
         base = prefix.lower().encode()
+        headers = (
+            (base + b"subject", _header_value(self.subject)),
+            (base + b"client", _header_value(self.client)),
+            (base + b"method", self.method.encode()),
+            (base + b"scopes", _header_value(" ".join(sorted(self.scopes)))),
+        )
         return Identity(
             self.method,
             self.subject,
             self.client,
             self.scopes,
             self.claims,
-            (
-                (base + b"subject", _header_value(self.subject)),
-                (base + b"client", _header_value(self.client)),
-                (base + b"method", self.method.encode()),
-                (base + b"scopes", _header_value(" ".join(sorted(self.scopes)))),
-            ),
+            headers,
+            b"".join(b"%b: %b\r\n" % pair for pair in headers),
         )
 
 

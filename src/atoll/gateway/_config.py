@@ -46,11 +46,11 @@ class HeaderRules:
 
     set: tuple[tuple[bytes, bytes], ...] = ()
     remove: frozenset[bytes] = frozenset()
+    #: True when the rules change nothing (a field, not a property: read per request).
+    empty: bool = field(init=False, compare=False)
 
-    @property
-    def empty(self) -> bool:
-        """True when the rules change nothing."""
-        return not self.set and not self.remove
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "empty", not self.set and not self.remove)
 
 
 @dataclass(frozen=True, slots=True)

@@ -529,9 +529,19 @@ class Gateway:
                 stats.record(429, self.clock.monotonic() - started)
                 self._log(request, route, 429, started, rid, None, identity)
                 return
-        # Forwarded headers.
+        # Forwarded headers. A plain proxied route without header rules takes the
+        # identity's headers joined once, with the identity (not formatted per request).
+        identity_block = b""
         if identity is not None:
-            forwarded += identity.headers
+            if (
+                route.aggregate is None
+                and not request.upgrade
+                and gen.global_request_rules.empty
+                and route.request_headers.empty
+            ):
+                identity_block = identity.header_block
+            else:
+                forwarded += identity.headers
         client_ip = request.client.encode()
         forwarded.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
         forwarded.append((b"x-forwarded-proto", b"http"))
@@ -586,7 +596,15 @@ class Gateway:
                     )
                 else:
                     status = await self._proxy(
-                        gen, request, route, match.params, forwarded, rid, extra, span
+                        gen,
+                        request,
+                        route,
+                        match.params,
+                        forwarded,
+                        rid,
+                        extra,
+                        span,
+                        identity_block,
                     )
         finally:
             if span is not None:
@@ -716,6 +734,7 @@ class Gateway:
         rid: bytes,
         extra: list[tuple[bytes, bytes]],
         span: Any,
+        identity_block: bytes = b"",
     ) -> int:
         assert route.upstream is not None
         upstream = gen.upstreams[route.upstream]
@@ -741,7 +760,10 @@ class Gateway:
                 return exc.status
         else:
             stream = request.body
-        common = b"".join([b"%b: %b\r\n" % pair for pair in forwarded])
+        lines = [b"%b: %b\r\n" % pair for pair in forwarded]
+        if identity_block:
+            lines.append(identity_block)
+        common = b"".join(lines)
         call = Call(
             b"%b %b HTTP/1.1\r\n" % (method, target),
             common,
