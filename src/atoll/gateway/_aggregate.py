@@ -85,6 +85,17 @@ async def _fetch(
         ) from exc
 
 
+def _read_outcomes(done: set[asyncio.Task[Any]]) -> None:
+    """Mark every part's outcome read.
+
+    A required part failing answers at once, leaving the others unread, and asyncio logs
+    a failed task nobody read as an error when it is collected.
+    """
+    for task in done:
+        if not task.cancelled():
+            task.exception()
+
+
 async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat on the hot path
     gateway: Gateway,
     gen: Generation,
@@ -118,6 +129,7 @@ async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat o
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
+    _read_outcomes(done)
     result: dict[str, Any] = {}
     partial: list[str] = []
     for part, task in zip(parts, tasks, strict=True):
@@ -133,9 +145,7 @@ async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat o
         else:
             error = PartFailedError(502, f"{part.name}: {type(exc).__name__}")
         if part.mode == "required":
-            fields: dict[str, Any] = {"part": part.name}
             gateway._send_problem(request, route, error.status, error.detail, rid, cors=extra)
-            del fields
             return error.status
         partial.append(part.name)
         if part.mode == "fallback":

@@ -305,6 +305,7 @@ class UpstreamRuntime:
         assert call.stream is not None
         conn = await instance.connect()
         pump: asyncio.Task[None] | None = None
+        waiter: asyncio.Future[Response] | None = None
         try:
             waiter = conn.send(self._head(instance, call), head_only=call.head_only)
             pump = asyncio.get_running_loop().create_task(
@@ -318,6 +319,10 @@ class UpstreamRuntime:
         except BaseException:
             if pump is not None:
                 pump.cancel()
+            if waiter is not None and not waiter.done():
+                # Nobody will await it now: closing the connection must not fail it
+                # (an exception nobody reads is logged as an error when collected).
+                waiter.cancel()
             conn.abort()
             raise
 
