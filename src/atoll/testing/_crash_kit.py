@@ -215,6 +215,8 @@ class InProcessCrashConformance(abc.ABC):
             runtimes[role] = runtime(role)
             await runtimes[role].start()
             if role == "producer":
+                if producing.done() and not producing.cancelled():
+                    producing.exception()  # the simulated crash: expected, and read
                 producing = asyncio.get_running_loop().create_task(
                     produce(runtimes["producer"], self.count)
                 )
