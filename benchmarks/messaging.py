@@ -145,6 +145,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
         main_cpu = (main_end.ru_utime + main_end.ru_stime) - (
             main_start.ru_utime + main_start.ru_stime
         )
+        dropped = runtime.tracing.dropped_spans  # before stop, which flushes the rest
         await runtime.stop()
         lat = sorted(progress.latencies)
         print(
@@ -153,6 +154,7 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
                     "end": end,
                     "cpu": cpu,
                     "main_cpu": main_cpu,
+                    "dropped_spans": dropped,
                     "p50": statistics.median(lat),
                     "p99": lat[int(len(lat) * 0.99) - 1],
                 }
@@ -172,7 +174,12 @@ async def child(role: str, workdir: Path, count: int, mode: str) -> None:
         await produce_paced(runtime, count, rate=100.0)
     # Keep the relay running until the parent stops us.
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    print(json.dumps({"cpu": time.process_time() - cpu_start}), flush=True)
+    print(
+        json.dumps(
+            {"cpu": time.process_time() - cpu_start, "dropped_spans": runtime.tracing.dropped_spans}
+        ),
+        flush=True,
+    )
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await runtime.stop()
 
@@ -201,7 +208,8 @@ def run_pair(count: int, mode: str) -> dict[str, float]:
         assert prod.stdin is not None
         prod.stdin.write("cpu\n")
         prod.stdin.flush()
-        producer_cpu = json.loads(prod.stdout.readline())["cpu"]
+        produced = json.loads(prod.stdout.readline())
+        producer_cpu = produced["cpu"]
         prod.stdin.close()
         prod.wait(60)
         return {
@@ -212,6 +220,8 @@ def run_pair(count: int, mode: str) -> dict[str, float]:
             "consumer_main_thread_cpu_us_per_message": result["main_cpu"] / count * 1e6,
             "p50": result["p50"],
             "p99": result["p99"],
+            # Spans the exporters dropped because their queue was full (tracing on).
+            "dropped_spans": result["dropped_spans"] + produced["dropped_spans"],
         }
 
 

@@ -75,6 +75,17 @@ def stored_spans(url: str) -> int:
     return int(httpx.get(f"{url}/api/stats", timeout=5).json()["spans"])
 
 
+def settled_spans(url: str, quiet: float = 1.5, limit: float = 20.0) -> int:
+    """Spans stored once the count has stopped growing (the collector may lag behind)."""
+    count, changed, began = stored_spans(url), time.monotonic(), time.monotonic()
+    while time.monotonic() - changed < quiet and time.monotonic() - began < limit:
+        time.sleep(0.25)
+        now = stored_spans(url)
+        if now != count:
+            count, changed = now, time.monotonic()
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -86,6 +97,7 @@ def main() -> None:
     cpu_off: list[float] = []
     cpu_on: list[float] = []
     stored: list[int] = []
+    dropped: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         collector, url = start_collector(Path(tmp))
         # The collector lowers its own priority, as `atoll up` runs it (run_collector).
@@ -103,8 +115,8 @@ def main() -> None:
                 traced.append(on["rate"])
                 cpu_on.append(on["cpu_us_per_message"])
                 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-                time.sleep(2.0)  # let the last batches land before counting
-                stored.append(stored_spans(url) - before)
+                stored.append(settled_spans(url) - before)
+                dropped.append(int(on["dropped_spans"]))
                 cpu = "producer_cpu_us_per_message", "consumer_cpu_us_per_message"
                 main = "consumer_main_thread_cpu_us_per_message"
                 print(
@@ -115,7 +127,7 @@ def main() -> None:
                 print(
                     f"untraced {untraced[-1]:,.0f} msg/s ({cpu_off[-1]:.0f} us CPU/msg),"
                     f" traced {traced[-1]:,.0f} msg/s ({cpu_on[-1]:.0f} us CPU/msg),"
-                    f" spans stored {stored[-1]:,}"
+                    f" spans stored {stored[-1]:,}, dropped by the exporters {dropped[-1]:,}"
                 )
                 if stored[-1] < count:  # one process span per message at least: none dropped
                     print(f"WARNING: {count - stored[-1]:,} spans were not stored")
@@ -141,6 +153,7 @@ def main() -> None:
             "ratio": round(best_on / best_off, 3),
             "messages": count,
             "spans_stored_min": min(stored),
+            "spans_dropped_max": max(dropped),
             "collector_nice": nice,
         },
         "traced-vs-untraced-cpu": {
