@@ -51,6 +51,24 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 #: The status of a span nobody set one on (shared, so the encoder knows it at a glance).
 UNSET_STATUS = Status(StatusCode.UNSET)
+_MAX_TRACE_ID = 2**128 - 1
+_MAX_SPAN_ID = 2**64 - 1
+#: ``SpanContext`` is a tuple whose ``__new__`` (Python code, keyword arguments) only
+#: fills in defaults and works out ``is_valid``: a span context per span made directly,
+#: with the same fields in the same order, costs 100 ns instead of 420 (timeit).
+#: ``tests/observability/test_lean_context.py`` holds the two ways equal.
+_new_tuple = tuple.__new__
+
+
+def make_span_context(
+    trace_id: int, span_id: int, *, remote: bool, flags: TraceFlags, state: TraceState | None
+) -> SpanContext:
+    """``SpanContext(trace_id, span_id, remote, flags, state)``, without its ``__new__``."""
+    valid = 0 < trace_id <= _MAX_TRACE_ID and 0 < span_id <= _MAX_SPAN_ID
+    return _new_tuple(
+        SpanContext,
+        (trace_id, span_id, remote, flags, DEFAULT_TRACE_STATE if state is None else state, valid),
+    )
 
 
 def parse_traceparent(carrier: Mapping[str, str]) -> SpanContext | None:
@@ -67,12 +85,12 @@ def parse_traceparent(carrier: Mapping[str, str]) -> SpanContext | None:
     if header[:2] == "ff" or not trace_id or not span_id:
         return None
     state = carrier.get("tracestate")
-    return SpanContext(
+    return make_span_context(
         trace_id,
         span_id,
-        is_remote=True,
-        trace_flags=TraceFlags(flags),
-        trace_state=TraceState.from_header([state]) if state else None,
+        remote=True,
+        flags=_SAMPLED if flags == 1 else _NOT_SAMPLED if flags == 0 else TraceFlags(flags),
+        state=TraceState.from_header([state]) if state else None,
     )
 
 
@@ -148,12 +166,12 @@ class LeanTracer:
                 decision = self.sampler.should_sample(None, trace_id, name, kind, attributes)
                 sampled = decision.decision.is_sampled()
             state = None
-        context = SpanContext(
+        context = make_span_context(
             trace_id,
             self.random.getrandbits(64) or 1,
-            is_remote=False,
-            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-            trace_state=state,
+            remote=False,
+            flags=_SAMPLED if sampled else _NOT_SAMPLED,
+            state=state,
         )
         return LeanSpan(self, name, context, parent, kind, attributes)
 
