@@ -61,6 +61,20 @@ async def test_serve_collector_on_a_taken_port_raises(db_path):
             await serve_collector("127.0.0.1", taken.getsockname()[1], db_path)
 
 
+def wait_ready(process: subprocess.Popen[bytes], port: int) -> None:
+    """Wait until the collector process on ``port`` answers ``/readyz`` (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, process.stdout.read().decode()
+        assert time.monotonic() < deadline, "the collector process did not become ready"
+        time.sleep(0.05)
+
+
 async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
     port = free_port()
     process = subprocess.Popen(
@@ -83,16 +97,7 @@ async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()
-            assert time.monotonic() < deadline, "the collector process did not become ready"
-            time.sleep(0.05)
+        wait_ready(process, port)
         tid, spans = simple_trace("proc")
         response = httpx.post(
             f"http://127.0.0.1:{port}/v1/traces",
@@ -135,16 +140,7 @@ def test_the_collector_process_yields_the_cpu_at_its_nice_value(db_path, argv, e
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode()
-            assert time.monotonic() < deadline, "the collector process did not become ready"
-            time.sleep(0.05)
+        wait_ready(process, port)
         assert _nice_of(process.pid) == max(expected, os.nice(0))
     finally:
         process.send_signal(signal.SIGTERM)
