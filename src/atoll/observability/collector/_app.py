@@ -566,7 +566,7 @@ def lower_priority(nice: int) -> int:
     wait: exporters batch spans off the request path and retry, so a collector that
     yields the CPU under contention costs a trace a little delay, where one competing
     at equal priority costs the services throughput (``docs/benchmarks.md``, tracing:
-    0.81 of the untraced rate at equal priority, 0.92 to 0.98 at nice 10). When a core
+    0.81 of the untraced rate at equal priority, 0.84 to 0.90 at nice 10). When a core
     is free it catches up. Under sustained saturation exporters' queues can fill and
     drop spans, counted, as with an unreachable collector: the services come first.
 
