@@ -33,10 +33,10 @@ def test_a_good_file_loads_with_defaults(tmp_path):
     assert loaded.data_dir == (tmp_path / ".atoll").resolve()
 
 
-def test_the_collector_runs_at_nice_10_unless_configured(tmp_path):
-    assert load_config(write(tmp_path, GOOD), environ={}).config.system.collector.nice == 10
-    environ = {"ATOLL__SYSTEM__COLLECTOR__NICE": "0"}
-    assert load_config(write(tmp_path, GOOD), environ=environ).config.system.collector.nice == 0
+def test_the_collector_runs_at_the_normal_priority_unless_configured(tmp_path):
+    assert load_config(write(tmp_path, GOOD), environ={}).config.system.collector.nice == 0
+    environ = {"ATOLL__SYSTEM__COLLECTOR__NICE": "10"}
+    assert load_config(write(tmp_path, GOOD), environ=environ).config.system.collector.nice == 10
 
 
 def test_environment_overrides_any_key(tmp_path):

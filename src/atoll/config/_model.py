@@ -19,10 +19,10 @@ class CollectorSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     port: int = 4318
     #: How long spans are kept, e.g. ``24h`` or ``30m``.
     retention: str = "24h"
-    #: The collector's CPU niceness (0 to 19; 0 keeps the normal priority). It shares
-    #: the machine with the services it observes, and exporters batch and retry, so it
-    #: yields the CPU to them under contention and catches up when a core is free.
-    nice: int = 10
+    #: The collector's CPU niceness, 0 (the normal priority, the default) to 19. A
+    #: higher value yields the CPU to the services under contention, at the price of
+    #: spans dropped when the load stays high (``docs/collector.md``, "CPU priority").
+    nice: int = 0
 
 
 class SystemSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

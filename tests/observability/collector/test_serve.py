@@ -127,7 +127,7 @@ def _nice_of(pid: int) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize(
-    ("argv", "expected"), [([], 10), (["--nice", "3"], 3), (["--nice", "0"], 0)]
+    ("argv", "expected"), [([], 0), (["--nice", "10"], 10), (["--nice", "3"], 3)]
 )
 def test_the_collector_process_yields_the_cpu_at_its_nice_value(db_path, argv, expected):
     port = free_port()

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         "--nice",
         type=_nice,
         default=DEFAULT_NICE,
-        help="CPU niceness, 0 to 19 (0: normal priority); yields the CPU to services",
+        help="CPU niceness, 0 (normal, the default) to 19: yields the CPU to services, "
+        "at the price of dropped spans under lasting load",
     )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
