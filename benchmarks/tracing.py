@@ -109,7 +109,7 @@ def main() -> None:
     dropped: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         collector, url = start_collector(Path(tmp), args.collector_nice)
-        # The collector lowers its own priority, as `atoll up` runs it (run_collector).
+        # Read back, as `atoll up` would run it (its default, or --collector-nice).
         nice = int(Path(f"/proc/{collector.pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
         print(f"collector nice value: {nice}")
         try:

@@ -14,6 +14,7 @@ from atoll.observability.collector._app import (
     DEFAULT_DB_PATH,
     DEFAULT_NICE,
     DEFAULT_PORT,
+    MAX_NICE,
     run_collector,
 )
 from atoll.observability.collector._errors import CollectorError
@@ -42,8 +43,8 @@ def _nice(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 19:  # Unix's range of nice values
-        raise argparse.ArgumentTypeError(f"must be 0 to 19, not {value}")
+    if not 0 <= value <= MAX_NICE:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_NICE}, not {value}")
     return value
 
 

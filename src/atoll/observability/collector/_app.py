@@ -53,6 +53,8 @@ DEFAULT_DB_PATH: Final = ".atoll/traces.db"
 #: The nice value :func:`run_collector` gives its process by default: the normal priority
 #: (see :func:`lower_priority` for why not lower).
 DEFAULT_NICE: Final = 0
+#: The least favourable nice value Unix gives (``--nice`` accepts 0 to this).
+MAX_NICE: Final = 19
 OTLP_TRACES_PATH: Final = "/v1/traces"
 _STATIC: Final = {
     "collector.css": "text/css; charset=utf-8",
