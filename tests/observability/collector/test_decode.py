@@ -322,3 +322,88 @@ def test_span_attributes_and_terms_are_the_general_ones():
         assert _span_attributes(attributes, terms) == expected
         assert terms == expected_terms
         assert _span_attributes(attributes, None) == expected
+
+
+# --- attributes read from their bytes agree with upb's parse ------------------------
+
+scalars = (
+    st.text(max_size=140)  # lengths of one and two bytes
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.booleans()
+    | st.floats()
+    | st.binary(max_size=4)
+)
+attribute_maps = st.dictionaries(
+    st.text(max_size=8),
+    scalars | st.lists(scalars, max_size=2) | st.dictionaries(st.text(max_size=3), scalars),
+    max_size=6,
+)
+
+
+def same_batches(raw: DecodedBatch, parsed: DecodedBatch) -> None:
+    assert raw.spans == parsed.spans
+    assert raw.terms == parsed.terms
+    assert raw.rejected == parsed.rejected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(attribute_maps, min_size=1, max_size=3))
+def test_raw_attributes_decode_as_upb_parses_them(spans):
+    request = make_request(
+        "svc",
+        [make_span(trace_id(i + 1), span_id(i + 1), attributes=a) for i, a in enumerate(spans)],
+    )
+    body = request.SerializeToString()
+    # Twice: the second time every scalar comes from the decoder's cache.
+    for _ in range(2):
+        same_batches(decoder.decode_protobuf(body), decoder.convert(request))
+
+
+_scalar_body = make_request(
+    "svc",
+    [
+        make_span(
+            trace_id(1),
+            span_id(2),
+            attributes={"s": "text", "i": -5, "n": 300, "b": True, "d": 0.5, "u": "é"},
+        )
+    ],
+).SerializeToString()
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, len(_scalar_body) - 1), st.integers(0, 255))
+def test_mutated_raw_attributes_decode_as_upb_parses_them(position, byte):
+    body = bytearray(_scalar_body)
+    body[position] = byte
+    try:
+        parsed = decoder.convert(ExportTraceServiceRequest.FromString(bytes(body)))
+    except Exception:
+        parsed = None
+    raw = decode_or_reject(decoder.decode_protobuf, bytes(body))
+    if parsed is None:
+        assert raw is None
+    else:
+        assert raw is not None
+        same_batches(raw, parsed)
+
+
+def test_scalar_key_value_reads_the_usual_encodings():
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue  # noqa: PLC0415
+
+    from atoll.observability.collector._decode import _scalar_key_value  # noqa: PLC0415
+
+    def raw(**value: object) -> bytes:
+        return KeyValue(key="k", value=AnyValue(**value)).SerializeToString()
+
+    assert _scalar_key_value(raw(string_value="x")) == ("k", "x", "x")
+    assert _scalar_key_value(raw(string_value="")) == ("k", "", "")
+    assert _scalar_key_value(raw(int_value=-(2**63))) == ("k", -(2**63), -(2**63))
+    assert _scalar_key_value(raw(bool_value=False)) == ("k", False, "false")
+    assert _scalar_key_value(raw(double_value=float("inf"))) == ("k", "inf", "inf")
+    # What it leaves to upb: long strings, bytes, arrays, no value, invalid UTF-8.
+    assert _scalar_key_value(raw(string_value="x" * 200)) is None
+    assert _scalar_key_value(raw(bytes_value=b"x")) is None
+    assert _scalar_key_value(KeyValue(key="k").SerializeToString()) is None
+    assert _scalar_key_value(b"\x0a\x01\xff\x12\x02\x0a\x00") is None
+    assert _scalar_key_value(b"") is None
