@@ -234,6 +234,38 @@ async def test_count_retention_drops_the_oldest_segments(db_path):
         await store.close()
 
 
+def test_segments_are_capped_whatever_max_spans_is():
+    assert Retention(max_spans=1_000_000, segments=10).segment_spans == 10_000
+    assert Retention(max_spans=1_000, segments=10).segment_spans == 100
+    assert Retention(max_spans=None).segment_spans == 10_000
+    assert Retention(max_spans=None, max_segment_spans=50).segment_spans == 50
+
+
+async def test_count_retention_with_more_segments_than_segments(db_path):
+    # Capped at 10 spans a segment, max_spans=100 and segments=2 give ten-span segments:
+    # the store keeps at least 90 spans instead of 50, and every trace stays whole.
+    retention = Retention(max_age=None, max_spans=100, segments=2, max_segment_spans=10)
+    store = SpanStore(db_path, retention=retention)
+    await store.open()
+    try:
+        traces = []
+        for i in range(30):
+            tid = trace_id()
+            traces.append(tid)
+            await put(store, "svc", [make_span(tid, span_id(), name=f"op {i}") for _ in range(5)])
+        stats = await store.stats()
+        assert 90 <= stats.spans <= 100
+        assert stats.segments == stats.spans // 10
+        kept = [t for t in traces if await store.get_trace(t) is not None]
+        assert kept == traces[-len(kept) :]  # the newest, in order
+        for tid in kept:
+            trace = await store.get_trace(tid)
+            assert trace is not None
+            assert len(trace.spans) == 5
+    finally:
+        await store.close()
+
+
 async def test_age_retention_in_the_background(db_path):
     clock = VirtualClock(start=time.time())
     store = SpanStore(
@@ -317,6 +349,7 @@ def test_interner_is_stable():
         ({"max_spans": 0}, "max_spans"),
         ({"segments": 1}, "segments"),
         ({"interval": 0}, "interval"),
+        ({"max_segment_spans": 0}, "max_segment_spans"),
     ],
 )
 def test_retention_is_validated(retention, message):

@@ -173,12 +173,19 @@ class Retention:
             ``max_spans``, and spans for up to ``max_age * (1 + 1/segments)``.
         interval: seconds between background passes of age retention (count retention
             runs after every write that takes the store over ``max_spans``).
+        max_segment_spans: a segment holds this many spans at most, whatever
+            ``max_spans / segments`` is (the store then has more, smaller segments than
+            ``segments``, and keeps closer to ``max_spans``). Spans arrive in random
+            trace-id order, so each commit rewrites about as many pages of the segment's
+            trace-id index as it inserts spans, up to the whole index: a small index keeps
+            what a commit writes small (``docs/collector.md``, "Segments").
     """
 
     max_age: float | None = 24 * 3600.0
     max_spans: int | None = 1_000_000
     segments: int = 10
     interval: float = 10.0
+    max_segment_spans: int = 10_000
 
     def __post_init__(self) -> None:
         if self.max_age is not None and not self.max_age > 0:
@@ -189,12 +196,16 @@ class Retention:
             raise ValueError(f"Retention.segments must be at least 2, not {self.segments}")
         if not self.interval > 0:
             raise ValueError(f"Retention.interval must be positive, not {self.interval}")
+        if self.max_segment_spans < 1:
+            raise ValueError(
+                f"Retention.max_segment_spans must be at least 1, not {self.max_segment_spans}"
+            )
 
     @property
     def segment_spans(self) -> int:
         if self.max_spans is None:
-            return 1_000_000
-        return max(1, math.ceil(self.max_spans / self.segments))
+            return self.max_segment_spans
+        return max(1, min(math.ceil(self.max_spans / self.segments), self.max_segment_spans))
 
     @property
     def segment_age(self) -> float | None:

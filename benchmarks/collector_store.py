@@ -1,0 +1,177 @@
+"""The collector's CPU per span, decoding and storing, on the tracing benchmark's spans.
+
+    .venv/bin/python benchmarks/collector_store.py [--quick]
+
+In one process, no HTTP: consumer spans as atoll's services make them (the runtime's
+eight messaging attributes, random message and conversation ids), encoded by atoll's
+exporter into requests of 512 spans, as ``benchmarks/tracing.py`` sends them.
+
+* ``decode-raw-vs-upb``: µs of CPU per span to turn a request into rows,
+  ``OTLPDecoder.decode_protobuf`` (attributes read from their raw bytes) against upb's
+  full parse of the same request then the same conversion (how it was done before).
+* ``store-10k-vs-100k-segments``: µs of CPU per span (all threads) for
+  ``SpanStore.write``, one request at a time, attribute index on, with the default cap of
+  10,000 spans a segment against segments of 100,000 (the earlier default). The bytes
+  written per span and a trace lookup's time are printed with it.
+
+200,000 spans (60,000 with ``--quick``). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanKind
+
+from atoll.determinism import RandomSource, SystemClock
+from atoll.observability._lean import LeanTracer
+from atoll.observability._otlp import encode_encoded
+from atoll.observability.collector._decode import Interner, OTLPDecoder
+from atoll.observability.collector._store import Retention, SpanStore
+
+RESOURCE = Resource.create({"service.name": "bench-consumer"})
+BATCH = 512
+
+
+class Capture:
+    """A processor that keeps the encoded spans (what FastBatchSpanProcessor queues)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Resource, InstrumentationScope | None, bytes]] = []
+
+    def emit(self, resource: Resource, scope: InstrumentationScope | None, span: bytes) -> None:
+        self.spans.append((resource, scope, span))
+
+    def on_end(self, span: ReadableSpan) -> None:
+        raise AssertionError(span)
+
+
+def request_bodies(count: int) -> list[bytes]:
+    capture = Capture()
+    random = RandomSource(seed=7)
+    tracer = LeanTracer(
+        processor=capture,  # type: ignore[arg-type]
+        resource=RESOURCE,
+        sampler=ParentBased(ALWAYS_ON),
+        clock=SystemClock(),
+        random=random,
+    )
+    for _ in range(count):
+        attributes: dict[str, Any] = {
+            "messaging.system": "atoll",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": "bench-consumer.commands",
+            "messaging.message.id": str(uuid.UUID(int=random.getrandbits(128))),
+            "messaging.message.conversation_id": str(uuid.UUID(int=random.getrandbits(128))),
+            "messaging.consumer.group.name": "bench-consumer",
+            "messaging.delivery.attempt": 1,
+            "atoll.message.type": "bench.Ping",
+        }
+        with tracer.span(
+            "process bench.Ping", parent=None, kind=SpanKind.CONSUMER, attributes=attributes
+        ):
+            pass
+    spans = capture.spans
+    return [encode_encoded(spans[i : i + BATCH]) for i in range(0, len(spans), BATCH)]
+
+
+def decode_cost(bodies: list[bytes], count: int) -> tuple[float, float]:
+    decoder = OTLPDecoder(Interner(), Interner())
+    start = time.process_time()
+    for body in bodies:
+        decoder.decode_protobuf(body)
+    raw = time.process_time() - start
+    start = time.process_time()
+    for body in bodies:
+        decoder.convert(ExportTraceServiceRequest.FromString(body))
+    upb = time.process_time() - start
+    return raw / count * 1e6, upb / count * 1e6
+
+
+def written_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def store_cost(bodies: list[bytes], count: int, segment_spans: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SpanStore(
+            Path(tmp) / "traces.db", retention=Retention(max_segment_spans=segment_spans)
+        )
+        await store.open()
+        decoder = OTLPDecoder(store.resources, store.scopes)
+        batches = [decoder.decode_protobuf(body) for body in bodies]
+        wrote = written_bytes()
+        start = time.process_time()
+        for batch in batches:
+            await store.write(batch)
+        await store.index_now()
+        cpu = time.process_time() - start
+        wrote = written_bytes() - wrote
+        trace_id = batches[len(batches) // 2].spans[7][0]
+        began = time.perf_counter()
+        for _ in range(10):
+            assert await store.get_trace(trace_id) is not None
+        lookup = (time.perf_counter() - began) / 10
+        segments = (await store.stats()).segments
+        await store.close()
+    return {
+        "us_per_span": cpu / count * 1e6,
+        "bytes_per_span": wrote / count,
+        "get_trace_ms": lookup * 1e3,
+        "segments": segments,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    count = 60_000 if args.quick else 200_000
+    bodies = request_bodies(count)
+    raw, upb = decode_cost(bodies, count)
+    print(f"decode: raw attributes {raw:.2f} us/span, upb's full parse {upb:.2f}")
+    small = asyncio.run(store_cost(bodies, count, 10_000))
+    large = asyncio.run(store_cost(bodies, count, 100_000))
+    for label, result in (("10,000", small), ("100,000", large)):
+        print(
+            f"store, segments of {label} spans: {result['us_per_span']:.2f} us/span,"
+            f" {result['bytes_per_span']:,.0f} bytes written/span, {result['segments']:.0f}"
+            f" segments, a trace looked up in {result['get_trace_ms']:.1f} ms"
+        )
+    cases = {
+        "decode-raw-vs-upb": {
+            "atoll": round(raw, 2),
+            "peer": round(upb, 2),
+            "unit": "us of CPU per span",
+            "ratio": round(upb / raw, 3),
+        },
+        "store-10k-vs-100k-segments": {
+            "atoll": round(small["us_per_span"], 2),
+            "peer": round(large["us_per_span"], 2),
+            "unit": "us of CPU per span",
+            "ratio": round(large["us_per_span"] / small["us_per_span"], 3),
+            "bytes_per_span": [round(small["bytes_per_span"]), round(large["bytes_per_span"])],
+            "get_trace_ms": [round(small["get_trace_ms"], 2), round(large["get_trace_ms"], 2)],
+        },
+    }
+    print(json.dumps({"benchmark": "collector_store", "cases": cases}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
