@@ -371,21 +371,25 @@ _scalar_body = make_request(
 ).SerializeToString()
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.integers(0, len(_scalar_body) - 1), st.integers(0, 255))
-def test_mutated_raw_attributes_decode_as_upb_parses_them(position, byte):
-    body = bytearray(_scalar_body)
-    body[position] = byte
-    try:
-        parsed = decoder.convert(ExportTraceServiceRequest.FromString(bytes(body)))
-    except Exception:
-        parsed = None
-    raw = decode_or_reject(decoder.decode_protobuf, bytes(body))
-    if parsed is None:
-        assert raw is None
-    else:
-        assert raw is not None
-        same_batches(raw, parsed)
+def test_every_one_byte_mutation_decodes_as_upb_parses_it():
+    # Exhaustive (every position, every byte value): a change anywhere, attributes or
+    # not, gives what upb's full parse gives: the same rows, or a 400 for both. Among
+    # them, a span rejected for its ids whose attributes no longer parse (position 114,
+    # byte 21, found by an earlier random version of this test).
+    for position in range(len(_scalar_body)):
+        for byte in range(256):
+            body = bytearray(_scalar_body)
+            body[position] = byte
+            try:
+                parsed = decoder.convert(ExportTraceServiceRequest.FromString(bytes(body)))
+            except Exception:
+                parsed = None
+            raw = decode_or_reject(decoder.decode_protobuf, bytes(body))
+            if parsed is None:
+                assert raw is None, (position, byte)
+            else:
+                assert raw is not None, (position, byte)
+                same_batches(raw, parsed)
 
 
 def test_scalar_key_value_reads_the_usual_encodings():

@@ -362,6 +362,16 @@ def _scalar_key_value(raw: bytes) -> _Parsed | None:  # noqa: C901, PLR0911, PLR
     return None
 
 
+def _parse_protobuf(kind: Any, data: bytes) -> Any:
+    """``kind.FromString(data)``, its failures as :class:`MalformedRequestError`."""
+    try:
+        return kind.FromString(data)
+    except (DecodeError, RecursionError, ValueError) as exc:
+        raise MalformedRequestError(
+            f"the body is not a protobuf ExportTraceServiceRequest: {exc}"
+        ) from exc
+
+
 def _raw_span_attributes(
     raws: Sequence[bytes], terms: set[Term] | None, cache: dict[bytes, _Parsed]
 ) -> dict[str, Any]:
@@ -389,12 +399,7 @@ def _raw_span_attributes(
             values[key] = value
             found.append((key, term))
             continue
-        try:
-            kv = KeyValue.FromString(raw)
-        except (DecodeError, RecursionError, ValueError) as exc:
-            raise MalformedRequestError(
-                f"the body is not a protobuf ExportTraceServiceRequest: {exc}"
-            ) from exc
+        kv = _parse_protobuf(KeyValue, raw)
         values[kv.key] = any_value(kv.value)
         general = True
     if terms is not None:
@@ -461,12 +466,7 @@ class OTLPDecoder:
         self._raw_cache: dict[bytes, _Parsed] = {}
 
     def decode_protobuf(self, body: bytes) -> DecodedBatch:
-        try:
-            request = _RawExportTraceServiceRequest.FromString(body)
-        except (DecodeError, RecursionError, ValueError) as exc:
-            raise MalformedRequestError(
-                f"the body is not a protobuf ExportTraceServiceRequest: {exc}"
-            ) from exc
+        request = _parse_protobuf(_RawExportTraceServiceRequest, body)
         return self._convert(request, raw_attributes=True)
 
     def decode_json(self, body: bytes) -> DecodedBatch:
@@ -647,6 +647,14 @@ class OTLPDecoder:
     def _convert(self, request: Any, *, raw_attributes: bool) -> DecodedBatch:  # noqa: C901 - one flat hot loop
         # raw_attributes: the request is a _RawExportTraceServiceRequest.
         raw_cache = self._raw_cache
+
+        def reject(span: Any, reason: str) -> None:
+            if raw_attributes:
+                # upb parsed the rest of the span: its attributes must parse too, or the
+                # request is malformed (and a 400) as upb's full parse would have it.
+                _raw_span_attributes(span.attributes, None, raw_cache)
+            batch.reject(reason)
+
         batch = DecodedBatch(terms=set() if self._collect_terms else None)
         rows = batch.spans
         operations = batch.operations
@@ -659,16 +667,16 @@ class OTLPDecoder:
                 for span in scope_spans.spans:
                     trace_id = span.trace_id
                     if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
-                        batch.reject("trace_id")
+                        reject(span, "trace_id")
                         continue
                     span_id = span.span_id
                     if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
-                        batch.reject("span_id")
+                        reject(span, "span_id")
                         continue
                     parent: bytes | None = span.parent_span_id
                     if parent:
                         if len(parent) != 8:
-                            batch.reject("parent_span_id")
+                            reject(span, "parent_span_id")
                             continue
                         if parent == _ZERO_SPAN_ID:
                             parent = None
@@ -677,7 +685,7 @@ class OTLPDecoder:
                     start = span.start_time_unix_nano
                     end = span.end_time_unix_nano
                     if start > MAX_INT64 or end > MAX_INT64:
-                        batch.reject("time")
+                        reject(span, "time")
                         continue
                     name = span.name
                     operations.add((service, name))
