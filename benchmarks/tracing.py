@@ -15,7 +15,9 @@ Cases (last line of output, JSON):
   finishes its work after the timed window. A traced round counts only if the
   collector stored at least one span per message and the exporters dropped none (both
   printed). Runs alternate (off, on, off, on, ...; five pairs, two with ``--quick``)
-  and each side keeps its best, to keep a busy machine's noise out of the ratio.
+  and each side keeps its best, to keep a busy machine's noise out of the ratio;
+  ``median_pair_ratio`` is the median of each traced round over the untraced one before
+  it, for a figure one lucky round does not move.
   Target: at most 15% loss (ratio 0.85).
 * ``collector-vs-20k-spans``: spans/s the collector stores when fed by the official
   OpenTelemetry SDK exporter (see ``benchmarks/collector_ingest.py``). Target 1.0.
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,6 +163,11 @@ def main() -> None:
         for rate, kept, lost in zip(traced, stored, dropped, strict=True)
         if kept >= count and not lost
     ]
+    pairs = [
+        on / off
+        for on, off, kept, lost in zip(traced, untraced, stored, dropped, strict=True)
+        if kept >= count and not lost
+    ]
     best_off, best_on = max(untraced), max(complete or traced)
     if not complete:
         print("WARNING: every traced round lost spans; the ratio below is not valid")
@@ -183,6 +191,9 @@ def main() -> None:
             "spans_stored_min": min(stored),
             "spans_dropped_max": max(dropped),
             "complete_traced_rounds": len(complete),
+            # Each complete traced round over the untraced round just before it: less
+            # moved by one lucky round than the best-of ratio above.
+            "median_pair_ratio": round(statistics.median(pairs), 3) if pairs else None,
             "collector_nice": nice,
         },
         "traced-vs-untraced-cpu": {
