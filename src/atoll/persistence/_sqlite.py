@@ -123,11 +123,12 @@ def register_identity_adapters() -> None:
     CPython's ``sqlite3`` (3.11 at least) binds int, float and str directly but looks up
     an adapter for every other parameter, ``bytes`` and ``None`` included, and a miss
     costs a tuple, a dict lookup and two failed attribute lookups (one formats an
-    AttributeError): about 0.4 µs a parameter. Rows of ids, bodies and NULLs pay it
-    several times: a collector span row eight times. An adapter that returns its value
-    turns each miss into a hit (``benchmarks/collector_store.py``; 5 to 2.5 µs a row of six
-    such parameters, measured with ``executemany``). Registered only where nobody else has
-    registered one, so an application's own adapters keep working.
+    AttributeError). Rows of ids, bodies and NULLs pay it several times: a collector
+    span row eight times. An adapter that returns its value turns each miss into a hit:
+    binding span rows took 7.4 then 4.5 µs a row (``--quick``) and 5.3 then 3.7 (full
+    run), 0.2 to 0.4 µs a parameter (``benchmarks/collector_store.py``, case
+    ``bind-adapted-vs-stock``). Registered only where nobody else has registered one, so
+    an application's own adapters keep working.
     """
     if (bytes, sqlite3.PrepareProtocol) not in sqlite3.adapters:
         sqlite3.register_adapter(bytes, bytes)
