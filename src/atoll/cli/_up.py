@@ -19,7 +19,7 @@ from rich.text import Text
 from atoll.cli._run import declare_subscriptions
 from atoll.config import LoadedConfig
 from atoll.determinism import SystemClock
-from atoll.observability import otlp_endpoint
+from atoll.observability import otlp_endpoint, tracing_disabled
 
 _COLORS = [
     "cyan",
@@ -71,8 +71,9 @@ class Supervisor:
         self.collector: _Child | None = None
         service_env: dict[str, str] = {}
         collector = loaded.config.system.collector
-        if collector.enabled and otlp_endpoint() is None:
-            # The embedded collector by default; a user's own OTLP endpoint wins.
+        if collector.enabled and otlp_endpoint() is None and not tracing_disabled():
+            # The embedded collector by default; a user's own OTLP endpoint wins, and
+            # traces turned off by the standard variables need no collector.
             url = f"http://{collector.host}:{collector.port}"
             self.collector = _Child(
                 "traces",

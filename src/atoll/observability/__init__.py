@@ -11,6 +11,7 @@ from atoll.observability._tracing import (
     get_tracer,
     inject_current,
     otlp_endpoint,
+    tracing_disabled,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "get_tracer",
     "inject_current",
     "otlp_endpoint",
+    "tracing_disabled",
 ]

@@ -570,7 +570,8 @@ class FastBatchSpanProcessor(SpanProcessor):
     thread exports up to ``max_export_batch_size`` at a time as soon as that many wait,
     and whatever waits every ``schedule_delay_millis``; :meth:`force_flush` exports
     everything queued; :meth:`shutdown` exports the rest and stops. The standard
-    ``OTEL_BSP_*`` variables set the defaults.
+    ``OTEL_BSP_*`` variables set the defaults (``OTEL_BSP_EXPORT_TIMEOUT`` bounds one
+    export, retries included, together with the exporter's own timeout).
 
     The difference: a span is encoded to OTLP protobuf as it ends (a lean span straight
     from its slots, see :meth:`emit`), so no ``ReadableSpan`` is built for it and the
@@ -585,6 +586,7 @@ class FastBatchSpanProcessor(SpanProcessor):
         max_queue_size: int | None = None,
         max_export_batch_size: int | None = None,
         schedule_delay_millis: int | None = None,
+        export_timeout_millis: int | None = None,
     ) -> None:
         self.exporter = exporter
         self.max_queue_size = max_queue_size or env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
@@ -592,6 +594,14 @@ class FastBatchSpanProcessor(SpanProcessor):
         self.max_export_batch_size = min(batch, self.max_queue_size)
         delay = schedule_delay_millis or env_int("OTEL_BSP_SCHEDULE_DELAY", 5000)
         self.schedule_delay = delay / 1000
+        timeout = export_timeout_millis or env_int("OTEL_BSP_EXPORT_TIMEOUT", 30000)
+        #: Seconds one export may take, retries included: the exporter's own timeout
+        #: (``OTEL_EXPORTER_OTLP_TIMEOUT``) or this, whichever is shorter.
+        self.export_timeout = timeout / 1000
+        client = getattr(exporter, "_client", None)
+        if client is not None and isinstance(getattr(client, "_timeout", None), int | float):
+            # The SDK client bounds its retries by its own timeout.
+            client._timeout = min(client._timeout, self.export_timeout)
         #: Spans dropped because the queue was full (or could not be encoded).
         self.dropped = 0
         self._queue: deque[EncodedSpan] = deque()

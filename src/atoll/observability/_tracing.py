@@ -45,6 +45,8 @@ __all__ = [
     "link_from_traceparent",
     "otlp_endpoint",
     "parse_traceparent",
+    "tracing_disabled",
+    "unsupported_protocol",
 ]
 
 log = logging.getLogger("atoll.tracing")
@@ -68,12 +70,35 @@ except ImportError:  # pragma: no cover - the otel extra is not installed
     OTEL_AVAILABLE = False
 
 
+def tracing_disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the standard variables turn traces off (``OTEL_SDK_DISABLED=true`` or
+    ``OTEL_TRACES_EXPORTER=none``), whatever endpoint is set."""
+    env = os.environ if environ is None else environ
+    return (
+        env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        or env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none"
+    )
+
+
+#: The one OTLP protocol atoll's exporter speaks.
+SUPPORTED_PROTOCOL = "http/protobuf"
+
+
+def unsupported_protocol(environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """The variable and value of an OTLP protocol other than ``http/protobuf``, if one is
+    set (``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` first, as the SDK reads them)."""
+    env = os.environ if environ is None else environ
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = env.get(name, "").strip()
+        if value:
+            return None if value.lower() == SUPPORTED_PROTOCOL else (name, value)
+    return None
+
+
 def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
     """The traces endpoint the standard OpenTelemetry variables name, if any."""
     env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None
-    if env.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+    if tracing_disabled(env):
         return None
     explicit = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if explicit:
@@ -147,6 +172,16 @@ class Tracing:
             endpoint = endpoint or otlp_endpoint()
             if endpoint is None:
                 return
+            wrong = unsupported_protocol()
+            if wrong is not None:
+                # Spans would go to a port speaking another protocol and be lost quietly.
+                log.warning(
+                    "%s=%s is not supported: atoll exports OTLP as %s (a collector's OTLP/HTTP"
+                    " port, usually 4318); exporting to %s that way",
+                    *wrong,
+                    SUPPORTED_PROTOCOL,
+                    endpoint,
+                )
             from atoll.observability._otlp import FastOTLPSpanExporter  # noqa: PLC0415
 
             exporter = FastOTLPSpanExporter(endpoint=endpoint)
