@@ -254,6 +254,11 @@ class LeanSpan(Span):
         outgoing.update(self.headers())
         return outgoing
 
+    @property
+    def tracer(self) -> LeanTracer:
+        """The tracer that made this span (its service's), for spans made under it."""
+        return self._tracer
+
     def get_span_context(self) -> SpanContext:
         return self._context
 

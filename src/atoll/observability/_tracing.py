@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -198,6 +199,9 @@ class Tracing:
             self.processor = DropCountingSpanProcessor(exporter, max_queue_size=max_queue_size)
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("atoll")
+        #: For spans atoll makes under this service's SDK spans (``service_tracer``).
+        self.library_tracer = self.provider.get_tracer("atoll.library")
+        _BY_RESOURCE[id(resource)] = (weakref.ref(resource), weakref.ref(self.library_tracer))
         clock = clock or SystemClock()
         self.lean = LeanTracer(
             processor=self.processor,
@@ -226,6 +230,24 @@ class Tracing:
         """Export what is queued (bounded by the exporter's timeout) and stop."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+#: A service's resource (by identity) -> its library tracer, both weakly held: how code
+#: below a service (the event store) finds the tracer of the span it runs under when
+#: several services share a process and none is the global provider.
+_BY_RESOURCE: dict[int, tuple[weakref.ref[Any], weakref.ref[Any]]] = {}
+
+
+def service_tracer(span: Any) -> Tracer | None:
+    """The tracer of the service whose SDK span ``span`` is, or ``None`` if unknown."""
+    resource = getattr(span, "resource", None)
+    if resource is None:
+        return None
+    entry = _BY_RESOURCE.get(id(resource))
+    if entry is None or entry[0]() is not resource:
+        return None
+    tracer: Tracer | None = entry[1]()
+    return tracer
 
 
 def inject_current() -> dict[str, str]:
