@@ -197,6 +197,100 @@ async def test_alg_none_is_refused(auth_config, keys):
             assert r.headers["www-authenticate"].startswith("Bearer")
 
 
+def assert_invalid_token(r, detail, case):
+    assert r.status_code == 401, (case, r.text)
+    assert r.headers["content-type"] == "application/problem+json", case
+    assert r.headers["www-authenticate"] == 'Bearer realm="atoll", error="invalid_token"', case
+    assert detail in r.json()["detail"], (case, r.json())
+
+
+def _hs512(claims):
+    header = _b64(json.dumps({"alg": "HS512", "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(claims).encode())
+    mac = hmac.new(SECRET.encode(), f"{header}.{payload}".encode(), hashlib.sha512).digest()
+    return f"{header}.{payload}.{_b64(mac)}"
+
+
+async def test_alg_none_in_any_case_is_refused(auth_config, keys):
+    payload = _b64(
+        json.dumps(
+            {"sub": "alice", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+        ).encode()
+    )
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for alg in ("None", "NONE", "nOnE", "none"):
+            header = _b64(json.dumps({"alg": alg, "typ": "JWT", "kid": "rsa-1"}).encode())
+            for token in (f"{header}.{payload}.", f"{header}.{payload}.c2ln"):
+                r = await client.get(url(gw, "/read/x"), headers=bearer(token))
+                assert_invalid_token(r, "alg 'none'", alg)
+        assert gw.gen.auth.failures["alg_none"] == 8
+
+
+async def test_algorithms_not_in_the_allow_list_are_refused(auth_config, keys):
+    # The configured list is RS256, ES256, EdDSA and HS256. Each token below is properly
+    # signed with a key the gateway has, only its algorithm is not allowed.
+    cases = {
+        "RS384": keys.token(keys.rsa, "rsa-1", alg="RS384", scope="orders:read"),
+        "PS256": keys.token(keys.rsa, "rsa-1", alg="PS256", scope="orders:read"),
+        # Signed by hand: PyJWT warns about a 34-byte secret for SHA-512.
+        "HS512": _hs512(
+            {"sub": "alice", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+        ),
+    }
+    # Algorithm names are matched exactly: "rs256" is not RS256.
+    rs256 = keys.token(keys.rsa, "rsa-1", scope="orders:read")
+    header, rest = rs256.split(".", 1)
+    header_data = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    cases["rs256"] = _b64(json.dumps(header_data | {"alg": "rs256"}).encode()) + "." + rest
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for alg, token in cases.items():
+            r = await client.get(url(gw, "/read/x"), headers=bearer(token))
+            assert_invalid_token(r, f"algorithm {alg!r} is not accepted", alg)
+        # The same key with an allowed algorithm passes: the refusals were for the alg.
+        r = await client.get(url(gw, "/read/x"), headers=bearer(rs256))
+        assert r.status_code == 200, r.text
+
+
+async def test_tokens_with_crit_headers_are_refused(auth_config, keys):
+    claims = {"sub": "alice", "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"}
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for crit in (
+            {"crit": ["x-unknown"], "x-unknown": 1},
+            # PyJWT itself understands b64 and would accept this one: the gateway does not.
+            {"crit": ["b64"], "b64": True},
+            {"crit": []},
+        ):
+            token = jwt.encode(claims, keys.rsa, algorithm="RS256", headers={"kid": "rsa-1"} | crit)
+            r = await client.get(url(gw, "/read/x"), headers=bearer(token))
+            assert_invalid_token(r, "critical header extensions", crit)
+        assert gw.gen.auth.failures["crit"] == 3
+        token = jwt.encode(claims, keys.rsa, algorithm="RS256", headers={"kid": "rsa-1"})
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(token))).status_code == 200
+
+
+async def test_tokens_without_a_subject_are_refused(auth_config, keys):
+    cases = {
+        "no sub": keys.token(keys.rsa, "rsa-1", scope="orders:read", sub=None),
+        "empty sub": keys.token(keys.rsa, "rsa-1", scope="orders:read", sub=""),
+        "numeric sub": jwt.encode(
+            {"sub": 42, "iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"},
+            SECRET,
+            algorithm="HS256",
+        ),
+        "hs256 no sub": jwt.encode(
+            {"iss": ISS, "aud": AUD, "exp": 4102444800, "scope": "orders:read"},
+            SECRET,
+            algorithm="HS256",
+        ),
+    }
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for name, token in cases.items():
+            r = await client.get(url(gw, "/read/x"), headers=bearer(token))
+            # PyJWT refuses a non-string sub itself; either way the token is invalid.
+            detail = "'sub'" if name != "numeric sub" else "Subject must be a string"
+            assert_invalid_token(r, detail, name)
+
+
 async def test_algorithm_confusion_hs256_signed_with_the_public_key_is_refused(auth_config, keys):
     public_pem = keys.rsa.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

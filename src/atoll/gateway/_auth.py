@@ -10,7 +10,13 @@ What is refused, and why it cannot slip through:
   EdDSA) and for its own ``alg`` when it names one.
 * Unknown ``kid``: the key set is fetched again (at most once per
   ``jwks_min_refetch_interval``, one fetch at a time), then the token is refused.
+* ``crit`` header extensions (none are understood), and tokens without a ``sub``.
 * ``exp``, ``nbf`` (with ``leeway``), ``iss``, ``aud``; ``exp`` is required.
+
+The key set is loaded before a configuration is used: if that first load fails (or
+yields no usable key), the configuration is refused with a :class:`ConfigError`, so a
+wrong ``jwks_url`` cannot put in place a gateway that refuses every token. A failed
+refresh later keeps the last good keys.
 
 Verified tokens are cached by their exact text (signature included) for at most
 ``cache_ttl`` seconds; ``exp``/``nbf`` are checked again on every hit, and the cache is
@@ -34,6 +40,7 @@ from typing import Any
 
 import jwt
 
+from atoll.config import ConfigError
 from atoll.determinism import Clock
 from atoll.gateway._config import AuthConfig, JwtConfig
 
@@ -121,12 +128,26 @@ def _b64json(segment: str) -> dict[str, Any]:
     return data
 
 
+class _JwksError(ValueError):
+    """The JWKS answer is not usable; the message says why."""
+
+
+def _reason(exc: Exception) -> str:
+    """``exc`` in a few words for a log line or a configuration error."""
+    if isinstance(exc, _JwksError):
+        return str(exc)
+    # httpx's messages alone can be empty (timeouts) or vague ("All connection attempts
+    # failed"): the type says which failure it was.
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class KeySet:
     """The JWKS keys by ``kid``, fetched and refreshed (URL) or read (file)."""
 
-    def __init__(self, config: JwtConfig, clock: Clock) -> None:
+    def __init__(self, config: JwtConfig, clock: Clock, *, source: str) -> None:
         self.config = config
         self.clock = clock
+        self.source = source
         self.keys: dict[str, jwt.PyJWK] = {}
         self.version = 0
         self._last_fetch = float("-inf")
@@ -135,10 +156,35 @@ class KeySet:
         self.fetches = 0
         self.errors = 0
 
+    @property
+    def where(self) -> str:
+        """The URL or file the keys come from."""
+        return self.config.jwks_url or self.config.jwks_file or ""
+
     async def start(self) -> None:
-        """Load the keys once, then refresh them in the background."""
-        await self.refresh()
+        """Load the keys once, then refresh them in the background.
+
+        Raises :class:`ConfigError` if this first load fails or yields no usable key:
+        nothing could be verified, so the configuration is wrong (a reload keeps the
+        configuration that serves). Later refreshes only log their failures.
+        """
+        self._last_fetch = self.clock.monotonic()
+        self.fetches += 1
+        try:
+            keys = await self._load_keys()
+        except Exception as exc:
+            raise self._refused(_reason(exc)) from None
+        if not keys:
+            raise self._refused("it holds no usable signing key (RSA, EC or OKP with a kid)")
+        self._install(keys)
         self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    def _refused(self, reason: str) -> ConfigError:
+        self.errors += 1
+        key = "auth.jwt.jwks_url" if self.config.jwks_url else "auth.jwt.jwks_file"
+        return ConfigError(
+            self.source, key, f"the JWKS could not be loaded from {self.where}: {reason}"
+        )
 
     async def stop(self) -> None:
         """Stop refreshing."""
@@ -171,23 +217,30 @@ class KeySet:
         self._last_fetch = self.clock.monotonic()
         self.fetches += 1
         try:
-            data = await self._load()
-            keys = _parse_jwks(data)
+            keys = await self._load_keys()
         except Exception as exc:
+            # The provider being down must not lock everyone out: the keys it published
+            # last stay valid until it answers again. A valid, emptier set is installed
+            # (below): that is how a provider revokes keys.
             self.errors += 1
-            where = self.config.jwks_url or self.config.jwks_file
             log.warning(
-                "JWKS from %s could not be loaded (%s); keeping %d key(s)",
-                where,
-                exc,
+                "JWKS from %s could not be loaded (%s); keeping the last %d key(s)",
+                self.where,
+                _reason(exc),
                 len(self.keys),
             )
             return
+        self._install(keys)
+
+    def _install(self, keys: dict[str, jwt.PyJWK]) -> None:
         if set(keys) != set(self.keys) or any(
             keys[k].key_type != self.keys[k].key_type for k in keys
         ):
             self.version += 1
         self.keys = keys
+
+    async def _load_keys(self) -> dict[str, jwt.PyJWK]:
+        return _parse_jwks(await self._load())
 
     async def _load(self) -> Any:
         if self.config.jwks_file is not None:
@@ -198,13 +251,15 @@ class KeySet:
         assert self.config.jwks_url is not None
         async with httpx.AsyncClient(timeout=5.0) as client:
             response = await client.get(self.config.jwks_url)
-            response.raise_for_status()
+            if not response.is_success:
+                # httpx's own message is several lines with a link; the status is enough.
+                raise _JwksError(f"HTTP {response.status_code} {response.reason_phrase}")
             return response.json()
 
 
 def _parse_jwks(data: Any) -> dict[str, jwt.PyJWK]:
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
-        raise TypeError("not a JWK set (no 'keys' list)")
+        raise _JwksError("not a JWK set (no 'keys' list)")
     keys: dict[str, jwt.PyJWK] = {}
     for raw in data["keys"]:
         if not isinstance(raw, dict) or raw.get("use", "sig") != "sig":
@@ -220,14 +275,20 @@ def _parse_jwks(data: Any) -> dict[str, jwt.PyJWK]:
 
 
 class Authenticator:
-    """Checks credentials for routes; one per configuration generation."""
+    """Checks credentials for routes; one per configuration generation.
 
-    def __init__(self, config: AuthConfig, clock: Clock) -> None:
+    ``source`` names the configuration in the :class:`ConfigError` that :meth:`start`
+    raises when the key set cannot be loaded.
+    """
+
+    def __init__(
+        self, config: AuthConfig, clock: Clock, *, source: str = "gateway configuration"
+    ) -> None:
         self.config = config
         self.clock = clock
         self.jwt = config.jwt
         self.keyset = (
-            KeySet(config.jwt, clock)
+            KeySet(config.jwt, clock, source=source)
             if config.jwt is not None and (config.jwt.jwks_url or config.jwt.jwks_file)
             else None
         )
@@ -242,7 +303,7 @@ class Authenticator:
         self.failures: dict[str, int] = {}
 
     async def start(self) -> None:
-        """Load the JWKS."""
+        """Load the JWKS; :class:`ConfigError` if it cannot be loaded."""
         if self.keyset is not None:
             await self.keyset.start()
 
