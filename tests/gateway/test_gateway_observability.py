@@ -2,7 +2,7 @@
 
 import httpx
 import structlog
-from gateway_support import base_config, running_gateway, url, write_config
+from gateway_support import base_config, raw_request, running_gateway, url, write_config
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -69,3 +69,53 @@ async def test_access_log_has_one_structured_line_per_request(tmp_path, stub):
     [unrouted] = [entry for entry in logs if entry.get("path") == "/nothing"]
     assert unrouted["status"] == 404
     assert unrouted["route"] is None
+
+
+async def test_requests_answered_early_are_in_the_access_log_too(tmp_path, stub):
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "item", "match": {"prefix": "/items"}, "upstream": "a", "max_body": 100}],
+            server={"port": 8080, "access_log": True, "max_header_bytes": 1024},
+            cors={"allow_origins": ["https://shop.example"]},
+        ),
+    )
+    requests = {
+        "431": b"GET /items/1 HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 2000 + b"\r\n\r\n",
+        "400": b"POST /items/2 HTTP/1.1\r\nhost: x\r\ncontent-length: abc\r\n\r\n",
+        "garbage": b"\x16\x03\x01\x02\x00 hello\r\n\r\n",
+        "413": b"POST /items/3 HTTP/1.1\r\nhost: x\r\ncontent-length: 5000\r\n\r\n" + b"a" * 5000,
+        "504": (
+            b"GET /items/4 HTTP/1.1\r\nhost: x\r\nx-atoll-deadline: 0\r\nconnection: close\r\n\r\n"
+        ),
+        "preflight": (
+            b"OPTIONS /items/5 HTTP/1.1\r\nhost: x\r\norigin: https://shop.example\r\n"
+            b"access-control-request-method: POST\r\nconnection: close\r\n\r\n"
+        ),
+    }
+    async with running_gateway(path) as gw:
+        with structlog.testing.capture_logs() as logs:
+            for data in requests.values():
+                await raw_request(gw.port, data, read_timeout=2)
+    lines = [entry for entry in logs if entry.get("event") == "request"]
+    # One each, in the order sent (each answered and closed before the next).
+    assert [line["status"] for line in lines] == [431, 400, 400, 413, 504, 204], lines
+    big, bad_length, garbage, too_large, expired, preflight = lines
+    assert (big["method"], big["path"], big["client"]) == ("GET", "/items/1", "127.0.0.1")
+    assert (bad_length["method"], bad_length["path"]) == ("POST", "/items/2")
+    assert garbage["method"] is None
+    assert (too_large["route"], too_large["path"]) == ("item", "/items/3")
+    assert (expired["route"], expired["path"]) == ("item", "/items/4")
+    assert (preflight["method"], preflight["path"]) == ("OPTIONS", "/items/5")
+    assert not stub.hits
+
+
+async def test_no_access_log_lines_when_it_is_off(tmp_path, stub):
+    async with running_gateway(config(tmp_path, stub, access_log=False)) as gw:
+        with structlog.testing.capture_logs() as logs:
+            await raw_request(gw.port, b"GET / HTTP/9.9\r\nhost: x\r\n\r\n", read_timeout=2)
+            await raw_request(
+                gw.port, b"GET /items/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            )
+    assert not [entry for entry in logs if entry.get("event") == "request"]

@@ -59,6 +59,32 @@ async def test_bad_config_is_refused_with_file_and_key_and_the_old_one_serves(
         assert view["refused"] == 2
 
 
+async def test_a_config_failing_past_its_checks_is_refused_and_the_watch_goes_on(
+    tmp_path, stub, stub_b, caplog
+):
+    path = write_config(tmp_path / "gw.yaml", two_routes(stub, stub_b))
+    async with running_gateway(path, watch_interval=0.05) as gw, httpx.AsyncClient() as client:
+        bad = two_routes(stub, stub_b, target="b")
+        # Passes the checks (a redis:// URL); the Redis client refuses its port.
+        bad["rate_limits"] = {"store": "redis://h:notaport"}
+        with caplog.at_level(logging.ERROR, logger="atoll.gateway"):
+            write_config(path, bad)
+            await wait_until(lambda: gw.reload_failures == 1, timeout=5, what="the refusal")
+        assert "notaport" in caplog.text
+        assert "notaport" in gw.last_reload_error
+        assert gw.reloads == 0
+        assert gw.store is None
+        assert (await client.get(url(gw, "/x"))).json()["stub"] == "a"
+        # The watch is still running: a good edit is applied.
+        write_config(path, two_routes(stub, stub_b, target="b"))
+        await wait_until(lambda: gw.reloads == 1, timeout=5, what="the reload")
+        assert (await client.get(url(gw, "/x"))).json()["stub"] == "b"
+        assert gw.last_reload_error is None
+        view = (await client.get(f"http://127.0.0.1:{gw.admin_port}/config")).json()
+        assert view["refused"] == 1
+        assert view["reloads"] == 1
+
+
 async def test_unchanged_upstreams_keep_their_state_across_reloads(tmp_path, stub, stub_b):
     config = two_routes(stub, stub_b)
     config["upstreams"]["a"]["policy"] = {

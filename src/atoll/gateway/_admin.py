@@ -36,7 +36,9 @@ def _send(request: Request, status: int, body: bytes, content_type: bytes) -> No
     ]
     if not request.keep_alive:
         head.append(b"connection: close\r\n")
-    head += [b"\r\n", body]
+    head.append(b"\r\n")
+    if request.method != b"HEAD":  # a HEAD's answer ends at its head (RFC 9110)
+        head.append(body)
     request.conn.write(b"".join(head))
 
 
@@ -113,6 +115,7 @@ def upstreams_view(gateway: Gateway) -> list[dict[str, Any]]:
 async def handle_admin(gateway: Gateway, request: Request) -> None:  # noqa: C901 - one branch per endpoint
     """Answer one admin request."""
     path = request.path.decode("latin-1")
+    head_only = request.method == b"HEAD"
     if request.method not in (b"GET", b"HEAD"):
         request.conn.write(
             problem_bytes(
@@ -144,7 +147,11 @@ async def handle_admin(gateway: Gateway, request: Request) -> None:  # noqa: C90
     elif path.startswith("/breakers/"):
         breaker = gateway.gen.registry.breaker(path.removeprefix("/breakers/"))
         if breaker is None:
-            request.conn.write(problem_bytes(404, "no circuit breaker by that name", instance=path))
+            request.conn.write(
+                problem_bytes(
+                    404, "no circuit breaker by that name", head_only=head_only, instance=path
+                )
+            )
         else:
             _json(request, 200, snapshot_to_json(breaker.snapshot()))
     elif path == "/config":
@@ -160,4 +167,6 @@ async def handle_admin(gateway: Gateway, request: Request) -> None:  # noqa: C90
             },
         )
     else:
-        request.conn.write(problem_bytes(404, "no such admin endpoint", instance=path))
+        request.conn.write(
+            problem_bytes(404, "no such admin endpoint", head_only=head_only, instance=path)
+        )

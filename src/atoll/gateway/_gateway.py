@@ -120,8 +120,9 @@ class Generation:
             if route.rate_limit is not None
         }
         self.registry = ResilienceRegistry([u.pipeline for u in upstreams.values()])
-        prefix = config.auth.identity_prefix.lower().encode()
-        self.identity_prefix = prefix
+        # Folded (``_`` as ``-``) as WSGI/CGI servers fold names: a client's
+        # ``X_Auth_Subject`` reaches those upstreams as the gateway's ``X-Auth-Subject``.
+        self.identity_prefix = config.auth.identity_prefix.lower().replace("_", "-").encode()
         self.request_id_header = config.server.request_id_header.lower().encode()
         self.trust_request_id = config.server.trust_request_id
         self.trust_deadline = config.server.trust_deadline
@@ -194,8 +195,9 @@ class Gateway:
         self._store_given = shared_store
         self.store: SharedState | None = None
         self.store_url: str | None = None
-        self._setup_store(config)
-        self.gen = self._build(config, {})
+        self.store = self._store_for(config)
+        self.store_url = config.rate_limit_store
+        self.gen = self._build(config, {}, self.store)
         self.metrics = GatewayMetrics(self)
         self.state = ServerState(
             self.handle,
@@ -219,19 +221,29 @@ class Gateway:
 
     # -- generations -----------------------------------------------------------------
 
-    def _setup_store(self, config: GatewayConfig) -> None:
+    def _store_for(self, config: GatewayConfig) -> SharedState | None:
+        """The shared store ``config`` asks for: the current one unless its URL changed.
+
+        Nothing is changed here: a reload adopts the store only once its whole
+        generation is built.
+        """
         url = config.rate_limit_store
         if self._store_given is not None:
-            self.store = gated(self._store_given, self.clock)
-        elif url is not None and url != self.store_url:
+            return gated(self._store_given, self.clock)
+        if url is not None and url != self.store_url:
             from atoll.resilience.redis import RedisSharedState  # noqa: PLC0415 - optional
 
-            self.store = gated(
+            return gated(
                 RedisSharedState.from_url(url, prefix=config.rate_limit_prefix), self.clock
             )
-        self.store_url = url
+        return self.store
 
-    def _build(self, config: GatewayConfig, old: dict[str, UpstreamRuntime]) -> Generation:
+    def _build(
+        self,
+        config: GatewayConfig,
+        old: dict[str, UpstreamRuntime],
+        store: SharedState | None,
+    ) -> Generation:
         upstreams: dict[str, UpstreamRuntime] = {}
         for name, upstream_config in config.upstreams.items():
             previous = old.get(name)
@@ -241,7 +253,7 @@ class Gateway:
                 upstreams[name] = UpstreamRuntime(
                     upstream_config, source=config.source, clock=self.clock, random=self.random
                 )
-        return Generation(config, upstreams, clock=self.clock, store=self.store)
+        return Generation(config, upstreams, clock=self.clock, store=store)
 
     def _stat(self) -> dict[Path, float]:
         out = {}
@@ -251,24 +263,27 @@ class Gateway:
         return out
 
     async def reload(self) -> bool:
-        """Load the configuration again; keep the current one if the new one is bad."""
+        """Load the configuration again; keep the current one if the new one is bad.
+
+        Any failure to build the new generation refuses it, not only a
+        :class:`ConfigError`: some values only their library refuses (a Redis URL's
+        port, say), and an exception escaping here would end the file watch.
+        """
+        config: GatewayConfig | None = None
+        store = self.store
+        generation: Generation | None = None
         try:
             config = load_gateway_config(self.config_path, system=self.system, profile=self.profile)
-            self._setup_store(config)
-            generation = self._build(config, self.gen.upstreams)
+            store = self._store_for(config)
+            generation = self._build(config, self.gen.upstreams, store)
             await generation.auth.start()
-        except ConfigError as exc:
-            self.reload_failures += 1
-            self.last_reload_error = str(exc)
-            log.error(  # noqa: TRY400 - the message says it all; no traceback for a typo
-                "gateway configuration refused, the previous one keeps serving: %s",
-                exc,
-                extra={"file": exc.source, "key": exc.key},
-            )
-            self._mtimes = self._stat() | self._stat_files(exc.source)
+        except Exception as exc:
+            await self._refuse(exc, config, store, generation)
             return False
         old = self.gen
         self.gen = generation
+        self.store = store
+        self.store_url = config.rate_limit_store
         self._mtimes = self._stat()
         for upstream in generation.upstreams.values():
             upstream.start()
@@ -277,6 +292,43 @@ class Gateway:
         log.info("gateway configuration reloaded from %s", self.config_path)
         asyncio.get_running_loop().create_task(self._retire(old))
         return True
+
+    async def _refuse(
+        self,
+        exc: Exception,
+        config: GatewayConfig | None,
+        store: SharedState | None,
+        generation: Generation | None,
+    ) -> None:
+        """Count and log a refused reload, and undo what it had started."""
+        self.reload_failures += 1
+        if isinstance(exc, ConfigError):
+            self.last_reload_error = str(exc)
+            log.error(  # the message says it all; no traceback for a typo
+                "gateway configuration refused, the previous one keeps serving: %s",
+                exc,
+                extra={"file": exc.source, "key": exc.key},
+            )
+            watched = self._stat_files(exc.source)
+        else:
+            self.last_reload_error = f"{self.config_path}: {type(exc).__name__}: {exc}"
+            # Not one of the checks' findings: the traceback shows what refused it.
+            log.error(
+                "gateway configuration refused, the previous one keeps serving: %s",
+                self.last_reload_error,
+                exc_info=exc,
+                extra={"file": str(self.config_path)},
+            )
+            watched = {}
+            for file in config.files if config is not None else (self.config_path,):
+                watched |= self._stat_files(str(file))
+        self._mtimes = self._stat() | watched
+        if generation is not None:
+            with contextlib.suppress(Exception):
+                await generation.auth.stop()
+        if store is not self.store and self._store_given is None and store is not None:
+            with contextlib.suppress(Exception):
+                await store.aclose()
 
     def _stat_files(self, source: str) -> dict[Path, float]:
         path = Path(source)
@@ -311,7 +363,12 @@ class Gateway:
                     current[file] = file.stat().st_mtime
             if current != self._mtimes:
                 self._mtimes = current
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:
+                    # reload() refuses bad configurations itself; this is for a fault
+                    # after the swap, which must not end the watch either.
+                    log.exception("gateway configuration reload failed")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -382,6 +439,22 @@ class Gateway:
         self.metrics.bad_requests += 1
         conn.write(problem_bytes(exc.status, exc.detail, close=True))
         conn.close()
+        if conn.state is self.state and self.gen.config.server.access_log:
+            # No Request was made (the head did not parse): what is known of it.
+            method, path = conn.request_line()
+            access_log.info(
+                "request",
+                method=method,
+                path=path,
+                status=exc.status,
+                duration_ms=None,
+                route=None,
+                upstream=None,
+                request_id=None,
+                client=conn.peer,
+                subject=None,
+                detail=exc.detail,
+            )
 
     async def handle(self, request: Request) -> None:
         """Answer one request (the server calls this; it never raises)."""
@@ -413,9 +486,11 @@ class Gateway:
         rid_name = gen.request_id_header
         api_key_name = gen.auth.api_key_header
         drop = _DROP_REQUEST
+        host_repeated = False
         for name, value in request.headers:
             if name in drop:
                 if name == b"host":
+                    host_repeated = host is not None
                     host = value
                 elif name == b"traceparent":
                     traceparent = value
@@ -427,7 +502,9 @@ class Gateway:
             if name == rid_name:
                 rid = value
                 continue
-            if name.startswith(identity_prefix):
+            if name.startswith(identity_prefix) or (
+                b"_" in name and name.replace(b"_", b"-").startswith(identity_prefix)
+            ):
                 continue  # only the gateway says who the caller is
             if name == b"authorization":
                 authorization = value
@@ -448,12 +525,19 @@ class Gateway:
             self._send_problem(request, None, 400, "the request path is not valid", rid)
             self._log(request, None, 400, started, rid, None, None)
             return
+        if host_repeated:
+            # Which one to route by would be a guess, and a proxy in front may have guessed
+            # the other way (nginx refuses these too).
+            self._send_problem(request, None, 400, "more than one Host header", rid)
+            self._log(request, None, 400, started, rid, None, None)
+            return
         match, allowed = gen.router.match(path, method, host, request.headers)
         cors_headers: list[tuple[bytes, bytes]] | None = None
         if origin is not None and gen.cors is not None:
             cors_headers = self._cors_headers(gen, origin)
             if method == b"OPTIONS" and request.header(b"access-control-request-method"):
-                self._preflight(request, gen, cors_headers, rid)
+                status = self._preflight(request, gen, cors_headers, rid)
+                self._log(request, None, status, started, rid, None, None)
                 return
         if match is None:
             if allowed is not None:
@@ -486,6 +570,7 @@ class Gateway:
                 cors=cors_headers,
             )
             stats.record(413, self.clock.monotonic() - started)
+            self._log(request, route, 413, started, rid, None, None)
             return
         # Who is calling.
         identity: Identity | None = None
@@ -570,6 +655,7 @@ class Gateway:
                         cors=cors_headers,
                     )
                     stats.record(504, self.clock.monotonic() - started)
+                    self._log(request, route, 504, started, rid, None, identity)
                     return
                 deadline = incoming.earliest(deadline)
         extra = _ratelimit_headers(permit) if permit is not None else []
@@ -941,7 +1027,14 @@ class Gateway:
             fields["route"] = route.name
         fields["request_id"] = rid.decode()
         request.conn.write(
-            problem_bytes(status, detail, extra_headers=extra, close=close, **fields)
+            problem_bytes(
+                status,
+                detail,
+                extra_headers=extra,
+                close=close,
+                head_only=request.method == b"HEAD",
+                **fields,
+            )
         )
         if close:
             request.keep_alive = False
@@ -977,7 +1070,9 @@ class Gateway:
                 head += [name, b": ", value, b"\r\n"]
         if not request.keep_alive:
             head.append(b"connection: close\r\n")
-        head += [b"\r\n", body]
+        head.append(b"\r\n")
+        if request.method != b"HEAD":  # a HEAD's answer ends at its head (RFC 9110)
+            head.append(body)
         request.conn.write(b"".join(head))
 
     def _cors_headers(self, gen: Generation, origin: bytes) -> list[tuple[bytes, bytes]]:
@@ -995,12 +1090,13 @@ class Gateway:
 
     def _preflight(
         self, request: Request, gen: Generation, cors: list[tuple[bytes, bytes]], rid: bytes
-    ) -> None:
+    ) -> int:
+        """Answer a CORS preflight; returns the status sent."""
         config = gen.cors
         assert config is not None
         if not cors:
             self._send_problem(request, None, 403, "this origin may not call this API", rid)
-            return
+            return 403
         head = [status_line(204), gen.request_id_header, b": ", rid, b"\r\n"]
         for name, value in [
             *cors,
@@ -1011,6 +1107,7 @@ class Gateway:
             head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
         request.conn.write(b"".join(head))
+        return 204
 
     def _log(  # noqa: PLR0917 - the fields of one access log line
         self,

@@ -312,17 +312,22 @@ class UpstreamRuntime:
                 _pump(call.stream, conn, call.stream_limit)
             )
             done, _ = await asyncio.wait((waiter, pump), return_when=asyncio.FIRST_COMPLETED)
-            if waiter not in done:
-                pump.result()  # raises if the body failed
+            if pump in done:
+                # The body's failure first: a body over the limit aborts the connection,
+                # which fails the waiter too, often before this task wakes up.
+                pump.result()
                 return await waiter
             return waiter.result()
         except BaseException:
             if pump is not None:
                 pump.cancel()
-            if waiter is not None and not waiter.done():
-                # Nobody will await it now: closing the connection must not fail it
-                # (an exception nobody reads is logged as an error when collected).
-                waiter.cancel()
+            if waiter is not None:
+                if not waiter.done():
+                    # Nobody will await it now: closing the connection must not fail it
+                    # (an exception nobody reads is logged as an error when collected).
+                    waiter.cancel()
+                elif not waiter.cancelled():
+                    waiter.exception()  # read: the body's error is the one raised
             conn.abort()
             raise
 

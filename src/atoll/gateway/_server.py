@@ -515,6 +515,17 @@ class Connection(asyncio.Protocol):
         if self.responding is None and self._current is None and self.last_active < before:
             self.close()
 
+    def request_line(self) -> tuple[str | None, str | None]:
+        """Method and path of the request being parsed, as far as they were read.
+
+        For logging a request refused before it became a :class:`Request`.
+        """
+        if not self._url:
+            # The parser reports a method even when it could not read one.
+            return None, None
+        method = self._parser.get_method().decode("latin-1")
+        return method, self._url.partition(b"?")[0][:500].decode("latin-1")
+
     def close_if_idle(self) -> None:
         """Close now if between requests (for shutdown)."""
         if self.responding is None and self._current is None and not self._pending:
@@ -532,9 +543,14 @@ def problem_bytes(
     *,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
     close: bool = False,
+    head_only: bool = False,
     **fields: Any,
 ) -> bytes:
-    """A complete ``application/problem+json`` response (RFC 9457)."""
+    """A complete ``application/problem+json`` response (RFC 9457).
+
+    ``head_only`` (the answer to a HEAD): the same head, without the body. Its
+    Content-Length still names the body a GET would get, as RFC 9110 allows.
+    """
     import json  # noqa: PLC0415 - error path only
     from http import HTTPStatus  # noqa: PLC0415 - error path only
 
@@ -557,5 +573,6 @@ def problem_bytes(
     if close:
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")
-    head.append(body)
+    if not head_only:
+        head.append(body)
     return b"".join(head)

@@ -1,0 +1,182 @@
+"""HTTP details the gateway must get right on its own: HEAD answers, forged headers, Host."""
+
+import asyncio
+
+import httpx
+import pytest
+from gateway_support import base_config, problem_of, raw_request, running_gateway, url, write_config
+
+API_KEY = "pk-0123456789abcdef"
+
+
+@pytest.fixture
+def config(tmp_path, stub):
+    return write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [
+                {"name": "keys", "match": {"prefix": "/keys"}, "upstream": "a", "auth": "api_key"},
+                {
+                    "name": "summary",
+                    "match": {"path": "/summary/{id}"},
+                    "aggregate": {
+                        "timeout": 2,
+                        "parts": {
+                            "item": {"upstream": "a", "path": "/items/{id}", "required": True}
+                        },
+                    },
+                },
+                {"name": "open", "match": {"prefix": "/open"}, "upstream": "a"},
+            ],
+            auth={"api_keys": {"keys": [{"name": "partner", "key": API_KEY}]}},
+        ),
+    )
+
+
+async def read_response(reader, *, head=False):
+    """One response from ``reader``: status, headers, body (none for a HEAD's)."""
+    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    start, *lines = raw.decode("latin-1").rstrip("\r\n").split("\r\n")
+    assert start.startswith("HTTP/1.1 "), raw[:200]
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = b""
+    if not head:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+    return int(start.split(" ")[1]), headers, body
+
+
+async def head_then_get(port, path, headers=b""):
+    """HEAD then GET of ``path`` on one keep-alive connection: both responses."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = b"%s %s HTTP/1.1\r\nhost: x\r\n%s\r\n"
+        writer.write(request % (b"HEAD", path, headers))
+        await writer.drain()
+        head = await read_response(reader, head=True)
+        writer.write(request % (b"GET", path, headers))
+        await writer.drain()
+        get = await read_response(reader)
+        writer.write_eof()
+        # Nothing after the GET's body either: a HEAD body sent late would show up here.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    return head, get
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        (b"/nowhere", b"", 404),  # below every route: no match
+        (b"/keys/x", b"", 401),
+        (b"/keys/x", b"x-api-key: wrong\r\n", 401),
+        (b"/summary/7", b"", 200),  # an aggregate: the gateway writes the 200 itself
+        (b"/a/../b", b"", 400),
+    ],
+)
+async def test_head_answers_made_by_the_gateway_carry_no_body(config, stub, path, headers, status):
+    async with running_gateway(config) as gw:
+        (head_status, head_headers, _), (get_status, get_headers, body) = await head_then_get(
+            gw.port, path, headers
+        )
+    assert head_status == get_status == status
+    # The same headers as the GET, Content-Length included (RFC 9110 allows it).
+    assert head_headers.keys() - {"x-request-id"} == get_headers.keys() - {"x-request-id"}
+    assert int(head_headers["content-length"]) == len(body) > 0
+
+
+@pytest.mark.parametrize(("path", "status"), [(b"/healthz", 200), (b"/nowhere", 404)])
+async def test_head_on_the_admin_port_carries_no_body(config, stub, path, status):
+    async with running_gateway(config) as gw:
+        (head_status, head_headers, _), (get_status, _, body) = await head_then_get(
+            gw.admin_port, path
+        )
+    assert head_status == get_status == status
+    assert int(head_headers["content-length"]) == len(body) > 0
+
+
+async def test_proxied_head_keeps_the_connection_in_step(config, stub):
+    async with running_gateway(config) as gw:
+        (head_status, head_headers, _), (get_status, _, body) = await head_then_get(
+            gw.port, b"/open/x"
+        )
+        instance = gw.gen.upstreams["a"].instances[0]
+        assert instance.outstanding == 0
+    assert head_status == get_status == 200
+    assert [hit["method"] for hit in stub.hits] == ["HEAD", "GET"]
+    # The upstream's Content-Length for its HEAD answer is passed on (its GET body
+    # names the method, hence one byte less than the HEAD's would have had).
+    assert int(head_headers["content-length"]) == len(body) + 1
+    assert b'"method":"GET"' in body
+
+
+async def test_identity_headers_forged_with_underscores_are_dropped(config, stub):
+    forged = {
+        "x_auth_subject": "root",
+        "X_Auth_Scopes": "admin",
+        "x-auth_method": "jwt",
+        "x_auth-client": "partner",
+    }
+    kept = {"x_other": "1", "x-authority": "2"}
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        for path, key in (("/open/x", {}), ("/keys/x", {"x-api-key": API_KEY})):
+            r = await client.get(url(gw, path), headers=forged | kept | key)
+            assert r.status_code == 200
+            received = stub.hits[-1]["header_list"]
+            identity = sorted(
+                (name, value)
+                for name, value in received
+                if name.replace("_", "-").startswith("x-auth-")
+            )
+            if key:  # the gateway's own identity headers, and nothing else
+                assert identity == [
+                    ("x-auth-client", "partner"),
+                    ("x-auth-method", "api_key"),
+                    ("x-auth-scopes", ""),
+                    ("x-auth-subject", "partner"),
+                ]
+            else:
+                assert identity == []
+            for name, value in kept.items():
+                assert (name, value) in received
+
+
+async def test_a_custom_identity_prefix_with_an_underscore_is_matched_both_ways(tmp_path, stub):
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "open", "match": {"prefix": "/"}, "upstream": "a"}],
+            auth={"identity_prefix": "X-Who_"},
+        ),
+    )
+    async with running_gateway(path) as gw, httpx.AsyncClient() as client:
+        r = await client.get(
+            url(gw, "/x"), headers={"x-who-subject": "root", "x_who_scopes": "admin", "x-w": "1"}
+        )
+        assert r.status_code == 200
+        names = [name for name, _ in stub.hits[-1]["header_list"]]
+        assert "x-w" in names
+        assert not [name for name in names if name.startswith(("x-who", "x_who"))]
+
+
+async def test_a_repeated_host_header_is_refused(config, stub):
+    async with running_gateway(config) as gw:
+        raw = await raw_request(
+            gw.port,
+            b"GET /open/x HTTP/1.1\r\nhost: a.example\r\nhost: b.example\r\n"
+            b"connection: close\r\n\r\n",
+        )
+        status, problem = problem_of(raw)
+        assert status == 400, raw[:300]
+        assert "Host" in problem["detail"]
+        assert b"application/problem+json" in raw
+        assert not stub.hits
+        raw = await raw_request(
+            gw.port, b"GET /open/x HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n"
+        )
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
