@@ -77,15 +77,26 @@ message_context: contextvars.ContextVar[tuple[str, str] | None] = contextvars.Co
     "atoll_message_context", default=None
 )
 
+#: The correlation id of the HTTP request being served: its ``X-Request-ID`` (which the
+#: gateway sets), bound by the service's HTTP middleware.
+request_correlation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "atoll_request_correlation", default=None
+)
+
 
 def add_message_context(
     _: object, __: str, event: structlog.types.EventDict
 ) -> structlog.types.EventDict:
-    """``correlation_id`` and ``message_id`` of the message being handled, if any."""
+    """``correlation_id`` and ``message_id`` of the message being handled, or the
+    ``correlation_id`` of the HTTP request being served, if any."""
     current = message_context.get()
     if current is not None:
         event.setdefault("correlation_id", current[0])
         event.setdefault("message_id", current[1])
+    else:
+        request = request_correlation.get()
+        if request is not None:
+            event.setdefault("correlation_id", request)
     return event
 
 

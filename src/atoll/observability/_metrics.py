@@ -51,8 +51,9 @@ class _RuntimeCollector(Collector):
         yield redeliveries
         dead = CounterMetricFamily(
             "atoll_dead_letters",
-            "Messages this service sent to dead letters (undecodable or out of attempts"
-            " are counted by the transport; this counts the ones the service parked).",
+            "Messages of this service that went to dead letters: undecodable, of no handled"
+            " type, past their deadline, rejected by their handler, or failed on their last"
+            " attempt.",
             labels=["service"],
         )
         dead.add_metric([name], rt.stats.dead_lettered)

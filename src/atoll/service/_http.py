@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from atoll.observability._logs import request_correlation
 from atoll.persistence import TransientDatabaseError
 from atoll.resilience import PropagationMiddleware, snapshot_to_json
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
     from atoll.observability import Tracing
     from atoll.service._service import Service
 
@@ -47,6 +52,7 @@ def problem(
 def install_http_defaults(app: FastAPI, service: Service) -> None:
     """Add atoll's endpoints, deadline propagation and problem+json errors to ``app``."""
     _install_endpoints(app, service)
+    app.add_middleware(RequestCorrelationMiddleware)
     # Adopts an incoming X-Atoll-Deadline (and W3C headers when tracing is off), and
     # answers 504 at once when the caller's deadline has already passed.
     app.add_middleware(PropagationMiddleware)
@@ -124,18 +130,86 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        # Starlette runs this handler outside every middleware, after the request's
+        # correlation id was unbound: bind it again for this log line.
+        token = request_correlation.set(request_id(request.scope))
+        try:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        finally:
+            request_correlation.reset(token)
         return problem(500, "internal error", instance=request.url.path)
+
+
+#: The header the gateway puts its request id in (its ``server.request_id_header``
+#: default); a service's HTTP log lines carry it as their ``correlation_id``.
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.lower().encode()
+#: What the gateway accepts as a request id: nothing that could forge a log line.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(scope: Scope) -> str | None:
+    """The request's :data:`REQUEST_ID_HEADER`, if it has a sane one."""
+    for name, value in scope["headers"]:
+        if name == _REQUEST_ID_NAME:
+            rid = value.decode("latin-1")
+            return rid if _REQUEST_ID.fullmatch(rid) else None
+    return None
+
+
+class RequestCorrelationMiddleware:
+    """ASGI middleware: log lines written while a request is served carry its request
+    id (:data:`REQUEST_ID_HEADER`) as ``correlation_id``, as a handler's carry its
+    message's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = request_id(scope) if scope["type"] == "http" else None
+        if rid is None:
+            await self.app(scope, receive, send)
+            return
+        token = request_correlation.set(rid)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            request_correlation.reset(token)
 
 
 #: Paths that are not traced: probes and scrapes would drown the traces that matter.
 UNTRACED_PATHS = "healthz,readyz,metrics"
 
 
+#: Which semantic conventions the OpenTelemetry instrumentations follow.
+SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
+
+
+def use_stable_http_semconv() -> None:
+    """Have the HTTP instrumentations name attributes as the gateway does (the stable
+    ``http.request.method``, ``url.path``, ``server.address``... instead of
+    ``http.method``, ``http.url``, ``net.peer.*``), unless the user chose otherwise in
+    :data:`SEMCONV_OPT_IN` (``http/dup`` for both, say)."""
+    if SEMCONV_OPT_IN in os.environ:
+        return
+    os.environ[SEMCONV_OPT_IN] = "http"
+    from opentelemetry.instrumentation._semconv import (  # noqa: PLC0415 - otel extra
+        _OpenTelemetrySemanticConventionStability as Stability,
+    )
+
+    # The instrumentations read the variable once per process; if one already did
+    # (unset then, so every signal got its default), read it again.
+    if Stability._initialized:
+        with Stability._lock:
+            Stability._initialized = False
+        Stability._initialize()  # type: ignore[no-untyped-call]  # unannotated upstream
+
+
 def instrument_client(client: httpx.AsyncClient, tracing: Tracing) -> None:
     """Trace calls made with ``client`` (a client span per request, W3C context out)."""
     if tracing.provider is None or getattr(client, "_atoll_traced", False):
         return
+    use_stable_http_semconv()
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor  # noqa: PLC0415
 
     HTTPXClientInstrumentor.instrument_client(client, tracer_provider=tracing.provider)
@@ -146,6 +220,7 @@ def instrument_http(service: Service, tracing: Tracing) -> None:
     """Trace the service's HTTP server (W3C context in, server span per request)."""
     if tracing.provider is None or getattr(service.http, "_atoll_traced", False):
         return
+    use_stable_http_semconv()
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor  # noqa: PLC0415
 
     FastAPIInstrumentor.instrument_app(

@@ -44,6 +44,14 @@ from atoll.transport import (
     Transport,
 )
 
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+    _W3C_BAGGAGE = W3CBaggagePropagator()
+except ImportError:  # pragma: no cover - no otel extra: no lean spans, no baggage to adopt
+    pass
+
 if TYPE_CHECKING:
     from opentelemetry.util.types import AttributeValue
 
@@ -378,7 +386,8 @@ class ServiceRuntime:
         if not decoded:
             return outcomes
         failed_keys: set[str] = set()
-        handled = duplicates = 0
+        handled = duplicates = exhausted = 0
+        max_attempts = self.service.redelivery.max_attempts
         try:
             async with self.database.batch():
                 for item in decoded:
@@ -411,11 +420,16 @@ class ServiceRuntime:
                         self.stats.failed += 1
                         if key is not None:
                             failed_keys.add(key)
+                        # The transport parks a counted retry of the last attempt (as
+                        # its _settle does); counted here once the batch commits.
+                        last = item.delivery.attempt >= max_attempts
+                        exhausted += last
                         log.warning(
-                            "service %s: handler for %s failed on attempt %d: %r",
+                            "service %s: handler for %s failed on attempt %d%s: %r",
                             self.service.name,
                             item.envelope.type,
                             item.delivery.attempt,
+                            " (the last: dead-lettering it)" if last else "",
                             exc,
                         )
                         outcomes[item.index] = Retry(error=f"{type(exc).__name__}: {exc}")
@@ -427,6 +441,7 @@ class ServiceRuntime:
             ]
         self.stats.handled += handled
         self.stats.duplicates += duplicates
+        self.stats.dead_lettered += exhausted
         return outcomes
 
     async def _handle_one(self, item: _Decoded) -> bool:
@@ -460,17 +475,29 @@ class ServiceRuntime:
         envelope = item.envelope
         if lean is None:
             return await self._run_handler(item, envelope.trace)
-        with lean.span(
-            f"process {envelope.type}",
-            parent=parse_traceparent(envelope.trace),
-            kind=SpanKind.CONSUMER,
-            attributes=self._span_attributes(item),
-        ) as span:
-            # What this handler sends carries this span (and the incoming baggage): the
-            # headers are worked out if it sends something (most handlers send nothing).
-            handled = await self._run_handler(item, partial(span.propagated, envelope.trace))
-            if not handled:
-                span.set_attribute(attributes.OUTCOME, "duplicate")
+        # The message's baggage is current while its handler runs, for the handler and
+        # the HTTP calls it makes; parsed only when there is some (most have none).
+        incoming = envelope.trace.get("baggage")
+        token = (
+            None
+            if incoming is None
+            else otel_context.attach(_W3C_BAGGAGE.extract({"baggage": incoming}))
+        )
+        try:
+            with lean.span(
+                f"process {envelope.type}",
+                parent=parse_traceparent(envelope.trace),
+                kind=SpanKind.CONSUMER,
+                attributes=self._span_attributes(item),
+            ) as span:
+                # What this handler sends carries this span (and the incoming baggage):
+                # the headers are worked out if it sends something (most send nothing).
+                handled = await self._run_handler(item, partial(span.propagated, envelope.trace))
+                if not handled:
+                    span.set_attribute(attributes.OUTCOME, "duplicate")
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         return handled
 
     def _span_attributes(self, item: _Decoded) -> dict[str, AttributeValue]:
