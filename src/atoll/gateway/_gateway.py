@@ -113,7 +113,7 @@ class Generation:
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = upstreams
-        self.auth = Authenticator(config.auth, clock)
+        self.auth = Authenticator(config.auth, clock, source=config.source)
         self.limits: dict[str, RouteLimits] = {
             route.name: RouteLimits(route.name, route.rate_limit, clock=clock, store=store)
             for route in config.routes
