@@ -78,6 +78,8 @@ def flush(runtimes):
 async def test_one_trace_crosses_http_the_outbox_the_transport_and_both_handlers(traced):
     front, runtimes, exporter = traced
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    # messaging.system names the transport's broker (RabbitMQ's says "rabbitmq").
+    runtimes[0].transport.messaging_system = "testbroker"
     transport = httpx.ASGITransport(app=front.http)
     async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
         response = await client.post("/ask/7", headers={"traceparent": parent})
@@ -110,8 +112,15 @@ async def test_one_trace_crosses_http_the_outbox_the_transport_and_both_handlers
     assert process_ask.attributes["messaging.consumer.group.name"] == "back"
     assert process_ask.attributes["messaging.destination.name"] == "service.back"
     assert process_ask.attributes["messaging.operation.type"] == "process"
+    assert process_ask.attributes["messaging.system"] == "testbroker"
     # The relay's publish span links to the span that committed the message.
-    publishes = by_name["publish"]
+    publishes = [s for s in spans if s.name.split()[0] == "publish"]
+    assert publishes
+    for publish in publishes:
+        assert publish.attributes["messaging.system"] == "testbroker"
+        assert publish.attributes["messaging.operation.name"] == "publish"
+        topic = publish.attributes.get("messaging.destination.name")
+        assert publish.name == (f"publish {topic}" if topic else "publish")
     linked = {link.context.span_id for span in publishes for link in span.links}
     assert server.context.span_id in linked
     assert process_ask.context.span_id in linked

@@ -98,16 +98,23 @@ class OutboxRelay:
             for link in (link_from_traceparent(r.traceparent) for r in records[:MAX_LINKS])
             if link is not None
         ]
+        span_attributes: dict[str, str | int] = {
+            attributes.MESSAGING_SYSTEM: self._transport.messaging_system,
+            attributes.MESSAGING_OPERATION_TYPE: "send",
+            attributes.MESSAGING_OPERATION_NAME: "publish",
+            attributes.MESSAGING_BATCH_COUNT: len(messages),
+            attributes.SERVICE: self.name,
+        }
+        # Semantic conventions: "{operation} {destination}" when the batch has one
+        # destination, the operation alone when it has several.
+        name = "publish"
+        topics = {m.topic for m in messages}
+        if len(topics) == 1:
+            [topic] = topics
+            span_attributes[attributes.MESSAGING_DESTINATION] = topic
+            name = f"publish {topic}"
         with self._tracer.start_as_current_span(
-            "publish",
-            kind=SpanKind.PRODUCER,
-            links=links,
-            attributes={
-                attributes.MESSAGING_SYSTEM: "atoll",
-                attributes.MESSAGING_OPERATION_TYPE: "send",
-                attributes.MESSAGING_BATCH_COUNT: len(messages),
-                attributes.SERVICE: self.name,
-            },
+            name, kind=SpanKind.PRODUCER, links=links, attributes=span_attributes
         ):
             await self._transport.publish(messages)
 

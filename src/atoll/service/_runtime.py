@@ -503,7 +503,7 @@ class ServiceRuntime:
     def _span_attributes(self, item: _Decoded) -> dict[str, AttributeValue]:
         envelope = item.envelope
         return {
-            attributes.MESSAGING_SYSTEM: "atoll",
+            attributes.MESSAGING_SYSTEM: self.transport.messaging_system,
             attributes.MESSAGING_OPERATION_TYPE: "process",
             attributes.MESSAGING_DESTINATION: item.delivery.topic,
             attributes.MESSAGING_MESSAGE_ID: envelope.id,

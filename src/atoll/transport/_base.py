@@ -183,6 +183,9 @@ class Transport(abc.ABC):
 
     #: ``True`` if several processes can share it (the crash tests need that).
     shared_between_processes: bool = True
+    #: The ``messaging.system`` of spans over this transport: the broker's name in
+    #: OpenTelemetry's semantic conventions, ``atoll`` for atoll's own transports.
+    messaging_system: str = "atoll"
 
     @abc.abstractmethod
     async def connect(self) -> None:

@@ -49,6 +49,8 @@ class NatsTransport(Transport):
     message (``Nats-Msg-Id`` suppresses a relay's re-publish).
     """
 
+    messaging_system = "nats"
+
     def __init__(
         self,
         settings: NatsSettings | str,

@@ -62,6 +62,8 @@ class RabbitMQTransport(Transport):
     ``docs/transports.md`` has the design and the URL options.
     """
 
+    messaging_system = "rabbitmq"
+
     shared_between_processes = True
 
     def __init__(

@@ -388,6 +388,8 @@ class RedisTransport(Transport):
     transport says so in its log when it connects.
     """
 
+    messaging_system = "redis"
+
     def __init__(
         self,
         settings: RedisSettings,
