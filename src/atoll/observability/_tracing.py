@@ -67,8 +67,16 @@ try:
     _DEFAULT_PROPAGATORS = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(
         " ", ""
     ) in ("tracecontext,baggage", "baggage,tracecontext", "tracecontext")
-except ImportError:  # pragma: no cover - the otel extra is not installed
+except ImportError:  # the otel extra (the SDK) is not installed: tracing is off
     OTEL_AVAILABLE = False
+    try:
+        from opentelemetry.trace import SpanKind  # the API alone (FastAPI brings it)
+    except ImportError:  # pragma: no cover - neither the API
+        SpanKind = None  # type: ignore[assignment,misc] # read only where a tracer exists
+
+    def parse_traceparent(carrier: Mapping[str, str]) -> Any:  # type: ignore[misc]
+        """Without OpenTelemetry there is no span context to parse into."""
+        del carrier
 
 
 def tracing_disabled(environ: Mapping[str, str] | None = None) -> bool:
