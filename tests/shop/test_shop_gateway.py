@@ -5,7 +5,7 @@ import signal
 
 import httpx
 import pytest
-from test_shop import Shop, final
+from test_shop import Shop, final, trace_of
 from test_shop_crash import pids_of
 
 from atoll.gateway import load_gateway_config, mint_token
@@ -48,6 +48,20 @@ async def test_the_shop_answers_through_its_gateway(tmp_path):
             shop.orders = gw  # final() polls GET /orders/{id}: through the gateway too
             client.headers.update(auth)
             assert (await final(client, shop, order_id))["status"] == "CONFIRMED"
+            # The gateway starts the order's trace, and it crosses every service.
+            everyone = {"gateway", "orders", "inventory", "catalog", "payments", "shipping"}
+            trace = await trace_of(client, shop, order_id, everyone)
+            gateway_spans = [s for s in trace["spans"] if s["service"] == "gateway"]
+            root = next(s for s in trace["spans"] if s["parent_span_id"] is None)
+            assert root["service"] == "gateway", root
+            assert root["kind"] == "server"
+            assert any(s["span_id"] == root["span_id"] for s in gateway_spans)
+            orders_server = [
+                s for s in trace["spans"] if s["service"] == "orders" and s["kind"] == "server"
+            ]
+            assert orders_server
+            assert orders_server[0]["parent_span_id"] in {s["span_id"] for s in gateway_spans}
+            assert orders_server[0]["attributes"].get("http.request.method") == "POST"
             assert (await client.get(f"{gw}/stock/apple")).json()["sku"] == "apple"
             assert (await client.get(f"{gw}/products")).status_code == 200
             history = await client.get(f"{gw}/customers/c1/orders")
