@@ -660,8 +660,11 @@ class SagaEngine:
             "atoll.saga.event": event,
             "atoll.saga.version": instance.version,
         }
-        if steps:
-            span_attributes[attributes.SAGA_STEP] = ",".join(steps)
+        # The steps this transition changed, by name ("a,b" when it changed several);
+        # the saga-level entry is in atoll.saga.state already.
+        named = [step for step in steps if step != SAGA]
+        if named:
+            span_attributes[attributes.SAGA_STEP] = ",".join(named)
 
         def record() -> None:
             span = tracer.span(
