@@ -9,6 +9,7 @@ import uuid
 
 import httpx
 import pytest
+import structlog
 from gateway_support import base_config, running_gateway, url, write_config
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -188,3 +189,58 @@ async def test_when_redis_fails_limits_fall_back_to_local(tmp_path, stub, own_re
         # No request failed because Redis did: the local limit (burst 5) took over.
         assert statuses == [200] * 5 + [429] * 3
         assert limits.degraded_total == 8
+
+
+def per_ip_config(tmp_path, stub, **server):
+    return limited_config(
+        tmp_path,
+        stub,
+        {"rate": 0.001, "burst": 2, "per": "ip"},
+        server={"port": 8080, "access_log": True, "drain_timeout": 5, **server},
+    )
+
+
+async def statuses_for(gw, client, chains):
+    """Each request's status and the client its access log line names."""
+    out = []
+    for chain in chains:
+        with structlog.testing.capture_logs() as logs:
+            r = await client.get(url(gw, "/x"), headers={"x-forwarded-for": chain})
+        [line] = [entry for entry in logs if entry.get("event") == "request"]
+        out.append((r.status_code, line["client"]))
+    return out
+
+
+async def test_clients_behind_a_trusted_proxy_get_their_own_buckets(tmp_path, stub):
+    config = per_ip_config(tmp_path, stub, trusted_proxies=["127.0.0.1", "10.0.0.0/8"])
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        one = await statuses_for(gw, client, ["203.0.113.1"] * 3)
+        # Recursive: 10.1.2.3 is a trusted hop too; what the client wrote left of the
+        # address the first trusted hop saw is not believed.
+        two = await statuses_for(gw, client, ["6.6.6.6, 203.0.113.2, 10.1.2.3"] * 3)
+        sent = stub.hits[-1]["headers"]["x-forwarded-for"]
+        # Every hop trusted: the leftmost, as nginx; a hop that is not an address: the
+        # trusted hop that wrote it.
+        edges = await statuses_for(gw, client, ["10.0.0.7, 10.0.0.8", "junk, 10.9.9.9"])
+    assert one == [(200, "203.0.113.1"), (200, "203.0.113.1"), (429, "203.0.113.1")]
+    assert edges == [(200, "10.0.0.7"), (200, "10.9.9.9")]
+    assert two == [(200, "203.0.113.2"), (200, "203.0.113.2"), (429, "203.0.113.2")]
+    # The chain goes on, ending with the client the gateway settled on.
+    assert sent == "6.6.6.6, 203.0.113.2, 10.1.2.3, 203.0.113.2"
+
+
+async def test_without_trusted_proxies_forwarded_clients_share_the_peers_bucket(tmp_path, stub):
+    config = per_ip_config(tmp_path, stub)
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        seen = await statuses_for(gw, client, ["203.0.113.1", "203.0.113.2", "203.0.113.3"])
+    assert seen == [(200, "127.0.0.1"), (200, "127.0.0.1"), (429, "127.0.0.1")]
+
+
+async def test_a_spoofed_chain_from_an_untrusted_peer_is_not_believed(tmp_path, stub):
+    config = per_ip_config(tmp_path, stub, trusted_proxies=["10.0.0.0/8", "::1"])
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        seen = await statuses_for(gw, client, ["203.0.113.1", "10.0.0.1", "203.0.113.3"])
+        sent = stub.hits[-1]["headers"]["x-forwarded-for"]
+    assert seen == [(200, "127.0.0.1"), (200, "127.0.0.1"), (429, "127.0.0.1")]
+    # As without the setting: the peer is appended to what the client sent.
+    assert sent == "10.0.0.1, 127.0.0.1"

@@ -1,13 +1,26 @@
 """The gateway starts the trace, passes W3C context upstream, and logs each request."""
 
+import re
+
 import httpx
 import structlog
-from gateway_support import base_config, raw_request, running_gateway, url, write_config
+from gateway_support import (
+    admin_url,
+    base_config,
+    raw_request,
+    running_gateway,
+    url,
+    write_config,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from atoll.determinism import SystemClock
 from atoll.observability import Tracing
 from atoll.testing import wait_until
+from support import free_port
+
+CLOCK = SystemClock()
 
 
 def config(tmp_path, stub, access_log=True):
@@ -119,3 +132,155 @@ async def test_no_access_log_lines_when_it_is_off(tmp_path, stub):
                 gw.port, b"GET /items/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             )
     assert not [entry for entry in logs if entry.get("event") == "request"]
+
+
+CLIENT_PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+CLIENT_STATE = "vendor=abc,other=xyz"
+CLIENT_BAGGAGE = "tenant=shop,user=alice"
+
+
+async def test_without_tracing_the_clients_trace_context_passes_through(tmp_path, stub):
+    headers = {"traceparent": CLIENT_PARENT, "tracestate": CLIENT_STATE, "baggage": CLIENT_BAGGAGE}
+    async with (
+        running_gateway(config(tmp_path, stub, access_log=False)) as gw,
+        httpx.AsyncClient() as client,
+    ):
+        assert (await client.get(url(gw, "/items/1"), headers=headers)).status_code == 200
+        received = stub.hits[-1]["headers"]
+        assert (await client.get(url(gw, "/items/2"))).status_code == 200
+        assert "traceparent" not in stub.hits[-1]["headers"]  # the gateway adds none
+    # Unchanged, as a proxy without tracing passes them: the client's trace goes on.
+    assert received["traceparent"] == CLIENT_PARENT
+    assert received["tracestate"] == CLIENT_STATE
+    assert received["baggage"] == CLIENT_BAGGAGE
+
+
+async def test_with_tracing_the_gateway_span_is_the_upstreams_parent(tmp_path, stub):
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("gateway", exporter=exporter)
+    untrusting = write_config(
+        tmp_path / "untrusting.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "item", "match": {"path": "/items/{id}"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": False, "trust_trace": False},
+        ),
+    )
+    headers = {"traceparent": CLIENT_PARENT, "tracestate": CLIENT_STATE, "baggage": CLIENT_BAGGAGE}
+    received = []
+    try:
+        for path in (config(tmp_path, stub, access_log=False), untrusting):
+            async with running_gateway(path, tracing=tracing) as gw, httpx.AsyncClient() as client:
+                assert (await client.get(url(gw, "/items/1"), headers=headers)).status_code == 200
+                received.append(stub.hits[-1]["headers"])
+        tracing.processor.force_flush()
+        await wait_until(lambda: len(exporter.get_finished_spans()) >= 2, timeout=5)
+    finally:
+        tracing.shutdown()
+    trusted, untrusted = exporter.get_finished_spans()[:2]
+    client_trace, client_span = CLIENT_PARENT.split("-")[1:3]
+    # trust_trace: the client's span is the gateway's parent, the gateway's the upstream's.
+    assert f"{trusted.parent.span_id:016x}" == client_span
+    _, trace_id, span_id, _ = received[0]["traceparent"].split("-")
+    assert (trace_id, span_id) == (client_trace, f"{trusted.context.span_id:016x}")
+    assert received[0]["tracestate"] == CLIENT_STATE
+    # Not trusted: a new trace, started by the gateway; the client's state is not kept.
+    assert untrusted.parent is None
+    _, trace_id, span_id, _ = received[1]["traceparent"].split("-")
+    assert trace_id == f"{untrusted.context.trace_id:032x}" != client_trace
+    assert span_id == f"{untrusted.context.span_id:016x}"
+    assert "tracestate" not in received[1]
+    # Baggage is the caller's business: it always goes on.
+    assert received[0]["baggage"] == received[1]["baggage"] == CLIENT_BAGGAGE
+
+
+async def test_breaker_state_changes_are_events_on_the_gateway_span(tmp_path, stub):
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("gateway", exporter=exporter)
+    policy = {
+        "breaker": {
+            "window_size": 4,
+            "minimum_calls": 4,
+            "failure_rate": 0.5,
+            "wait": 0.3,
+            "half_open_calls": 1,
+            "half_open_successes": 1,
+        }
+    }
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address], "policy": policy, "passive": {"failures": 1000}}},
+            [{"name": "item", "match": {"path": "/items/{id}"}, "upstream": "a"}],
+        ),
+    )
+    stub.status = 500
+    try:
+        async with running_gateway(path, tracing=tracing) as gw, httpx.AsyncClient() as client:
+            for n in range(4):
+                assert (await client.get(url(gw, f"/items/{n}"))).status_code == 500
+            assert (await client.get(url(gw, "/items/refused"))).status_code == 503
+            stub.status = 200
+            breaker = gw.gen.upstreams["a"].breaker
+
+            async def admitted():
+                return (await client.get(url(gw, "/items/probe"))).status_code == 200
+
+            await wait_until(admitted, timeout=5, what="the breaker to let a probe through")
+            assert breaker.snapshot().state.value == "closed"
+        tracing.processor.force_flush()
+    finally:
+        tracing.shutdown()
+    spans = {span.attributes["url.path"]: span for span in exporter.get_finished_spans()}
+
+    def changes(path):
+        return [
+            (
+                event.attributes["atoll.breaker.name"],
+                event.attributes["atoll.breaker.previous_state"],
+                event.attributes["atoll.breaker.state"],
+            )
+            for event in spans[path].events
+            if event.name == "breaker state change"
+        ]
+
+    assert changes("/items/0") == changes("/items/2") == []
+    # The request whose failure opened it carries the change, with the breaker's reason.
+    assert changes("/items/3") == [("a", "closed", "open")]
+    [opened] = [e for e in spans["/items/3"].events if e.name == "breaker state change"]
+    assert opened.attributes["atoll.breaker.reason"]
+    assert changes("/items/refused") == []
+    assert changes("/items/probe") == [("a", "open", "half_open"), ("a", "half_open", "closed")]
+
+
+async def test_spans_dropped_by_the_exporter_are_counted_in_the_metrics(
+    tmp_path, stub, monkeypatch
+):
+    # A queue of two and a collector nobody listens for: the export thread is stuck
+    # retrying while spans keep ending, so most of them find the queue full.
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "2")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_BSP_EXPORT_TIMEOUT", "1000")
+    tracing = Tracing("gateway", endpoint=f"http://127.0.0.1:{free_port()}/v1/traces")
+    assert tracing.enabled
+    slowest = 0.0
+    try:
+        async with (
+            running_gateway(config(tmp_path, stub, access_log=False), tracing=tracing) as gw,
+            httpx.AsyncClient() as client,
+        ):
+            for n in range(60):
+                started = CLOCK.monotonic()
+                assert (await client.get(url(gw, f"/items/{n}"))).status_code == 200
+                slowest = max(slowest, CLOCK.monotonic() - started)
+            await wait_until(lambda: tracing.dropped_spans > 0, timeout=5, what="drops")
+            metrics = (await client.get(admin_url(gw, "/metrics"))).text
+    finally:
+        tracing.shutdown()
+    # The dead collector costs the requests nothing.
+    assert slowest < 0.5, slowest
+    found = re.search(
+        r'^atoll_trace_spans_dropped_total\{service="gateway"\} (\S+)$', metrics, re.MULTILINE
+    )
+    assert found is not None, metrics
+    assert float(found[1]) >= 1

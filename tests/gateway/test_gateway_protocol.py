@@ -145,6 +145,42 @@ async def test_identity_headers_forged_with_underscores_are_dropped(config, stub
                 assert (name, value) in received
 
 
+async def test_underscore_spellings_of_the_headers_the_gateway_sets_are_dropped(tmp_path, stub):
+    # WSGI/CGI upstreams read X_Forwarded_For as X-Forwarded-For: a client must not be
+    # able to send any header the gateway sets, under either spelling.
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "open", "match": {"prefix": "/"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": False, "request_id_header": "X-Trace-Id"},
+        ),
+    )
+    forged = {
+        "x_forwarded_for": "10.9.9.9",
+        "X_Forwarded_Host": "evil.example",
+        "x-forwarded_proto": "https",
+        "x_trace_id": "forged-id",
+        "x_atoll_deadline": "999999",
+        "content_length": "5",
+    }
+    kept = {"x_other": "1", "x_request_id": "not-the-configured-name"}
+    async with running_gateway(path) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/x"), headers=forged | kept)
+        assert r.status_code == 200
+    received = stub.hits[-1]["header_list"]
+    names = [name for name, _ in received]
+    for name in forged:
+        assert name.lower() not in names, name
+    for name, value in kept.items():
+        assert (name, value) in received
+    # The gateway's own values are the only ones.
+    by_name = dict(received)
+    assert by_name["x-forwarded-for"] == "127.0.0.1"
+    assert by_name["x-forwarded-proto"] == "http"
+    assert by_name["x-trace-id"] == r.headers["x-trace-id"] != "forged-id"
+
+
 async def test_a_custom_identity_prefix_with_an_underscore_is_matched_both_ways(tmp_path, stub):
     path = write_config(
         tmp_path / "gw.yaml",

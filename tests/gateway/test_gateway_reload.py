@@ -121,6 +121,9 @@ CONFIG_ERRORS = [
         "upstreams.a.policy.retry.classifier",
     ),
     ({"server": {"prot": 1}}, "server.prot"),
+    ({"server": {"trusted_proxies": ["10.0.0.0/8", "ten.0.0.1"]}}, "server.trusted_proxies[1]"),
+    ({"server": {"trusted_proxies": ["::1", "10.0.0.1/8"]}}, "server.trusted_proxies[1]"),
+    ({"server": {"trusted_proxies": [["10.0.0.1"]]}}, "server.trusted_proxies[0]"),
     ({"auth": {"jwt": {"algorithms": ["none"]}}}, "auth.jwt.algorithms[0]"),
     (
         {"auth": {"jwt": {"algorithms": ["HS256"], "hs256_secret": "short"}}},
@@ -139,6 +142,24 @@ def test_config_errors_name_the_key(tmp_path, data, key):
         load_gateway_config(path)
     assert info.value.key == key, str(info.value)
     assert info.value.source == str(path)
+
+
+def test_trusted_proxies_take_addresses_and_networks(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({"server": {"trusted_proxies": ["127.0.0.1", "fd00::/8"]}}))
+    assert [str(n) for n in load_gateway_config(path).server.trusted_proxies] == [
+        "127.0.0.1/32",
+        "fd00::/8",
+    ]
+    path.write_text(yaml.safe_dump({"server": {"trusted_proxies": "10.0.0.0/8"}}))
+    assert [str(n) for n in load_gateway_config(path).server.trusted_proxies] == ["10.0.0.0/8"]
+    path.write_text(yaml.safe_dump({"server": {"trusted_proxies": "10.0.0.1/8"}}))
+    with pytest.raises(ConfigError) as info:  # host bits set: 10.0.0.0/8 was meant, or /32
+        load_gateway_config(path)
+    assert info.value.key == "server.trusted_proxies"
+    assert "host bits" in str(info.value)
+    path.write_text(yaml.safe_dump({"server": {"port": 8080}}))
+    assert load_gateway_config(path).server.trusted_proxies == ()
 
 
 def test_services_resolve_from_atoll_toml(tmp_path):

@@ -9,6 +9,7 @@ serving. ``docs/gateway.md`` lists every key.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -73,6 +74,8 @@ class ServerSettings:
     #: Continue an incoming W3C trace instead of starting a new one.
     trust_trace: bool = True
     access_log: bool = True
+    #: Peers (load balancers, TLS terminators) whose ``X-Forwarded-For`` is believed.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +525,29 @@ def _server(reader: _Reader, value: object) -> ServerSettings:
         ),
         trust_trace=reader.flag("server.trust_trace", t.get("trust_trace", d.trust_trace)),
         access_log=reader.flag("server.access_log", t.get("access_log", d.access_log)),
+        trusted_proxies=_networks(
+            reader, "server.trusted_proxies", t.get("trusted_proxies", d.trusted_proxies)
+        ),
     )
+
+
+def _networks(
+    reader: _Reader, key: str, value: object
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """IP addresses and CIDR networks (``10.0.0.0/8``, ``::1``), one or a list."""
+    if value == ():
+        return ()
+    texts = reader.strings(key, value)
+    named = [key] if isinstance(value, str) else [f"{key}[{i}]" for i in range(len(texts))]
+    out = []
+    for name, text in zip(named, texts, strict=True):
+        try:
+            out.append(ipaddress.ip_network(text.strip()))
+        except ValueError as exc:
+            # Refused, not skipped: a typo here would put every client behind that
+            # proxy in one rate-limit bucket without a word.
+            raise reader.error(name, f"is not an IP address or CIDR network: {exc}") from None
+    return tuple(out)
 
 
 def _admin(reader: _Reader, value: object) -> AdminSettings:

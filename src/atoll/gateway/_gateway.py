@@ -30,6 +30,7 @@ from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.gateway._aggregate import aggregate
 from atoll.gateway._auth import Authenticator, AuthError, Identity
 from atoll.gateway._config import GatewayConfig, RouteConfig, load_gateway_config
+from atoll.gateway._forwarded import TrustedProxies
 from atoll.gateway._limits import RouteLimits, client_key, gated
 from atoll.gateway._metrics import GatewayMetrics
 from atoll.gateway._proxy import IDEMPOTENT, BodyTooLargeError, Call, UpstreamRuntime
@@ -47,12 +48,14 @@ from atoll.resilience import (
     BreakerOpenError,
     BulkheadFullError,
     CallTimeoutError,
+    CircuitBreaker,
     Deadline,
     DeadlineExceededError,
     Permit,
     RateLimitedError,
     ResilienceRegistry,
     SharedState,
+    StateChange,
     deadline_scope,
 )
 
@@ -80,6 +83,12 @@ _DROP_REQUEST = frozenset(
         b"expect",
     }
 )
+#: With the gateway's tracing off, a client's trace context goes on as it came (as
+#: nginx's or Envoy's without tracing): dropping it would break the trace here.
+_DROP_REQUEST_UNTRACED = _DROP_REQUEST - {b"traceparent", b"tracestate"}
+#: Headers the gateway sets itself besides those it drops (``x-forwarded-for`` is
+#: rebuilt, the request id header is added per configuration).
+_SET_REQUEST = frozenset({b"x-forwarded-for"})
 #: Response headers not passed back as they came.
 _DROP_RESPONSE = frozenset(
     {
@@ -124,6 +133,14 @@ class Generation:
         # ``X_Auth_Subject`` reaches those upstreams as the gateway's ``X-Auth-Subject``.
         self.identity_prefix = config.auth.identity_prefix.lower().replace("_", "-").encode()
         self.request_id_header = config.server.request_id_header.lower().encode()
+        # Underscore spellings of what the gateway drops or sets (X_Forwarded_For,
+        # X_Request_ID...) are folded into the real ones by WSGI/CGI upstreams.
+        self.owned_folded = (
+            _DROP_REQUEST | _SET_REQUEST | {self.request_id_header.replace(b"_", b"-")}
+        )
+        self.trusted_proxies = (
+            TrustedProxies(config.server.trusted_proxies) if config.server.trusted_proxies else None
+        )
         self.trust_request_id = config.server.trust_request_id
         self.trust_deadline = config.server.trust_deadline
         self.trust_trace = config.server.trust_trace
@@ -136,6 +153,11 @@ class Generation:
         )
         self.global_request_rules = config.request_headers
         self.global_response_rules = config.response_headers
+
+    def forged(self, name: bytes) -> bool:
+        """Whether ``name`` (holding ``_``) folds into a header only the gateway sets."""
+        folded = name.replace(b"_", b"-")
+        return folded.startswith(self.identity_prefix) or folded in self.owned_folded
 
 
 def _valid_path(path: bytes) -> bool:
@@ -186,6 +208,7 @@ class Gateway:
         self.random = random or RandomSource(clock=self.clock)
         self.tracing = tracing
         self._lean = getattr(tracing, "lean", None)
+        self._drop_request = _DROP_REQUEST if self._lean is not None else _DROP_REQUEST_UNTRACED
         self.reuse_port = reuse_port
         self.watch_interval = watch_interval
         self._host_override = host
@@ -250,9 +273,12 @@ class Gateway:
             if previous is not None and previous.config == upstream_config:
                 upstreams[name] = previous
             else:
-                upstreams[name] = UpstreamRuntime(
+                upstream = UpstreamRuntime(
                     upstream_config, source=config.source, clock=self.clock, random=self.random
                 )
+                if self._lean is not None and upstream.breaker is not None:
+                    _trace_breaker(upstream.breaker)
+                upstreams[name] = upstream
         return Generation(config, upstreams, clock=self.clock, store=store)
 
     def _stat(self) -> dict[Path, float]:
@@ -485,7 +511,7 @@ class Gateway:
         identity_prefix = gen.identity_prefix
         rid_name = gen.request_id_header
         api_key_name = gen.auth.api_key_header
-        drop = _DROP_REQUEST
+        drop = self._drop_request
         host_repeated = False
         for name, value in request.headers:
             if name in drop:
@@ -502,10 +528,8 @@ class Gateway:
             if name == rid_name:
                 rid = value
                 continue
-            if name.startswith(identity_prefix) or (
-                b"_" in name and name.replace(b"_", b"-").startswith(identity_prefix)
-            ):
-                continue  # only the gateway says who the caller is
+            if name.startswith(identity_prefix) or (b"_" in name and gen.forged(name)):
+                continue  # only the gateway says who the caller is, and what it forwards
             if name == b"authorization":
                 authorization = value
             elif name == api_key_name:
@@ -514,9 +538,13 @@ class Gateway:
             elif name == b"origin":
                 origin = value
             elif name == b"x-forwarded-for":
-                xff = value
+                # Repeated fields are one list (RFC 9110 5.3): keep every hop.
+                xff = value if xff is None else xff + b", " + value
                 continue
             forwarded.append((name, value))
+        if xff is not None and gen.trusted_proxies is not None:
+            # The client behind the proxies, for limits, logs, spans and X-Forwarded-For.
+            request.client = gen.trusted_proxies.client(request.client, xff)
         if rid is None or not gen.trust_request_id or not _REQUEST_ID.match(rid):
             rid = b"%032x" % self.random.getrandbits(128)
         path = request.path
@@ -1173,6 +1201,28 @@ def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _trace_breaker(breaker: CircuitBreaker) -> None:
+    """Record each state change as an event on the span of the request that caused it
+    (as services do, ``ServiceRuntime._trace_breaker``)."""
+    from atoll.observability import attributes  # noqa: PLC0415 - only with tracing on
+    from atoll.observability._tracing import current_span  # noqa: PLC0415
+
+    def on_change(change: StateChange) -> None:
+        span = current_span()
+        if span is not None:
+            span.add_event(
+                "breaker state change",
+                {
+                    attributes.BREAKER: change.breaker,
+                    attributes.BREAKER_STATE: change.current.value,
+                    "atoll.breaker.previous_state": change.previous.value,
+                    "atoll.breaker.reason": change.reason,
+                },
+            )
+
+    breaker.add_listener(on_change)
 
 
 OnReady = Callable[[Gateway], None]

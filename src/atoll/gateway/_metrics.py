@@ -5,7 +5,9 @@ Per route: ``atoll_gateway_requests_total{route, code}`` and the latency histogr
 Per upstream: ``atoll_gateway_upstream_requests_total``, ``..._failures_total``, and per
 instance ``..._outstanding``, ``..._healthy`` (1/0), ``..._ejections_total``,
 ``..._idle_connections``. The breakers come from ``atoll.resilience``'s collector
-(``atoll_breaker_*``). Nothing here costs the request path more than a few additions.
+(``atoll_breaker_*``); spans the trace exporter dropped are ``atoll_trace_spans_dropped``
+(the services' metric, labelled ``service``). Nothing here costs the request path more
+than a few additions.
 """
 
 from __future__ import annotations
@@ -160,5 +162,16 @@ class _Collector(Collector):
         for reason, count in sorted(generation.auth.failures.items()):
             auth.add_metric([reason], count)
         yield auth
+        # The services' name and label, so one panel shows the gateway's drops beside theirs.
+        tracing = gateway.tracing
+        dropped = CounterMetricFamily(
+            "atoll_trace_spans_dropped",
+            "Spans dropped because the export queue was full.",
+            labels=["service"],
+        )
+        dropped.add_metric(
+            [getattr(tracing, "service", "gateway")], getattr(tracing, "dropped_spans", 0)
+        )
+        yield dropped
         # Breakers of the current generation, by atoll.resilience's own collector.
         yield from ResilienceCollector(generation.registry).collect()

@@ -1,0 +1,68 @@
+"""The client's address behind trusted proxies (``server.trusted_proxies``).
+
+When the TCP peer is a trusted proxy, the client is the rightmost address of the
+incoming ``X-Forwarded-For`` chain that is not itself trusted: every trusted hop
+appended the address it saw, so that entry is the first one nobody we trust could have
+written for the client (nginx's ``real_ip_recursive``, Envoy's ``xff_num_trusted_hops``).
+If every entry is trusted the leftmost is taken, as nginx does; an entry that is not an
+IP address ends the walk at the last trusted address before it. A peer that is not
+trusted is the client, whatever its ``X-Forwarded-For`` says.
+
+Only requests carrying ``X-Forwarded-For`` on a gateway with trusted proxies come here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Peers seen are few (the proxies in front); their verdicts are kept, up to this many.
+_PEER_CACHE = 1024
+
+
+class TrustedProxies:
+    """The networks of ``server.trusted_proxies`` and the client address behind them."""
+
+    __slots__ = ("_networks", "_peers")
+
+    def __init__(self, networks: tuple[Network, ...]) -> None:
+        self._networks = networks
+        self._peers: dict[str, bool] = {}
+
+    def _trusted(self, address: Address) -> bool:
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:10.0.0.1 on dual-stack sockets
+        if mapped is not None:
+            address = mapped
+        return any(address in network for network in self._networks)
+
+    def _peer_trusted(self, peer: str) -> bool:
+        verdict = self._peers.get(peer)
+        if verdict is None:
+            try:
+                verdict = self._trusted(ipaddress.ip_address(peer))
+            except ValueError:  # not an IP peer (a Unix socket)
+                verdict = False
+            if len(self._peers) >= _PEER_CACHE:
+                self._peers.clear()
+            self._peers[peer] = verdict
+        return verdict
+
+    def client(self, peer: str, forwarded_for: bytes) -> str:
+        """The client's address for a request from ``peer`` with this chain."""
+        if not self._peer_trusted(peer):
+            return peer
+        client = peer
+        for entry in reversed(forwarded_for.split(b",")):
+            text = entry.strip().decode("latin-1")
+            if not text:
+                continue  # "a,,b" or a trailing comma: nothing said there
+            try:
+                address = ipaddress.ip_address(text)
+            except ValueError:
+                return client
+            client = str(address)
+            if not self._trusted(address):
+                return client
+        return client
