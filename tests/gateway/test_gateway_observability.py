@@ -274,6 +274,8 @@ async def test_spans_dropped_by_the_exporter_are_counted_in_the_metrics(
                 assert (await client.get(url(gw, f"/items/{n}"))).status_code == 200
                 slowest = max(slowest, CLOCK.monotonic() - started)
             await wait_until(lambda: tracing.dropped_spans > 0, timeout=5, what="drops")
+            # The batch the export thread was retrying fails too, and is counted apart.
+            await wait_until(lambda: tracing.failed_spans > 0, timeout=5, what="failures")
             metrics = (await client.get(admin_url(gw, "/metrics"))).text
     finally:
         tracing.shutdown()
@@ -284,3 +286,10 @@ async def test_spans_dropped_by_the_exporter_are_counted_in_the_metrics(
     )
     assert found is not None, metrics
     assert float(found[1]) >= 1
+    failed = re.search(
+        r'^atoll_trace_spans_export_failed_total\{service="gateway"\} (\S+)$',
+        metrics,
+        re.MULTILINE,
+    )
+    assert failed is not None, metrics
+    assert float(failed[1]) >= 1

@@ -173,5 +173,15 @@ class _Collector(Collector):
             [getattr(tracing, "service", "gateway")], getattr(tracing, "dropped_spans", 0)
         )
         yield dropped
+        failed = CounterMetricFamily(
+            "atoll_trace_spans_export_failed",
+            "Spans lost because their export failed (refused, or the collector unreachable"
+            " within the exporter's retries).",
+            labels=["service"],
+        )
+        failed.add_metric(
+            [getattr(tracing, "service", "gateway")], getattr(tracing, "failed_spans", 0)
+        )
+        yield failed
         # Breakers of the current generation, by atoll.resilience's own collector.
         yield from ResilienceCollector(generation.registry).collect()

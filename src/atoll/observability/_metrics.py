@@ -84,6 +84,14 @@ class _RuntimeCollector(Collector):
         )
         dropped.add_metric([name], rt.tracing.dropped_spans)
         yield dropped
+        failed = CounterMetricFamily(
+            "atoll_trace_spans_export_failed",
+            "Spans lost because their export failed (refused, or the collector unreachable"
+            " within the exporter's retries).",
+            labels=["service"],
+        )
+        failed.add_metric([name], rt.tracing.failed_spans)
+        yield failed
         ready = GaugeMetricFamily(
             "atoll_ready", "1 while the service takes work.", labels=["service"]
         )

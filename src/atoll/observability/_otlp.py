@@ -604,6 +604,8 @@ class FastBatchSpanProcessor(SpanProcessor):
             client._timeout = min(client._timeout, self.export_timeout)
         #: Spans dropped because the queue was full (or could not be encoded).
         self.dropped = 0
+        #: Spans lost because their export failed (after the exporter's retries).
+        self.failed = 0
         self._queue: deque[EncodedSpan] = deque()
         self._wake = threading.Event()
         self._export_lock = threading.Lock()
@@ -654,9 +656,11 @@ class FastBatchSpanProcessor(SpanProcessor):
         try:
             result = self.exporter.export_encoded(encode_encoded(batch))
         except Exception:
+            self.failed += count
             log.exception("exporting %d spans failed", count)
             return
         if result is not SpanExportResult.SUCCESS:
+            self.failed += count
             log.debug("exporting %d spans failed; they are dropped", count)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:

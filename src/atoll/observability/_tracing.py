@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from atoll.determinism import Clock, RandomSource, SystemClock
@@ -31,7 +31,6 @@ from atoll.determinism import Clock, RandomSource, SystemClock
 if TYPE_CHECKING:
     from opentelemetry.context import Context as OtelContext
     from opentelemetry.sdk.trace import ReadableSpan, Span, TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer
 
 __all__ = [
@@ -57,7 +56,11 @@ try:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanProcessor
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
     from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
     from atoll.observability._lean import LeanTracer, parse_traceparent
@@ -120,16 +123,41 @@ def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
 
 if OTEL_AVAILABLE:
 
+    class _FailureCountingExporter(SpanExporter):
+        """Delegates to ``exporter``, counting the spans of exports that failed."""
+
+        def __init__(self, exporter: SpanExporter) -> None:
+            self.exporter = exporter
+            self.failed = 0
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            try:
+                result = self.exporter.export(spans)
+            except Exception:
+                self.failed += len(spans)
+                raise
+            if result is not SpanExportResult.SUCCESS:
+                self.failed += len(spans)
+            return result
+
+        def shutdown(self) -> None:
+            self.exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return self.exporter.force_flush(timeout_millis)
+
     class DropCountingSpanProcessor(SpanProcessor):
-        """A :class:`BatchSpanProcessor` that counts the spans it drops on a full queue."""
+        """A :class:`BatchSpanProcessor` that counts the spans it drops on a full queue
+        (:attr:`dropped`) and those of exports that failed (:attr:`failed`)."""
 
         def __init__(self, exporter: SpanExporter, *, max_queue_size: int | None = None) -> None:
             from atoll.observability._otlp import env_int  # noqa: PLC0415 - otlp extra
 
             max_queue_size = max_queue_size or env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
             batch = env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)
+            self._counting = _FailureCountingExporter(exporter)
             self.batch = BatchSpanProcessor(
-                exporter,
+                self._counting,
                 max_queue_size=max_queue_size,
                 max_export_batch_size=min(batch, max_queue_size),
             )
@@ -137,6 +165,11 @@ if OTEL_AVAILABLE:
             self.dropped = 0
             inner = getattr(self.batch, "_batch_processor", None)
             self._queue = getattr(inner, "_queue", None)
+
+        @property
+        def failed(self) -> int:
+            """Spans lost because their export failed (after the exporter's retries)."""
+            return self._counting.failed
 
         def on_start(self, span: Span, parent_context: OtelContext | None = None) -> None:
             self.batch.on_start(span, parent_context)
@@ -228,6 +261,12 @@ class Tracing:
     def dropped_spans(self) -> int:
         """Spans dropped because the export queue was full."""
         return 0 if self.processor is None else int(self.processor.dropped)
+
+    @property
+    def failed_spans(self) -> int:
+        """Spans lost because their export failed (the collector refused them, or could
+        not be reached within the exporter's retries)."""
+        return 0 if self.processor is None else int(self.processor.failed)
 
     def make_global(self) -> None:
         """Make this the process's default tracer provider (one service per process)."""
