@@ -203,3 +203,34 @@ async def test_a_messages_baggage_is_current_in_its_handler_and_goes_on_over_htt
     assert len(Echo.received) == 2
     # The handler's baggage is gone once it has run.
     assert baggage.get_all() == {}
+
+
+async def test_baggage_a_handler_adds_goes_on_with_what_it_sends(tmp_path):
+    from opentelemetry import context as otel_context  # noqa: PLC0415
+
+    worker = Service("worker")
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    @worker.handles(Job)
+    async def on_job(job: Job, ctx: Context) -> None:
+        token = otel_context.attach(baggage.set_baggage("step", f"job-{job.n}"))
+        try:
+            ctx.send(Next(n=job.n), to="worker")
+        finally:
+            otel_context.detach(token)
+
+    @worker.handles(Next)
+    async def on_next(message: Next, ctx: Context) -> None:
+        seen.append(("next", dict(baggage.get_all())))
+
+    system = System(tmp_path)
+    await system.start(worker, tracing=Tracing("worker", exporter=InMemorySpanExporter()))
+    try:
+        trace = {"traceparent": PARENT, "baggage": "tenant=acme"}
+        async with worker.unit_of_work(trace=trace) as ctx:
+            ctx.send(Job(n=1), to="worker")
+        await wait_until(lambda: len(seen) == 1, what="the message the handler sent")
+    finally:
+        await system.stop()
+    # The message's baggage goes on, with what its handler added.
+    assert seen == [("next", {"tenant": "acme", "step": "job-1"})]

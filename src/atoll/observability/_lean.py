@@ -24,7 +24,9 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
+from opentelemetry import baggage
 from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -48,6 +50,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 from atoll.determinism import Clock, RandomSource
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_BAGGAGE = W3CBaggagePropagator()
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 #: The status of a span nobody set one on (shared, so the encoder knows it at a glance).
 UNSET_STATUS = Status(StatusCode.UNSET)
@@ -247,11 +250,15 @@ class LeanSpan(Span):
 
     def propagated(self, incoming: Mapping[str, str]) -> dict[str, str]:
         """The trace headers for what this span's handler sends: ``incoming`` (the
-        message's, so its baggage goes on) with this span's ``traceparent`` and
-        ``tracestate`` in place of the sender's."""
+        message's) with this span's ``traceparent`` and ``tracestate`` in place of the
+        sender's, and the current baggage if there is some (else the message's)."""
         outgoing = dict(incoming)
         outgoing.pop("tracestate", None)
         outgoing.update(self.headers())
+        if baggage.get_all():
+            # The runtime makes the message's baggage current for its handler: what is
+            # current now is that, as the handler changed it.
+            _BAGGAGE.inject(outgoing)
         return outgoing
 
     @property
