@@ -124,6 +124,31 @@ async def test_requests_answered_early_are_in_the_access_log_too(tmp_path, stub)
     assert not stub.hits
 
 
+async def test_an_unexpected_error_is_a_500_in_the_access_log(tmp_path, stub, monkeypatch):
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "item", "match": {"prefix": "/items"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": True},
+        ),
+    )
+    async with running_gateway(path) as gw:
+
+        class Broken:
+            def getrandbits(self, bits: int) -> int:
+                raise RuntimeError(f"a bug ({bits} bits)")
+
+        monkeypatch.setattr(gw, "random", Broken())  # the request id: made on every request
+        with structlog.testing.capture_logs() as logs:
+            answer = await raw_request(
+                gw.port, b"GET /items/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            )
+    assert answer.startswith(b"HTTP/1.1 500"), answer[:200]
+    lines = [entry for entry in logs if entry.get("event") == "request"]
+    assert [(line["status"], line["path"]) for line in lines] == [(500, "/items/1")], lines
+
+
 async def test_no_access_log_lines_when_it_is_off(tmp_path, stub):
     async with running_gateway(config(tmp_path, stub, access_log=False)) as gw:
         with structlog.testing.capture_logs() as logs:

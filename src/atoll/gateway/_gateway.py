@@ -491,6 +491,8 @@ class Gateway:
             log.exception("gateway: unexpected error on %s", request.path[:200])
             if request.conn.responding is request and not request.conn.closed:
                 self._send_problem(request, None, 500, "internal error", b"-", close=True)
+                # Logged here: _handle's own line never came (its started time is gone).
+                self._log(request, None, 500, self.clock.monotonic(), b"-", None, None)
         finally:
             self.in_flight -= 1
             if not self.in_flight and self._drained is not None and not self._drained.done():
