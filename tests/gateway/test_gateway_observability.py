@@ -219,6 +219,18 @@ async def test_with_tracing_the_gateway_span_is_the_upstreams_parent(tmp_path, s
     assert received[0]["baggage"] == received[1]["baggage"] == CLIENT_BAGGAGE
 
 
+async def test_several_tracestate_fields_are_one_list(tmp_path, stub):
+    tracing = Tracing("gateway", exporter=InMemorySpanExporter())
+    headers = [("traceparent", CLIENT_PARENT), ("tracestate", "a=1"), ("tracestate", "b=2")]
+    try:
+        path = config(tmp_path, stub, access_log=False)
+        async with running_gateway(path, tracing=tracing) as gw, httpx.AsyncClient() as client:
+            assert (await client.get(url(gw, "/items/1"), headers=headers)).status_code == 200
+    finally:
+        tracing.shutdown()
+    assert stub.hits[-1]["headers"]["tracestate"] == "a=1,b=2"
+
+
 async def test_breaker_state_changes_are_events_on_the_gateway_span(tmp_path, stub):
     exporter = InMemorySpanExporter()
     tracing = Tracing("gateway", exporter=exporter)

@@ -523,7 +523,8 @@ class Gateway:
                 elif name == b"traceparent":
                     traceparent = value
                 elif name == b"tracestate":
-                    tracestate = value
+                    # Several fields are one list (W3C Trace Context 3.3.1.1).
+                    tracestate = value if tracestate is None else tracestate + b"," + value
                 elif name == b"x-atoll-deadline":
                     deadline_value = value
                 continue
