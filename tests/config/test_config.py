@@ -31,6 +31,14 @@ def test_a_good_file_loads_with_defaults(tmp_path):
     assert loaded.database_url("orders") == "sqlite:///orders.db"
     assert loaded.database_url("inventory") == "sqlite:///inv.db?synchronous=NORMAL"
     assert loaded.data_dir == (tmp_path / ".atoll").resolve()
+    assert loaded.service("orders").instances == 1
+    assert list(loaded.service("orders").ports) == [8080]
+
+
+def test_instances_take_consecutive_ports(tmp_path):
+    text = GOOD.replace("port = 8081", "port = 8090\ninstances = 3")
+    loaded = load_config(write(tmp_path, text), environ={})
+    assert list(loaded.service("inventory").ports) == [8090, 8091, 8092]
 
 
 def test_the_collector_runs_at_the_normal_priority_unless_configured(tmp_path):
@@ -80,6 +88,21 @@ def test_environment_overrides_any_key(tmp_path):
             "system.collector.nice",
             "must be 0 to 19",
         ),
+        (
+            GOOD.replace("port = 8080", "port = 8080\ninstances = 0"),
+            "services.orders.instances",
+            "must be between 1 and 64",
+        ),
+        (  # orders' second instance would take inventory's port
+            GOOD.replace("port = 8080", "port = 8080\ninstances = 2"),
+            "services.inventory.port",
+            "8081 is already used by orders",
+        ),
+        (
+            GOOD.replace("port = 8080", "port = 65535\ninstances = 2"),
+            "services.orders.instances",
+            "run past 65535",
+        ),
     ],
     ids=[
         "wrong-type",
@@ -91,6 +114,9 @@ def test_environment_overrides_any_key(tmp_path):
         "missing",
         "unknown-section",
         "collector-nice-out-of-range",
+        "no-instances",
+        "instance-port-clash",
+        "instance-ports-past-65535",
     ],
 )
 def test_each_problem_names_the_file_and_the_key(tmp_path, text, key, problem):

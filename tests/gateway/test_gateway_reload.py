@@ -180,3 +180,21 @@ def test_services_resolve_from_atoll_toml(tmp_path):
     assert config.upstreams["orders"].targets == (("127.0.0.1", 9999),)
     assert config.upstreams["catalog"].targets == (("127.0.0.1", 8082),)
     assert config.upstreams["orders"].source == "service:orders"
+
+
+def test_a_service_with_several_instances_is_an_upstream_with_as_many_targets(tmp_path):
+    (tmp_path / "atoll.toml").write_text(
+        '[services.catalog]\napp = "x:z"\nport = 8082\ninstances = 3\n'
+    )
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"services_from": "atoll.toml", "upstreams": {"catalog": {"service": "catalog"}}}
+        )
+    )
+    config = load_gateway_config(path, environ={})
+    assert config.upstreams["catalog"].targets == (
+        ("127.0.0.1", 8082),
+        ("127.0.0.1", 8083),
+        ("127.0.0.1", 8084),
+    )

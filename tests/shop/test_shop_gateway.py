@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 
 import httpx
 import pytest
@@ -10,7 +11,7 @@ from test_shop_crash import pids_of
 
 from atoll.gateway import load_gateway_config, mint_token
 from atoll.testing import wait_until
-from support import SHOP
+from support import SHOP, free_port
 
 
 @pytest.mark.timeout(120)
@@ -96,3 +97,65 @@ async def test_the_shop_answers_through_its_gateway(tmp_path):
         if shop.process is not None and shop.process.poll() is None:
             shop.process.kill()
             shop.process.wait()
+
+
+def free_port_pair() -> int:
+    """A port whose next one is free too (for a service with two instances)."""
+    for _ in range(100):
+        first = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+        return first
+    raise AssertionError("no two consecutive free ports")
+
+
+@pytest.mark.timeout(120)
+async def test_a_service_with_two_instances_is_balanced_by_the_gateway(tmp_path):
+    catalog_port = free_port_pair()
+    shop = Shop(
+        tmp_path,
+        extra_env={
+            "ATOLL__SERVICES__CATALOG__PORT": str(catalog_port),
+            "ATOLL__SERVICES__CATALOG__INSTANCES": "2",
+        },
+    )
+    shop.ports["catalog"] = catalog_port
+    shop.start()
+    admin = f"http://127.0.0.1:{shop.gateway_admin_port}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await shop.wait_ready(client)
+            # The second instance answers on its own port, as its own process.
+            second = await client.get(f"http://127.0.0.1:{catalog_port + 1}/readyz")
+            assert second.status_code == 200
+
+            async def gateway_ready():
+                try:
+                    return (await client.get(f"{admin}/readyz")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            await wait_until(gateway_ready, timeout=30, what="the gateway")
+            for _ in range(20):
+                assert (await client.get(f"{shop.gateway}/products")).status_code == 200
+            upstreams = (await client.get(f"{admin}/upstreams")).json()["upstreams"]
+            [catalog] = [u for u in upstreams if u["name"] == "catalog"]
+            served = {i["address"]: i["requests"] for i in catalog["instances"]}
+            assert set(served) == {
+                f"127.0.0.1:{catalog_port}",
+                f"127.0.0.1:{catalog_port + 1}",
+            }, served
+            assert all(count > 0 for count in served.values()), served
+            assert sum(served.values()) >= 20
+            # An order still prices its items from catalog and completes, once.
+            order = {"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}
+            placed = await client.post(f"{shop.orders}/orders", json=order)
+            assert placed.status_code == 202, placed.text
+            assert (await final(client, shop, placed.json()["order_id"]))["status"] == "CONFIRMED"
+        assert "catalog.2" in shop.log.read_text()
+    finally:
+        if shop.process is not None and shop.process.poll() is None:
+            shop.stop()

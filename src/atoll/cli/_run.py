@@ -26,6 +26,9 @@ from atoll.service import Service, ServiceRuntime
 from atoll.service._context import outgoing_trace_headers
 from atoll.transport import transport_from_url
 
+#: The instance of a service a process runs (0 to ``instances - 1``), set by ``atoll up``.
+INSTANCE_VARIABLE = "ATOLL_INSTANCE"
+
 log = logging.getLogger("atoll.run")
 
 
@@ -182,7 +185,8 @@ class SystemProcess:
         """Bind every port first (a clear error if one is taken), then start services."""
         for runtime in self.runtimes:
             spec = self.loaded.service(runtime.service.name)
-            self._sockets.append(bind_socket(spec.host, spec.port, f"service {spec.app}"))
+            port = self._port(runtime.service.name)
+            self._sockets.append(bind_socket(spec.host, port, f"service {spec.app}"))
         await self.transport.connect()
         # Every subscription exists before any service can publish.
         for runtime in self.runtimes:
@@ -210,7 +214,25 @@ class SystemProcess:
                 task.result()
         for runtime in self.runtimes:
             spec = self.loaded.service(runtime.service.name)
-            log.info("%s ready on http://%s:%d", runtime.service.name, spec.host, spec.port)
+            port = self._port(runtime.service.name)
+            log.info("%s ready on http://%s:%d", runtime.service.name, spec.host, port)
+
+    def _port(self, name: str) -> int:
+        """The port of this process's instance of service ``name`` (``ATOLL_INSTANCE``,
+        set by ``atoll up`` for services with ``instances`` > 1; 0 otherwise)."""
+        spec = self.loaded.service(name)
+        raw = os.environ.get(INSTANCE_VARIABLE, "0")
+        try:
+            index = int(raw)
+        except ValueError:
+            index = -1
+        if not 0 <= index < spec.instances:
+            raise ConfigError(
+                str(self.loaded.path),
+                f"services.{name}.instances",
+                f"{INSTANCE_VARIABLE}={raw!r} names no instance (it has {spec.instances})",
+            )
+        return spec.port + index
 
     async def wait(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set or an HTTP server ends."""

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from atoll.cli._run import declare_subscriptions
+from atoll.cli._run import INSTANCE_VARIABLE, declare_subscriptions
 from atoll.config import LoadedConfig
 from atoll.determinism import SystemClock
 from atoll.observability import otlp_endpoint, tracing_disabled
@@ -41,6 +41,8 @@ class _Child:
     argv: list[str]
     env: dict[str, str]
     ready_path: str = "/readyz"
+    #: The service it runs (its name is ``service.N`` for one of several instances).
+    service: str = ""
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -104,15 +106,17 @@ class Supervisor:
         config = ("--config", str(loaded.path))
         for i, name in enumerate(names):
             spec = loaded.service(name)
-            self.children.append(
-                _Child(
-                    name,
-                    _COLORS[i % len(_COLORS)],
-                    f"http://{spec.host}:{spec.port}",
-                    ["-m", "atoll", "run", name, *config, *profile],
-                    {**service_env, **spec.env},
+            for index, port in enumerate(spec.ports):
+                self.children.append(
+                    _Child(
+                        name if spec.instances == 1 else f"{name}.{index + 1}",
+                        _COLORS[i % len(_COLORS)],
+                        f"http://{spec.host}:{port}",
+                        ["-m", "atoll", "run", name, *config, *profile],
+                        {**service_env, **spec.env, INSTANCE_VARIABLE: str(index)},
+                        service=name,
+                    )
                 )
-            )
         self.gateway: _Child | None = None
         gateway = loaded.config.gateway
         if gateway is not None:
@@ -273,7 +277,9 @@ class Supervisor:
         code = 0
         try:
             self.loaded.data_dir.mkdir(parents=True, exist_ok=True)
-            await declare_subscriptions(self.loaded, [c.name for c in self.services()])
+            await declare_subscriptions(
+                self.loaded, list(dict.fromkeys(c.service for c in self.services()))
+            )
             for child in self.children:
                 await self._spawn(child)
             async with httpx.AsyncClient() as client:

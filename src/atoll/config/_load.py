@@ -19,6 +19,8 @@ from atoll.config._model import AtollConfig, ServiceSection
 T = TypeVar("T")
 ENV_PREFIX = "ATOLL__"
 _MAX_NICE = 19  # the lowest priority a Unix nice value gives
+_MAX_INSTANCES = 64  # processes of one service on one machine: more is a mistake
+_PORTS = 65536  # TCP ports are below this
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _SCHEMES = {
     "sqlite",
@@ -265,21 +267,35 @@ def _validate(source: str, config: AtollConfig) -> None:
         raise ConfigError(source, "system.sqlite_synchronous", "must be FULL, NORMAL or EXTRA")
     ports: dict[tuple[str, int], str] = {}
     for name, service in config.services.items():
-        key = f"services.{name}"
-        if not _NAME.match(name):
-            raise ConfigError(source, key, "a service name is letters, digits, '-' and '_'")
-        if ":" not in service.app:
-            raise ConfigError(source, f"{key}.app", "must look like 'package.module:attribute'")
-        if not 0 < service.port < 65536:
-            raise ConfigError(source, f"{key}.port", f"{service.port} is not a TCP port")
-        other = ports.setdefault((service.host, service.port), name)
-        if other != name:
-            raise ConfigError(source, f"{key}.port", f"{service.port} is already used by {other}")
-        if service.database is not None:
-            _check_url(source, f"{key}.database", service.database)
-        if service.max_batch < 1:
-            raise ConfigError(source, f"{key}.max_batch", "must be >= 1")
+        _validate_service(source, name, service, ports)
     _validate_gateway(source, config, ports)
+
+
+def _validate_service(
+    source: str, name: str, service: ServiceSection, ports: dict[tuple[str, int], str]
+) -> None:
+    """One ``[services.NAME]``; records its instances' ports in ``ports`` (to find clashes)."""
+    key = f"services.{name}"
+    if not _NAME.match(name):
+        raise ConfigError(source, key, "a service name is letters, digits, '-' and '_'")
+    if ":" not in service.app:
+        raise ConfigError(source, f"{key}.app", "must look like 'package.module:attribute'")
+    if not 0 < service.port < _PORTS:
+        raise ConfigError(source, f"{key}.port", f"{service.port} is not a TCP port")
+    if not 1 <= service.instances <= _MAX_INSTANCES:
+        raise ConfigError(source, f"{key}.instances", f"must be between 1 and {_MAX_INSTANCES}")
+    for port in service.ports:
+        if port >= _PORTS:
+            raise ConfigError(
+                source, f"{key}.instances", f"the instances' ports run past {_PORTS - 1}"
+            )
+        other = ports.setdefault((service.host, port), name)
+        if other != name:
+            raise ConfigError(source, f"{key}.port", f"{port} is already used by {other}")
+    if service.database is not None:
+        _check_url(source, f"{key}.database", service.database)
+    if service.max_batch < 1:
+        raise ConfigError(source, f"{key}.max_batch", "must be >= 1")
 
 
 def _validate_gateway(source: str, config: AtollConfig, ports: dict[tuple[str, int], str]) -> None:

@@ -59,6 +59,16 @@ class ServiceSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_batch: int = 100
     #: Extra environment variables for the service's process.
     env: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Processes ``atoll up`` runs for this service, on ports ``port`` to
+    #: ``port + instances - 1``. They share the service's database and its subscription:
+    #: messages go to one of them (competing consumers), one relays the outbox at a time
+    #: (a lease), and a gateway ``service:`` upstream balances over all of them.
+    instances: int = 1
+
+    @property
+    def ports(self) -> range:
+        """The ports of the service's instances."""
+        return range(self.port, self.port + self.instances)
 
 
 class GatewaySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -441,7 +441,7 @@ def load_gateway_config(
     reader = _Reader(source)
     top = reader.table("", data, _TOP)
     files = [Path(path).resolve()]
-    services: dict[str, tuple[str, int]] | None = None
+    services: dict[str, tuple[tuple[str, int], ...]] | None = None
     system_path: Path | None = Path(system) if system is not None else None
     if system_path is None and "services_from" in top:
         system_path = Path(path).parent / reader.string("services_from", top["services_from"])
@@ -451,7 +451,7 @@ def load_gateway_config(
         loaded = load_config(system_path, env, profile=profile)
         files.append(loaded.path)
         services = {
-            name: (_connect_host(section.host), section.port)
+            name: tuple((_connect_host(section.host), port) for port in section.ports)
             for name, section in loaded.config.services.items()
         }
     server = _server(reader, top.get("server"))
@@ -569,7 +569,7 @@ def _target(reader: _Reader, key: str, value: object) -> tuple[str, int]:
 
 
 def _upstreams(  # noqa: C901 - a flat validator, one key after another
-    reader: _Reader, value: object, services: dict[str, tuple[str, int]] | None
+    reader: _Reader, value: object, services: dict[str, tuple[tuple[str, int], ...]] | None
 ) -> dict[str, UpstreamConfig]:
     table = reader.table("upstreams", value, _ANY)
     out: dict[str, UpstreamConfig] = {}
@@ -601,7 +601,7 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
                     f"{key}.service",
                     f"no service {service!r} in atoll.toml (known: {known_services})",
                 )
-            targets: tuple[tuple[str, int], ...] = (services[service],)
+            targets: tuple[tuple[str, int], ...] = services[service]  # every instance
             origin = f"service:{service}"
         else:
             raw_targets = t["targets"]
