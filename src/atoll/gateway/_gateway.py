@@ -48,14 +48,12 @@ from atoll.resilience import (
     BreakerOpenError,
     BulkheadFullError,
     CallTimeoutError,
-    CircuitBreaker,
     Deadline,
     DeadlineExceededError,
     Permit,
     RateLimitedError,
     ResilienceRegistry,
     SharedState,
-    StateChange,
     deadline_scope,
 )
 
@@ -277,7 +275,11 @@ class Gateway:
                     upstream_config, source=config.source, clock=self.clock, random=self.random
                 )
                 if self._lean is not None and upstream.breaker is not None:
-                    _trace_breaker(upstream.breaker)
+                    from atoll.observability._tracing import (  # noqa: PLC0415 - tracing on
+                        trace_breaker_changes,
+                    )
+
+                    trace_breaker_changes(upstream.breaker)
                 upstreams[name] = upstream
         return Generation(config, upstreams, clock=self.clock, store=store)
 
@@ -1204,28 +1206,6 @@ def _listen(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
-
-
-def _trace_breaker(breaker: CircuitBreaker) -> None:
-    """Record each state change as an event on the span of the request that caused it
-    (as services do, ``ServiceRuntime._trace_breaker``)."""
-    from atoll.observability import attributes  # noqa: PLC0415 - only with tracing on
-    from atoll.observability._tracing import current_span  # noqa: PLC0415
-
-    def on_change(change: StateChange) -> None:
-        span = current_span()
-        if span is not None:
-            span.add_event(
-                "breaker state change",
-                {
-                    attributes.BREAKER: change.breaker,
-                    attributes.BREAKER_STATE: change.current.value,
-                    "atoll.breaker.previous_state": change.previous.value,
-                    "atoll.breaker.reason": change.reason,
-                },
-            )
-
-    breaker.add_listener(on_change)
 
 
 OnReady = Callable[[Gateway], None]

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from atoll.observability._metrics import span_loss_metrics
 from atoll.resilience import ResilienceCollector
 
 if TYPE_CHECKING:
@@ -162,26 +163,11 @@ class _Collector(Collector):
         for reason, count in sorted(generation.auth.failures.items()):
             auth.add_metric([reason], count)
         yield auth
-        # The services' name and label, so one panel shows the gateway's drops beside theirs.
         tracing = gateway.tracing
-        dropped = CounterMetricFamily(
-            "atoll_trace_spans_dropped",
-            "Spans dropped because the export queue was full.",
-            labels=["service"],
+        yield from span_loss_metrics(
+            getattr(tracing, "service", "gateway"),
+            getattr(tracing, "dropped_spans", 0),
+            getattr(tracing, "failed_spans", 0),
         )
-        dropped.add_metric(
-            [getattr(tracing, "service", "gateway")], getattr(tracing, "dropped_spans", 0)
-        )
-        yield dropped
-        failed = CounterMetricFamily(
-            "atoll_trace_spans_export_failed",
-            "Spans lost because their export failed (refused, or the collector unreachable"
-            " within the exporter's retries).",
-            labels=["service"],
-        )
-        failed.add_metric(
-            [getattr(tracing, "service", "gateway")], getattr(tracing, "failed_spans", 0)
-        )
-        yield failed
         # Breakers of the current generation, by atoll.resilience's own collector.
         yield from ResilienceCollector(generation.registry).collect()

@@ -77,21 +77,7 @@ class _RuntimeCollector(Collector):
         )
         age.add_metric([name], rt.metrics.outbox_oldest_age)
         yield age
-        dropped = CounterMetricFamily(
-            "atoll_trace_spans_dropped",
-            "Spans dropped because the export queue was full.",
-            labels=["service"],
-        )
-        dropped.add_metric([name], rt.tracing.dropped_spans)
-        yield dropped
-        failed = CounterMetricFamily(
-            "atoll_trace_spans_export_failed",
-            "Spans lost because their export failed (refused, or the collector unreachable"
-            " within the exporter's retries).",
-            labels=["service"],
-        )
-        failed.add_metric([name], rt.tracing.failed_spans)
-        yield failed
+        yield from span_loss_metrics(name, rt.tracing.dropped_spans, rt.tracing.failed_spans)
         ready = GaugeMetricFamily(
             "atoll_ready", "1 while the service takes work.", labels=["service"]
         )
@@ -151,3 +137,23 @@ class ServiceMetrics:
             except Exception:  # noqa: S112 - a failing source must not hide the rest
                 continue
         return generate_latest(self.registry)
+
+
+def span_loss_metrics(service: str, dropped: int, failed: int) -> Iterator[CounterMetricFamily]:
+    """The spans a process lost on their way to the collector (services and the gateway
+    report them under the same names, so one panel shows all of them)."""
+    queue_full = CounterMetricFamily(
+        "atoll_trace_spans_dropped",
+        "Spans dropped because the export queue was full.",
+        labels=["service"],
+    )
+    queue_full.add_metric([service], dropped)
+    yield queue_full
+    export_failed = CounterMetricFamily(
+        "atoll_trace_spans_export_failed",
+        "Spans lost because their export failed (refused, or the collector unreachable"
+        " within the exporter's retries).",
+        labels=["service"],
+    )
+    export_failed.add_metric([service], failed)
+    yield export_failed

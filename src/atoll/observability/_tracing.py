@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan, Span, TracerProvider
     from opentelemetry.trace import Tracer
 
+    from atoll.resilience import CircuitBreaker, StateChange
+
 __all__ = [
     "OTEL_AVAILABLE",
     "SpanKind",
@@ -346,6 +348,27 @@ def link_from_traceparent(traceparent: str | None) -> Any:
     except ValueError:
         return None
     return Link(context)
+
+
+def trace_breaker_changes(breaker: CircuitBreaker) -> None:
+    """Record each of ``breaker``'s state changes as an event on the span current when it
+    happens: the call (service) or request (gateway) that caused it."""
+    from atoll.observability import attributes as names  # noqa: PLC0415 - no import cycle
+
+    def on_change(change: StateChange) -> None:
+        span = current_span()
+        if span is not None:
+            span.add_event(
+                "breaker state change",
+                {
+                    names.BREAKER: change.breaker,
+                    names.BREAKER_STATE: change.current.value,
+                    "atoll.breaker.previous_state": change.previous.value,
+                    "atoll.breaker.reason": change.reason,
+                },
+            )
+
+    breaker.add_listener(on_change)
 
 
 def annotate(**attributes: str | float | bool) -> None:

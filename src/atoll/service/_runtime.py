@@ -20,13 +20,15 @@ from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
 from atoll.observability import ServiceMetrics, Tracing, attributes
 from atoll.observability._logs import message_context
-from atoll.observability._tracing import SpanKind, current_span, parse_traceparent
+from atoll.observability._tracing import (
+    SpanKind,
+    parse_traceparent,
+    trace_breaker_changes,
+)
 from atoll.persistence import Database, TransientDatabaseError
 from atoll.resilience import (
-    CircuitBreaker,
     Deadline,
     ServiceClient,
-    StateChange,
     deadline_scope,
     install_metrics,
 )
@@ -148,25 +150,7 @@ class ServiceRuntime:
             {}, clock=self.clock, random=self.random, trace_headers=outgoing_trace_headers
         )
         install_metrics(self.client.registry, self.metrics.registry)
-        self.client.registry.on_breaker(self._trace_breaker)
-
-    def _trace_breaker(self, breaker: CircuitBreaker) -> None:
-        """Record each state change as an event on the span of the call that caused it."""
-
-        def on_change(change: StateChange) -> None:
-            span = current_span()
-            if span is not None:
-                span.add_event(
-                    "breaker state change",
-                    {
-                        attributes.BREAKER: change.breaker,
-                        attributes.BREAKER_STATE: change.current.value,
-                        "atoll.breaker.previous_state": change.previous.value,
-                        "atoll.breaker.reason": change.reason,
-                    },
-                )
-
-        breaker.add_listener(on_change)
+        self.client.registry.on_breaker(trace_breaker_changes)
 
     def __repr__(self) -> str:
         return f"ServiceRuntime({self.service.name!r}, state={self.state!r})"
