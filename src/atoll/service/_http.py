@@ -193,14 +193,18 @@ def use_stable_http_semconv() -> None:
     if SEMCONV_OPT_IN in os.environ:
         return
     os.environ[SEMCONV_OPT_IN] = "http"
-    from opentelemetry.instrumentation._semconv import (  # noqa: PLC0415 - otel extra
-        _OpenTelemetrySemanticConventionStability as Stability,
-    )
-
+    try:
+        from opentelemetry.instrumentation._semconv import (  # noqa: PLC0415 - otel extra
+            _OpenTelemetrySemanticConventionStability as Stability,
+        )
+    except ImportError:  # pragma: no cover - instrumentations without the opt-in
+        return
     # The instrumentations read the variable once per process; if one already did
-    # (unset then, so every signal got its default), read it again.
-    if Stability._initialized:
-        with Stability._lock:
+    # (unset then, so every signal got its default), read it again. Private to them:
+    # where it is not there, the variable still serves instrumentations made later.
+    lock = getattr(Stability, "_lock", None)
+    if getattr(Stability, "_initialized", False) and lock is not None:
+        with lock:
             Stability._initialized = False
         Stability._initialize()  # type: ignore[no-untyped-call]  # unannotated upstream
 
