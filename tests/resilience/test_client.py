@@ -196,3 +196,45 @@ async def test_default_policy_per_service_is_registered(fast_clock):
         assert client.policy("inventory") is client.policy("inventory")
         assert client.policy("inventory").breaker is not client.policy("payments").breaker
     assert [b.name for b in registry.breakers] == ["inventory", "payments"]
+
+
+async def test_a_service_with_several_instances_gets_them_in_turn(clock):
+    recorder = Recorder(200)
+    async with ServiceClient(
+        {"inventory": ["http://i1:8001/", "http://i2:8002"]},
+        transport=httpx.MockTransport(recorder),
+        clock=clock,
+        default_policy=lambda service: Pipeline(),
+    ) as client:
+        for _ in range(4):
+            assert (await client.get("inventory", "/stock")).status_code == 200
+    assert [r.url.host for r in recorder.requests] == ["i1", "i2", "i1", "i2"]
+    assert {r.url.path for r in recorder.requests} == {"/stock"}
+
+
+async def test_a_retry_goes_to_the_next_instance(fast_clock):
+    recorder = Recorder(httpx.ConnectError("refused"), 200)
+    policy = Pipeline(
+        name="inventory",
+        retry=Retry(
+            max_attempts=3,
+            base_delay=0.01,
+            classifier=HTTP,
+            clock=fast_clock,
+            random=RandomSource(1),
+        ),
+    )
+    async with ServiceClient(
+        {"inventory": ["http://i1", "http://i2"]},
+        policies={"inventory": policy},
+        transport=httpx.MockTransport(recorder),
+        clock=fast_clock,
+    ) as client:
+        assert (await client.get("inventory", "/stock")).status_code == 200
+    # The instance that refused is not tried again for the retry.
+    assert [r.url.host for r in recorder.requests] == ["i1", "i2"]
+
+
+def test_a_service_needs_at_least_one_address():
+    with pytest.raises(InvalidPolicyError, match=r"addresses\.inventory"):
+        ServiceClient({"inventory": []})

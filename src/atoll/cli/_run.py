@@ -159,7 +159,8 @@ class SystemProcess:
 
             shared = RedisSharedState.from_url(loaded.config.system.shared_state)
         addresses = {
-            name: f"http://{spec.host}:{spec.port}" for name, spec in loaded.config.services.items()
+            name: [f"http://{spec.host}:{port}" for port in spec.ports]
+            for name, spec in loaded.config.services.items()
         }
         policies = {
             name: policy_from_config(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -67,8 +67,10 @@ def default_service_policy(
 class ServiceClient:
     """An HTTP client for calls to other services, by name.
 
-    * ``addresses`` maps service names to base URLs (``http://127.0.0.1:8001``); later
-      ``atoll up`` and the configuration provide it.
+    * ``addresses`` maps service names to a base URL (``http://127.0.0.1:8001``) or to
+      several, one per instance (``atoll run`` gives every instance ``atoll up`` runs):
+      each attempt goes to the next instance in turn, so a retry or a hedge reaches
+      another one.
     * ``policies`` gives a :class:`Pipeline` per service; a service without one gets
       ``default_policy(service)`` (by default :func:`default_service_policy`), made once.
     * Requests that are not idempotent (POST and PATCH without an ``Idempotency-Key``
@@ -87,7 +89,7 @@ class ServiceClient:
 
     def __init__(
         self,
-        addresses: Mapping[str, str],
+        addresses: Mapping[str, str | Sequence[str]],
         *,
         policies: Mapping[str, Pipeline] | None = None,
         default_policy: Callable[[str], Pipeline] | None = None,
@@ -100,14 +102,20 @@ class ServiceClient:
         transport: httpx.AsyncBaseTransport | None = None,
         limits: httpx.Limits | None = None,
     ) -> None:
-        self._addresses: dict[str, str] = {}
-        for service, address in addresses.items():
-            parts = urlsplit(address)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise InvalidPolicyError(
-                    f"addresses.{service}", f"{redact(address)!r} is not an http(s) URL"
-                )
-            self._addresses[service] = address.rstrip("/")
+        self._addresses: dict[str, tuple[str, ...]] = {}
+        self._turns: dict[str, int] = {}
+        for service, given in addresses.items():
+            bases = (given,) if isinstance(given, str) else tuple(given)
+            if not bases:
+                raise InvalidPolicyError(f"addresses.{service}", "no address")
+            for address in bases:
+                parts = urlsplit(address)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    raise InvalidPolicyError(
+                        f"addresses.{service}", f"{redact(address)!r} is not an http(s) URL"
+                    )
+            self._addresses[service] = tuple(address.rstrip("/") for address in bases)
+            self._turns[service] = 0
         self._clock: Clock = clock or SystemClock()
         self._random = random or RandomSource()
         self._default = default_policy or (
@@ -148,15 +156,24 @@ class ServiceClient:
             self._adopt(service, self._default(service))
         return self._safe[service] if idempotent else self._unsafe[service]
 
-    def url(self, service: str, path: str) -> str:
-        """The absolute URL of ``path`` on ``service``."""
+    def _bases(self, service: str) -> tuple[str, ...]:
         try:
-            base = self._addresses[service]
+            return self._addresses[service]
         except KeyError:
             known = ", ".join(sorted(self._addresses)) or "none"
             raise UnknownServiceError(
                 f"no address for service {service!r} (known: {known})"
             ) from None
+
+    def url(self, service: str, path: str) -> str:
+        """The absolute URL of ``path`` on ``service``: on its next instance in turn."""
+        bases = self._bases(service)
+        if len(bases) == 1:
+            base = bases[0]
+        else:
+            turn = self._turns[service]
+            self._turns[service] = turn + 1
+            base = bases[turn % len(bases)]
         return f"{base}/{path.lstrip('/')}"
 
     async def request(
@@ -173,7 +190,7 @@ class ServiceClient:
     ) -> httpx.Response:
         """Send a request to ``service`` through its policy and return the response."""
         method = method.upper()
-        url = self.url(service, path)
+        self._bases(service)  # an unknown service fails here, before any policy
         if idempotent is None:
             keyed = headers is not None and any(k.lower() == "idempotency-key" for k in headers)
             idempotent = method in IDEMPOTENT_METHODS or keyed
@@ -182,7 +199,7 @@ class ServiceClient:
             self._send,
             service=service,
             method=method,
-            url=url,
+            path=path,
             params=params,
             headers=headers,
             json=json,
@@ -194,12 +211,13 @@ class ServiceClient:
         *,
         service: str,
         method: str,
-        url: str,
+        path: str,
         params: Mapping[str, Any] | None,
         headers: Mapping[str, str] | None,
         json: Any,
         content: bytes | str | None,
     ) -> httpx.Response:
+        url = self.url(service, path)  # per attempt: a retry goes to the next instance
         outgoing = dict(self._trace_headers())
         if headers:
             outgoing.update(headers)
