@@ -159,3 +159,57 @@ async def test_a_service_with_two_instances_is_balanced_by_the_gateway(tmp_path)
     finally:
         if shop.process is not None and shop.process.poll() is None:
             shop.stop()
+
+
+@pytest.mark.timeout(150)
+async def test_two_instances_of_orders_share_its_sagas_and_projection(tmp_path):
+    # Orders runs sagas and the order-history projection on one database: both
+    # instances take its messages and run its projection, each change once.
+    orders_port = free_port_pair()
+    shop = Shop(
+        tmp_path,
+        extra_env={
+            "ATOLL__SERVICES__ORDERS__PORT": str(orders_port),
+            "ATOLL__SERVICES__ORDERS__INSTANCES": "2",
+        },
+    )
+    shop.ports["orders"] = orders_port
+    shop.orders = f"http://127.0.0.1:{orders_port}"
+    second = f"http://127.0.0.1:{orders_port + 1}"
+    shop.start()
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await shop.wait_ready(client)
+            assert (await client.get(f"{second}/readyz")).status_code == 200
+            placed = []
+            for n in range(8):  # half on each instance
+                base = shop.orders if n % 2 else second
+                response = await client.post(
+                    f"{base}/orders",
+                    json={"customer_id": "c2", "items": [{"sku": "apple", "qty": 1}]},
+                )
+                assert response.status_code == 202, response.text
+                placed.append(response.json()["order_id"])
+            for order_id in placed:
+                assert (await final(client, shop, order_id))["status"] == "CONFIRMED"
+            history: list[dict[str, object]] = []
+
+            async def listed() -> bool:
+                for base in (shop.orders, second):
+                    history[:] = (await client.get(f"{base}/customers/c2/orders")).json()
+                    confirmed = [h for h in history if h["status"] == "CONFIRMED"]
+                    if len(confirmed) != len(placed):
+                        return False
+                return True
+
+            await wait_until(listed, what="every order in the history, seen from both")
+            # Each order once in the projection, whichever instance applied its events.
+            assert sorted(h["order_id"] for h in history) == sorted(placed)
+            # One saga per order, each completed once, whichever instance moved it.
+            sagas = (await client.get(f"{second}/atoll/sagas")).json()
+            assert len(sagas) == len(placed), sagas
+            assert {s["state"] for s in sagas} == {"COMPLETED"}, sagas
+        assert shop.stop() == 0
+    finally:
+        if shop.process is not None and shop.process.poll() is None:
+            shop.stop()
