@@ -43,3 +43,24 @@ class TestNatsBrokerOutage(_Namespaces, BrokerOutageConformance):
 
     def make_transport(self, host, port, tmp_path):
         return NatsTransport.from_url(nats_url(self.namespace(), base=f"nats://{host}:{port}"))
+
+
+async def test_processes_creating_a_namespace_at_once_all_connect():
+    # Concurrent creates of one stream can be refused as "subjects overlap" before the
+    # stream is visible; every transport must still connect to the one namespace.
+    import asyncio  # noqa: PLC0415 - this test only
+
+    namespaces = [new_namespace() for _ in range(30)]
+    try:
+        for namespace in namespaces:
+            transports = [NatsTransport.from_url(nats_url(namespace)) for _ in range(6)]
+            try:
+                results = await asyncio.gather(
+                    *(t.connect() for t in transports), return_exceptions=True
+                )
+                assert not [r for r in results if isinstance(r, BaseException)], results
+            finally:
+                for transport in transports:
+                    await transport.close()
+    finally:
+        await drop_namespaces(namespaces)

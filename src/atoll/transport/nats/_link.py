@@ -26,6 +26,9 @@ ERR_WRONG_LAST_SEQUENCE = 10071
 ERR_NO_MESSAGE = 10037
 ERR_STORE_EOF = 10057
 ERR_STREAM_EXISTS = 10058
+#: What a create answers instead of ERR_STREAM_EXISTS when another client is creating
+#: the same stream at that moment (its subjects are taken, its name not yet visible).
+ERR_SUBJECTS_OVERLAP = 10065
 ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
 

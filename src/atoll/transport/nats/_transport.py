@@ -24,6 +24,7 @@ from atoll.transport.nats._dead_letters import NatsDeadLetters
 from atoll.transport.nats._link import (
     ERR_STREAM_EXISTS,
     ERR_STREAM_NOT_FOUND,
+    ERR_SUBJECTS_OVERLAP,
     ERR_WRONG_LAST_SEQUENCE,
     Link,
     NatsApiError,
@@ -32,6 +33,9 @@ from atoll.transport.nats._names import Names, header_value, partition_of, token
 from atoll.transport.nats._settings import NatsSettings
 
 log = logging.getLogger("atoll.transport.nats")
+#: Creating a stream that another process is creating at the same moment can fail
+#: before that stream is visible; a few tries settle it.
+_CREATE_ATTEMPTS = 5
 
 DEFAULT_PARTITIONS = 16
 DEFAULT_LEASE = 10.0
@@ -182,14 +186,7 @@ class NatsTransport(Transport):
             },
         }
         for stream, config in configs.items():
-            request = {"name": stream, **config, **common}
-            try:
-                info = await self._sub.api(f"STREAM.CREATE.{stream}", request)
-            except NatsApiError as exc:
-                if exc.code != ERR_STREAM_EXISTS:
-                    raise
-                # Created by another process with other options: use it as it is.
-                info = await self._sub.api(f"STREAM.INFO.{stream}")
+            info = await self._create_stream(stream, {"name": stream, **config, **common})
             if stream == names.coord_stream:
                 self.lease = int(info["config"]["max_age"]) / _SECOND
         if s.lease is not None and abs(self.lease - s.lease) > 1e-3:
@@ -201,6 +198,27 @@ class NatsTransport(Transport):
                 s.lease,
             )
         self.partitions = await self._partition_count()
+
+    async def _create_stream(self, stream: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Create ``stream``, or take it as it is if another process created it first."""
+        for _ in range(_CREATE_ATTEMPTS):
+            try:
+                info: dict[str, Any] = await self._sub.api(f"STREAM.CREATE.{stream}", request)
+            except NatsApiError as exc:
+                if exc.code not in (ERR_STREAM_EXISTS, ERR_SUBJECTS_OVERLAP):
+                    raise
+                # Created by another process (with other options, or at this very moment,
+                # which the server reports as overlapping subjects): use it as it is.
+                try:
+                    info = await self._sub.api(f"STREAM.INFO.{stream}")
+                except NatsApiError as missing:
+                    if missing.code != ERR_STREAM_NOT_FOUND:
+                        raise
+                    failure = exc  # not visible yet, or the subjects are another stream's
+                    await self.clock.sleep(0.05)
+                    continue
+            return info
+        raise failure
 
     async def _partition_count(self) -> int:
         s, names = self.settings, self.names
