@@ -1,10 +1,15 @@
 """Helpers shared by the test modules (importable because pytest puts tests/ on sys.path)."""
 
+import asyncio
 import socket
 from pathlib import Path
+from typing import Any
+
+import uvicorn
 
 from atoll.persistence import SQLiteDatabase
 from atoll.service import Service, ServiceRuntime
+from atoll.testing import wait_until
 from atoll.transport import RedeliveryPolicy
 from atoll.transport.memory import InMemoryTransport
 
@@ -47,3 +52,23 @@ class System:
         for runtime in self.runtimes:
             await runtime.stop()
         await self.transport.close()
+
+
+async def serve(app: Any) -> tuple[str, Any]:
+    """Serve ``app`` with uvicorn on a free port: (base URL, stop coroutine function)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", ws="none")
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    await wait_until(lambda: server.started or task.done(), what="uvicorn")
+    if task.done():
+        task.result()
+
+    async def stop() -> None:
+        server.should_exit = True
+        await task
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop

@@ -6,36 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from typing import Any
 
 import httpx
 import structlog
-import uvicorn
 
 from atoll import Service
 from atoll.observability import configure_logging
-from atoll.testing import wait_until
-
-
-async def serve(app: Any) -> tuple[str, Any]:
-    """Serve ``app`` with uvicorn on a free port: (base URL, stop coroutine function)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", ws="none")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    await wait_until(lambda: server.started or task.done(), what="uvicorn")
-    if task.done():
-        task.result()
-
-    async def stop() -> None:
-        server.should_exit = True
-        await task
-        sock.close()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
+from support import serve
 
 
 def records(err: str) -> dict[str, dict[str, Any]]:

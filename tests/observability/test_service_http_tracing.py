@@ -3,16 +3,13 @@ a message's baggage is current in its handler and goes on with the HTTP calls it
 
 from __future__ import annotations
 
-import asyncio
 import http.server
-import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
 import httpx
 import pytest
-import uvicorn
 from opentelemetry import baggage
 from opentelemetry.instrumentation._semconv import _OpenTelemetrySemanticConventionStability
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -24,7 +21,7 @@ from atoll.resilience import ServiceClient
 from atoll.service._context import outgoing_trace_headers
 from atoll.service._http import SEMCONV_OPT_IN
 from atoll.testing import wait_until
-from support import System
+from support import System, serve
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -55,26 +52,6 @@ def echo() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-
-
-async def serve(app: Any) -> tuple[str, Any]:
-    """Serve ``app`` with uvicorn on a free port: (base URL, stop coroutine function)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", ws="none")
-    )
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    await wait_until(lambda: server.started or task.done(), what="uvicorn")
-    if task.done():
-        task.result()
-
-    async def stop() -> None:
-        server.should_exit = True
-        await task
-        sock.close()
-
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
 class Job(Command):

@@ -112,17 +112,24 @@ def free_port_pair() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
-@pytest.mark.timeout(120)
-async def test_a_service_with_two_instances_is_balanced_by_the_gateway(tmp_path):
-    catalog_port = free_port_pair()
+def shop_with_two(tmp_path, service: str) -> tuple[Shop, int]:
+    """The shop (not started) with two instances of ``service``, and its first port."""
+    port = free_port_pair()
+    name = service.upper()
     shop = Shop(
         tmp_path,
         extra_env={
-            "ATOLL__SERVICES__CATALOG__PORT": str(catalog_port),
-            "ATOLL__SERVICES__CATALOG__INSTANCES": "2",
+            f"ATOLL__SERVICES__{name}__PORT": str(port),
+            f"ATOLL__SERVICES__{name}__INSTANCES": "2",
         },
     )
-    shop.ports["catalog"] = catalog_port
+    shop.ports[service] = port
+    return shop, port
+
+
+@pytest.mark.timeout(120)
+async def test_a_service_with_two_instances_is_balanced_by_the_gateway(tmp_path):
+    shop, catalog_port = shop_with_two(tmp_path, "catalog")
     shop.start()
     admin = f"http://127.0.0.1:{shop.gateway_admin_port}"
     try:
@@ -165,15 +172,7 @@ async def test_a_service_with_two_instances_is_balanced_by_the_gateway(tmp_path)
 async def test_two_instances_of_orders_share_its_sagas_and_projection(tmp_path):
     # Orders runs sagas and the order-history projection on one database: both
     # instances take its messages and run its projection, each change once.
-    orders_port = free_port_pair()
-    shop = Shop(
-        tmp_path,
-        extra_env={
-            "ATOLL__SERVICES__ORDERS__PORT": str(orders_port),
-            "ATOLL__SERVICES__ORDERS__INSTANCES": "2",
-        },
-    )
-    shop.ports["orders"] = orders_port
+    shop, orders_port = shop_with_two(tmp_path, "orders")
     shop.orders = f"http://127.0.0.1:{orders_port}"
     second = f"http://127.0.0.1:{orders_port + 1}"
     shop.start()
