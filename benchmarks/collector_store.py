@@ -57,8 +57,8 @@ class Capture:
     def __init__(self) -> None:
         self.spans: list[tuple[Resource, InstrumentationScope | None, bytes]] = []
 
-    def emit(self, resource: Resource, scope: InstrumentationScope | None, span: bytes) -> None:
-        self.spans.append((resource, scope, span))
+    def add_ended(self, resource: Resource, scope: InstrumentationScope | None, span: Any) -> None:
+        self.spans.append((resource, scope, span.encoded()))
 
     def on_end(self, span: ReadableSpan) -> None:
         raise AssertionError(span)

@@ -187,3 +187,77 @@ def test_a_lean_span_propagates_its_own_context_and_the_incoming_baggage():
     assert outgoing["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
     assert incoming["traceparent"] == PARENT["traceparent"]  # the message's are untouched
     processor.shutdown()
+
+
+def test_a_span_ending_alone_is_exported_after_the_delay():
+    # Lean spans are encoded in runs; a run that never fills still goes out.
+    exporter = RecordingExporter()
+    processor = FastBatchSpanProcessor(exporter, schedule_delay_millis=50)
+    with lean_tracer(processor).span("alone", parent=None, kind=SpanKind.INTERNAL, attributes={}):
+        pass
+    for _ in range(100):
+        if exporter.spans():
+            break
+        threading.Event().wait(0.05)
+    assert [s.name for s in exporter.spans()] == ["alone"]
+    processor.shutdown()
+
+
+def test_an_ended_span_ignores_later_changes():
+    # It is encoded some time after it ends: what it was at its end must be what goes out.
+    exporter = RecordingExporter()
+    processor = FastBatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+    with lean_tracer(processor).span(
+        "process shop.OrderPlaced", parent=None, kind=SpanKind.CONSUMER, attributes={"a": "1"}
+    ) as span:
+        pass
+    span.set_attribute("a", "changed")
+    span.set_attributes({"b": "2"})
+    span.add_event("late")
+    span.set_status(Status(StatusCode.ERROR, "late"))
+    span.update_name("renamed")
+    assert processor.force_flush()
+    [exported] = exporter.spans()
+    assert exported.name == "process shop.OrderPlaced"
+    assert [(a.key, a.value.string_value) for a in exported.attributes] == [("a", "1")]
+    assert not exported.events
+    assert exported.status.code == 0
+    processor.shutdown()
+
+
+def test_a_span_that_cannot_be_encoded_is_dropped_and_counted_alone():
+    exporter = RecordingExporter()
+    processor = FastBatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+    tracer = lean_tracer(processor)
+    for name, value in (("before", "x"), ("bad", object()), ("after", "y")):
+        with tracer.span(name, parent=None, kind=SpanKind.INTERNAL, attributes={"v": value}):  # type: ignore[dict-item]
+            pass
+    assert processor.force_flush()
+    assert [s.name for s in exporter.spans()] == ["before", "after"]
+    assert processor.dropped == 1
+    processor.shutdown()
+
+
+def test_spans_ended_on_many_threads_while_exports_run_are_all_exported():
+    # The ending threads and the export thread encode from the same runs at once.
+    exporter = RecordingExporter()
+    processor = FastBatchSpanProcessor(
+        exporter, max_queue_size=100_000, max_export_batch_size=100, schedule_delay_millis=1
+    )
+    tracer = lean_tracer(processor)
+
+    def end_spans(thread: int) -> None:
+        for n in range(2_000):
+            with tracer.span(f"t{thread}-{n}", parent=None, kind=SpanKind.INTERNAL, attributes={}):
+                pass
+
+    threads = [threading.Thread(target=end_spans, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert processor.force_flush()
+    names = [s.name for s in exporter.spans()]
+    assert len(names) == len(set(names)) == 8_000
+    assert processor.dropped == 0
+    processor.shutdown()

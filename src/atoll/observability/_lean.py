@@ -8,10 +8,11 @@ costs about 100 µs end to end. A :class:`LeanSpan` is a real ``opentelemetry.tr
 (user code in a handler sees it as the current span, nests its own spans under it, adds
 attributes and events) that records into a few slots: about 12 µs for the same work,
 encoding included (``benchmarks/tracing_parts.py``). With atoll's
-default OTLP export it ends by encoding itself to OTLP protobuf and queueing the bytes on
-a :class:`~atoll.observability._otlp.FastBatchSpanProcessor` (no ``ReadableSpan``, no
-encoding on the export thread); with any other processor it hands over an SDK
-``ReadableSpan`` as usual.
+default OTLP export it ends by handing itself to a
+:class:`~atoll.observability._otlp.FastBatchSpanProcessor`, which encodes it to OTLP
+protobuf from its slots together with the spans that ended around it (no
+``ReadableSpan``); with any other processor it hands over an SDK ``ReadableSpan`` as
+usual. An ended span ignores the setters, as the SDK's spans do.
 
 Its ids come from the service's :class:`~atoll.determinism.RandomSource` and its times
 from its :class:`~atoll.determinism.Clock`, so simulated runs stay reproducible.
@@ -103,8 +104,8 @@ class LeanTracer:
     __slots__ = (
         "_parent_based",
         "_roots_always",
+        "add_ended",
         "clock",
-        "emit",
         "encode",
         "processor",
         "random",
@@ -130,9 +131,9 @@ class LeanTracer:
         self.scope = InstrumentationScope("atoll")
         # A processor that takes spans encoded already (FastBatchSpanProcessor) gets them
         # straight from the span's slots: no ReadableSpan, no encoding on its thread.
-        self.emit: Any = getattr(processor, "emit", None)
+        self.add_ended: Any = getattr(processor, "add_ended", None)
         self.encode: Any = None
-        if self.emit is not None:
+        if self.add_ended is not None:
             from atoll.observability._otlp import encode_span  # noqa: PLC0415 - otlp extra
 
             self.encode = encode_span
@@ -273,14 +274,18 @@ class LeanSpan(Span):
         return self._end is None and self._context.trace_flags.sampled
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        self._attributes[key] = value
+        if self._end is None:
+            self._attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        self._attributes.update(attributes)
+        if self._end is None:
+            self._attributes.update(attributes)
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
     ) -> None:
+        if self._end is not None:
+            return
         stamp = timestamp if timestamp is not None else int(self._tracer.clock.time() * 1e9)
         self._events.append(Event(name, attributes, stamp))
 
@@ -288,9 +293,12 @@ class LeanSpan(Span):
         del context, attributes  # links are set at start on atoll's spans
 
     def update_name(self, name: str) -> None:
-        self._name = name
+        if self._end is None:
+            self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._end is not None:
+            return
         self._status = status if isinstance(status, Status) else Status(status, description)
 
     def record_exception(
@@ -317,25 +325,11 @@ class LeanSpan(Span):
         if not self._context.trace_flags.sampled:
             return
         tracer = self._tracer
-        if tracer.emit is not None:
-            try:
-                encoded = tracer.encode(
-                    self._context,
-                    self._parent,
-                    self._name,
-                    self._kind.value,
-                    self._start,
-                    self._end,
-                    self._attributes,
-                    self._events,
-                    (),
-                    self._status,
-                )
-            except Exception:  # noqa: S110 - a value OTLP cannot hold: the processor reports it
-                pass
-            else:
-                tracer.emit(tracer.resource, tracer.scope, encoded)
-                return
+        if tracer.add_ended is not None:
+            # Encoded later, in a run of spans (FastBatchSpanProcessor.add_ended): the span
+            # no longer changes (the setters ignore an ended span, as the SDK's do).
+            tracer.add_ended(tracer.resource, tracer.scope, self)
+            return
         tracer.processor.on_end(
             ReadableSpan(
                 name=self._name,
@@ -350,6 +344,21 @@ class LeanSpan(Span):
                 end_time=self._end,
                 instrumentation_scope=tracer.scope,
             )
+        )
+
+    def encoded(self) -> bytes:
+        """This ended span as one OTLP ``Span`` message (the processor calls this)."""
+        return self._tracer.encode(  # type: ignore[no-any-return]
+            self._context,
+            self._parent,
+            self._name,
+            self._kind.value,
+            self._start,
+            self._end,
+            self._attributes,
+            self._events,
+            (),
+            self._status,
         )
 
 
