@@ -244,3 +244,31 @@ async def test_a_spoofed_chain_from_an_untrusted_peer_is_not_believed(tmp_path, 
     assert seen == [(200, "127.0.0.1"), (200, "127.0.0.1"), (429, "127.0.0.1")]
     # As without the setting: the peer is appended to what the client sent.
     assert sent == "10.0.0.1, 127.0.0.1"
+
+
+async def test_forwarded_entries_with_ports_name_their_address(tmp_path, stub):
+    # Some proxies append the client's port too; it is not part of who the client is.
+    config = per_ip_config(tmp_path, stub, trusted_proxies=["127.0.0.1", "10.0.0.0/8"])
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        seen = await statuses_for(
+            gw,
+            client,
+            [
+                "203.0.113.4:5000, 10.1.2.3:443",
+                "[2001:db8::7]:443",
+                "[2001:db8::8]",
+                "203.0.113.5:port",  # not an address: the trusted peer that wrote it
+                "[2001:db8::9]x",
+                "203.0.113.4:5001",  # the same client from another port: its bucket
+                "203.0.113.4",
+            ],
+        )
+    assert seen == [
+        (200, "203.0.113.4"),
+        (200, "2001:db8::7"),
+        (200, "2001:db8::8"),
+        (200, "127.0.0.1"),
+        (200, "127.0.0.1"),
+        (200, "203.0.113.4"),
+        (429, "203.0.113.4"),
+    ]

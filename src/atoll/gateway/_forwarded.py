@@ -5,7 +5,8 @@ incoming ``X-Forwarded-For`` chain that is not itself trusted: every trusted hop
 appended the address it saw, so that entry is the first one nobody we trust could have
 written for the client (nginx's ``real_ip_recursive``, Envoy's ``xff_num_trusted_hops``).
 If every entry is trusted the leftmost is taken, as nginx does; an entry that is not an
-IP address ends the walk at the last trusted address before it. A peer that is not
+IP address ends the walk at the last trusted address before it. An entry may carry a
+port (``198.51.100.7:5000``, ``[2001:db8::7]:443``), which is ignored. A peer that is not
 trusted is the client, whatever its ``X-Forwarded-For`` says.
 
 Only requests carrying ``X-Forwarded-For`` on a gateway with trusted proxies come here.
@@ -59,10 +60,29 @@ class TrustedProxies:
             if not text:
                 continue  # "a,,b" or a trailing comma: nothing said there
             try:
-                address = ipaddress.ip_address(text)
+                address = _address(text)
             except ValueError:
                 return client
             client = str(address)
             if not self._trusted(address):
                 return client
         return client
+
+
+def _address(entry: str) -> Address:
+    """The IP address of one ``X-Forwarded-For`` entry, with or without a port.
+
+    Some proxies (Azure's among them) append ``203.0.113.7:41234`` or
+    ``[2001:db8::1]:443``; the port says nothing about who the client is.
+    """
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            raise ValueError(entry)
+        return ipaddress.IPv6Address(host)
+    if entry.count(":") == 1:  # an IPv4 address and a port (IPv6 has two colons at least)
+        host, _, port = entry.partition(":")
+        if not port.isdigit():
+            raise ValueError(entry)
+        return ipaddress.IPv4Address(host)
+    return ipaddress.ip_address(entry)
