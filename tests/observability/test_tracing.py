@@ -1,3 +1,4 @@
+import gc
 import json
 import logging
 
@@ -7,7 +8,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from atoll import Command, Context, Reply, Service
-from atoll.observability import Tracing, configure_logging
+from atoll.observability import Tracing, _tracing, configure_logging
 from atoll.persistence import SQLiteDatabase
 from atoll.resilience import HTTP, CircuitBreaker, Pipeline, ServiceClient
 from atoll.service import ServiceRuntime
@@ -226,3 +227,18 @@ async def test_breaker_state_changes_are_span_events(tmp_path):
     finally:
         await runtime.stop()
         await system.transport.close()
+
+
+def test_a_services_tracer_is_forgotten_with_it():
+    # Processes that make many Tracing objects (tests, reloads) must not keep an entry
+    # for each one forever.
+    before = len(_tracing._BY_RESOURCE)
+    tracings = [Tracing(f"svc-{n}", exporter=InMemorySpanExporter()) for n in range(20)]
+    assert len(_tracing._BY_RESOURCE) == before + 20
+    with tracings[0].tracer.start_as_current_span("x") as span:
+        assert _tracing.service_tracer(span) is tracings[0].library_tracer
+    for tracing in tracings:
+        tracing.shutdown()
+    del tracings, tracing, span
+    gc.collect()
+    assert len(_tracing._BY_RESOURCE) == before

@@ -245,6 +245,8 @@ class Tracing:
         #: For spans atoll makes under this service's SDK spans (``service_tracer``).
         self.library_tracer = self.provider.get_tracer("atoll.library")
         _BY_RESOURCE[id(resource)] = (weakref.ref(resource), weakref.ref(self.library_tracer))
+        # The entry goes with the resource (before its id can be used again).
+        weakref.finalize(resource, _BY_RESOURCE.pop, id(resource), None)
         clock = clock or SystemClock()
         self.lean = LeanTracer(
             processor=self.processor,
