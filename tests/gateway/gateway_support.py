@@ -90,6 +90,16 @@ class Stub:
             return Response("ok", status_code=200 if self.status < 500 else 503)
 
         async def ws(websocket: WebSocket):
+            self.hits.append(
+                {
+                    "method": "GET",
+                    "path": websocket.url.path,
+                    "query": websocket.url.query,
+                    "headers": dict(websocket.headers),
+                    "header_list": websocket.headers.items(),
+                    "body": b"",
+                }
+            )
             await websocket.accept()
             with contextlib.suppress(Exception):
                 while True:

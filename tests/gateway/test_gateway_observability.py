@@ -4,6 +4,7 @@ import re
 
 import httpx
 import structlog
+import websockets
 from gateway_support import (
     admin_url,
     base_config,
@@ -330,3 +331,32 @@ async def test_spans_dropped_by_the_exporter_are_counted_in_the_metrics(
     )
     assert failed is not None, metrics
     assert float(failed[1]) >= 1
+
+
+async def test_a_websocket_handshake_carries_the_gateways_span_upstream(tmp_path, stub):
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("gateway", exporter=exporter)
+    path = write_config(
+        tmp_path / "ws.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "ws", "match": {"prefix": "/"}, "upstream": "a", "websocket": True}],
+            server={"port": 8080, "access_log": False},
+        ),
+    )
+    try:
+        async with running_gateway(path, tracing=tracing) as gw:
+            async with websockets.connect(
+                f"ws://127.0.0.1:{gw.port}/ws", additional_headers={"traceparent": CLIENT_PARENT}
+            ) as ws:
+                await ws.send("hi")
+                assert await ws.recv() == "a:hi"
+            received = stub.hits[-1]["headers"]
+        await wait_until(exporter.get_finished_spans, timeout=5, what="the span")
+    finally:
+        tracing.shutdown()
+    [span] = exporter.get_finished_spans()
+    _, trace_id, span_id, _ = received["traceparent"].split("-")
+    assert trace_id == CLIENT_PARENT.split("-")[1] == f"{span.context.trace_id:032x}"
+    assert span_id == f"{span.context.span_id:016x}"
+    assert span.attributes["http.response.status_code"] == 101

@@ -711,7 +711,7 @@ class Gateway:
                     from atoll.gateway._websocket import pass_through  # noqa: PLC0415 - rare
 
                     status = await pass_through(
-                        self, gen, request, route, match.params, forwarded, rid
+                        self, gen, request, route, match.params, forwarded, rid, span
                     )
                 else:
                     status = await self._proxy(

@@ -10,7 +10,7 @@ other side's send buffer is full. Any other answer is relayed as a normal respon
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from atoll.gateway._config import RouteConfig
 from atoll.gateway._server import Connection, Request, status_line
@@ -49,6 +49,13 @@ class _Splice(asyncio.Protocol):
         self.client.transport.resume_reading()
 
 
+def _trace_lines(span: Any) -> list[bytes]:
+    """The header lines naming ``span`` as the upstream's parent (none without tracing)."""
+    if span is None:
+        return []
+    return [b"%b: %b\r\n" % (k.encode(), v.encode()) for k, v in span.headers().items()]
+
+
 async def pass_through(  # noqa: PLR0917 - the request's parts, passed flat
     gateway: Gateway,
     gen: Generation,
@@ -57,8 +64,13 @@ async def pass_through(  # noqa: PLR0917 - the request's parts, passed flat
     params: dict[str, bytes],
     forwarded: list[tuple[bytes, bytes]],
     rid: bytes,
+    span: Any = None,
 ) -> int:
-    """Relay an upgrade request; returns the status the instance answered."""
+    """Relay an upgrade request; returns the status the instance answered.
+
+    ``span`` (the request's server span, with tracing on) is the upstream's parent: its
+    ``traceparent`` goes with the handshake, as with any proxied request.
+    """
     conn = request.conn
     if not route.websocket or route.upstream is None:
         gateway._send_problem(
@@ -71,6 +83,7 @@ async def pass_through(  # noqa: PLR0917 - the request's parts, passed flat
     target = gateway._target(route, request, params)
     head = [b"%b %b HTTP/1.1\r\nhost: %b\r\n" % (request.method, target, instance.host_header)]
     head += [b"%b: %b\r\n" % pair for pair in forwarded]
+    head += _trace_lines(span)
     head.append(b"connection: upgrade\r\nupgrade: %b\r\n\r\n" % upgrade)
     try:
         up = await instance.connect_fresh()
