@@ -14,8 +14,8 @@ the encoding step replaced (if anything unexpected turns up it falls back to the
 encoder) and, for a plain ``http://`` endpoint, its ``requests`` session replaced by
 :class:`PlainHTTPTransport` under the SDK's own retrying client.
 :class:`FastBatchSpanProcessor` goes one step further: spans are encoded
-(:func:`encode_span`) as they end, on the thread that ends them, and its export thread
-only joins the bytes and posts them.
+(:func:`encode_span`) on the thread that ends them, lean spans in runs of up to
+:data:`ENCODE_RUN`, and its export thread only joins the bytes and posts them.
 """
 
 from __future__ import annotations
