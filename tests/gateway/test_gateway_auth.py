@@ -8,9 +8,17 @@ import json
 import httpx
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from gateway_support import base_config, running_gateway, url, write_config
+from gateway_support import (
+    base_config,
+    problem_of,
+    raw_request,
+    running_gateway,
+    url,
+    write_config,
+)
 
 from atoll.determinism import SystemClock
 from atoll.gateway import mint_token
@@ -409,3 +417,51 @@ async def test_api_keys(auth_config, stub):
         assert r.headers["www-authenticate"].startswith("ApiKey")
         r = await client.get(url(gw, "/any/x"), headers={"x-api-key": "pk-fedcba9876543210"})
         assert r.status_code == 200
+
+
+async def test_a_verified_token_stays_at_the_gateway_unless_forward_token(
+    tmp_path, auth_config, stub
+):
+    # Upstreams get the identity, not a credential they could replay (Envoy's jwt_authn
+    # and Istio do the same by default); an Authorization the gateway did not use goes on.
+    hs = mint_token(
+        subject="bob", scopes=["orders:read"], secret=SECRET.encode(), issuer=ISS, audience=AUD
+    )
+    basic = {"authorization": "Basic YTpi"}
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(hs))).status_code == 200
+        verified = stub.hits[-1]["headers"]
+        assert (await client.get(url(gw, "/open/x"), headers=bearer(hs))).status_code == 200
+        unprotected = stub.hits[-1]["headers"]
+        key = {"x-api-key": "pk-0123456789abcdef"}
+        assert (await client.get(url(gw, "/keys/x"), headers=key | basic)).status_code == 200
+        beside_a_key = stub.hits[-1]["headers"]
+    assert "authorization" not in verified
+    assert verified["x-auth-subject"] == "bob"
+    assert unprotected["authorization"] == f"Bearer {hs}"
+    assert beside_a_key["authorization"] == "Basic YTpi"
+    assert beside_a_key["x-auth-method"] == "api_key"
+    document = yaml.safe_load(auth_config.read_text())
+    document["auth"]["jwt"]["forward_token"] = True
+    relaying = write_config(tmp_path / "relay.yaml", document)
+    async with running_gateway(relaying) as gw, httpx.AsyncClient() as client:
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(hs))).status_code == 200
+        assert stub.hits[-1]["headers"]["authorization"] == f"Bearer {hs}"
+
+
+async def test_a_repeated_authorization_header_is_refused(auth_config, stub):
+    # The gateway would verify one and an upstream might read the other.
+    hs = mint_token(
+        subject="bob", scopes=["orders:read"], secret=SECRET.encode(), issuer=ISS, audience=AUD
+    )
+    async with running_gateway(auth_config) as gw:
+        for path in ("/read/x", "/open/x"):
+            raw = await raw_request(
+                gw.port,
+                f"GET {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {hs}\r\n"
+                "authorization: Bearer forged\r\nconnection: close\r\n\r\n".encode(),
+            )
+            status, problem = problem_of(raw)
+            assert status == 400, raw[:300]
+            assert problem["detail"] == "more than one Authorization header"
+    assert not stub.hits

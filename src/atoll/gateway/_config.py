@@ -199,6 +199,8 @@ class JwtConfig:
     cache_size: int = 10000
     cache_ttl: float = 60.0
     scope_claim: str = "scope"
+    #: Send the verified bearer token upstream too (by default only the identity goes).
+    forward_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -983,6 +985,9 @@ def _auth(reader: _Reader, value: object, base: Path) -> AuthConfig:  # noqa: C9
             cache_size=reader.whole("auth.jwt.cache_size", j.get("cache_size", d.cache_size)),
             cache_ttl=reader.number("auth.jwt.cache_ttl", j.get("cache_ttl", d.cache_ttl)),
             scope_claim=reader.string("auth.jwt.scope_claim", j.get("scope_claim", d.scope_claim)),
+            forward_token=reader.flag(
+                "auth.jwt.forward_token", j.get("forward_token", d.forward_token)
+            ),
         )
     keys: list[ApiKeyConfig] = []
     header = b"x-api-key"

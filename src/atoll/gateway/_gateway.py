@@ -140,6 +140,7 @@ class Generation:
             TrustedProxies(config.server.trusted_proxies) if config.server.trusted_proxies else None
         )
         self.trust_request_id = config.server.trust_request_id
+        self.forward_token = config.auth.jwt is not None and config.auth.jwt.forward_token
         self.trust_deadline = config.server.trust_deadline
         self.trust_trace = config.server.trust_trace
         self.max_body = config.server.max_body
@@ -516,11 +517,12 @@ class Gateway:
         rid_name = gen.request_id_header
         api_key_name = gen.auth.api_key_header
         drop = self._drop_request
-        host_repeated = False
+        repeated: str | None = None  # a header that must appear once, seen twice
         for name, value in request.headers:
             if name in drop:
                 if name == b"host":
-                    host_repeated = host is not None
+                    if host is not None:
+                        repeated = "Host"
                     host = value
                 elif name == b"traceparent":
                     traceparent = value
@@ -536,11 +538,14 @@ class Gateway:
             if name.startswith(identity_prefix) or (b"_" in name and gen.forged(name)):
                 continue  # only the gateway says who the caller is, and what it forwards
             if name == b"authorization":
+                if authorization is not None:
+                    repeated = "Authorization"
                 authorization = value
-            elif name == api_key_name:
+                continue  # forwarded below, unless the gateway verified it (forward_token)
+            if name == api_key_name:
                 api_key = value
                 continue  # the key is a secret of the gateway's; never forwarded
-            elif name == b"origin":
+            if name == b"origin":
                 origin = value
             elif name == b"x-forwarded-for":
                 # Repeated fields are one list (RFC 9110 5.3): keep every hop.
@@ -558,10 +563,10 @@ class Gateway:
             self._send_problem(request, None, 400, "the request path is not valid", rid)
             self._log(request, None, 400, started, rid, None, None)
             return
-        if host_repeated:
-            # Which one to route by would be a guess, and a proxy in front may have guessed
-            # the other way (nginx refuses these too).
-            self._send_problem(request, None, 400, "more than one Host header", rid)
+        if repeated is not None:
+            # Which one to route (or authenticate) by would be a guess, and a proxy in front
+            # or the upstream may guess the other way (nginx refuses a repeated Host too).
+            self._send_problem(request, None, 400, f"more than one {repeated} header", rid)
             self._log(request, None, 400, started, rid, None, None)
             return
         match, allowed = gen.router.match(path, method, host, request.headers)
@@ -647,7 +652,13 @@ class Gateway:
                 stats.record(429, self.clock.monotonic() - started)
                 self._log(request, route, 429, started, rid, None, identity)
                 return
-        # Forwarded headers. A plain proxied route without header rules takes the
+        # Forwarded headers. A bearer token the gateway verified stays here (as Envoy's
+        # jwt_authn does): upstreams get the identity headers, not a credential to replay.
+        if authorization is not None and (
+            identity is None or identity.method != "jwt" or gen.forward_token
+        ):
+            forwarded.append((b"authorization", authorization))
+        # A plain proxied route without header rules takes the
         # identity's headers joined once, with the identity (not formatted per request).
         identity_block = b""
         if identity is not None:
