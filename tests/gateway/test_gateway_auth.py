@@ -465,3 +465,20 @@ async def test_a_repeated_authorization_header_is_refused(auth_config, stub):
             assert status == 400, raw[:300]
             assert problem["detail"] == "more than one Authorization header"
     assert not stub.hits
+
+
+async def test_an_api_key_beside_a_non_bearer_authorization_identifies(auth_config, stub):
+    # On a route taking either, Basic credentials meant for the upstream do not hide the
+    # API key; alone they are still refused.
+    basic = {"authorization": "Basic YTpi"}
+    key = {"x-api-key": "pk-0123456789abcdef"}
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/any/x"), headers=key | basic)
+        assert r.status_code == 200, r.text
+        seen = stub.hits[-1]["headers"]
+        r = await client.get(url(gw, "/any/x"), headers=basic)
+        assert r.status_code == 401
+        assert "Bearer" in r.json()["detail"]
+    assert seen["x-auth-method"] == "api_key"
+    assert seen["x-auth-client"] == "partner-a"
+    assert seen["authorization"] == "Basic YTpi"

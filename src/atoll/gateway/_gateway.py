@@ -796,10 +796,15 @@ class Gateway:
         its first) costs no coroutine. The caller verifies a returned token with
         ``gen.auth.bearer`` and then checks its scopes with :meth:`_check_scopes`.
         """
+        token = None
         if authorization is not None and "jwt" in route.auth:
             scheme, _, token = authorization.partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
-                raise AuthError(401, "the Authorization header must be 'Bearer <token>'")
+                if api_key is None or "api_key" not in route.auth:
+                    raise AuthError(401, "the Authorization header must be 'Bearer <token>'")
+                # Not a bearer token (Basic for the upstream, say): the API key decides.
+                token = None
+        if token is not None:
             try:
                 text = token.strip().decode("ascii")
             except UnicodeDecodeError:
