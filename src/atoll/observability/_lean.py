@@ -129,8 +129,8 @@ class LeanTracer:
         self.clock = clock
         self.random = random
         self.scope = InstrumentationScope("atoll")
-        # A processor that takes spans encoded already (FastBatchSpanProcessor) gets them
-        # straight from the span's slots: no ReadableSpan, no encoding on its thread.
+        # A processor that takes ended lean spans (FastBatchSpanProcessor) encodes them
+        # from their slots, in runs: no ReadableSpan is built.
         self.add_ended: Any = getattr(processor, "add_ended", None)
         self.encode: Any = None
         if self.add_ended is not None:
