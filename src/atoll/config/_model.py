@@ -95,7 +95,8 @@ class AtollConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     system: SystemSection = msgspec.field(default_factory=SystemSection)
     services: dict[str, ServiceSection] = msgspec.field(default_factory=dict)
     #: Resilience policies by name (``[policies.NAME]``, see ``docs/resilience.md``). A
-    #: policy named like a service applies to every call made to that service.
+    #: policy named like a service applies to every call the services make to it (the
+    #: gateway's upstreams have their own ``policy``).
     policies: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     #: The API gateway, if the system has one (``[gateway]``).
     gateway: GatewaySection | None = None
