@@ -216,3 +216,74 @@ async def test_a_repeated_host_header_is_refused(config, stub):
             gw.port, b"GET /open/x HTTP/1.1\r\nhost: a.example\r\nconnection: close\r\n\r\n"
         )
         assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+
+
+async def test_fields_a_client_names_in_connection_are_not_forwarded(config, stub):
+    # RFC 9110 7.6.1: what Connection names is for this hop only. The gateway's own
+    # X-Forwarded-For is not the client's to remove.
+    async with running_gateway(config) as gw:
+        raw = await raw_request(
+            gw.port,
+            b"GET /open/x HTTP/1.1\r\nhost: a.example\r\n"
+            b"connection: close, X-Hop, x-forwarded-for\r\n"
+            b"x-hop: secret\r\nx-keep: 1\r\n\r\n",
+        )
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+        seen = stub.hits[-1]["headers"]
+        assert "x-hop" not in seen
+        assert seen["x-keep"] == "1"
+        assert seen["x-forwarded-for"] == "127.0.0.1"
+        raw = await raw_request(
+            gw.port,
+            b"GET /open/y HTTP/1.1\r\nhost: a.example\r\nconnection: keep-alive\r\n"
+            b"connection: X-Other\r\nx-other: 2\r\nx-hop: 3\r\nconnection: close\r\n\r\n",
+        )
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+        seen = stub.hits[-1]["headers"]
+        assert "x-other" not in seen  # named by a second Connection field
+        assert seen["x-hop"] == "3"
+
+
+async def test_fields_an_upstream_names_in_connection_do_not_reach_the_client(tmp_path):
+    body = b'{"ok": true}'
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"connection: keep-alive, X-Internal\r\nx-internal: secret\r\nx-public: 1\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+
+    writers = []
+
+    async def serve(reader, writer):
+        writers.append(writer)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"raw": {"targets": [f"127.0.0.1:{port}"]}},
+            [{"name": "raw", "match": {"prefix": "/"}, "upstream": "raw"}],
+        ),
+    )
+    try:
+        async with running_gateway(path) as gw, httpx.AsyncClient() as client:
+            for _ in range(2):  # the pooled connection is used again
+                r = await client.get(url(gw, "/x"))
+                assert r.status_code == 200
+                assert r.json() == {"ok": True}
+                assert "x-internal" not in r.headers
+                assert r.headers["x-public"] == "1"
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()

@@ -43,7 +43,7 @@ from atoll.gateway._server import (
     problem_bytes,
     status_line,
 )
-from atoll.gateway._upstream import Response, UpstreamError
+from atoll.gateway._upstream import Response, UpstreamError, connection_options
 from atoll.resilience import (
     BreakerOpenError,
     BulkheadFullError,
@@ -518,6 +518,7 @@ class Gateway:
         api_key_name = gen.auth.api_key_header
         drop = self._drop_request
         repeated: str | None = None  # a header that must appear once, seen twice
+        hop_by_hop: frozenset[bytes] | None = None  # what the client's Connection names
         for name, value in request.headers:
             if name in drop:
                 if name == b"host":
@@ -531,6 +532,10 @@ class Gateway:
                     tracestate = value if tracestate is None else tracestate + b"," + value
                 elif name == b"x-atoll-deadline":
                     deadline_value = value
+                elif name == b"connection":
+                    options = connection_options(value)
+                    if options is not None:
+                        hop_by_hop = options if hop_by_hop is None else hop_by_hop | options
                 continue
             if name == rid_name:
                 rid = value
@@ -552,6 +557,8 @@ class Gateway:
                 xff = value if xff is None else xff + b", " + value
                 continue
             forwarded.append((name, value))
+        if hop_by_hop is not None and b"x-forwarded-for" in hop_by_hop:
+            xff = None  # the client's chain was for this hop only
         if xff is not None and gen.trusted_proxies is not None:
             # The client behind the proxies, for limits, logs, spans and X-Forwarded-For.
             request.client = gen.trusted_proxies.client(request.client, xff)
@@ -658,6 +665,9 @@ class Gateway:
             identity is None or identity.method != "jwt" or gen.forward_token
         ):
             forwarded.append((b"authorization", authorization))
+        if hop_by_hop is not None:
+            # Fields the client's Connection names are for this hop only (RFC 9110 7.6.1).
+            forwarded = [pair for pair in forwarded if pair[0] not in hop_by_hop]
         # A plain proxied route without header rules takes the
         # identity's headers joined once, with the identity (not formatted per request).
         identity_block = b""
@@ -987,7 +997,7 @@ class Gateway:
         await self._relay(request, route, gen, response, rid, extra)
         return response.status
 
-    async def _relay(  # noqa: C901, PLR0912, PLR0917 - one flat path for speed
+    async def _relay(  # noqa: C901, PLR0912, PLR0915, PLR0917 - one flat path for speed
         self,
         request: Request,
         route: RouteConfig,
@@ -999,7 +1009,8 @@ class Gateway:
         """Send an upstream response to the client: whole if it is all here, else streamed."""
         conn = request.conn
         head = [status_line(response.status)]
-        drop = _DROP_RESPONSE
+        hop_by_hop = response.hop_by_hop  # named by the instance's Connection: this hop's
+        drop = _DROP_RESPONSE if hop_by_hop is None else _DROP_RESPONSE | hop_by_hop
         headers = response.headers
         for rules in (gen.global_response_rules, route.response_headers):
             if not rules.empty:

@@ -34,6 +34,26 @@ log = logging.getLogger("atoll.gateway")
 RESPONSE_HIGH_WATER = 256 * 1024
 
 
+#: ``Connection`` values that name no other header field: the common ones, checked first.
+_PLAIN_CONNECTION = frozenset(
+    {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"}
+)
+#: Connection options that are not header names (RFC 9112 9.3 and 9.6, RFC 9110 7.8).
+_CONNECTION_KEYWORDS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+
+
+def connection_options(value: bytes) -> frozenset[bytes] | None:
+    """The header names a ``Connection`` field lists as hop-by-hop, if any.
+
+    A proxy must remove those fields before forwarding the message (RFC 9110 7.6.1):
+    ``Connection: close, X-Internal`` marks ``X-Internal`` as meant for this hop only.
+    """
+    if value in _PLAIN_CONNECTION:
+        return None
+    options = frozenset(t.strip().lower() for t in value.split(b",")) - _CONNECTION_KEYWORDS
+    return options or None
+
+
 class UpstreamError(Exception):
     """A request to an upstream instance failed; ``instance`` is ``host:port``."""
 
@@ -151,6 +171,7 @@ class Response:
         "conn",
         "content_length",
         "headers",
+        "hop_by_hop",
         "keep_alive",
         "status",
         "upgrade",
@@ -167,6 +188,8 @@ class Response:
         self.chunked = False
         self.keep_alive = True
         self.upgrade = False
+        #: Header names the instance's ``Connection`` field lists (not for the client).
+        self.hop_by_hop: frozenset[bytes] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case), if any."""
@@ -300,6 +323,11 @@ class UpstreamConnection(asyncio.Protocol):
                 response.content_length = int(value)
             elif name == b"transfer-encoding":
                 response.chunked = True
+            elif name == b"connection" and value not in _PLAIN_CONNECTION:
+                options = connection_options(value)
+                if options is not None:
+                    previous = response.hop_by_hop
+                    response.hop_by_hop = options if previous is None else previous | options
         response.upgrade = status == 101
         self.response = response
         waiter = self._waiter
