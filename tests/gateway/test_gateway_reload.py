@@ -113,6 +113,10 @@ CONFIG_ERRORS = [
     ({"upstreams": {"a": {"targets": ["no-port"]}}}, "upstreams.a.targets[0]"),
     ({"upstreams": {"a": {"targets": ["h:1"], "balance": "random"}}}, "upstreams.a.balance"),
     (
+        {"upstreams": {"a": {"targets": ["h:1"], "pool": {"read_timeout": 0}}}},
+        "upstreams.a.pool.read_timeout",
+    ),
+    (
         {"upstreams": {"a": {"targets": ["h:1"], "policy": {"breaker": {"failure_rate": 2}}}}},
         "upstreams.a.policy.breaker.failure_rate",
     ),

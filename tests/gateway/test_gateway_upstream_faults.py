@@ -59,6 +59,11 @@ class RawUpstream:
                 if mode == "garbage":
                     writer.write(b"HTTP/1.1 abc\r\n\r\n")
                     break
+                if mode == "stall-body":  # a head, part of the body, then nothing
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+                    writer.write(b"z" * 100_000)
+                    await writer.drain()
+                    await asyncio.sleep(3600)
                 if mode == "big":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2000000\r\n\r\n")
                     for _ in range(40):
@@ -82,8 +87,10 @@ async def raw():
     await server.stop()
 
 
-def gateway_config(tmp_path, raw, policy=None):
+def gateway_config(tmp_path, raw, policy=None, pool=None):
     upstream = {"targets": [raw.address], "passive": {"failures": 1000}}
+    if pool is not None:
+        upstream["pool"] = pool
     if policy is not None:
         upstream["policy"] = policy
     return write_config(
@@ -192,6 +199,30 @@ async def test_a_body_still_coming_is_streamed(tmp_path, raw):
         raw.mode = "ok"
         r = await client.get(url(gw, "/after"))
         assert r.status_code == 200
+        assert gw.in_flight == 0
+
+
+async def test_a_body_that_stalls_is_cut_off_after_the_read_timeout(tmp_path, raw):
+    config = gateway_config(tmp_path, raw, pool={"read_timeout": 0.3})
+    async with running_gateway(config) as gw, httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(url(gw, "/warm"))).status_code == 200
+        raw.mode = "stall-body"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        received = 0
+        async with client.stream("GET", url(gw, "/stalls")) as r:
+            assert r.status_code == 200
+            assert r.headers["content-length"] == "1000000"
+            # The client must learn the body is incomplete: the gateway closes on it.
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for chunk in r.aiter_bytes():
+                    received += len(chunk)
+        assert received == 100_000
+        assert 0.25 < loop.time() - started < 2
+        # The stalled connection is not pooled: the next request gets a new one.
+        raw.mode = "ok"
+        assert (await client.get(url(gw, "/after"))).status_code == 200
+        assert raw.connections == 2
         assert gw.in_flight == 0
 
 

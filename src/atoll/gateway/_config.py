@@ -91,6 +91,8 @@ class PoolConfig:
     max_idle: int = 128
     idle_timeout: float = 4.0
     connect_timeout: float = 2.0
+    #: Seconds between two reads of a response body before it is given up.
+    read_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,7 +621,9 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
                 f"{key}.balance", f"must be 'round_robin' or 'least_outstanding', got {balance!r}"
             )
         pool_t = reader.table(
-            f"{key}.pool", t.get("pool"), ("max_idle", "idle_timeout", "connect_timeout")
+            f"{key}.pool",
+            t.get("pool"),
+            ("max_idle", "idle_timeout", "connect_timeout", "read_timeout"),
         )
         dp = PoolConfig()
         pool = PoolConfig(
@@ -632,6 +636,11 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
             connect_timeout=reader.number(
                 f"{key}.pool.connect_timeout",
                 pool_t.get("connect_timeout", dp.connect_timeout),
+                positive=True,
+            ),
+            read_timeout=reader.number(
+                f"{key}.pool.read_timeout",
+                pool_t.get("read_timeout", dp.read_timeout),
                 positive=True,
             ),
         )

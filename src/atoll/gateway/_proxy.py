@@ -170,6 +170,7 @@ class UpstreamRuntime:
             max_idle=config.pool.max_idle,
             idle_timeout=config.pool.idle_timeout,
             connect_timeout=config.pool.connect_timeout,
+            read_timeout=config.pool.read_timeout,
         )
         passive = PassiveHealth(failures=config.passive.failures, ejection=config.passive.ejection)
         self.instances = [

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import httptools
 
 from atoll.determinism import Clock
+from atoll.resilience._timer import race
 
 log = logging.getLogger("atoll.gateway")
 
@@ -74,6 +75,10 @@ class ConnectFailedError(UpstreamError):
 
 class UpstreamClosedError(UpstreamError):
     """The instance closed the connection or sent garbage before the response was complete."""
+
+
+class ReadTimeoutError(UpstreamClosedError):
+    """The instance sent nothing more of a response body for ``pool.read_timeout`` seconds."""
 
 
 class NoInstanceError(UpstreamError):
@@ -143,14 +148,27 @@ class ResponseBody:
                 raise self._error
             if self.complete:
                 return None
+            instance = self._conn.instance
+            seconds = instance.pool.read_timeout
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                async with race(instance.clock, seconds) as timer:
+                    await self._waiter
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                self._conn.abort()  # the rest of this body would be read as the next answer
+                error = ReadTimeoutError(
+                    instance.address, f"no more of the response body for {seconds:g} s"
+                )
+                self._fail(error)
+                raise error from None
             finally:
                 self._waiter = None
 
     async def read(self, limit: int | None = None) -> bytes:
-        """The whole body (:class:`UpstreamClosedError` past ``limit`` bytes)."""
+        """The whole body (:class:`UpstreamClosedError` past ``limit`` bytes, and
+        :class:`ReadTimeoutError` when it stalls for ``pool.read_timeout``)."""
         parts = []
         size = 0
         while (chunk := await self.chunk()) is not None:
@@ -425,6 +443,9 @@ class PoolSettings:
     #: (uvicorn's is 5 s), so the instance never closes one we are about to use.
     idle_timeout: float = 4.0
     connect_timeout: float = 2.0
+    #: Seconds to wait for more of a response body before giving the response up (nginx's
+    #: ``proxy_read_timeout``): the pipeline's timeouts end with the head.
+    read_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
