@@ -1,5 +1,7 @@
 """Malformed, oversized and hostile requests: the right status, problem+json, no crash."""
 
+import asyncio
+
 import httpx
 import pytest
 from gateway_support import base_config, problem_of, raw_request, running_gateway, url, write_config
@@ -94,3 +96,34 @@ async def test_a_client_vanishing_mid_body_breaks_nothing(config, stub):
         )
         assert raw == b""
         assert (await client.get(url(gw, "/ok"))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("length", "sent"),
+    [(1000, 10), (200_000, 70_000)],
+    ids=["buffered-body", "streamed-body"],
+)
+async def test_a_request_body_that_stalls_is_408_and_closes(tmp_path, stub, length, sent):
+    """A client that stops sending mid-body (a slow-body attack, or a dead peer) is
+    refused after ``server.body_timeout``, whether the body was being read whole or
+    streamed to the upstream, and its connection is closed."""
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": False, "body_timeout": 0.3},
+        ),
+    )
+    async with running_gateway(path) as gw:
+        head = b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % length
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        raw = await raw_request(gw.port, head + b"a" * sent, read_timeout=5)
+        elapsed = loop.time() - started
+        status, problem = problem_of(raw)
+        assert status == 408
+        assert "stalled" in problem["detail"]
+        assert b"connection: close" in raw.lower()
+        assert 0.25 < elapsed < 3  # closed by the gateway, not by raw_request's timeout
+        assert gw.in_flight == 0

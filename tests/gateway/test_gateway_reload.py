@@ -125,6 +125,7 @@ CONFIG_ERRORS = [
         "upstreams.a.policy.retry.classifier",
     ),
     ({"server": {"prot": 1}}, "server.prot"),
+    ({"server": {"body_timeout": -1}}, "server.body_timeout"),
     ({"server": {"trusted_proxies": ["10.0.0.0/8", "ten.0.0.1"]}}, "server.trusted_proxies[1]"),
     ({"server": {"trusted_proxies": ["::1", "10.0.0.1/8"]}}, "server.trusted_proxies[1]"),
     ({"server": {"trusted_proxies": [["10.0.0.1"]]}}, "server.trusted_proxies[0]"),

@@ -65,6 +65,8 @@ class ServerSettings:
     max_header_bytes: int = 16384
     max_url_bytes: int = 8192
     idle_timeout: float = 75.0
+    #: Seconds between two reads of a request body before the request is refused (408).
+    body_timeout: float = 60.0
     drain_timeout: float = 30.0
     request_id_header: str = "X-Request-ID"
     #: Keep a client's request id (when it looks sane) instead of always making one.
@@ -514,6 +516,9 @@ def _server(reader: _Reader, value: object) -> ServerSettings:
         ),
         idle_timeout=reader.number(
             "server.idle_timeout", t.get("idle_timeout", d.idle_timeout), positive=True
+        ),
+        body_timeout=reader.number(
+            "server.body_timeout", t.get("body_timeout", d.body_timeout), positive=True
         ),
         drain_timeout=reader.number(
             "server.drain_timeout", t.get("drain_timeout", d.drain_timeout)

@@ -227,6 +227,8 @@ class Gateway:
             max_header_bytes=config.server.max_header_bytes,
             max_url_bytes=config.server.max_url_bytes,
             idle_timeout=config.server.idle_timeout,
+            body_timeout=config.server.body_timeout,
+            clock=self.clock,
         )
         self.admin_state = ServerState(self._admin, self._bad_request)
         self._servers: list[asyncio.Server] = []

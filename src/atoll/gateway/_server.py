@@ -25,6 +25,9 @@ from typing import Any
 
 import httptools
 
+from atoll.determinism import Clock, SystemClock
+from atoll.resilience._timer import race
+
 log = logging.getLogger("atoll.gateway")
 
 #: Bytes buffered from a request body before reading from the client pauses.
@@ -120,9 +123,20 @@ class Body:
                 raise self._error
             if self.complete:
                 return None
+            state = self._conn.state
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                async with race(state.clock, state.body_timeout) as timer:
+                    await self._waiter
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                # A client that stops sending mid-body (nginx's client_body_timeout).
+                error = RequestError(
+                    408, f"the request body stalled: nothing for {state.body_timeout:g} s"
+                )
+                self._fail(error)
+                raise error from None
             finally:
                 self._waiter = None
 
@@ -225,6 +239,8 @@ class ServerState:
     """What the connections of one listening server share: the handler and limits."""
 
     __slots__ = (
+        "body_timeout",
+        "clock",
         "closing",
         "connections",
         "handler",
@@ -242,8 +258,13 @@ class ServerState:
         max_header_bytes: int = 16384,
         max_url_bytes: int = 8192,
         idle_timeout: float = 75.0,
+        body_timeout: float = 60.0,
+        clock: Clock | None = None,
     ) -> None:
         self.handler = handler
+        #: Seconds a request body may bring nothing new before it is refused (408).
+        self.body_timeout = body_timeout
+        self.clock: Clock = clock or SystemClock()
         self.on_bad_request = on_bad_request
         self.max_header_bytes = max_header_bytes
         self.max_url_bytes = max_url_bytes
