@@ -36,6 +36,7 @@ from atoll.transport import (
 from atoll.transport.rabbitmq import RabbitMQSettings, RabbitMQTransport
 from atoll.transport.rabbitmq._dead_letters import parse_dead_letter
 from atoll.transport.rabbitmq._topology import Names, routing_key, slot_of
+from support import write_certificates
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -664,63 +665,12 @@ def test_dead_letter_records_are_read_from_any_message():
 # -- TLS ----------------------------------------------------------------------------------
 
 
-def _certificates(directory):
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    import datetime as dt  # noqa: PLC0415
-    import ipaddress  # noqa: PLC0415
-
-    from cryptography import x509  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import NameOID  # noqa: PLC0415
-
-    now = dt.datetime.now(dt.UTC)
-
-    def name(common):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def issue(subject, key, issuer, issuer_key, *, ca=False, san=None):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san is not None:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    def write(stem, cert, key):
-        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{stem}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-
-    for ca_name in ("ca", "other-ca"):
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        write(ca_name, issue(ca_name, ca_key, ca_name, ca_key, ca=True), ca_key)
-    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    write("server", issue("127.0.0.1", server_key, "ca", ca_key, san=san), server_key)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    write("client", issue("atoll", client_key, "ca", ca_key), client_key)
-
-
 @pytest.fixture
 async def tls_proxy(tmp_path):
     """A TLS endpoint (client certificate required) in front of the plain test server."""
     import ssl  # noqa: PLC0415
 
-    _certificates(tmp_path)
+    write_certificates(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tmp_path / "ca.pem")
     context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
     context.verify_mode = ssl.CERT_REQUIRED

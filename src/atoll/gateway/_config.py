@@ -55,6 +55,16 @@ class HeaderRules:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """``server.tls``: TLS termination with a PEM certificate chain and its private key."""
+
+    cert: Path
+    key: Path
+    #: The oldest protocol version accepted: ``"1.2"`` or ``"1.3"``.
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     """``server``: the public listener."""
 
@@ -78,6 +88,8 @@ class ServerSettings:
     access_log: bool = True
     #: Peers (load balancers, TLS terminators) whose ``X-Forwarded-For`` is believed.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: TLS on the public listener (``None``: plain HTTP).
+    tls: TlsSettings | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +472,9 @@ def load_gateway_config(
             name: tuple((_connect_host(section.host), port) for port in section.ports)
             for name, section in loaded.config.services.items()
         }
-    server = _server(reader, top.get("server"))
+    server = _server(reader, top.get("server"), Path(path).parent)
+    if server.tls is not None:  # a renewed certificate is picked up like a changed config
+        files += [server.tls.cert, server.tls.key]
     admin = _admin(reader, top.get("admin"))
     upstreams = _upstreams(reader, top.get("upstreams"), services)
     auth = _auth(reader, top.get("auth"), Path(path).parent)
@@ -500,10 +514,29 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 - a bind-all address is reached on loopback
 
 
-def _server(reader: _Reader, value: object) -> ServerSettings:
+def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
+    if value is None:
+        return None
+    t = reader.table("server.tls", value, ("cert", "key", "min_version"))
+    paths = {}
+    for name in ("cert", "key"):
+        if name not in t:
+            raise reader.error(f"server.tls.{name}", "is required (a PEM file)")
+        file = (base / reader.string(f"server.tls.{name}", t[name])).resolve()
+        if not file.is_file():
+            raise reader.error(f"server.tls.{name}", f"no such file: {file}")
+        paths[name] = file
+    min_version = t.get("min_version", "1.2")
+    if min_version not in ("1.2", "1.3"):
+        raise reader.error("server.tls.min_version", f"must be '1.2' or '1.3', got {min_version!r}")
+    return TlsSettings(cert=paths["cert"], key=paths["key"], min_version=min_version)
+
+
+def _server(reader: _Reader, value: object, base: Path) -> ServerSettings:
     t = reader.table("server", value, tuple(ServerSettings.__slots__))
     d = ServerSettings()
     return ServerSettings(
+        tls=_tls(reader, t.get("tls"), base),
         host=reader.string("server.host", t.get("host", d.host)),
         port=reader.port("server.port", t.get("port", d.port)),
         workers=reader.whole("server.workers", t.get("workers", d.workers), minimum=1, maximum=64),

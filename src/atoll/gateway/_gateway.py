@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from atoll.gateway._server import (
     problem_bytes,
     status_line,
 )
+from atoll.gateway._tls import apply as apply_tls
+from atoll.gateway._tls import server_context
 from atoll.gateway._upstream import Response, UpstreamError, connection_options
 from atoll.resilience import (
     BreakerOpenError,
@@ -220,6 +223,11 @@ class Gateway:
         self.store = self._store_for(config)
         self.store_url = config.rate_limit_store
         self.gen = self._build(config, {}, self.store)
+        self._tls: ssl.SSLContext | None = None
+        if config.server.tls is not None:
+            self._tls = server_context(config.server.tls, config.source)
+        #: What X-Forwarded-Proto says upstream: how clients reach this listener.
+        self._proto = b"https" if self._tls is not None else b"http"
         self.metrics = GatewayMetrics(self)
         self.state = ServerState(
             self.handle,
@@ -307,10 +315,17 @@ class Gateway:
             config = load_gateway_config(self.config_path, system=self.system, profile=self.profile)
             store = self._store_for(config)
             generation = self._build(config, self.gen.upstreams, store)
+            tls = config.server.tls
+            if self._tls is not None and tls is not None:
+                server_context(tls, config.source)  # the new files load, or the reload fails
             await generation.auth.start()
         except Exception as exc:
             await self._refuse(exc, config, store, generation)
             return False
+        if (self._tls is None) != (config.server.tls is None):
+            log.warning("gateway: turning server.tls on or off takes a restart")
+        elif self._tls is not None and config.server.tls is not None:
+            apply_tls(self._tls, config.server.tls, config.source)
         old = self.gen
         self.gen = generation
         self.store = store
@@ -415,6 +430,7 @@ class Gateway:
         server = await loop.create_server(
             lambda: Connection(self.state),
             sock=_listen(host, port, reuse_port=self.reuse_port),
+            ssl=self._tls,
         )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
@@ -685,7 +701,7 @@ class Gateway:
                 forwarded += identity.headers
         client_ip = request.client.encode()
         forwarded.append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
-        forwarded.append((b"x-forwarded-proto", b"http"))
+        forwarded.append((b"x-forwarded-proto", self._proto))
         if host is not None:
             forwarded.append((b"x-forwarded-host", host))
         forwarded.append((rid_name, rid))

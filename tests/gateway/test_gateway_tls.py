@@ -1,0 +1,118 @@
+"""TLS termination on the public listener (``server.tls``)."""
+
+import asyncio
+import shutil
+import ssl
+
+import httpx
+import pytest
+import yaml
+from gateway_support import base_config, running_gateway, write_config
+
+from atoll.config import ConfigError
+from atoll.gateway import Gateway
+from atoll.gateway._config import load_gateway_config
+from support import write_certificates
+
+
+@pytest.fixture
+def certs(tmp_path):
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    write_certificates(directory)
+    return directory
+
+
+def tls_config(tmp_path, stub, tls):
+    return write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": False, "tls": tls},
+        ),
+    )
+
+
+def client_context(certs, ca="ca.pem"):
+    return ssl.create_default_context(cafile=str(certs / ca))
+
+
+async def peer_certificate(port, context):
+    """The certificate the listener presents to a new connection, DER-encoded."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return der
+
+
+async def test_requests_over_tls_are_proxied_as_https(tmp_path, stub, certs):
+    config = tls_config(tmp_path, stub, {"cert": "certs/server.pem", "key": "certs/server.key"})
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(verify=client_context(certs)) as client,
+    ):
+        r = await client.get(f"https://127.0.0.1:{gw.port}/orders/7")
+        assert r.status_code == 200
+        assert r.json()["path"] == "/orders/7"
+        assert stub.hits[-1]["headers"]["x-forwarded-proto"] == "https"
+        # A client that does not trust the issuer is refused in the handshake.
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient(verify=client_context(certs, "other-ca.pem")) as other:
+                await other.get(f"https://127.0.0.1:{gw.port}/")
+        # Plain HTTP on the TLS port: no answer, the connection is dropped, nothing crashes.
+        with pytest.raises(httpx.HTTPError):
+            async with httpx.AsyncClient() as plain:
+                await plain.get(f"http://127.0.0.1:{gw.port}/")
+        r = await client.get(f"https://127.0.0.1:{gw.port}/still-serving")
+        assert r.status_code == 200
+
+
+async def test_a_renewed_certificate_is_loaded_on_reload(tmp_path, stub, certs):
+    config = tls_config(tmp_path, stub, {"cert": "certs/server.pem", "key": "certs/server.key"})
+    async with running_gateway(config) as gw:
+        context = client_context(certs)
+        before = await peer_certificate(gw.port, context)
+        renewed = tmp_path / "renewed"
+        renewed.mkdir()
+        write_certificates(renewed)  # a new CA and a new server certificate
+        shutil.copy(renewed / "server.pem", certs / "server.pem")
+        shutil.copy(renewed / "server.key", certs / "server.key")
+        assert await gw.reload()
+        after = await peer_certificate(gw.port, client_context(renewed))
+        assert after != before
+        # A pair that does not load (a key of another certificate) is refused, and the
+        # listener keeps the certificate it had.
+        shutil.copy(renewed / "client.key", certs / "server.key")
+        assert not await gw.reload()
+        assert "server.tls" in gw.last_reload_error
+        assert await peer_certificate(gw.port, client_context(renewed)) == after
+
+
+@pytest.mark.parametrize(
+    ("tls", "key", "problem"),
+    [
+        ({"cert": "certs/server.pem"}, "server.tls.key", "is required"),
+        ({"cert": "certs/missing.pem", "key": "certs/server.key"}, "server.tls.cert", "no such"),
+        (
+            {"cert": "certs/server.pem", "key": "certs/server.key", "min_version": "1.0"},
+            "server.tls.min_version",
+            "must be",
+        ),
+    ],
+)
+def test_bad_tls_settings_name_the_key(tmp_path, certs, tls, key, problem):
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({"server": {"tls": tls}}))
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(path)
+    assert info.value.key == key
+    assert problem in str(info.value)
+
+
+def test_a_key_that_does_not_match_is_refused_at_start(tmp_path, stub, certs):
+    config = tls_config(tmp_path, stub, {"cert": "certs/server.pem", "key": "certs/client.key"})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config, port=0, admin_port=0, watch_interval=None)
+    assert info.value.key == "server.tls"
+    assert "KEY_VALUES_MISMATCH" in str(info.value)
