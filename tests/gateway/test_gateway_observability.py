@@ -50,21 +50,70 @@ async def test_a_server_span_per_request_and_context_injected_upstream(tmp_path,
             await client.get(url(gw, "/items/2"), headers={"traceparent": parent})
             continued = stub.hits[-1]["headers"]["traceparent"]
         tracing.processor.force_flush()
-        await wait_until(lambda: len(exporter.get_finished_spans()) >= 2, timeout=5)
+        await wait_until(lambda: len(exporter.get_finished_spans()) >= 4, timeout=5)
     finally:
         tracing.shutdown()
-    first, second = exporter.get_finished_spans()[:2]
+    spans = exporter.get_finished_spans()
+    first, second = (span for span in spans if span.kind == SpanKind.SERVER)
+    first_client, second_client = (span for span in spans if span.kind == SpanKind.CLIENT)
     assert first.kind == SpanKind.SERVER
     assert first.name == "GET /items/{id}"
     assert first.parent is None  # the gateway started this trace
     assert first.attributes["http.response.status_code"] == 200
     assert first.attributes["atoll.gateway.route"] == "item"
-    # The upstream's parent is the gateway's span.
+    # One CLIENT span per attempt under it, with OpenTelemetry's HTTP client attributes.
+    assert first_client.parent.span_id == first.context.span_id
+    assert first_client.name == "GET"
+    assert first_client.attributes["http.request.method"] == "GET"
+    assert first_client.attributes["server.address"] == "127.0.0.1"
+    assert first_client.attributes["server.port"] == stub.port
+    assert first_client.attributes["url.full"] == f"http://{stub.address}/items/1"
+    assert first_client.attributes["http.response.status_code"] == 200
+    assert "http.request.resend_count" not in first_client.attributes
+    # The upstream's parent is the CLIENT span.
     assert sent.split("-")[1] == f"{first.context.trace_id:032x}"
-    assert sent.split("-")[2] == f"{first.context.span_id:016x}"
+    assert sent.split("-")[2] == f"{first_client.context.span_id:016x}"
     assert second.parent is not None
     assert f"{second.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
     assert continued.split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+    assert continued.split("-")[2] == f"{second_client.context.span_id:016x}"
+
+
+async def test_each_retry_is_its_own_client_span(tmp_path, stub):
+    exporter = InMemorySpanExporter()
+    tracing = Tracing("gateway", exporter=exporter)
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {
+                "a": {
+                    "targets": [stub.address],
+                    "policy": {"retry": {"max_attempts": 3, "base_delay": 0, "max_delay": 0}},
+                    "passive": {"failures": 1000},
+                }
+            },
+            [{"name": "item", "match": {"path": "/items/{id}"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": False},
+        ),
+    )
+    stub.status = 503
+    try:
+        async with running_gateway(path, tracing=tracing) as gw, httpx.AsyncClient() as client:
+            assert (await client.get(url(gw, "/items/1"))).status_code == 503
+        tracing.processor.force_flush()
+        await wait_until(lambda: len(exporter.get_finished_spans()) >= 4, timeout=5)
+    finally:
+        tracing.shutdown()
+    spans = exporter.get_finished_spans()
+    [server] = [span for span in spans if span.kind == SpanKind.SERVER]
+    clients = [span for span in spans if span.kind == SpanKind.CLIENT]
+    assert [c.attributes.get("http.request.resend_count") for c in clients] == [None, 1, 2]
+    assert all(c.parent.span_id == server.context.span_id for c in clients)
+    assert all(c.attributes["error.type"] == "503" for c in clients)
+    assert all(c.status.status_code.name == "ERROR" for c in clients)
+    # Each attempt told the upstream its own span.
+    sent = [hit["headers"]["traceparent"].split("-")[2] for hit in stub.hits]
+    assert sent == [f"{c.context.span_id:016x}" for c in clients]
 
 
 async def test_access_log_has_one_structured_line_per_request(tmp_path, stub):
@@ -200,21 +249,25 @@ async def test_with_tracing_the_gateway_span_is_the_upstreams_parent(tmp_path, s
                 assert (await client.get(url(gw, "/items/1"), headers=headers)).status_code == 200
                 received.append(stub.hits[-1]["headers"])
         tracing.processor.force_flush()
-        await wait_until(lambda: len(exporter.get_finished_spans()) >= 2, timeout=5)
+        await wait_until(lambda: len(exporter.get_finished_spans()) >= 4, timeout=5)
     finally:
         tracing.shutdown()
-    trusted, untrusted = exporter.get_finished_spans()[:2]
+    spans = exporter.get_finished_spans()
+    trusted, untrusted = (span for span in spans if span.kind == SpanKind.SERVER)
+    trusted_client, untrusted_client = (span for span in spans if span.kind == SpanKind.CLIENT)
     client_trace, client_span = CLIENT_PARENT.split("-")[1:3]
-    # trust_trace: the client's span is the gateway's parent, the gateway's the upstream's.
+    # trust_trace: the client's span is the gateway's parent, the gateway's (through its
+    # CLIENT span) the upstream's.
     assert f"{trusted.parent.span_id:016x}" == client_span
+    assert trusted_client.parent.span_id == trusted.context.span_id
     _, trace_id, span_id, _ = received[0]["traceparent"].split("-")
-    assert (trace_id, span_id) == (client_trace, f"{trusted.context.span_id:016x}")
+    assert (trace_id, span_id) == (client_trace, f"{trusted_client.context.span_id:016x}")
     assert received[0]["tracestate"] == CLIENT_STATE
     # Not trusted: a new trace, started by the gateway; the client's state is not kept.
     assert untrusted.parent is None
     _, trace_id, span_id, _ = received[1]["traceparent"].split("-")
     assert trace_id == f"{untrusted.context.trace_id:032x}" != client_trace
-    assert span_id == f"{untrusted.context.span_id:016x}"
+    assert span_id == f"{untrusted_client.context.span_id:016x}"
     assert "tracestate" not in received[1]
     # Baggage is the caller's business: it always goes on.
     assert received[0]["baggage"] == received[1]["baggage"] == CLIENT_BAGGAGE
@@ -269,7 +322,11 @@ async def test_breaker_state_changes_are_events_on_the_gateway_span(tmp_path, st
         tracing.processor.force_flush()
     finally:
         tracing.shutdown()
-    spans = {span.attributes["url.path"]: span for span in exporter.get_finished_spans()}
+    spans = {
+        span.attributes["url.path"]: span
+        for span in exporter.get_finished_spans()
+        if span.kind == SpanKind.SERVER
+    }
 
     def changes(path):
         return [

@@ -56,7 +56,7 @@ async def _fetch(
         b"GET %b HTTP/1.1\r\n" % target, common + b"accept: application/json\r\n", None, None
     )
     if span is not None:
-        call.span_headers = [(k.encode(), v.encode()) for k, v in span.headers().items()]
+        call.parent = span
     try:
         response = await upstream.exchange(call, b"GET", True)
         body = await response.body.read(limit=MAX_PART_BODY)

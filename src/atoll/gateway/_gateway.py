@@ -285,6 +285,7 @@ class Gateway:
                 upstream = UpstreamRuntime(
                     upstream_config, source=config.source, clock=self.clock, random=self.random
                 )
+                upstream.tracer = self._lean
                 if self._lean is not None and upstream.breaker is not None:
                     from atoll.observability._tracing import (  # noqa: PLC0415 - tracing on
                         trace_breaker_changes,
@@ -936,7 +937,7 @@ class Gateway:
             stream_limit=limit,
         )
         if span is not None:
-            call.span_headers = [(k.encode(), v.encode()) for k, v in span.headers().items()]
+            call.parent = span
         idempotent = method in IDEMPOTENT or request.header(b"idempotency-key") is not None
         try:
             response = await upstream.exchange(call, method, idempotent)

@@ -121,13 +121,14 @@ class Call:
     """One request to an upstream, possibly tried several times."""
 
     __slots__ = (
+        "attempts",
         "body",
         "common",
         "head_only",
         "last",
+        "parent",
         "request_line",
         "responses",
-        "span_headers",
         "stream",
         "stream_limit",
     )
@@ -150,7 +151,9 @@ class Call:
         self.stream_limit = stream_limit
         self.last: Instance | None = None
         self.responses: list[Response] = []
-        self.span_headers: Any = None
+        #: The gateway's SERVER span (tracing on): each attempt is a CLIENT span under it.
+        self.parent: Any = None
+        self.attempts = 0
 
 
 class BodyTooLargeError(Exception):
@@ -187,6 +190,7 @@ class UpstreamRuntime:
         )
         self.stream_pipeline = self.pipeline if retry is None else self.pipeline.replace(retry=None)
         self._health_task: asyncio.Task[None] | None = None
+        #: The gateway's lean tracer (tracing on): each attempt is then a CLIENT span.
         self.tracer: Any = None
         self.requests_total = 0
         self.failures_total = 0
@@ -231,8 +235,11 @@ class UpstreamRuntime:
             pipeline = self.pipeline
         else:
             pipeline = self.unsafe_pipeline
+        attempt = (
+            self._attempt if call.parent is None or self.tracer is None else self._traced_attempt
+        )
         try:
-            response = await pipeline.call(self._attempt, call, idempotent)
+            response = await pipeline.call(attempt, call, idempotent)
         except BaseException:
             self.failures_total += 1
             for stale in call.responses:
@@ -247,7 +254,45 @@ class UpstreamRuntime:
         del method
         return response
 
-    async def _attempt(self, call: Call, idempotent: bool) -> Response:
+    async def _traced_attempt(self, call: Call, idempotent: bool) -> Response:
+        """:meth:`_attempt` as a CLIENT span under the gateway's SERVER span (OpenTelemetry's
+        HTTP client conventions); the upstream request carries the CLIENT span's context."""
+        from opentelemetry.trace import SpanKind, Status, StatusCode  # noqa: PLC0415
+
+        call.attempts += 1
+        method, target, _ = call.request_line.split(b" ", 2)
+        attributes: dict[str, Any] = {
+            "http.request.method": method.decode("latin-1"),
+            "atoll.gateway.upstream": self.name,
+        }
+        if call.attempts > 1:
+            attributes["http.request.resend_count"] = call.attempts - 1
+        span = self.tracer.span(
+            method.decode("latin-1"),
+            parent=call.parent.get_span_context(),
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+        )
+        trace = [(k.encode(), v.encode()) for k, v in span.headers().items()]
+        span.__enter__()
+        try:
+            response = await self._attempt(call, idempotent, trace)
+        except BaseException as exc:
+            _set_target(span, call, target)
+            span.set_attribute("error.type", type(exc).__qualname__)
+            span.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        _set_target(span, call, target)
+        span.set_attribute("http.response.status_code", response.status)
+        if response.status >= 500:
+            span.set_attribute("error.type", str(response.status))
+            span.set_status(Status(StatusCode.ERROR))
+        span.__exit__(None, None, None)
+        return response
+
+    async def _attempt(
+        self, call: Call, idempotent: bool, trace: list[tuple[bytes, bytes]] | None = None
+    ) -> Response:
         instance = self.balancer.pick(call.last)
         call.last = instance
         instance.requests_total += 1
@@ -255,7 +300,7 @@ class UpstreamRuntime:
             if call.stream is None:
                 # The common case inline: a pooled connection, one write, one await.
                 conn = instance.take_idle() or await instance.connect_fresh()
-                data = self._head(instance, call)
+                data = self._head(instance, call, trace)
                 try:
                     response = await conn.send(data, head_only=call.head_only)
                 except UpstreamClosedError:
@@ -273,7 +318,7 @@ class UpstreamRuntime:
                     conn.abort()
                     raise
             else:
-                response = await self._send_streaming(instance, call)
+                response = await self._send_streaming(instance, call, trace)
         except UpstreamError:
             instance.failed()
             raise
@@ -284,14 +329,16 @@ class UpstreamRuntime:
         call.responses.append(response)
         return response
 
-    def _head(self, instance: Instance, call: Call) -> bytes:
+    def _head(
+        self, instance: Instance, call: Call, trace: list[tuple[bytes, bytes]] | None
+    ) -> bytes:
         host = instance.host_header
         parts = [call.request_line, b"host: ", host, b"\r\n", call.common]
         deadline = current_deadline()
         if deadline is not None:
             parts += [b"x-atoll-deadline: ", deadline.to_header().encode(), b"\r\n"]
-        if call.span_headers is not None:
-            for name, value in call.span_headers:
+        if trace is not None:
+            for name, value in trace:
                 parts += [name, b": ", value, b"\r\n"]
         if call.stream is not None:
             parts.append(b"transfer-encoding: chunked\r\n\r\n")
@@ -301,14 +348,16 @@ class UpstreamRuntime:
             parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _send_streaming(self, instance: Instance, call: Call) -> Response:
+    async def _send_streaming(
+        self, instance: Instance, call: Call, trace: list[tuple[bytes, bytes]] | None
+    ) -> Response:
         """Send the head, then copy the body while waiting for the answer (never retried)."""
         assert call.stream is not None
         conn = await instance.connect()
         pump: asyncio.Task[None] | None = None
         waiter: asyncio.Future[Response] | None = None
         try:
-            waiter = conn.send(self._head(instance, call), head_only=call.head_only)
+            waiter = conn.send(self._head(instance, call, trace), head_only=call.head_only)
             pump = asyncio.get_running_loop().create_task(
                 _pump(call.stream, conn, call.stream_limit)
             )
@@ -331,6 +380,15 @@ class UpstreamRuntime:
                     waiter.exception()  # read: the body's error is the one raised
             conn.abort()
             raise
+
+
+def _set_target(span: Any, call: Call, target: bytes) -> None:
+    """The instance an attempt went to, on its CLIENT span (picked once it started)."""
+    instance = call.last
+    if instance is not None:
+        span.set_attribute("server.address", instance.host)
+        span.set_attribute("server.port", instance.port)
+        span.set_attribute("url.full", f"http://{instance.address}{target.decode('latin-1')}")
 
 
 async def _pump(body: Body, conn: Any, limit: int | None) -> None:
