@@ -20,8 +20,10 @@ from support import free_port
 class Stub:
     """An upstream that records what it received and answers as told."""
 
-    def __init__(self, name="stub"):
+    def __init__(self, name="stub", *, tls=None):
         self.name = name
+        #: uvicorn's ssl_* settings (certfile, keyfile, ca_certs, cert_reqs): serve HTTPS.
+        self.tls = tls or {}
         self.port = free_port()
         self.hits = []
         self.status = 200
@@ -128,6 +130,7 @@ class Stub:
             log_level="warning",
             lifespan="off",
             ws="websockets-sansio",
+            **{f"ssl_{key}": value for key, value in self.tls.items()},
         )
         self.server = uvicorn.Server(config)
         self.task = asyncio.get_running_loop().create_task(self.server.serve())

@@ -110,6 +110,23 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """``upstreams.NAME.tls``: HTTPS to the instances."""
+
+    #: PEM file of the CAs that may sign the instances' certificates (``None``: the
+    #: system's trust store).
+    ca: Path | None = None
+    #: The name the instances' certificates must carry, also sent as SNI (``None``: the
+    #: target's host).
+    server_name: str | None = None
+    #: A client certificate and key (PEM) for instances that require one (mutual TLS).
+    cert: Path | None = None
+    key: Path | None = None
+    #: ``False`` skips verifying the instances' certificates: for development only.
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class HealthConfig:
     path: str = "/healthz"
     interval: float = 5.0
@@ -137,6 +154,8 @@ class UpstreamConfig:
     passive: PassiveConfig = PassiveConfig()
     #: An ``atoll.resilience`` policy table (``policy_from_config``); ``None``: defaults.
     policy: Mapping[str, Any] | None = None
+    #: HTTPS to the instances (``None``: plain HTTP).
+    tls: UpstreamTlsConfig | None = None
     #: Where ``targets`` came from (``service:orders`` or ``static``), for the admin view.
     source: str = "static"
 
@@ -476,7 +495,7 @@ def load_gateway_config(
     if server.tls is not None:  # a renewed certificate is picked up like a changed config
         files += [server.tls.cert, server.tls.key]
     admin = _admin(reader, top.get("admin"))
-    upstreams = _upstreams(reader, top.get("upstreams"), services)
+    upstreams = _upstreams(reader, top.get("upstreams"), services, Path(path).parent)
     auth = _auth(reader, top.get("auth"), Path(path).parent)
     routes = _routes(reader, top.get("routes"), upstreams, auth)
     cors = _cors(reader, top["cors"]) if top.get("cors") is not None else None
@@ -610,8 +629,38 @@ def _target(reader: _Reader, key: str, value: object) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _upstream_tls(reader: _Reader, key: str, value: object, base: Path) -> UpstreamTlsConfig:
+    t = reader.table(key, value, ("ca", "server_name", "cert", "key", "verify"))
+    files: dict[str, Path | None] = {}
+    for name in ("ca", "cert", "key"):
+        given = t.get(name)
+        if given is None:
+            files[name] = None
+            continue
+        file = (base / reader.string(f"{key}.{name}", given)).resolve()
+        if not file.is_file():
+            raise reader.error(f"{key}.{name}", f"no such file: {file}")
+        files[name] = file
+    if (files["cert"] is None) != (files["key"] is None):
+        missing = "key" if files["key"] is None else "cert"
+        raise reader.error(f"{key}.{missing}", "a client certificate needs both cert and key")
+    server_name = t.get("server_name")
+    if server_name is not None:
+        server_name = reader.string(f"{key}.server_name", server_name)
+    return UpstreamTlsConfig(
+        ca=files["ca"],
+        server_name=server_name,
+        cert=files["cert"],
+        key=files["key"],
+        verify=reader.flag(f"{key}.verify", t.get("verify", True)),
+    )
+
+
 def _upstreams(  # noqa: C901 - a flat validator, one key after another
-    reader: _Reader, value: object, services: dict[str, tuple[tuple[str, int], ...]] | None
+    reader: _Reader,
+    value: object,
+    services: dict[str, tuple[tuple[str, int], ...]] | None,
+    base: Path,
 ) -> dict[str, UpstreamConfig]:
     table = reader.table("upstreams", value, _ANY)
     out: dict[str, UpstreamConfig] = {}
@@ -624,6 +673,7 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
         "health",
         "passive",
         "policy",
+        "tls",
     )
     for name, raw in table.items():
         key = f"upstreams.{name}"
@@ -729,6 +779,11 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
             health=health,
             passive=passive,
             policy=policy,
+            tls=(
+                _upstream_tls(reader, f"{key}.tls", t["tls"], base)
+                if t.get("tls") is not None
+                else None
+            ),
             source=origin,
         )
     return out

@@ -23,6 +23,7 @@ from atoll.config import ConfigError
 from atoll.determinism import Clock, RandomSource
 from atoll.gateway._config import UpstreamConfig
 from atoll.gateway._server import Body
+from atoll.gateway._tls import client_context
 from atoll.gateway._upstream import (
     ActiveHealth,
     Balancer,
@@ -176,8 +177,21 @@ class UpstreamRuntime:
             read_timeout=config.pool.read_timeout,
         )
         passive = PassiveHealth(failures=config.passive.failures, ejection=config.passive.ejection)
+        tls = (
+            client_context(config.tls, f"upstreams.{config.name}.tls", source)
+            if config.tls is not None
+            else None
+        )
         self.instances = [
-            Instance(host, port, pool=pool, passive=passive, clock=clock)
+            Instance(
+                host,
+                port,
+                pool=pool,
+                passive=passive,
+                clock=clock,
+                tls=tls,
+                server_name=config.tls.server_name if config.tls is not None else None,
+            )
             for host, port in config.targets
         ]
         self.balancer = Balancer(self.instances, config.balance)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ssl
 
 from atoll.config import ConfigError
-from atoll.gateway._config import TlsSettings
+from atoll.gateway._config import TlsSettings, UpstreamTlsConfig
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -38,3 +38,22 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
             f"cannot load the certificate {settings.cert} with the key {settings.key}: {reason}",
         ) from None
     context.minimum_version = _VERSIONS[settings.min_version]
+
+
+def client_context(settings: UpstreamTlsConfig, key: str, source: str) -> ssl.SSLContext:
+    """A client context for HTTPS to an upstream's instances, or :class:`ConfigError`
+    (naming ``key``) if its files do not load."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ca) if settings.ca is not None else None
+        )
+        if settings.cert is not None and settings.key is not None:
+            context.load_cert_chain(settings.cert, settings.key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(source, key, f"cannot load the TLS files: {reason}") from None
+    context.set_alpn_protocols(["http/1.1"])
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

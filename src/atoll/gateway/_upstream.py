@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
@@ -477,12 +479,26 @@ class Instance:
         "probe_successes",
         "probed_healthy",
         "requests_total",
+        "server_name",
+        "tls",
     )
 
     def __init__(
-        self, host: str, port: int, *, pool: PoolSettings, passive: PassiveHealth, clock: Clock
+        self,
+        host: str,
+        port: int,
+        *,
+        pool: PoolSettings,
+        passive: PassiveHealth,
+        clock: Clock,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.host = host
+        #: HTTPS to this instance (``None``: plain HTTP), and the name its certificate
+        #: must carry (sent as SNI).
+        self.tls = tls
+        self.server_name = server_name or host
         self.port = port
         self.address = f"{host}:{port}"
         self.host_header = self.address.encode()
@@ -542,10 +558,14 @@ class Instance:
         try:
             async with asyncio.timeout(self.pool.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
+                    lambda: UpstreamConnection(self), self.host, self.port, **self.tls_options
                 )
         except TimeoutError:
             raise ConnectFailedError(self.address, "connect timed out") from None
+        except ssl.SSLError as exc:  # the handshake: a certificate not trusted, say
+            raise ConnectFailedError(
+                self.address, f"TLS handshake failed: {exc.reason or exc}"
+            ) from None
         except OSError as exc:
             raise ConnectFailedError(
                 self.address, f"cannot connect: {exc.strerror or exc}"
@@ -558,6 +578,13 @@ class Instance:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return protocol
+
+    @property
+    def tls_options(self) -> dict[str, Any]:
+        """``create_connection``'s keyword arguments for this instance's TLS (if any)."""
+        if self.tls is None:
+            return {}
+        return {"ssl": self.tls, "server_hostname": self.server_name}
 
     def pool_release(self, conn: UpstreamConnection) -> None:
         if len(self._idle) >= self.pool.max_idle:
@@ -650,7 +677,9 @@ async def probe(instance: Instance, settings: ActiveHealth) -> bool:
     try:
         async with asyncio.timeout(settings.timeout):
             probe_conn = UpstreamConnection(instance)
-            _, _ = await loop.create_connection(lambda: probe_conn, instance.host, instance.port)
+            _, _ = await loop.create_connection(
+                lambda: probe_conn, instance.host, instance.port, **instance.tls_options
+            )
             transport = probe_conn.transport
             head = (
                 f"GET {settings.path} HTTP/1.1\r\nhost: {instance.address}\r\n"
