@@ -1,6 +1,6 @@
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import msgspec
@@ -8,6 +8,7 @@ import pytest
 
 from atoll import Command, Context, Event, Reply, Service
 from atoll.messages import Envelope, encode_envelope
+from atoll.resilience import current_deadline
 from atoll.testing import wait_until
 from atoll.transport import OutgoingMessage, command_topic
 from support import FAST_RETRY
@@ -261,3 +262,37 @@ async def test_health_readiness_and_problem_json(system):
         assert missing.headers["content-type"] == "application/problem+json"
         await rt.stop_consuming()
         assert (await client.get("/readyz")).json()["status"] == "stopping"
+
+
+async def test_a_messages_deadline_is_current_while_its_handler_runs(system):
+    """``Envelope.deadline`` becomes the handler's deadline: what it calls through atoll
+    (a ``ServiceClient`` call, a policy) sees the time left, and what it sends inherits it."""
+    seen: list[float | None] = []
+    forwarded: list[datetime | None] = []
+    sender = Service("sender")
+    receiver = Service("receiver")
+
+    @receiver.handles(Ask)
+    async def on_ask(ask: Ask, ctx: Context) -> None:
+        deadline = current_deadline()
+        seen.append(None if deadline is None else deadline.remaining())
+        ctx.publish(Happened(what=str(ask.n)))
+
+    @sender.subscribes(Happened)
+    async def on_happened(happened: Happened, ctx: Context) -> None:
+        assert ctx.envelope is not None
+        forwarded.append(ctx.envelope.deadline)
+
+    send_rt, _ = await system.start(sender, receiver)
+    due = datetime.now(UTC) + timedelta(seconds=30)
+    async with send_rt.unit_of_work(deadline=due) as ctx:
+        ctx.send(Ask(n=1), to="receiver")
+    async with send_rt.unit_of_work() as ctx:
+        ctx.send(Ask(n=2), to="receiver")
+    await wait_until(lambda: len(forwarded) == 2, what="both events")
+    with_deadline, without = seen
+    assert with_deadline is not None
+    assert 25 < with_deadline <= 30
+    assert without is None
+    assert due in forwarded  # the event the first handler published carries the deadline
+    assert None in forwarded
