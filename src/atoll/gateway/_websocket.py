@@ -35,7 +35,11 @@ class _Splice(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.client.transport.can_write_eof():
             self.client.transport.write_eof()
-        return True  # keep our side open until the client closes too
+            return True  # keep our side open until the client closes too
+        # TLS cannot half-close: what the instance sent is flushed, then both sides close
+        # (else the client would wait for an end that never comes).
+        self.client.close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.client.close()
