@@ -156,6 +156,52 @@ async def test_round_robin_and_least_outstanding(tmp_path, stub, stub_b):
         assert (await stuck).status_code == 200
 
 
+async def test_weighted_targets_share_traffic_smoothly_and_weight_0_drains(tmp_path, stub, stub_b):
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {
+                "canary": {
+                    "targets": [
+                        {"address": stub.address, "weight": 3},
+                        {"address": stub_b.address, "weight": 1},
+                    ]
+                },
+                "drained": {
+                    "targets": [stub.address, {"address": stub_b.address, "weight": 0}],
+                    "passive": {"failures": 1, "ejection": 30},
+                },
+            },
+            [
+                {"name": "canary", "match": {"prefix": "/canary"}, "upstream": "canary"},
+                {"name": "drained", "match": {"prefix": "/drained"}, "upstream": "drained"},
+            ],
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        names = [(await client.get(url(gw, "/canary/x"))).json()["stub"] for _ in range(40)]
+        assert names.count("a") == 30
+        assert names.count("b") == 10
+        # Smooth: b's turns are spread out, never two in a row, a at most three in a row.
+        assert "bb" not in "".join(names)
+        assert "aaaa" not in "".join(names)
+        names = [(await client.get(url(gw, "/drained/x"))).json()["stub"] for _ in range(5)]
+        assert names == ["a"] * 5
+        # Only when no other instance is available does a drained one get requests.
+        stub.status = 500
+        assert (await client.get(url(gw, "/drained/x"))).status_code == 500  # a ejected
+        stub.status = 200
+        assert (await client.get(url(gw, "/drained/x"))).json()["stub"] == "b"
+        admin = (await client.get(admin_url(gw, "/upstreams"))).json()
+        weights = {
+            i["address"]: i["weight"]
+            for u in admin["upstreams"]
+            if u["name"] == "canary"
+            for i in u["instances"]
+        }
+        assert weights == {stub.address: 3, stub_b.address: 1}
+
+
 async def test_passive_ejection_and_active_health_checks(tmp_path, stub, stub_b):
     config = write_config(
         tmp_path / "gw.yaml",

@@ -111,6 +111,16 @@ CONFIG_ERRORS = [
         "routes[0].upstream",
     ),
     ({"upstreams": {"a": {"targets": ["no-port"]}}}, "upstreams.a.targets[0]"),
+    (
+        {"upstreams": {"a": {"targets": [{"address": "h:1", "weight": -1}]}}},
+        "upstreams.a.targets[0].weight",
+    ),
+    ({"upstreams": {"a": {"targets": [{"weight": 2}]}}}, "upstreams.a.targets[0].address"),
+    (
+        {"upstreams": {"a": {"targets": [{"address": "h:1", "wieght": 2}]}}},
+        "upstreams.a.targets[0].wieght",
+    ),
+    ({"upstreams": {"a": {"targets": [{"address": "h:1", "weight": 0}]}}}, "upstreams.a.targets"),
     ({"upstreams": {"a": {"targets": ["h:1"], "balance": "random"}}}, "upstreams.a.balance"),
     (
         {"upstreams": {"a": {"targets": ["h:1"], "pool": {"read_timeout": 0}}}},

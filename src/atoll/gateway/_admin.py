@@ -98,6 +98,7 @@ def upstreams_view(gateway: Gateway) -> list[dict[str, Any]]:
                 "instances": [
                     {
                         "address": i.address,
+                        "weight": i.weight,
                         "health": i.health(),
                         "outstanding": i.outstanding,
                         "idle_connections": i.idle_connections,

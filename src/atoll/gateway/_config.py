@@ -147,6 +147,9 @@ class UpstreamConfig:
 
     name: str
     targets: tuple[tuple[str, int], ...]
+    #: Each target's share of the traffic (``()``: all equal). A weight of 0 drains a
+    #: target: it gets requests only when no other is available.
+    weights: tuple[int, ...] = ()
     balance: str = "round_robin"
     preserve_host: bool = False
     pool: PoolConfig = PoolConfig()
@@ -620,6 +623,17 @@ def _admin(reader: _Reader, value: object) -> AdminSettings:
     )
 
 
+def _weighted_target(reader: _Reader, key: str, value: object) -> tuple[tuple[str, int], int]:
+    """A ``targets`` entry: ``"host:port"``, or ``{address: "host:port", weight: N}``."""
+    if isinstance(value, Mapping):
+        t = reader.table(key, value, ("address", "weight"))
+        if "address" not in t:
+            raise reader.error(f"{key}.address", "is required ('host:port')")
+        weight = reader.whole(f"{key}.weight", t.get("weight", 1), maximum=1000)
+        return _target(reader, f"{key}.address", t["address"]), weight
+    return _target(reader, key, value), 1
+
+
 def _target(reader: _Reader, key: str, value: object) -> tuple[str, int]:
     text = reader.string(key, value)
     text = text.removeprefix("http://")
@@ -694,14 +708,23 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
                     f"no service {service!r} in atoll.toml (known: {known_services})",
                 )
             targets: tuple[tuple[str, int], ...] = services[service]  # every instance
+            weights: tuple[int, ...] = (1,) * len(targets)
             origin = f"service:{service}"
         else:
             raw_targets = t["targets"]
             if not isinstance(raw_targets, list) or not raw_targets:
-                raise reader.error(f"{key}.targets", "must be a non-empty list of 'host:port'")
-            targets = tuple(
-                _target(reader, f"{key}.targets[{i}]", v) for i, v in enumerate(raw_targets)
-            )
+                raise reader.error(
+                    f"{key}.targets",
+                    "must be a non-empty list of 'host:port' (or {address, weight} tables)",
+                )
+            weighted = [
+                _weighted_target(reader, f"{key}.targets[{i}]", v)
+                for i, v in enumerate(raw_targets)
+            ]
+            targets = tuple(target for target, _ in weighted)
+            weights = tuple(weight for _, weight in weighted)
+            if not any(weights):
+                raise reader.error(f"{key}.targets", "every weight is 0: nothing would get traffic")
             origin = "static"
         balance = t.get("balance", "round_robin")
         if balance not in ("round_robin", "least_outstanding"):
@@ -773,6 +796,7 @@ def _upstreams(  # noqa: C901 - a flat validator, one key after another
         out[str(name)] = UpstreamConfig(
             name=str(name),
             targets=targets,
+            weights=weights if any(w != 1 for w in weights) else (),
             balance=balance,
             preserve_host=reader.flag(f"{key}.preserve_host", t.get("preserve_host", False)),
             pool=pool,

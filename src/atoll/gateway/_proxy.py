@@ -191,8 +191,9 @@ class UpstreamRuntime:
                 clock=clock,
                 tls=tls,
                 server_name=config.tls.server_name if config.tls is not None else None,
+                weight=config.weights[index] if config.weights else 1,
             )
-            for host, port in config.targets
+            for index, (host, port) in enumerate(config.targets)
         ]
         self.balancer = Balancer(self.instances, config.balance)
         self.pipeline = build_pipeline(config, source=source, clock=clock, random=random)

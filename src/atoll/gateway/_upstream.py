@@ -466,6 +466,7 @@ class Instance:
         "address",
         "clock",
         "consecutive_failures",
+        "current_weight",
         "ejected_until",
         "ejections_total",
         "failures_total",
@@ -481,6 +482,7 @@ class Instance:
         "requests_total",
         "server_name",
         "tls",
+        "weight",
     )
 
     def __init__(
@@ -493,8 +495,12 @@ class Instance:
         clock: Clock,
         tls: ssl.SSLContext | None = None,
         server_name: str | None = None,
+        weight: int = 1,
     ) -> None:
         self.host = host
+        #: Its share of the upstream's traffic (0: only when no other is available).
+        self.weight = weight
+        self.current_weight = 0  # smooth weighted round robin's running score
         #: HTTPS to this instance (``None``: plain HTTP), and the name its certificate
         #: must carry (sent as SNI).
         self.tls = tls
@@ -630,14 +636,23 @@ class Instance:
 
 
 class Balancer:
-    """Picks an instance: ``round_robin`` or ``least_outstanding``."""
+    """Picks an instance: ``round_robin`` or ``least_outstanding``, by weight if the
+    instances have different ones.
 
-    __slots__ = ("_next", "instances", "kind")
+    Weighted round robin is nginx's smooth one: each pick adds every candidate's weight
+    to its score, takes the highest and takes the total off it, so with weights 5, 1, 1
+    the picks interleave (a a b a c a a) instead of coming in bursts. Weighted least
+    outstanding takes the lowest ``(outstanding + 1) / weight``. Instances of weight 0
+    are picked only when no other is available.
+    """
+
+    __slots__ = ("_next", "instances", "kind", "weighted")
 
     def __init__(self, instances: list[Instance], kind: str) -> None:
         self.instances = instances
         self.kind = kind
         self._next = 0
+        self.weighted = len({i.weight for i in instances}) > 1
 
     def pick(self, avoid: Instance | None = None) -> Instance:
         """An available instance (not ``avoid`` if there is another); all if none is."""
@@ -647,6 +662,8 @@ class Balancer:
         candidates = [i for i in instances if i.available and i is not avoid]
         if not candidates:
             candidates = [i for i in instances if i is not avoid] or instances
+        if self.weighted:
+            return self._pick_weighted(candidates)
         self._next += 1
         start = self._next % len(candidates)
         if self.kind == "least_outstanding":
@@ -657,6 +674,22 @@ class Balancer:
                     best = candidate
             return best
         return candidates[start]
+
+    def _pick_weighted(self, candidates: list[Instance]) -> Instance:
+        weighted = [i for i in candidates if i.weight] or candidates
+        if len(weighted) == 1:
+            return weighted[0]
+        if self.kind == "least_outstanding":
+            return min(weighted, key=lambda i: (i.outstanding + 1) / (i.weight or 1))
+        total = 0
+        best = weighted[0]
+        for instance in weighted:
+            instance.current_weight += instance.weight or 1
+            total += instance.weight or 1
+            if instance.current_weight > best.current_weight:
+                best = instance
+        best.current_weight -= total
+        return best
 
 
 @dataclass(frozen=True, slots=True)
