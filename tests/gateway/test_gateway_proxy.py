@@ -305,3 +305,55 @@ async def test_unreachable_upstream_is_502_problem(tmp_path):
         assert r.status_code == 502
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["route"] == "d"
+
+
+async def test_routes_allow_and_deny_client_addresses(tmp_path, stub):
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [
+                {
+                    "name": "internal",
+                    "match": {"prefix": "/internal"},
+                    "upstream": "a",
+                    "allow_ips": ["10.0.0.0/8"],
+                },
+                {
+                    "name": "local",
+                    "match": {"prefix": "/local"},
+                    "upstream": "a",
+                    "allow_ips": "127.0.0.1",
+                },
+                {
+                    "name": "denied",
+                    "match": {"prefix": "/denied"},
+                    "upstream": "a",
+                    "allow_ips": ["127.0.0.0/8"],
+                    "deny_ips": ["127.0.0.1"],
+                },
+                {"name": "open", "match": {"prefix": "/"}, "upstream": "a"},
+            ],
+            server={"port": 8080, "access_log": False, "trusted_proxies": ["127.0.0.2"]},
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/internal/x"))
+        assert r.status_code == 403
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["route"] == "internal"
+        assert (await client.get(url(gw, "/local/x"))).status_code == 200
+        assert (await client.get(url(gw, "/denied/x"))).status_code == 403  # deny wins
+        assert (await client.get(url(gw, "/open/x"))).status_code == 200
+        assert len(stub.hits) == 2  # refused requests never reach the upstream
+        # A client's own X-Forwarded-For is not believed: the peer is not a trusted proxy.
+        forged = await client.get(url(gw, "/internal/x"), headers={"x-forwarded-for": "10.1.2.3"})
+        assert forged.status_code == 403
+    # Behind a trusted proxy, the client it names is the one judged.
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2")) as proxy,
+    ):
+        headers = {"x-forwarded-for": "10.1.2.3"}
+        assert (await proxy.get(url(gw, "/internal/x"), headers=headers)).status_code == 200
+        assert (await proxy.get(url(gw, "/local/x"), headers=headers)).status_code == 403

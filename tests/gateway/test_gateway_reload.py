@@ -135,6 +135,20 @@ CONFIG_ERRORS = [
         "upstreams.a.policy.retry.classifier",
     ),
     ({"server": {"prot": 1}}, "server.prot"),
+    (
+        {
+            "upstreams": {"a": {"targets": ["h:1"]}},
+            "routes": [
+                {
+                    "name": "x",
+                    "match": {"prefix": "/"},
+                    "upstream": "a",
+                    "allow_ips": ["10.0.0.300"],
+                }
+            ],
+        },
+        "routes[0].allow_ips[0]",
+    ),
     ({"server": {"body_timeout": -1}}, "server.body_timeout"),
     ({"server": {"trusted_proxies": ["10.0.0.0/8", "ten.0.0.1"]}}, "server.trusted_proxies[1]"),
     ({"server": {"trusted_proxies": ["::1", "10.0.0.1/8"]}}, "server.trusted_proxies[1]"),

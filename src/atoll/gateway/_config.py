@@ -214,6 +214,10 @@ class RouteConfig:
     response_headers: HeaderRules = HeaderRules()
     websocket: bool = False
     aggregate: AggregateConfig | None = None
+    #: Client addresses (after ``server.trusted_proxies``) the route accepts (``()``:
+    #: any), and those it refuses whatever ``allow_ips`` says.
+    allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    deny_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -855,6 +859,8 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         "response_headers",
         "websocket",
         "aggregate",
+        "allow_ips",
+        "deny_ips",
     )
     routes = []
     names: set[str] = set()
@@ -1007,6 +1013,8 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
                 ),
                 websocket=reader.flag(f"{key}.websocket", t.get("websocket", False)),
                 aggregate=aggregate,
+                allow_ips=_networks(reader, f"{key}.allow_ips", t.get("allow_ips", ())),
+                deny_ips=_networks(reader, f"{key}.deny_ips", t.get("deny_ips", ())),
             )
         )
     return tuple(routes)

@@ -86,3 +86,45 @@ def _address(entry: str) -> Address:
             raise ValueError(entry)
         return ipaddress.IPv4Address(host)
     return ipaddress.ip_address(entry)
+
+
+class AddressFilter:
+    """A route's ``allow_ips`` and ``deny_ips``: whether a client address may call it.
+
+    ``deny`` wins; with ``allow`` given, only addresses in it pass. An address that is
+    not an IP (a Unix socket peer) is in no network. IPv4-mapped IPv6 addresses count as
+    their IPv4 address. Verdicts are kept per address string, up to a bound.
+    """
+
+    __slots__ = ("_allow", "_deny", "_verdicts")
+
+    def __init__(self, allow: tuple[Network, ...], deny: tuple[Network, ...]) -> None:
+        self._allow = allow
+        self._deny = deny
+        self._verdicts: dict[str, bool] = {}
+
+    def permits(self, client: str) -> bool:
+        """Whether ``client`` (an address as text) may call the route."""
+        verdict = self._verdicts.get(client)
+        if verdict is None:
+            verdict = self._judge(client)
+            if len(self._verdicts) >= _VERDICT_CACHE:
+                self._verdicts.clear()
+            self._verdicts[client] = verdict
+        return verdict
+
+    def _judge(self, client: str) -> bool:
+        try:
+            address: Address = ipaddress.ip_address(client)
+        except ValueError:
+            return not self._allow
+        mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is not None:
+            address = mapped
+        if any(address in network for network in self._deny):
+            return False
+        return not self._allow or any(address in network for network in self._allow)
+
+
+#: Client addresses whose verdicts a route keeps (clients are many; the bound is memory).
+_VERDICT_CACHE = 65536

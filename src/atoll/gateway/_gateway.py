@@ -31,7 +31,7 @@ from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.gateway._aggregate import aggregate
 from atoll.gateway._auth import Authenticator, AuthError, Identity
 from atoll.gateway._config import GatewayConfig, RouteConfig, load_gateway_config
-from atoll.gateway._forwarded import TrustedProxies
+from atoll.gateway._forwarded import AddressFilter, TrustedProxies
 from atoll.gateway._limits import RouteLimits, client_key, gated
 from atoll.gateway._metrics import GatewayMetrics
 from atoll.gateway._proxy import IDEMPOTENT, BodyTooLargeError, Call, UpstreamRuntime
@@ -142,6 +142,12 @@ class Generation:
         self.trusted_proxies = (
             TrustedProxies(config.server.trusted_proxies) if config.server.trusted_proxies else None
         )
+        #: The routes' ``allow_ips``/``deny_ips``, by route name (only routes with some).
+        self.address_filters = {
+            route.name: AddressFilter(route.allow_ips, route.deny_ips)
+            for route in config.routes
+            if route.allow_ips or route.deny_ips
+        }
         self.trust_request_id = config.server.trust_request_id
         self.forward_token = config.auth.jwt is not None and config.auth.jwt.forward_token
         self.trust_deadline = config.server.trust_deadline
@@ -622,6 +628,18 @@ class Gateway:
             return
         route = match.route
         stats = self.metrics.route(route.name)
+        if gen.address_filters and not self._address_permitted(gen, route, request.client):
+            self._send_problem(
+                request,
+                route,
+                403,
+                "this route does not take requests from here",
+                rid,
+                cors=cors_headers,
+            )
+            stats.record(403, self.clock.monotonic() - started)
+            self._log(request, route, 403, started, rid, None, None)
+            return
         limit = route.max_body if route.max_body is not None else gen.max_body
         if request.content_length is not None and request.content_length > limit:
             self._send_problem(
@@ -778,6 +796,11 @@ class Gateway:
             self._log(request, route, status, started, rid, route.upstream, identity)
             if span is not None:
                 span.__exit__(None, None, None)
+
+    @staticmethod
+    def _address_permitted(gen: Generation, route: RouteConfig, client: str) -> bool:
+        address_filter = gen.address_filters.get(route.name)
+        return address_filter is None or address_filter.permits(client)
 
     def _server_span(  # noqa: PLR0917 - private, called once
         self,
