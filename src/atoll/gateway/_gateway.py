@@ -629,30 +629,30 @@ class Gateway:
         route = match.route
         stats = self.metrics.route(route.name)
         if gen.address_filters and not self._address_permitted(gen, route, request.client):
-            self._send_problem(
+            self._refuse_routed(
                 request,
                 route,
+                stats,
+                started,
+                rid,
                 403,
                 "this route does not take requests from here",
-                rid,
                 cors=cors_headers,
             )
-            stats.record(403, self.clock.monotonic() - started)
-            self._log(request, route, 403, started, rid, None, None)
             return
         limit = route.max_body if route.max_body is not None else gen.max_body
         if request.content_length is not None and request.content_length > limit:
-            self._send_problem(
+            self._refuse_routed(
                 request,
                 route,
+                stats,
+                started,
+                rid,
                 413,
                 f"the request body is larger than {limit} bytes",
-                rid,
                 close=True,
                 cors=cors_headers,
             )
-            stats.record(413, self.clock.monotonic() - started)
-            self._log(request, route, 413, started, rid, None, None)
             return
         # Who is calling.
         identity: Identity | None = None
@@ -665,12 +665,18 @@ class Gateway:
                 identity = found
             except AuthError as exc:
                 scheme = "ApiKey" if route.auth == ("api_key",) else "Bearer"
-                headers = [(b"www-authenticate", exc.www_authenticate(scheme))]
-                self._send_problem(
-                    request, route, exc.status, exc.detail, rid, headers=headers, cors=cors_headers
+                self._refuse_routed(
+                    request,
+                    route,
+                    stats,
+                    started,
+                    rid,
+                    exc.status,
+                    exc.detail,
+                    headers=[(b"www-authenticate", exc.www_authenticate(scheme))],
+                    cors=cors_headers,
+                    identity=identity,
                 )
-                stats.record(exc.status, self.clock.monotonic() - started)
-                self._log(request, route, exc.status, started, rid, None, identity)
                 return
         # How often.
         permit: Permit | None = None
@@ -681,20 +687,21 @@ class Gateway:
             if not permit.granted:
                 stats.rate_limited += 1
                 retry_after = max(1, math.ceil(permit.wait))
-                self._send_problem(
+                self._refuse_routed(
                     request,
                     route,
+                    stats,
+                    started,
+                    rid,
                     429,
                     "too many requests; try again later",
-                    rid,
                     headers=[
                         (b"retry-after", str(retry_after).encode()),
                         *_ratelimit_headers(permit),
                     ],
                     cors=cors_headers,
+                    identity=identity,
                 )
-                stats.record(429, self.clock.monotonic() - started)
-                self._log(request, route, 429, started, rid, None, identity)
                 return
         # Forwarded headers. A bearer token the gateway verified stays here (as Envoy's
         # jwt_authn does): upstreams get the identity headers, not a credential to replay.
@@ -737,16 +744,17 @@ class Gateway:
             incoming = Deadline.from_header(deadline_value.decode("latin-1"), clock=self.clock)
             if incoming is not None:
                 if incoming.expired:
-                    self._send_problem(
+                    self._refuse_routed(
                         request,
                         route,
+                        stats,
+                        started,
+                        rid,
                         504,
                         "the caller's deadline had already passed",
-                        rid,
                         cors=cors_headers,
+                        identity=identity,
                     )
-                    stats.record(504, self.clock.monotonic() - started)
-                    self._log(request, route, 504, started, rid, None, identity)
                     return
                 deadline = incoming.earliest(deadline)
         extra = _ratelimit_headers(permit) if permit is not None else []
@@ -796,6 +804,29 @@ class Gateway:
             self._log(request, route, status, started, rid, route.upstream, identity)
             if span is not None:
                 span.__exit__(None, None, None)
+
+    def _refuse_routed(  # noqa: PLR0917 - one early answer's parts
+        self,
+        request: Request,
+        route: RouteConfig,
+        stats: Any,
+        started: float,
+        rid: bytes,
+        status: int,
+        detail: str,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+        cors: list[tuple[bytes, bytes]] | None = None,
+        identity: Identity | None = None,
+    ) -> None:
+        """Answer a routed request before it goes upstream: the problem, the route's
+        metrics and the access log line."""
+        self._send_problem(
+            request, route, status, detail, rid, headers=headers, close=close, cors=cors
+        )
+        stats.record(status, self.clock.monotonic() - started)
+        self._log(request, route, status, started, rid, None, identity)
 
     @staticmethod
     def _address_permitted(gen: Generation, route: RouteConfig, client: str) -> bool:
