@@ -332,7 +332,10 @@ class Gateway:
         if (self._tls is None) != (config.server.tls is None):
             log.warning("gateway: turning server.tls on or off takes a restart")
         elif self._tls is not None and config.server.tls is not None:
-            apply_tls(self._tls, config.server.tls, config.source)
+            try:  # loaded once above already: only a file changed in between fails here
+                apply_tls(self._tls, config.server.tls, config.source)
+            except ConfigError as exc:
+                log.error("gateway: the certificate was not renewed: %s", exc)  # noqa: TRY400 - the message says it all
         old = self.gen
         self.gen = generation
         self.store = store

@@ -498,16 +498,16 @@ class Instance:
         weight: int = 1,
     ) -> None:
         self.host = host
-        #: Its share of the upstream's traffic (0: only when no other is available).
-        self.weight = weight
-        self.current_weight = 0  # smooth weighted round robin's running score
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.host_header = self.address.encode()
         #: HTTPS to this instance (``None``: plain HTTP), and the name its certificate
         #: must carry (sent as SNI).
         self.tls = tls
         self.server_name = server_name or host
-        self.port = port
-        self.address = f"{host}:{port}"
-        self.host_header = self.address.encode()
+        #: Its share of the upstream's traffic (0: only when no other is available).
+        self.weight = weight
+        self.current_weight = 0  # smooth weighted round robin's running score
         self.pool = pool
         self.passive = passive
         self.clock = clock
