@@ -8,7 +8,8 @@ import httpx
 import pytest
 import websockets
 import yaml
-from gateway_support import base_config, running_gateway, write_config
+from gateway_support import admin_url, base_config, running_gateway, write_config
+from prometheus_client.parser import text_string_to_metric_families
 
 from atoll.config import ConfigError
 from atoll.gateway import Gateway
@@ -67,6 +68,20 @@ async def test_requests_over_tls_are_proxied_as_https(tmp_path, stub, certs):
                 await plain.get(f"http://127.0.0.1:{gw.port}/")
         r = await client.get(f"https://127.0.0.1:{gw.port}/still-serving")
         assert r.status_code == 200
+        # When the certificate expires, for monitoring: the admin view and a gauge.
+        from cryptography import x509  # noqa: PLC0415 - only this check reads certificates
+
+        expires = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+        view = (await client.get(admin_url(gw, "/config"))).json()["tls"]
+        assert view["not_after"] == expires.not_valid_after_utc.isoformat()
+        assert view["min_version"] == "1.2"
+        metrics = (await client.get(admin_url(gw, "/metrics"))).text
+        [gauge] = [
+            family
+            for family in text_string_to_metric_families(metrics)
+            if family.name == "atoll_gateway_tls_certificate_not_after_seconds"
+        ]
+        assert gauge.samples[0].value == expires.not_valid_after_utc.timestamp()
 
 
 async def test_a_renewed_certificate_is_loaded_on_reload(tmp_path, stub, certs):

@@ -14,6 +14,7 @@ authentication that this port does not have.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -23,6 +24,20 @@ from atoll.resilience import snapshot_to_json
 
 if TYPE_CHECKING:
     from atoll.gateway._gateway import Gateway
+
+
+def _tls_view(gateway: Gateway) -> dict[str, Any] | None:
+    tls = gateway.gen.config.server.tls
+    if tls is None:
+        return None
+    expires = gateway.tls_not_after
+    return {
+        "cert": str(tls.cert),
+        "min_version": tls.min_version,
+        "not_after": (
+            None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
+        ),
+    }
 
 
 def _send(request: Request, status: int, body: bytes, content_type: bytes) -> None:
@@ -165,6 +180,7 @@ async def handle_admin(gateway: Gateway, request: Request) -> None:  # noqa: C90
                 "reloads": gateway.reloads,
                 "refused": gateway.reload_failures,
                 "last_error": gateway.last_reload_error,
+                "tls": _tls_view(gateway),
             },
         )
     else:

@@ -45,6 +45,7 @@ from atoll.gateway._server import (
     status_line,
 )
 from atoll.gateway._tls import apply as apply_tls
+from atoll.gateway._tls import not_after as tls_not_after
 from atoll.gateway._tls import server_context
 from atoll.gateway._upstream import Response, UpstreamError, connection_options
 from atoll.resilience import (
@@ -230,8 +231,11 @@ class Gateway:
         self.store_url = config.rate_limit_store
         self.gen = self._build(config, {}, self.store)
         self._tls: ssl.SSLContext | None = None
+        #: When the listener's certificate expires (Unix time), with TLS on.
+        self.tls_not_after: float | None = None
         if config.server.tls is not None:
             self._tls = server_context(config.server.tls, config.source)
+            self.tls_not_after = tls_not_after(config.server.tls)
         #: What X-Forwarded-Proto says upstream: how clients reach this listener.
         self._proto = b"https" if self._tls is not None else b"http"
         self.metrics = GatewayMetrics(self)
@@ -334,6 +338,7 @@ class Gateway:
         elif self._tls is not None and config.server.tls is not None:
             try:  # loaded once above already: only a file changed in between fails here
                 apply_tls(self._tls, config.server.tls, config.source)
+                self.tls_not_after = tls_not_after(config.server.tls)
             except ConfigError as exc:
                 log.error("gateway: the certificate was not renewed: %s", exc)  # noqa: TRY400 - the message says it all
         old = self.gen

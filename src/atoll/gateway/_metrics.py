@@ -157,6 +157,12 @@ class _Collector(Collector):
         reloads.add_metric(["applied"], gateway.reloads)
         reloads.add_metric(["refused"], gateway.reload_failures)
         yield reloads
+        if gateway.tls_not_after is not None:
+            yield GaugeMetricFamily(
+                "atoll_gateway_tls_certificate_not_after_seconds",
+                "When the listener's TLS certificate expires (Unix time)",
+                value=gateway.tls_not_after,
+            )
         auth = CounterMetricFamily(
             "atoll_gateway_auth_failures", "Refused credentials by reason", labels=["reason"]
         )

@@ -40,6 +40,18 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     context.minimum_version = _VERSIONS[settings.min_version]
 
 
+def not_after(settings: TlsSettings) -> float | None:
+    """When the listener's certificate expires (Unix time), for the admin port and the
+    metrics; ``None`` if it cannot be read (it loaded, so that is only a race)."""
+    from cryptography import x509  # noqa: PLC0415 - the gateway extra brings it (PyJWT's)
+
+    try:
+        certificate = x509.load_pem_x509_certificate(settings.cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return certificate.not_valid_after_utc.timestamp()
+
+
 def client_context(settings: UpstreamTlsConfig, key: str, source: str) -> ssl.SSLContext:
     """A client context for HTTPS to an upstream's instances, or :class:`ConfigError`
     (naming ``key``) if its files do not load."""
