@@ -1,6 +1,7 @@
 """Malformed, oversized and hostile requests: the right status, problem+json, no crash."""
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -127,3 +128,16 @@ async def test_a_request_body_that_stalls_is_408_and_closes(tmp_path, stub, leng
         assert b"connection: close" in raw.lower()
         assert 0.25 < elapsed < 3  # closed by the gateway, not by raw_request's timeout
         assert gw.in_flight == 0
+
+
+async def test_malformed_bytes_behind_good_requests_are_refused_after_them(config, stub):
+    """Requests that parsed are answered first, in order; then the garbage pipelined
+    behind them gets its 400 and the connection ends (the fuzz test found these answers
+    cut off: the connection closed as soon as the garbage was read)."""
+    async with running_gateway(config) as gw:
+        good = b"GET /one HTTP/1.1\r\nhost: x\r\n\r\nGET /two HTTP/1.1\r\nhost: x\r\n\r\n"
+        raw = await raw_request(gw.port, good + b"\x00\xfagarbage\r\n\r\n", read_timeout=5)
+    # Bodies are not CRLF-terminated: each status line follows the previous body.
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"200", b"200", b"400"]
+    assert [hit["path"] for hit in stub.hits] == ["/one", "/two"]
+    assert raw.rstrip().endswith(b"}")  # the problem body, then the gateway closed

@@ -296,6 +296,7 @@ class Connection(asyncio.Protocol):
         "_parser",
         "_pending",
         "_reading_paused",
+        "_refused",
         "_url",
         "_writable",
         "closed",
@@ -321,6 +322,8 @@ class Connection(asyncio.Protocol):
         self._pending: deque[Request] = deque()  # parsed, waiting for their turn
         self._writable: asyncio.Future[None] | None = None
         self._reading_paused = False
+        #: A malformed request parsed behind others: refused once they are answered.
+        self._refused: RequestError | None = None
         self.last_active = 0.0
         #: The request whose response is being written, if any.
         self.responding: Request | None = None
@@ -475,8 +478,10 @@ class Connection(asyncio.Protocol):
             return
         if self._pending:
             self._start(self._pending.popleft())
-            if len(self._pending) <= 1:
+            if len(self._pending) <= 1 and self._refused is None:
                 self._resume_reading()
+        elif self._refused is not None:
+            self.state.on_bad_request(self, self._refused)
         else:
             self.last_active = self._loop.time()
 
@@ -488,8 +493,14 @@ class Connection(asyncio.Protocol):
             current.body._fail(exc)
         elif self.responding is None:
             self.state.on_bad_request(self, exc)
-        else:
+        elif current is not None and not current.body.complete:
+            # A bad body of a request still waiting its turn: it cannot be answered in
+            # order, and the stream is out of step from here.
             self.close()
+        else:
+            # Malformed bytes pipelined behind requests that parsed: those are answered
+            # first, in order, then this refusal (RFC 9112 9.3.2), and the connection ends.
+            self._refused = exc
 
     # -- writing ------------------------------------------------------------------------
 
