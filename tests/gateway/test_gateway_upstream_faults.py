@@ -59,6 +59,12 @@ class RawUpstream:
                 if mode == "garbage":
                     writer.write(b"HTTP/1.1 abc\r\n\r\n")
                     break
+                if mode == "early":  # answers at once, reads the body on (and drops it)
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+                    await writer.drain()
+                    while await reader.read(65536):
+                        pass
+                    break
                 if mode == "stall-body":  # a head, part of the body, then nothing
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
                     writer.write(b"z" * 100_000)
@@ -223,6 +229,26 @@ async def test_a_body_that_stalls_is_cut_off_after_the_read_timeout(tmp_path, ra
         raw.mode = "ok"
         assert (await client.get(url(gw, "/after"))).status_code == 200
         assert raw.connections == 2
+        assert gw.in_flight == 0
+
+
+async def test_an_answer_before_the_whole_body_keeps_the_connection_out_of_the_pool(tmp_path, raw):
+    """An instance that answers while a streamed body is still being copied: the client
+    gets the answer, the copy's end (the client leaving) is not an error nobody reads, and
+    that connection never goes back to the pool while the body is unfinished."""
+    async with running_gateway(gateway_config(tmp_path, raw)) as gw, httpx.AsyncClient() as client:
+        raw.mode = "early"
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 200000\r\n\r\n")
+        writer.write(b"u" * 70_000)  # over 64 KiB: streamed, not read whole first
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.endswith(b"early")
+        writer.close()  # the rest of the body never comes
+        raw.mode = "ok"
+        assert (await client.get(url(gw, "/after"))).status_code == 200
+        assert raw.connections == 2  # a new connection: the first was not pooled
         assert gw.in_flight == 0
 
 

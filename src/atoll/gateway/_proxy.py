@@ -373,6 +373,7 @@ class UpstreamRuntime:
         waiter: asyncio.Future[Response] | None = None
         try:
             waiter = conn.send(self._head(instance, call, trace), head_only=call.head_only)
+            conn.sending_body = True
             pump = asyncio.get_running_loop().create_task(
                 _pump(call.stream, conn, call.stream_limit)
             )
@@ -382,7 +383,7 @@ class UpstreamRuntime:
                 # which fails the waiter too, often before this task wakes up.
                 pump.result()
                 return await waiter
-            return waiter.result()
+            response = waiter.result()
         except BaseException:
             if pump is not None:
                 pump.cancel()
@@ -395,6 +396,12 @@ class UpstreamRuntime:
                     waiter.exception()  # read: the body's error is the one raised
             conn.abort()
             raise
+        # The instance answered before the whole body was sent. The copy goes on (an
+        # instance may stream its answer as the body arrives; the connection is not pooled
+        # until it ends, see UpstreamConnection.sending_body). Whatever the copy ends with
+        # is no longer anyone's business: read, so it is not logged as lost.
+        pump.add_done_callback(_read_outcome)
+        return response
 
 
 def _set_target(span: Any, call: Call, target: bytes) -> None:
@@ -404,6 +411,11 @@ def _set_target(span: Any, call: Call, target: bytes) -> None:
         span.set_attribute("server.address", instance.host)
         span.set_attribute("server.port", instance.port)
         span.set_attribute("url.full", f"http://{instance.address}{target.decode('latin-1')}")
+
+
+def _read_outcome(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _pump(body: Body, conn: Any, limit: int | None) -> None:
@@ -418,6 +430,7 @@ async def _pump(body: Body, conn: Any, limit: int | None) -> None:
         if writable is not None:
             await writable
     conn.write(b"0\r\n\r\n")
+    conn.sending_body = False
 
 
 def upstreams_changed(

@@ -242,6 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "response",
         "reused",
+        "sending_body",
         "transport",
     )
 
@@ -258,6 +259,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._paused = False
         self.closed = False
         self.reused = False
+        #: A streamed request body is still being written: not to be pooled meanwhile,
+        #: even if the instance has answered already.
+        self.sending_body = False
         self.idle_since = 0.0
         self.leftover = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -400,7 +404,12 @@ class UpstreamConnection(asyncio.Protocol):
     def _done(self) -> None:
         response = self.response
         self._uncount()
-        if response is not None and response.keep_alive and not self.closed:
+        if (
+            response is not None
+            and response.keep_alive
+            and not self.closed
+            and not self.sending_body
+        ):
             self.instance.pool_release(self)
         else:
             self.abort()
