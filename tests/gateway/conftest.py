@@ -3,6 +3,8 @@ import gc
 import pytest
 from gateway_support import Stub
 
+from support import write_certificates
+
 
 @pytest.fixture(autouse=True)
 def collect_fully():
@@ -27,3 +29,13 @@ async def stub_b():
     server = await Stub("b").start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files
+    in ``tmp_path / "certs"`` (``support.write_certificates``)."""
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    write_certificates(directory)
+    return directory

@@ -17,14 +17,6 @@ from atoll.gateway._config import load_gateway_config
 from support import write_certificates
 
 
-@pytest.fixture
-def certs(tmp_path):
-    directory = tmp_path / "certs"
-    directory.mkdir()
-    write_certificates(directory)
-    return directory
-
-
 def tls_config(tmp_path, stub, tls):
     return write_config(
         tmp_path / "gw.yaml",

@@ -12,15 +12,6 @@ from atoll.config import ConfigError
 from atoll.gateway import Gateway
 from atoll.gateway._config import load_gateway_config
 from atoll.testing import wait_until
-from support import write_certificates
-
-
-@pytest.fixture
-def certs(tmp_path):
-    directory = tmp_path / "certs"
-    directory.mkdir()
-    write_certificates(directory)
-    return directory
 
 
 @pytest.fixture
