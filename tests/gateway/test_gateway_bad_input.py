@@ -141,3 +141,13 @@ async def test_malformed_bytes_behind_good_requests_are_refused_after_them(confi
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"200", b"200", b"400"]
     assert [hit["path"] for hit in stub.hits] == ["/one", "/two"]
     assert raw.rstrip().endswith(b"}")  # the problem body, then the gateway closed
+
+
+async def test_a_bad_body_behind_a_good_request_is_refused_in_its_turn(config, stub):
+    async with running_gateway(config) as gw:
+        good = b"GET /one HTTP/1.1\r\nhost: x\r\n\r\n"
+        bad = b"POST /two HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+        raw = await raw_request(gw.port, good + bad, read_timeout=5)
+        assert gw.in_flight == 0
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", raw) == [b"200", b"400"]
+    assert [hit["path"] for hit in stub.hits] == ["/one"]

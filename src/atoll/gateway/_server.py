@@ -494,9 +494,11 @@ class Connection(asyncio.Protocol):
         elif self.responding is None:
             self.state.on_bad_request(self, exc)
         elif current is not None and not current.body.complete:
-            # A bad body of a request still waiting its turn: it cannot be answered in
-            # order, and the stream is out of step from here.
-            self.close()
+            # A bad body of a request still waiting its turn: its handler meets the error
+            # when it reads the body, and answers it in order; reading stays paused (the
+            # stream is out of step from here) and the connection ends after that answer.
+            current.body._fail(exc)
+            self._refused = exc
         else:
             # Malformed bytes pipelined behind requests that parsed: those are answered
             # first, in order, then this refusal (RFC 9112 9.3.2), and the connection ends.
