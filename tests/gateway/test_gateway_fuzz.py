@@ -18,8 +18,11 @@ from gateway_support import base_config, write_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from atoll.gateway import Gateway
+from atoll.gateway import Gateway, mint_token
 
+SECRET = "fuzz-secret-0123456789-0123456789-abcdef"
+#: A valid token, for the fuzzer to send whole, cut short, altered or rearranged.
+TOKEN = mint_token(subject="fuzz", scopes=["s1"], secret=SECRET.encode(), issuer="fuzz")
 #: Statuses the gateway may answer a bad request with, or pass on from the upstream.
 ALLOWED = {200, 204, 400, 401, 403, 404, 405, 408, 413, 414, 429, 431, 501, 502, 503, 504}
 STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3}) ")
@@ -68,6 +71,13 @@ def gateway(tmp_path_factory):
                 {"name": "small", "match": {"prefix": "/small"}, "upstream": "a", "max_body": 16},
                 {"name": "key", "match": {"prefix": "/keyed"}, "upstream": "a", "auth": "api_key"},
                 {"name": "ws", "match": {"prefix": "/ws"}, "upstream": "a", "websocket": True},
+                {
+                    "name": "jwt",
+                    "match": {"prefix": "/jwt"},
+                    "upstream": "a",
+                    "auth": "jwt",
+                    "scopes": ["s1"],
+                },
                 {"name": "a", "match": {"prefix": "/"}, "upstream": "a"},
             ],
             server={
@@ -78,7 +88,10 @@ def gateway(tmp_path_factory):
                 "max_header_bytes": 2048,
                 "max_url_bytes": 512,
             },
-            auth={"api_keys": {"keys": [{"name": "k", "key": "secret-key-0123456789"}]}},
+            auth={
+                "api_keys": {"keys": [{"name": "k", "key": "secret-key-0123456789"}]},
+                "jwt": {"algorithms": ["HS256"], "hs256_secret": SECRET, "issuer": "fuzz"},
+            },
         ),
     )
     errors = _Errors()
@@ -102,19 +115,24 @@ def gateway(tmp_path_factory):
 
 
 def exchange(port: int, data: bytes, *, head_only: bool = False) -> bytes:
-    """Send ``data`` and read one answer: its head, and its body by its Content-Length
-    (none for a HEAD, a 204 or a 304); what came back if the gateway closed first."""
+    """Send ``data`` and read one final answer (after any 100 Continue): its head, and its
+    body by its Content-Length (none for a HEAD, a 204 or a 304); what came back if the
+    gateway closed first."""
     with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
         with contextlib.suppress(OSError):  # refused mid-send: read the answer anyway
             sock.sendall(data)
         received = b""
         try:
-            while b"\r\n\r\n" not in received:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return received
-                received += chunk
-            head, _, body = received.partition(b"\r\n\r\n")
+            while True:
+                while b"\r\n\r\n" not in received:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return received
+                    received += chunk
+                head, _, body = received.partition(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 1"):
+                    break
+                received = body  # an interim answer (100 Continue): the final one follows
             length = re.search(rb"(?im)^content-length: *(\d+)", head)
             status = STATUS.match(head)
             if head_only or length is None or (status and status.group(1) in (b"204", b"304")):
@@ -131,16 +149,19 @@ def exchange(port: int, data: bytes, *, head_only: bool = False) -> bytes:
 
 _token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1, max_size=12)
 _bytes_text = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
-_methods = st.sampled_from(
+_known_methods = st.sampled_from(
     [b"GET", b"POST", b"PUT", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE"]
-) | st.binary(max_size=8)
-_paths = st.sampled_from(["/", "/small", "/keyed/x", "/ws", "/a/b", "/a?q=1", "*"]).map(
+)
+# Mostly methods that parse, so that most examples get past the parser to routing,
+# authentication and the upstream; some raw bytes for the parser itself.
+_methods = _known_methods | _known_methods | _known_methods | st.binary(max_size=8)
+_paths = st.sampled_from(["/", "/small", "/keyed/x", "/ws", "/jwt", "/a/b", "/a?q=1", "*"]).map(
     str.encode
 ) | st.lists(
     st.sampled_from(["a", ".", "..", "%2e", "%2F", "%00", "\\", "é", "%", "~", ";", "?", "#"]),
     max_size=6,
 ).map(lambda parts: ("/" + "/".join(parts)).encode())
-_versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.x", b""])
+_versions = st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.x", b""])
 _header_names = st.sampled_from(
     [
         b"host",
@@ -182,6 +203,13 @@ _header_values = (
         ]
     )
     | _bytes_text
+    | st.builds(lambda token: b"Bearer " + token.encode(), st.just(TOKEN))
+    | st.builds(lambda cut: b"Bearer " + TOKEN[:cut].encode(), st.integers(0, len(TOKEN) - 1))
+    | st.builds(
+        lambda at: b"Bearer " + (TOKEN[:at] + "A" + TOKEN[at + 1 :]).encode(),
+        st.integers(0, len(TOKEN) - 1),
+    )
+    | st.just(b"Bearer " + ".".join(reversed(TOKEN.split("."))).encode())
 )
 _requests = st.tuples(
     _methods,
