@@ -5,8 +5,10 @@ import asyncio
 import httpx
 import pytest
 from gateway_support import Stub, admin_url, base_config, running_gateway, url, write_config
+from prometheus_client.parser import text_string_to_metric_families
 
 from atoll.testing import wait_until
+from support import free_port
 
 
 @pytest.fixture
@@ -357,3 +359,75 @@ async def test_routes_allow_and_deny_client_addresses(tmp_path, stub):
         headers = {"x-forwarded-for": "10.1.2.3"}
         assert (await proxy.get(url(gw, "/internal/x"), headers=headers)).status_code == 200
         assert (await proxy.get(url(gw, "/local/x"), headers=headers)).status_code == 403
+
+
+async def test_a_mirrored_route_copies_requests_and_drops_the_copies_answers(
+    tmp_path, stub, stub_b
+):
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {
+                "main": {"targets": [stub.address]},
+                "shadow": {"targets": [stub_b.address]},
+                "gone": {"targets": [f"127.0.0.1:{free_port()}"]},
+            },
+            [
+                {
+                    "name": "mirrored",
+                    "match": {"prefix": "/m"},
+                    "upstream": "main",
+                    "mirror": {"upstream": "shadow"},
+                },
+                {
+                    "name": "none",
+                    "match": {"prefix": "/n"},
+                    "upstream": "main",
+                    "mirror": {"upstream": "shadow", "percent": 0},
+                },
+                {
+                    "name": "broken",
+                    "match": {"prefix": "/b"},
+                    "upstream": "main",
+                    "mirror": {"upstream": "gone"},
+                },
+            ],
+        ),
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        r = await client.post(url(gw, "/m/orders"), json={"n": 1})
+        assert r.status_code == 200
+        assert r.json()["stub"] == "a"  # the client gets the main upstream's answer
+        await wait_until(lambda: len(stub_b.hits) == 1, timeout=5, what="the copy")
+        copy, original = stub_b.hits[0], stub.hits[0]
+        assert (copy["method"], copy["path"], copy["body"]) == ("POST", "/m/orders", b'{"n":1}')
+        assert copy["headers"]["x-atoll-mirror"] == "true"
+        assert "x-atoll-mirror" not in original["headers"]
+        assert copy["headers"]["x-request-id"] == original["headers"]["x-request-id"]
+        for _ in range(5):
+            assert (await client.get(url(gw, "/n/x"))).status_code == 200
+        # A mirror that cannot be reached changes nothing for the client.
+        stub_b.status = 500
+        assert (await client.get(url(gw, "/b/x"))).status_code == 200
+        assert (await client.get(url(gw, "/m/x"))).status_code == 200
+
+        async def mirrored():
+            text = (await client.get(admin_url(gw, "/metrics"))).text
+            return {
+                (sample.labels["route"], sample.labels["outcome"]): sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "atoll_gateway_mirrored"
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            }
+
+        async def all_counted():
+            return sum((await mirrored()).values()) == 3
+
+        await wait_until(all_counted, timeout=5, what="the copies' outcomes")
+        assert await mirrored() == {
+            ("mirrored", "sent"): 1.0,
+            ("mirrored", "failed"): 1.0,  # the shadow answered 500
+            ("broken", "failed"): 1.0,
+        }
+    assert len(stub_b.hits) == 2  # none of the percent-0 route's requests

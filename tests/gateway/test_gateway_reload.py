@@ -143,6 +143,34 @@ CONFIG_ERRORS = [
                     "name": "x",
                     "match": {"prefix": "/"},
                     "upstream": "a",
+                    "mirror": {"upstream": "b"},
+                }
+            ],
+        },
+        "routes[0].mirror.upstream",
+    ),
+    (
+        {
+            "upstreams": {"a": {"targets": ["h:1"]}},
+            "routes": [
+                {
+                    "name": "x",
+                    "match": {"prefix": "/"},
+                    "upstream": "a",
+                    "mirror": {"upstream": "a", "percent": 101},
+                }
+            ],
+        },
+        "routes[0].mirror.percent",
+    ),
+    (
+        {
+            "upstreams": {"a": {"targets": ["h:1"]}},
+            "routes": [
+                {
+                    "name": "x",
+                    "match": {"prefix": "/"},
+                    "upstream": "a",
                     "allow_ips": ["10.0.0.300"],
                 }
             ],

@@ -192,6 +192,17 @@ class AggregateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """``routes[i].mirror``: a copy of requests for another upstream (shadow traffic)."""
+
+    upstream: str
+    #: The share of the route's requests copied, 0 to 100.
+    percent: float = 100.0
+    #: Copies in flight at most; beyond it a request is not copied (the mirror lags).
+    max_in_flight: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """``routes[i]``."""
 
@@ -218,6 +229,8 @@ class RouteConfig:
     #: any), and those it refuses whatever ``allow_ips`` says.
     allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     deny_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: Shadow traffic: copies of the route's requests to another upstream, answers dropped.
+    mirror: MirrorConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -861,6 +874,7 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         "aggregate",
         "allow_ips",
         "deny_ips",
+        "mirror",
     )
     routes = []
     names: set[str] = set()
@@ -909,6 +923,8 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         if "aggregate" in t:
             if "upstream" in t:
                 raise reader.error(key, "an aggregate route has no 'upstream' of its own")
+            if t.get("mirror") is not None:
+                raise reader.error(f"{key}.mirror", "an aggregate route is not mirrored")
             aggregate = _aggregate(
                 reader, f"{key}.aggregate", t["aggregate"], upstreams, path or prefix or ""
             )
@@ -1015,9 +1031,34 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
                 aggregate=aggregate,
                 allow_ips=_networks(reader, f"{key}.allow_ips", t.get("allow_ips", ())),
                 deny_ips=_networks(reader, f"{key}.deny_ips", t.get("deny_ips", ())),
+                mirror=(
+                    _mirror(reader, f"{key}.mirror", t["mirror"], upstreams)
+                    if t.get("mirror") is not None
+                    else None
+                ),
             )
         )
     return tuple(routes)
+
+
+def _mirror(
+    reader: _Reader, key: str, value: object, upstreams: Mapping[str, UpstreamConfig]
+) -> MirrorConfig:
+    t = reader.table(key, value, ("upstream", "percent", "max_in_flight"))
+    upstream = reader.string(f"{key}.upstream", t.get("upstream"))
+    if upstream not in upstreams:
+        raise reader.error(
+            f"{key}.upstream",
+            f"no upstream {upstream!r} (known: {', '.join(sorted(upstreams)) or 'none'})",
+        )
+    percent = reader.number(f"{key}.percent", t.get("percent", 100))
+    if percent > 100:
+        raise reader.error(f"{key}.percent", f"must be <= 100, got {percent:g}")
+    return MirrorConfig(
+        upstream=upstream,
+        percent=percent,
+        max_in_flight=reader.whole(f"{key}.max_in_flight", t.get("max_in_flight", 100), minimum=1),
+    )
 
 
 def _aggregate(  # noqa: C901 - a flat validator

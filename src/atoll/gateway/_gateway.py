@@ -30,7 +30,7 @@ from atoll.config import ConfigError
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.gateway._aggregate import aggregate
 from atoll.gateway._auth import Authenticator, AuthError, Identity
-from atoll.gateway._config import GatewayConfig, RouteConfig, load_gateway_config
+from atoll.gateway._config import GatewayConfig, MirrorConfig, RouteConfig, load_gateway_config
 from atoll.gateway._forwarded import AddressFilter, TrustedProxies
 from atoll.gateway._limits import RouteLimits, client_key, gated
 from atoll.gateway._metrics import GatewayMetrics
@@ -106,6 +106,7 @@ _DROP_RESPONSE = frozenset(
 )
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}\Z")
 _BUFFER_BODY = 64 * 1024  # bodies up to this are read whole first, so they can be retried
+_MIRROR_BODY = 1 << 20  # a mirror's answer is read up to this, then its connection dropped
 _JSON = msgspec.json.Encoder()
 _NO_SCOPE = contextlib.nullcontext()
 
@@ -257,6 +258,8 @@ class Gateway:
         self.reload_failures = 0
         self.last_reload_error: str | None = None
         self.in_flight = 0
+        #: Mirror copies in flight, by route (their tasks, kept until they end).
+        self._mirroring: dict[str, set[asyncio.Task[None]]] = {}
         self._drained: asyncio.Future[None] | None = None
         self.port = 0
         self.admin_port = 0
@@ -485,6 +488,7 @@ class Gateway:
                     await self._drained
         for conn in list(self.state.connections) + list(self.admin_state.connections):
             conn.abort()
+        await self._stop_mirrors()
         for upstream in self.gen.upstreams.values():
             await upstream.stop()
         await self.gen.auth.stop()
@@ -950,7 +954,7 @@ class Gateway:
             return request.raw_path
         return path + b"?" + request.query if request.query else path
 
-    async def _proxy(  # noqa: C901, PLR0911, PLR0912, PLR0917 - one flat path for speed
+    async def _proxy(  # noqa: C901, PLR0911, PLR0912, PLR0915, PLR0917 - one flat path for speed
         self,
         gen: Generation,
         request: Request,
@@ -1000,6 +1004,8 @@ class Gateway:
         )
         if span is not None:
             call.parent = span
+        if route.mirror is not None:
+            self._mirror(gen, route, route.mirror, call, method)
         idempotent = method in IDEMPOTENT or request.header(b"idempotency-key") is not None
         try:
             response = await upstream.exchange(call, method, idempotent)
@@ -1077,6 +1083,56 @@ class Gateway:
             return 499  # the client went away while its body was streaming
         await self._relay(request, route, gen, response, rid, extra)
         return response.status
+
+    def _mirror(
+        self, gen: Generation, route: RouteConfig, mirror: MirrorConfig, call: Call, method: bytes
+    ) -> None:
+        """Send a copy of ``call`` to the route's mirror, if this request is one of its
+        share; its answer is dropped and nothing about it reaches the client."""
+        counts = self.metrics.mirrored
+        if mirror.percent < 100 and self.random.random() * 100 >= mirror.percent:
+            return
+        if (
+            call.stream is not None
+            or len(self._mirroring.get(route.name, ())) >= mirror.max_in_flight
+        ):
+            # A streamed body is not held for a copy; a mirror that lags is not waited for.
+            counts[route.name, "skipped"] = counts.get((route.name, "skipped"), 0) + 1
+            return
+        copy = Call(
+            call.request_line,
+            call.common + b"x-atoll-mirror: true\r\n",
+            call.body,
+            None,
+            head_only=call.head_only,
+        )
+        upstream = gen.upstreams[mirror.upstream]
+        tasks = self._mirroring.setdefault(route.name, set())
+        task = asyncio.get_running_loop().create_task(
+            self._send_mirror(upstream, copy, method, route.name)
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _stop_mirrors(self) -> None:
+        mirrors = [task for tasks in self._mirroring.values() for task in tasks]
+        for task in mirrors:
+            task.cancel()
+        await asyncio.gather(*mirrors, return_exceptions=True)
+
+    async def _send_mirror(
+        self, upstream: UpstreamRuntime, call: Call, method: bytes, route: str
+    ) -> None:
+        outcome = "failed"
+        try:
+            response = await upstream.exchange(call, method, False)  # never retried
+            await response.body.read(limit=_MIRROR_BODY)  # read, so the connection is reused
+            outcome = "sent" if response.status < 500 else "failed"
+        except Exception as exc:
+            log.debug("mirror of route %s to %s failed: %s", route, upstream.name, exc)
+        finally:
+            counts = self.metrics.mirrored
+            counts[route, outcome] = counts.get((route, outcome), 0) + 1
 
     async def _relay(  # noqa: C901, PLR0912, PLR0915, PLR0917 - one flat path for speed
         self,

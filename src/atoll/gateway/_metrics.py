@@ -60,6 +60,8 @@ class GatewayMetrics:
         self.routes: dict[str, RouteStats] = {}
         self.bad_requests = 0
         self.unrouted = 0
+        #: Mirror copies by (route, outcome): sent, failed (no answer, or a 5xx), skipped.
+        self.mirrored: dict[tuple[str, str], int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -157,6 +159,14 @@ class _Collector(Collector):
         reloads.add_metric(["applied"], gateway.reloads)
         reloads.add_metric(["refused"], gateway.reload_failures)
         yield reloads
+        mirrored = CounterMetricFamily(
+            "atoll_gateway_mirrored",
+            "Copies of requests sent to routes' mirrors, by outcome",
+            labels=["route", "outcome"],
+        )
+        for (route, outcome), count in sorted(self.metrics.mirrored.items()):
+            mirrored.add_metric([route, outcome], count)
+        yield mirrored
         if gateway.tls_not_after is not None:
             yield GaugeMetricFamily(
                 "atoll_gateway_tls_certificate_not_after_seconds",
