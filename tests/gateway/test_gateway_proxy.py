@@ -395,7 +395,9 @@ async def test_a_mirrored_route_copies_requests_and_drops_the_copies_answers(
         ),
     )
     async with running_gateway(config) as gw, httpx.AsyncClient() as client:
-        r = await client.post(url(gw, "/m/orders"), json={"n": 1})
+        # A client's own mark is not passed on: only copies carry it.
+        forged = {"x-atoll-mirror": "true", "x_atoll_mirror": "true"}
+        r = await client.post(url(gw, "/m/orders"), json={"n": 1}, headers=forged)
         assert r.status_code == 200
         assert r.json()["stub"] == "a"  # the client gets the main upstream's answer
         await wait_until(lambda: len(stub_b.hits) == 1, timeout=5, what="the copy")

@@ -83,6 +83,9 @@ _DROP_REQUEST = frozenset(
         b"x-forwarded-proto",
         b"x-forwarded-host",
         b"expect",
+        # Only the gateway marks a copy for a mirror: a client's mark would make the
+        # real request look like one to an upstream that skips side effects for copies.
+        b"x-atoll-mirror",
     }
 )
 #: With the gateway's tracing off, a client's trace context goes on as it came (as
