@@ -119,3 +119,52 @@ def test_search_open_a_trace_and_read_its_spans(live, browser):
     finally:
         page.close()
     assert errors == []
+
+
+def test_a_trace_page_shows_its_logs_and_leads_to_their_spans(live, browser):
+    import httpx  # noqa: PLC0415 - as the other imports of this module's second test
+    from otlp import T0, make_request, make_span, span_id, trace_id  # noqa: PLC0415
+    from test_logs import PB, log_request, record  # noqa: PLC0415
+
+    tid, root, child = trace_id(), span_id(), span_id()
+    spans = make_request(
+        "orders",
+        [
+            make_span(tid, root, name="POST /orders", duration_ns=9_000_000),
+            make_span(tid, child, parent=root, name="INSERT orders", start_ns=T0 + 1_000_000),
+        ],
+    )
+    logs = log_request(
+        [
+            record("validating cart c-4", time_ns=T0 + 500_000, tid=tid, sid=root),
+            record(
+                "duplicate key, retrying", time_ns=T0 + 2_000_000, severity=13, tid=tid, sid=child
+            ),
+        ]
+    )
+    for path, request in (("/v1/traces", spans), ("/v1/logs", logs)):
+        response = httpx.post(f"{live.url}{path}", content=request.SerializeToString(), headers=PB)
+        assert response.status_code == 200
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{live.url}/traces/{tid.hex()}")
+        assert page.locator("#log-count").inner_text() == "2"
+        listed = page.locator("#logs li.log")
+        assert listed.count() == 2
+        assert "validating cart c-4" in listed.nth(0).inner_text()
+        warning = listed.nth(1)
+        assert "WARN" in warning.locator(".badge").inner_text().upper()
+        detail = page.locator(f"#detail-{child.hex()}")
+        assert detail.is_hidden()
+        warning.locator("a.span-ref").click()  # from a log to the span that wrote it
+        assert detail.is_visible()
+        assert detail.locator("h4").all_inner_texts()[-1].split() == ["LOGS", "1"]
+        assert "duplicate key, retrying" in detail.inner_text()
+        assert "validating cart" not in detail.inner_text()
+    finally:
+        page.close()
+    assert errors == []

@@ -478,7 +478,7 @@ async def test_other_methods_and_signals(client):
     assert response.headers["allow"] == "POST"
     response = await client.post("/v1/metrics", content=b"", headers=PB)
     assert response.status_code == 404
-    assert "traces only" in response.json()["message"]
+    assert "traces and logs" in response.json()["message"]
 
 
 async def test_empty_request_is_a_success(client):

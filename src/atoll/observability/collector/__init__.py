@@ -1,9 +1,9 @@
-"""The embedded OTLP collector: traces over OTLP/HTTP into SQLite, with a trace view.
+"""The embedded OTLP collector: traces and logs over OTLP/HTTP into SQLite, a trace view.
 
-Any OpenTelemetry SDK's OTLP/HTTP exporter (protobuf or JSON) can send to
-``http://HOST:4318/v1/traces``; the search and waterfall pages are at ``http://HOST:4318/``
-and the JSON API under ``/api``. ``docs/collector.md`` describes endpoints, storage,
-retention and durability.
+Any OpenTelemetry SDK's OTLP/HTTP exporters (protobuf or JSON) can send to
+``http://HOST:4318/v1/traces`` and ``/v1/logs``; the search and waterfall pages are at
+``http://HOST:4318/`` and the JSON API under ``/api``. ``docs/collector.md`` describes
+endpoints, storage, retention and durability.
 """
 
 from atoll.observability.collector._app import (
@@ -26,6 +26,8 @@ from atoll.observability.collector._errors import (
     UnsupportedMediaTypeError,
 )
 from atoll.observability.collector._store import (
+    LogQuery,
+    LogRecord,
     Retention,
     ServiceInfo,
     SpanRecord,
@@ -45,6 +47,8 @@ __all__ = [
     "CollectorError",
     "CollectorOverloadedError",
     "CollectorStorageError",
+    "LogQuery",
+    "LogRecord",
     "MalformedRequestError",
     "PayloadTooLargeError",
     "Retention",

@@ -34,11 +34,17 @@ from atoll._version import __version__
 from atoll.determinism import Clock, SystemClock
 from atoll.observability.collector import _pages
 from atoll.observability.collector._errors import CollectorError
-from atoll.observability.collector._query import QueryError, build_query, split_attributes
+from atoll.observability.collector._query import (
+    QueryError,
+    build_log_query,
+    build_query,
+    split_attributes,
+)
 from atoll.observability.collector._receiver import (
     DEFAULT_MAX_BODY_BYTES,
     JSON,
     OTLPReceiver,
+    Signal,
     status_body,
 )
 from atoll.observability.collector._store import Retention, SpanStore, TraceQuery
@@ -56,6 +62,8 @@ DEFAULT_NICE: Final = 0
 #: The least favourable nice value Unix gives (``--nice`` accepts 0 to this).
 MAX_NICE: Final = 19
 OTLP_TRACES_PATH: Final = "/v1/traces"
+OTLP_LOGS_PATH: Final = "/v1/logs"
+_OTLP_SIGNALS: Final[dict[str, Signal]] = {OTLP_TRACES_PATH: "traces", OTLP_LOGS_PATH: "logs"}
 _STATIC: Final = {
     "collector.css": "text/css; charset=utf-8",
     "collector.js": "text/javascript; charset=utf-8",
@@ -120,8 +128,8 @@ class CollectorApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http" and scope["path"] == OTLP_TRACES_PATH:
-            await self._otlp(scope, receive, send)
+        if kind == "http" and scope["path"] in _OTLP_SIGNALS:
+            await self._otlp(scope, receive, send, _OTLP_SIGNALS[scope["path"]])
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:
@@ -151,7 +159,7 @@ class CollectorApp:
         allowed = "*" if "*" in self.cors_origins else origin
         return (("access-control-allow-origin", allowed), ("vary", "Origin"))
 
-    async def _otlp(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _otlp(self, scope: Scope, receive: Receive, send: Send, signal: Signal) -> None:
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             headers[name.decode("latin-1")] = value.decode("latin-1")
@@ -190,6 +198,7 @@ class CollectorApp:
                 headers.get("content-encoding"),
                 headers.get("content-length"),
                 chunks(),
+                signal,
             )
         except _ClientDisconnectedError:
             return
@@ -318,10 +327,48 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
             return problem(404, f"no span of trace {trace_id} is stored")
         return _json_response(found)
 
+    @api.get(
+        "/api/logs",
+        tags=["logs"],
+        summary="Search log records, most recent first",
+        description=(
+            "Every condition given must hold. `severity` is the least severity: a level"
+            " (trace, debug, info, warn, error, fatal) or a number from 1 to 24. `text` is"
+            " a substring of the body. `trace_id` gives the records of one trace."
+            " `start`/`end`/`lookback` as for traces."
+        ),
+    )
+    async def logs(
+        *,
+        service: str | None = None,
+        severity: str | None = None,
+        trace_id: str | None = None,
+        text: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        lookback: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Response:
+        query = build_log_query(
+            now=clock.time(),
+            service=service,
+            severity=severity,
+            trace_id=_trace_id(trace_id) if trace_id else None,
+            text=text,
+            start=start,
+            end=end,
+            lookback=lookback,
+            limit=limit,
+        )
+        return _json_response({"logs": await store.search_logs(query)})
+
     @api.post("/v1/{signal}", tags=["otlp"], summary="Other OTLP signals are not collected")
     async def other_signal(signal: str) -> Response:
+        hint = "; Prometheus scrapes each service's /metrics instead" if signal == "metrics" else ""
         body = status_body(
-            "json", _UNIMPLEMENTED, f"this collector stores traces only, not {signal!r}"
+            "json",
+            _UNIMPLEMENTED,
+            f"this collector stores traces and logs, not {signal!r}{hint}",
         )
         return Response(body, status_code=404, media_type=JSON)
 

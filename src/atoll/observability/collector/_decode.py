@@ -1,4 +1,4 @@
-"""OTLP trace export requests, protobuf or JSON, to the rows the span store writes.
+"""OTLP trace and log export requests, protobuf or JSON, to the rows the store writes.
 
 The protobuf path parses with upb (C), span attributes as the raw bytes of each
 ``KeyValue`` (upb's wrapper objects for them were most of the cost of a span): scalars in
@@ -8,6 +8,9 @@ generated and mutated bodies). Then one walk in Python touches each field once a
 encodes attributes, events and links to JSON with msgspec. The JSON path rewrites the
 OTLP JSON mapping's hex ids to the base64 that protobuf's JSON parser expects and then
 takes the protobuf path, so both encodings are validated by the same code.
+
+Log records (``POST /v1/logs``) come in far smaller numbers than spans and take the plain
+path: upb's full parse (JSON through protobuf's own parser), then one walk in Python.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from google.protobuf import (
     message_factory,
 )
 from google.protobuf.message import DecodeError, Message
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -68,6 +72,23 @@ SpanRow = tuple[
     str | None,  # dropped counts (JSON object)
 ]
 
+#: A log record as stored: see ``_store._LOG_COLUMNS`` for the order.
+LogRow = tuple[
+    int,  # time_ns: the record's time, or when it was observed if it has none
+    int,  # observed_ns
+    int,  # severity number (0 unspecified, 1 to 24)
+    str | None,  # severity text
+    str | None,  # body (JSON of the AnyValue)
+    str | None,  # attributes (JSON object)
+    bytes | None,  # trace_id
+    bytes | None,  # span_id
+    int,  # flags
+    int,  # resource_id
+    int,  # scope_id
+    str | None,  # event_name
+    int,  # dropped attributes count
+]
+
 MAX_INT64: Final = (1 << 63) - 1
 _ZERO_TRACE_ID: Final = bytes(16)
 _ZERO_SPAN_ID: Final = bytes(8)
@@ -80,7 +101,11 @@ _REASONS: Final = {
     "span_id": "an invalid span_id (must be 8 bytes, not all zero)",
     "parent_span_id": "an invalid parent_span_id (must be empty or 8 bytes)",
     "time": "a timestamp beyond 2^63-1 nanoseconds",
+    "log_trace_id": "an invalid trace_id (must be empty or 16 bytes)",
+    "log_span_id": "an invalid span_id (must be empty or 8 bytes)",
+    "severity": "an invalid severity_number (must be 0 to 24)",
 }
+_MAX_SEVERITY: Final = 24
 
 _json_encoder: Final = msgspec.json.Encoder()
 
@@ -113,9 +138,11 @@ Term = tuple[str, str | int | float]
 
 @dataclass(slots=True)
 class DecodedBatch:
-    """The valid spans of one export request, ready to store, and what was rejected."""
+    """The valid spans (or log records) of one export request, ready to store, and what
+    was rejected. A trace export fills ``spans``, a log export ``logs``."""
 
     spans: list[SpanRow] = field(default_factory=list)
+    logs: list[LogRow] = field(default_factory=list)
     resources: dict[int, ResourceRow] = field(default_factory=dict)
     scopes: dict[int, ScopeRow] = field(default_factory=dict)
     operations: set[tuple[str, str]] = field(default_factory=set)
@@ -124,6 +151,13 @@ class DecodedBatch:
     #: Every distinct scalar span attribute of the batch, for the attribute index (see
     #: :func:`add_terms`); ``None`` when not collected, and the index reads the rows.
     terms: set[Term] | None = None
+    #: What ``rejected`` counts, for the error message.
+    noun: str = "span"
+
+    @property
+    def size(self) -> int:
+        """The rows to store: spans and log records."""
+        return len(self.spans) + len(self.logs)
 
     def reject(self, reason: str) -> None:
         self.rejected += 1
@@ -134,7 +168,7 @@ class DecodedBatch:
         if not self.rejected:
             return ""
         parts = [f"{count} with {_REASONS[reason]}" for reason, count in self.reasons.items()]
-        noun = "span" if self.rejected == 1 else "spans"
+        noun = self.noun if self.rejected == 1 else f"{self.noun}s"
         return f"{self.rejected} {noun} rejected: " + "; ".join(parts)
 
 
@@ -445,6 +479,14 @@ def _json_text(value: object) -> str:
     return _json_encoder.encode(value).decode()
 
 
+def _optional_id(value: bytes, zero: bytes) -> tuple[bool, bytes | None]:
+    """(valid, id) of an optional id: empty or all zeros is none, else it must be as long
+    as ``zero``."""
+    if not value or value == zero:
+        return True, None
+    return len(value) == len(zero), value
+
+
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
@@ -609,6 +651,86 @@ class OTLPDecoder:
                             _json_text(events) if events else None,
                             _json_text(links) if links else None,
                             dropped,
+                        )
+                    )
+        return batch
+
+    def decode_logs_protobuf(self, body: bytes, now_ns: int) -> DecodedBatch:
+        """An ``ExportLogsServiceRequest`` body to log rows; ``now_ns`` stands in for the
+        observed time of a record that has neither time."""
+        return self.convert_logs(_parse_protobuf(ExportLogsServiceRequest, body), now_ns)
+
+    def decode_logs_json(self, body: bytes, now_ns: int) -> DecodedBatch:
+        """:meth:`decode_logs_protobuf` for an OTLP/JSON body (hex ids, as the spec says)."""
+        try:
+            document = msgspec.json.decode(body)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise MalformedRequestError(f"the body is not valid JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise MalformedRequestError(
+                "the body must be a JSON object (an ExportLogsServiceRequest)"
+            )
+        hex_log_ids_to_base64(document)
+        request = ExportLogsServiceRequest()
+        try:
+            json_format.ParseDict(document, request, ignore_unknown_fields=True)
+        except Exception as exc:  # ParseError, and ValueError/TypeError from deep inside
+            raise MalformedRequestError(
+                f"the body is not an OTLP/JSON ExportLogsServiceRequest: {exc}"
+            ) from exc
+        return self.convert_logs(request, now_ns)
+
+    def convert_logs(self, request: ExportLogsServiceRequest, now_ns: int) -> DecodedBatch:
+        """The valid log records of a parsed request, as rows to store.
+
+        A record's ``trace_id`` and ``span_id`` are optional (empty, or all zeros, is
+        none); one of another length is rejected, as is a time past 2^63-1 ns or a
+        severity number outside 0 to 24. A record with no time takes its observed time,
+        and one with neither takes ``now_ns``, as the spec asks of a receiver.
+        """
+        batch = DecodedBatch(noun="log record")
+        rows = batch.logs
+        for resource_logs in request.resource_logs:
+            resource_id = self._resource(resource_logs.resource, batch)
+            for scope_logs in resource_logs.scope_logs:
+                scope_id = self._scope(scope_logs.scope, batch)
+                for record in scope_logs.log_records:
+                    valid, trace_id = _optional_id(record.trace_id, _ZERO_TRACE_ID)
+                    if not valid:
+                        batch.reject("log_trace_id")
+                        continue
+                    valid, span_id = _optional_id(record.span_id, _ZERO_SPAN_ID)
+                    if not valid:
+                        batch.reject("log_span_id")
+                        continue
+                    time_ns = record.time_unix_nano
+                    observed = record.observed_time_unix_nano
+                    if time_ns > MAX_INT64 or observed > MAX_INT64:
+                        batch.reject("time")
+                        continue
+                    severity = record.severity_number
+                    if not 0 <= severity <= _MAX_SEVERITY:
+                        batch.reject("severity")
+                        continue
+                    observed = observed or now_ns
+                    attributes = attributes_dict(record.attributes)
+                    value = any_value(record.body) if record.HasField("body") else None
+                    body = None if value is None else _json_text(value)
+                    rows.append(
+                        (
+                            time_ns or observed,
+                            observed,
+                            severity,
+                            record.severity_text or None,
+                            body,
+                            _json_text(attributes) if attributes else None,
+                            trace_id,
+                            span_id,
+                            record.flags,
+                            resource_id,
+                            scope_id,
+                            record.event_name or None,
+                            record.dropped_attributes_count,
                         )
                     )
         return batch
@@ -809,3 +931,19 @@ def hex_ids_to_base64(document: dict[str, Any]) -> None:
                 for link in _items(span, "links", "links"):
                     if isinstance(link, dict):
                         _fix_ids(link, _LINK_IDS)
+
+
+_LOG_IDS: Final = (("traceId", "trace_id", 16), ("spanId", "span_id", 8))
+
+
+def hex_log_ids_to_base64(document: dict[str, Any]) -> None:
+    """:func:`hex_ids_to_base64` for an OTLP/JSON ``ExportLogsServiceRequest``."""
+    for resource_logs in _items(document, "resourceLogs", "resource_logs"):
+        if not isinstance(resource_logs, dict):
+            continue
+        for scope_logs in _items(resource_logs, "scopeLogs", "scope_logs"):
+            if not isinstance(scope_logs, dict):
+                continue
+            for record in _items(scope_logs, "logRecords", "log_records"):
+                if isinstance(record, dict):
+                    _fix_ids(record, _LOG_IDS)

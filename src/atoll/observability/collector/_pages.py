@@ -16,6 +16,7 @@ from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 from atoll.observability.collector._store import (
+    LogRecord,
     ServiceInfo,
     SpanRecord,
     StoreStats,
@@ -25,6 +26,8 @@ from atoll.observability.collector._store import (
 
 #: A trace larger than this shows its first spans and says so (the JSON API has all).
 MAX_RENDERED_SPANS: Final = 3000
+#: Likewise for a trace's log records.
+MAX_RENDERED_LOGS: Final = 2000
 
 #: Distinct, readable on white and on dark grey; no pure red, which means "error".
 _PALETTE: Final = (
@@ -421,6 +424,42 @@ def _events_html(span: SpanRecord) -> str:
     return f'<ol class="events">{"".join(items)}</ol>'
 
 
+def _log_body_html(body: Any) -> str:
+    if isinstance(body, str):
+        if "\n" in body or len(body) > 240:
+            return f'<pre class="log-body">{_e(body)}</pre>'
+        return f'<span class="log-body">{_e(body)}</span>'
+    return _value_html(body)
+
+
+def _logs_html(logs: Sequence[LogRecord], origin: int, color: Palette | None = None) -> str:
+    """Log records as a list, times relative to ``origin``; with ``color``, each names
+    its service and links to its span (the trace's list), else not (a span's own)."""
+    items = []
+    for record in logs:
+        level = record.level
+        badge_class = {"error": "err", "fatal": "err", "warn": "warn"}.get(level, "lvl")
+        label = record.severity_text or level
+        where = ""
+        if color is not None:
+            where = _service_chip(color, record.service)
+            if record.span_id:
+                where += (
+                    f' <a class="mono span-ref" href="#span-{_e(record.span_id)}"'
+                    f' data-link-span="{_e(record.span_id)}">{_e(record.span_id)}</a>'
+                )
+        attributes = (
+            f"{_attribute_table(record.attributes, 'attrs small')}" if record.attributes else ""
+        )
+        items.append(
+            f'<li class="log l-{_e(level)}">'
+            f'<span class="ev-time mono">+{_e(format_duration(max(0, record.time_ns - origin)))}'
+            f'</span><span class="badge {badge_class}">{_e(label)}</span> {where}'
+            f" {_log_body_html(record.body)}{attributes}</li>"
+        )
+    return f'<ol class="logs">{"".join(items)}</ol>'
+
+
 def _links_html(span: SpanRecord, trace_id: str) -> str:
     items = []
     for link in span.links:
@@ -478,6 +517,11 @@ def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
         sections.append(
             f'<h4>Links <span class="n">{len(span.links)}</span></h4>'
             f"{_links_html(span, trace.trace_id)}"
+        )
+    logs = [record for record in trace.logs if record.span_id == span.span_id]
+    if logs:
+        sections.append(
+            f'<h4>Logs <span class="n">{len(logs)}</span></h4>{_logs_html(logs, span.start_ns)}'
         )
     if resource is not None:
         sections.append(
@@ -596,6 +640,20 @@ def trace_page(
         if summary.root_missing
         else ""
     )
+    logs_cut = (
+        f'<p class="notice">Showing the first {MAX_RENDERED_LOGS} of {len(trace.logs)} log'
+        f' records; <a href="/api/logs?trace_id={trace.trace_id}&amp;limit=1000">the JSON</a>'
+        " has more.</p>"
+        if len(trace.logs) > MAX_RENDERED_LOGS
+        else ""
+    )
+    trace_logs = (
+        '<section class="trace-logs" id="logs">'
+        f'<h2>Logs <span class="n">{len(trace.logs)}</span></h2>{logs_cut}'
+        f"{_logs_html(trace.logs[:MAX_RENDERED_LOGS], origin, color)}</section>"
+        if trace.logs
+        else ""
+    )
     body = f"""
 <section class="trace-head">
   <div class="crumbs"><a href="/" id="back">← Search</a></div>
@@ -605,6 +663,7 @@ def trace_page(
     <div><dt>Started</dt><dd>{started}</dd></div>
     <div><dt>Duration</dt><dd>{_e(format_duration(summary.duration_ns))}</dd></div>
     <div><dt>Spans</dt><dd id="span-count">{summary.span_count}</dd></div>
+    <div><dt>Logs</dt><dd id="log-count">{len(trace.logs)}</dd></div>
     <div><dt>Status</dt><dd>{errors}</dd></div>
     <div class="wide"><dt>Services</dt><dd>{chips}</dd></div>
   </dl>
@@ -625,7 +684,8 @@ def trace_page(
   <div class="wf-rows" id="spans">
 {"".join(rows)}
   </div>
-</section>"""
+</section>
+{trace_logs}"""
     return _layout(f"{summary.root_service}: {summary.root_name}", body, stats, page="trace")
 
 

@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
 
-from atoll.observability.collector._store import TraceQuery
+from atoll.observability.collector._store import LogQuery, TraceQuery
 
 MAX_LIMIT: Final = 1000
 DEFAULT_LIMIT: Final = 20
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+#: Level names a log search takes for ``min_severity``, as OpenTelemetry numbers them.
+SEVERITY_NAMES: Final = {"trace": 1, "debug": 5, "info": 9, "warn": 13, "error": 17, "fatal": 21}
 _LOOKBACK: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 
 
@@ -113,5 +115,48 @@ def build_query(
         start_ns=start_ns,
         end_ns=end_ns,
         attributes=tuple(pairs),
+        limit=limit,
+    )
+
+
+def parse_severity(text: str) -> int:
+    """A severity number from ``"warn"`` (a level name) or ``"13"`` (1 to 24)."""
+    text = text.strip().lower()
+    if text in SEVERITY_NAMES:
+        return SEVERITY_NAMES[text]
+    if text == "warning":
+        return SEVERITY_NAMES["warn"]
+    if text.isdigit() and 1 <= int(text) <= 24:
+        return int(text)
+    names = ", ".join(SEVERITY_NAMES)
+    raise QueryError(f"severity {text!r} is not one of {names} or a number from 1 to 24")
+
+
+def build_log_query(
+    *,
+    now: float,
+    service: str | None = None,
+    severity: str | None = None,
+    trace_id: bytes | None = None,
+    text: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+    lookback: str | None = None,
+    limit: int = 100,
+) -> LogQuery:
+    """A :class:`LogQuery` from request parameters; empty strings mean "not given"."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}")
+    start_ns = parse_time("start", start) if start else None
+    if start_ns is None and lookback and lookback.strip() not in ("", "all"):
+        start_ns = int((now - parse_lookback(lookback)) * 1e9)
+    end_ns = parse_time("end", end) if end else None
+    return LogQuery(
+        service=service or None,
+        min_severity=parse_severity(severity) if severity and severity.strip() else None,
+        trace_id=trace_id,
+        text=text or None,
+        start_ns=start_ns,
+        end_ns=end_ns,
         limit=limit,
     )

@@ -1,10 +1,10 @@
-"""OTLP/HTTP trace export, as opentelemetry-proto's ``docs/specification.md`` says.
+"""OTLP/HTTP trace and log export, as opentelemetry-proto's ``docs/specification.md`` says.
 
-* ``POST /v1/traces`` with ``application/x-protobuf`` or ``application/json``, optionally
-  ``Content-Encoding: gzip`` (or ``deflate``).
-* 200 with an ``ExportTraceServiceResponse`` in the request's encoding; when some spans
-  are invalid, ``partial_success`` says how many were rejected and why, and the valid ones
-  are stored.
+* ``POST /v1/traces`` and ``POST /v1/logs`` with ``application/x-protobuf`` or
+  ``application/json``, optionally ``Content-Encoding: gzip`` (or ``deflate``).
+* 200 with an ``ExportTraceServiceResponse`` (``ExportLogsServiceResponse``) in the
+  request's encoding; when some spans (log records) are invalid, ``partial_success`` says
+  how many were rejected and why, and the valid ones are stored.
 * 400 when the body cannot be decoded, 413 when it (or what it decompresses to) is over
   the limit, 415 for a content type or encoding the collector does not read. The body of
   an error is a ``google.rpc.Status`` in the request's encoding (JSON when the encoding
@@ -25,6 +25,7 @@ from typing import Final, Literal
 
 import msgspec
 from google.rpc import status_pb2
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
@@ -44,6 +45,8 @@ from atoll.persistence import DatabaseError
 log = logging.getLogger("atoll.collector")
 
 Encoding = Literal["protobuf", "json"]
+#: The OTLP signals the collector stores.
+Signal = Literal["traces", "logs"]
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
@@ -89,23 +92,26 @@ def status_body(encoding: Encoding, code: int, message: str) -> bytes:
     return msgspec.json.encode({"code": code, "message": message})
 
 
-def success_body(encoding: Encoding, batch: DecodedBatch) -> bytes:
-    response = ExportTraceServiceResponse()
-    if batch.rejected:
-        response.partial_success.rejected_spans = batch.rejected
-        response.partial_success.error_message = batch.error_message()
+def success_body(encoding: Encoding, batch: DecodedBatch, signal: Signal = "traces") -> bytes:
+    response: ExportTraceServiceResponse | ExportLogsServiceResponse
+    if signal == "logs":
+        response = ExportLogsServiceResponse()
+        if batch.rejected:
+            response.partial_success.rejected_log_records = batch.rejected
+            response.partial_success.error_message = batch.error_message()
+    else:
+        response = ExportTraceServiceResponse()
+        if batch.rejected:
+            response.partial_success.rejected_spans = batch.rejected
+            response.partial_success.error_message = batch.error_message()
     if encoding == "protobuf":
         return response.SerializeToString()
     if not batch.rejected:
         return b"{}"
     # int64 as a string, as protobuf's JSON mapping writes it; OTLP/JSON accepts both.
+    rejected = "rejectedLogRecords" if signal == "logs" else "rejectedSpans"
     return msgspec.json.encode(
-        {
-            "partialSuccess": {
-                "rejectedSpans": str(batch.rejected),
-                "errorMessage": batch.error_message(),
-            }
-        }
+        {"partialSuccess": {rejected: str(batch.rejected), "errorMessage": batch.error_message()}}
     )
 
 
@@ -171,10 +177,15 @@ class OTLPReceiver:
             executor.shutdown(wait=True)
 
     def _decode(
-        self, body: bytes, encoding: Encoding, content_encoding: str | None
+        self, body: bytes, encoding: Encoding, content_encoding: str | None, signal: Signal
     ) -> DecodedBatch:
         if content_encoding is not None:
             body = decompress(body, content_encoding, self.max_body_bytes)
+        if signal == "logs":
+            now_ns = int(self.store.clock.time() * 1e9)
+            if encoding == "protobuf":
+                return self.decoder.decode_logs_protobuf(body, now_ns)
+            return self.decoder.decode_logs_json(body, now_ns)
         if encoding == "protobuf":
             return self.decoder.decode_protobuf(body)
         return self.decoder.decode_json(body)
@@ -185,8 +196,10 @@ class OTLPReceiver:
         content_encoding: str | None,
         content_length: str | None,
         chunks: AsyncIterator[bytes],
+        signal: Signal = "traces",
     ) -> OTLPResponse:
-        """Handle one ``POST /v1/traces``; never raises for anything the client sent."""
+        """Handle one ``POST /v1/traces`` (or ``/v1/logs``, with ``signal="logs"``); never
+        raises for anything the client sent."""
         encoding = media_encoding(content_type)
         if encoding is None:
             return self._error(
@@ -200,7 +213,7 @@ class OTLPReceiver:
             )
         self._in_flight += 1
         try:
-            batch = await self._accept(encoding, content_encoding, content_length, chunks)
+            batch = await self._accept(encoding, content_encoding, content_length, chunks, signal)
             await self.store.write(batch)
         except (UnsupportedMediaTypeError, PayloadTooLargeError, MalformedRequestError) as exc:
             status = _CLIENT_ERRORS[type(exc)]
@@ -213,7 +226,7 @@ class OTLPReceiver:
             return self._unavailable(encoding, str(exc), retry_after=max(5, self.retry_after))
         finally:
             self._in_flight -= 1
-        return OTLPResponse(200, _CONTENT_TYPES[encoding], success_body(encoding, batch))
+        return OTLPResponse(200, _CONTENT_TYPES[encoding], success_body(encoding, batch, signal))
 
     async def _accept(
         self,
@@ -221,6 +234,7 @@ class OTLPReceiver:
         content_encoding: str | None,
         content_length: str | None,
         chunks: AsyncIterator[bytes],
+        signal: Signal,
     ) -> DecodedBatch:
         compression = _content_encoding(content_encoding)
         body = await self._read(content_length, chunks)
@@ -228,7 +242,7 @@ class OTLPReceiver:
         if executor is None:
             raise CollectorClosedError("the collector is not running")
         return await asyncio.get_running_loop().run_in_executor(
-            executor, self._decode, body, encoding, compression
+            executor, self._decode, body, encoding, compression, signal
         )
 
     async def _read(self, content_length: str | None, chunks: AsyncIterator[bytes]) -> bytes:

@@ -6,7 +6,9 @@ segment starts when the current one holds ``max_spans / segments`` spans or is o
 than ``max_age / segments``. Retention drops the oldest segments whole (``DROP TABLE``),
 which costs a fraction of deleting rows one by one from tables with indexes, so pruning
 never competes with ingest for long. Resources, scopes and (service, operation) pairs
-are small tables shared by all segments.
+are small tables shared by all segments. Log records (OTLP logs) live in the same
+segments, in ``logs_N``, and count toward a segment's size and ``max_spans`` as spans
+do, so retention keeps a trace and its logs for the same time.
 
 Indexes, per segment, and why each is there:
 
@@ -14,6 +16,8 @@ Indexes, per segment, and why each is there:
   result list; the uniqueness makes a re-sent batch (an exporter retrying after a
   timeout) a no-op.
 * ``spans_N(start_ns)``: newest-first search and time ranges without a sort.
+* ``logs_N(trace_id)``, partial (records with a trace id): a trace's logs for the trace
+  view.
 * ``attrs_N`` is itself the attribute index: a WITHOUT ROWID table keyed by
   ``(key, value, chunk)``, one row per distinct scalar attribute in a chunk of spans,
   from the terms the decoder collected while it read the attributes (see below).
@@ -47,6 +51,7 @@ from atoll.determinism import Clock, SystemClock
 from atoll.observability.collector._decode import (
     DecodedBatch,
     Interner,
+    LogRow,
     ResourceRow,
     ScopeRow,
     SpanRow,
@@ -64,7 +69,8 @@ from atoll.persistence._sqlite import Synchronous, connect_sqlite, map_sqlite_er
 log = logging.getLogger("atoll.collector")
 T = TypeVar("T")
 
-SCHEMA_VERSION: Final = 1
+#: 2 added log records (``logs_N``, ``segments.log_count``); files of 1 are upgraded.
+SCHEMA_VERSION: Final = 2
 _APPLICATION_ID: Final = 0x61746F6C  # "atol": marks the file as a collector store
 
 _GLOBAL_SCHEMA: Final = (
@@ -73,6 +79,7 @@ _GLOBAL_SCHEMA: Final = (
         created_at REAL NOT NULL,
         last_write_at REAL NOT NULL,
         span_count INTEGER NOT NULL DEFAULT 0,
+        log_count INTEGER NOT NULL DEFAULT 0,
         indexed_upto INTEGER NOT NULL DEFAULT 0,
         min_start_ns INTEGER,
         max_start_ns INTEGER
@@ -108,6 +115,40 @@ _SPAN_COLUMNS: Final = (
 )
 
 
+_LOG_COLUMNS: Final = (
+    "time_ns, observed_ns, severity, severity_text, body, attributes, trace_id, span_id,"
+    " flags, resource_id, scope_id, event_name, dropped"
+)
+
+
+def _logs_schema(n: int) -> tuple[str, ...]:
+    # No unique key: a log record has no id, so one an exporter sends twice (a retry
+    # after a lost answer) is stored twice. Its trace's logs are found by trace_id;
+    # searches walk the table newest first, as records arrive in about time order.
+    return (
+        f"""CREATE TABLE IF NOT EXISTS logs_{n} (
+            id INTEGER PRIMARY KEY,
+            time_ns INTEGER NOT NULL,
+            observed_ns INTEGER NOT NULL,
+            severity INTEGER NOT NULL,
+            severity_text TEXT,
+            body TEXT,
+            attributes TEXT,
+            trace_id BLOB,
+            span_id BLOB,
+            flags INTEGER NOT NULL,
+            resource_id INTEGER NOT NULL,
+            scope_id INTEGER NOT NULL,
+            event_name TEXT,
+            dropped INTEGER NOT NULL
+        )""",
+        (
+            f"CREATE INDEX IF NOT EXISTS logs_{n}_trace ON logs_{n}(trace_id)"
+            " WHERE trace_id IS NOT NULL"
+        ),
+    )
+
+
 def _segment_schema(n: int) -> tuple[str, ...]:
     # `value` has no declared type on purpose: no affinity, so '123' and 123 stay apart.
     return (
@@ -140,6 +181,7 @@ def _segment_schema(n: int) -> tuple[str, ...]:
             PRIMARY KEY (key, value, chunk)
         ) WITHOUT ROWID""",
         f"CREATE TABLE chunks_{n} (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
+        *_logs_schema(n),
     )
 
 
@@ -167,7 +209,7 @@ class Retention:
 
     Attributes:
         max_age: seconds a span is kept after it was received, or None for no limit.
-        max_spans: spans kept at most, or None for no limit.
+        max_spans: spans and log records kept at most, or None for no limit.
         segments: the store is split in this many segments; retention drops one whole
             segment at a time, so it keeps between ``(segments-1)/segments`` and all of
             ``max_spans``, and spans for up to ``max_age * (1 + 1/segments)``.
@@ -288,13 +330,66 @@ class ResourceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LogRecord:
+    """A stored log record, with its ids as hex and its JSON columns decoded."""
+
+    time_ns: int
+    observed_ns: int
+    #: OpenTelemetry's severity number: 1-4 TRACE, 5-8 DEBUG, 9-12 INFO, 13-16 WARN,
+    #: 17-20 ERROR, 21-24 FATAL; 0 unspecified.
+    severity: int
+    #: The level those numbers name (``"info"``...), or ``"unspecified"``.
+    level: str
+    severity_text: str | None
+    body: Any
+    attributes: dict[str, Any]
+    trace_id: str | None
+    span_id: str | None
+    flags: int
+    service: str
+    resource_id: int
+    scope_name: str
+    event_name: str | None
+    dropped_attributes: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """A log search: records that match every condition given, newest first.
+
+    ``text`` is a case-insensitive (for ASCII) substring of the body as stored (JSON);
+    ``min_severity`` a severity number (9 is INFO, 13 WARN, 17 ERROR).
+    """
+
+    service: str | None = None
+    min_severity: int | None = None
+    trace_id: bytes | None = None
+    text: str | None = None
+    start_ns: int | None = None
+    end_ns: int | None = None
+    limit: int = 100
+
+
+_LEVELS: Final = ("trace", "debug", "info", "warn", "error", "fatal")
+
+
+def severity_level(number: int) -> str:
+    """The level an OpenTelemetry severity number is in: ``"info"`` for 9 to 12..."""
+    if 1 <= number <= 24:
+        return _LEVELS[(number - 1) // 4]
+    return "unspecified"
+
+
+@dataclass(frozen=True, slots=True)
 class Trace:
-    """Every stored span of one trace, earliest start first."""
+    """Every stored span of one trace, earliest start first, and its log records,
+    earliest first."""
 
     trace_id: str
     summary: TraceSummary
     spans: list[SpanRecord]
     resources: dict[int, ResourceRecord]
+    logs: list[LogRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +415,10 @@ class StoreStats:
     segments_dropped: int = 0
     write_failures: int = 0
     queued_spans: int = 0
+    logs: int = 0
+    logs_received: int = 0
+    logs_stored: int = 0
+    logs_rejected: int = 0
 
 
 @dataclass(slots=True)
@@ -335,6 +434,11 @@ class _Segment:
     #: them; ``None`` when they are not all known (spans stored before a restart, or a
     #: batch without terms), and the indexer reads them from the rows instead.
     terms: set[Term] | None = field(default_factory=set)
+    log_count: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.span_count + self.log_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +477,9 @@ class _Counters:
     transactions: int = 0
     dropped_segments: int = 0
     write_failures: int = 0
+    logs_received: int = 0
+    logs_stored: int = 0
+    logs_rejected: int = 0
 
 
 _json_decode: Final = msgspec.json.decode
@@ -460,6 +567,11 @@ class SpanStore:
     def __repr__(self) -> str:
         return f"SpanStore({str(self.path)!r})"
 
+    @property
+    def clock(self) -> Clock:
+        """The clock the store reads (receive times, retention)."""
+        return self._clock
+
     # --- lifecycle ----------------------------------------------------------------
 
     @property
@@ -530,7 +642,8 @@ class SpanStore:
             await asyncio.wait([future])
             raise
 
-    def _check_file(self, conn: sqlite3.Connection) -> None:
+    def _check_file(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version (0 for a new file), if atoll can open it."""
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
@@ -544,6 +657,7 @@ class SpanStore:
                 f"{self.path} has collector schema version {version}, newer than this"
                 f" atoll's {SCHEMA_VERSION}"
             )
+        return int(version) if tables else 0
 
     def _open_sync(self) -> sqlite3.Connection:
         conn = connect_sqlite(self.path, synchronous=self.synchronous, busy_timeout=10.0)
@@ -557,11 +671,13 @@ class SpanStore:
             # times between two checkpoints are copied to the database file once.
             conn.execute("PRAGMA wal_autocheckpoint=10000")
             conn.execute("PRAGMA temp_store=MEMORY")
-            self._check_file(conn)
+            version = self._check_file(conn)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _GLOBAL_SCHEMA:
                     conn.execute(statement)
+                if version == 1:
+                    _upgrade_from_1(conn)
                 conn.execute(f"PRAGMA application_id={_APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -569,9 +685,9 @@ class SpanStore:
                 conn.execute("ROLLBACK")
                 raise
             self._segments = [
-                _Segment(*row)
+                _Segment(row[0], row[1], row[2], row[3], indexed_upto=row[4], log_count=row[5])
                 for row in conn.execute(
-                    "SELECT id, created_at, last_write_at, span_count, indexed_upto"
+                    "SELECT id, created_at, last_write_at, span_count, indexed_upto, log_count"
                     " FROM segments ORDER BY id"
                 )
             ]
@@ -600,14 +716,20 @@ class SpanStore:
         """
         if not self.is_open:
             raise CollectorClosedError(f"{self._what} is not open")
-        self._counters.received += len(batch.spans) + batch.rejected
-        self._counters.rejected += batch.rejected
-        if not batch.spans:
+        counters = self._counters
+        if batch.noun != "span":
+            counters.logs_received += len(batch.logs) + batch.rejected
+            counters.logs_rejected += batch.rejected
+        else:
+            counters.received += len(batch.spans) + batch.rejected
+            counters.rejected += batch.rejected
+        size = batch.size
+        if not size:
             return
-        size = len(batch.spans)
         if self._queued_spans and self._queued_spans + size > self._max_pending:
             raise CollectorOverloadedError(
-                f"{self._queued_spans} spans are waiting to be stored; try again shortly"
+                f"{self._queued_spans} spans and log records are waiting to be stored;"
+                " try again shortly"
             )
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(batch, done))
@@ -620,11 +742,11 @@ class SpanStore:
         taken: list[_Pending] = []
         size = 0
         while self._queue and (
-            not taken or size + len(self._queue[0].batch.spans) <= self._max_transaction
+            not taken or size + self._queue[0].batch.size <= self._max_transaction
         ):
             pending = self._queue.popleft()
             taken.append(pending)
-            size += len(pending.batch.spans)
+            size += pending.batch.size
         return taken, size
 
     async def _write_loop(self) -> None:
@@ -638,20 +760,22 @@ class SpanStore:
             taken, size = self._take()
             now = self._clock.time()
             outcome: BaseException | None = None
+            spans = sum(len(p.batch.spans) for p in taken)
             try:
                 inserted = await self._in_writer(
                     partial(self._write_sync, [p.batch for p in taken], size, now)
                 )
             except Exception as exc:
                 self._counters.write_failures += 1
-                log.exception("writing %d spans to %s failed", size, self._what)
+                log.exception("writing %d spans and log records to %s failed", size, self._what)
                 error = exc
                 if isinstance(exc, sqlite3.Error):
-                    error = map_sqlite_error(exc, f"writing spans to {self._what}")
-                outcome = CollectorStorageError(f"the spans were not stored: {error}")
+                    error = map_sqlite_error(exc, f"writing to {self._what}")
+                outcome = CollectorStorageError(f"the export was not stored: {error}")
             else:
                 self._counters.stored += inserted
-                self._counters.duplicate += size - inserted
+                self._counters.duplicate += spans - inserted
+                self._counters.logs_stored += size - spans
                 self._counters.transactions += 1
             finally:
                 self._queued_spans -= size
@@ -660,6 +784,8 @@ class SpanStore:
                 await self._index()
 
     def _write_sync(self, batches: Sequence[DecodedBatch], size: int, now: float) -> int:
+        """Store the batches in one transaction; returns how many spans were inserted
+        (the rest were duplicates). Every log record is inserted."""
         conn = self._conn
         assert conn is not None
         segment = self._current_segment_sync(conn, now, size)
@@ -671,9 +797,8 @@ class SpanStore:
             resources.update(batch.resources)
             scopes.update(batch.scopes)
             operations.update(batch.operations)
-        rows: Iterable[SpanRow] = itertools.chain.from_iterable(b.spans for b in batches)
-        min_start = min(min(row[7] for row in b.spans) for b in batches)
-        max_start = max(max(row[7] for row in b.spans) for b in batches)
+        with_spans = [b for b in batches if b.spans]
+        logs: list[LogRow] = [row for b in batches for row in b.logs]
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
@@ -694,24 +819,41 @@ class SpanStore:
                 " WHERE last_segment < excluded.last_segment",
                 [(service, name, n) for service, name in operations],
             )
-            before = conn.execute(f"SELECT coalesce(max(id), 0) FROM spans_{n}").fetchone()[0]
-            inserted = conn.executemany(
-                f"INSERT OR IGNORE INTO spans_{n} ({_SPAN_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            ).rowcount
-            conn.execute(
-                "UPDATE segments SET span_count = span_count + ?, last_write_at = ?,"
-                " min_start_ns = min(coalesce(min_start_ns, ?), ?),"
-                " max_start_ns = max(coalesce(max_start_ns, ?), ?) WHERE id = ?",
-                (inserted, now, min_start, min_start, max_start, max_start, n),
-            )
+            before = segment.max_id
+            inserted = 0
+            if with_spans:
+                before = conn.execute(f"SELECT coalesce(max(id), 0) FROM spans_{n}").fetchone()[0]
+                rows: Iterable[SpanRow] = itertools.chain.from_iterable(b.spans for b in with_spans)
+                min_start = min(min(row[7] for row in b.spans) for b in with_spans)
+                max_start = max(max(row[7] for row in b.spans) for b in with_spans)
+                inserted = conn.executemany(
+                    f"INSERT OR IGNORE INTO spans_{n} ({_SPAN_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                ).rowcount
+                conn.execute(
+                    "UPDATE segments SET span_count = span_count + ?, last_write_at = ?,"
+                    " min_start_ns = min(coalesce(min_start_ns, ?), ?),"
+                    " max_start_ns = max(coalesce(max_start_ns, ?), ?) WHERE id = ?",
+                    (inserted, now, min_start, min_start, max_start, max_start, n),
+                )
+            if logs:
+                conn.executemany(
+                    f"INSERT INTO logs_{n} ({_LOG_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    logs,
+                )
+                conn.execute(
+                    "UPDATE segments SET log_count = log_count + ?, last_write_at = ? WHERE id = ?",
+                    (len(logs), now, n),
+                )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
         segment.span_count += inserted
+        segment.log_count += len(logs)
         segment.last_write_at = now
         segment.max_id = before + inserted  # rowids are handed out as max(id) + 1
         if self.index_attributes and segment.terms is not None:
@@ -723,7 +865,7 @@ class SpanStore:
                     break
                 segment.terms.update(batch.terms)
         limit = self.retention.max_spans
-        if limit is not None and sum(s.span_count for s in self._segments) > limit:
+        if limit is not None and sum(s.size for s in self._segments) > limit:
             self._prune_count_sync(conn)
         return inserted
 
@@ -732,8 +874,8 @@ class SpanStore:
         age = self.retention.segment_age
         if (
             segment is None
-            or (segment.span_count and segment.span_count + size > self.retention.segment_spans)
-            or (age is not None and segment.span_count and now - segment.created_at >= age)
+            or (segment.size and segment.size + size > self.retention.segment_spans)
+            or (age is not None and segment.size and now - segment.created_at >= age)
         ):
             segment = self._create_segment_sync(conn, now)
             self._prune_count_sync(conn)
@@ -870,10 +1012,10 @@ class SpanStore:
         if limit is None:
             return 0
         dropped = 0
-        total = sum(s.span_count for s in self._segments)
+        total = sum(s.size for s in self._segments)
         while len(self._segments) > 1 and total > limit:
             oldest = self._segments[0]
-            total -= oldest.span_count
+            total -= oldest.size
             self._drop_segment_sync(conn, oldest)
             dropped += 1
         return dropped
@@ -885,6 +1027,7 @@ class SpanStore:
             conn.execute(f"DROP TABLE IF EXISTS attrs_{n}")
             conn.execute(f"DROP TABLE IF EXISTS chunks_{n}")
             conn.execute(f"DROP TABLE IF EXISTS spans_{n}")
+            conn.execute(f"DROP TABLE IF EXISTS logs_{n}")
             conn.execute("DELETE FROM segments WHERE id = ?", (n,))
             # Shared rows no live segment refers to any more.
             for table in ("resources", "scopes", "operations"):
@@ -896,7 +1039,13 @@ class SpanStore:
             raise
         self._segments.remove(segment)
         self._counters.dropped_segments += 1
-        log.info("dropped segment %d (%d spans) of %s", n, segment.span_count, self._what)
+        log.info(
+            "dropped segment %d (%d spans, %d log records) of %s",
+            n,
+            segment.span_count,
+            segment.log_count,
+            self._what,
+        )
 
     # --- reading ------------------------------------------------------------------
 
@@ -945,9 +1094,9 @@ class SpanStore:
 
     async def stats(self) -> StoreStats:
         def run(conn: sqlite3.Connection) -> StoreStats:
-            spans, segments, oldest, newest = conn.execute(
-                "SELECT coalesce(sum(span_count), 0), count(*), min(created_at),"
-                " max(last_write_at) FROM segments"
+            spans, logs, segments, oldest, newest = conn.execute(
+                "SELECT coalesce(sum(span_count), 0), coalesce(sum(log_count), 0), count(*),"
+                " min(created_at), max(last_write_at) FROM segments"
             ).fetchone()
             size = 0
             for suffix in ("", "-wal"):
@@ -968,6 +1117,10 @@ class SpanStore:
                 segments_dropped=c.dropped_segments,
                 write_failures=c.write_failures,
                 queued_spans=self._queued_spans,
+                logs=logs,
+                logs_received=c.logs_received,
+                logs_stored=c.logs_stored,
+                logs_rejected=c.logs_rejected,
             )
 
         return await self._read(run, "reading statistics")
@@ -1240,7 +1393,134 @@ class SpanStore:
             [(r[0], r[1], r[2], r[3], r[5], r[7], r[8], r[9]) for r in rows.values()],
             {id_: r.service for id_, r in resources.items()},
         )
-        return Trace(trace_id.hex(), summary, spans, resources)
+        log_rows = [
+            row
+            for n in self._all_segment_ids(conn)
+            for row in conn.execute(
+                f"SELECT {_LOG_COLUMNS} FROM logs_{n} WHERE trace_id = ?", (trace_id,)
+            )
+        ]
+        logs = self._log_records(conn, log_rows)
+        logs.sort(key=lambda record: record.time_ns)
+        return Trace(trace_id.hex(), summary, spans, resources, logs)
+
+    def _all_segment_ids(self, conn: sqlite3.Connection) -> list[int]:
+        """Every segment, newest first, spans or not, as this read transaction sees them."""
+        return [n for (n,) in conn.execute("SELECT id FROM segments ORDER BY id DESC")]
+
+    def _log_records(
+        self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]
+    ) -> list[LogRecord]:
+        """Rows of ``_LOG_COLUMNS`` as :class:`LogRecord` s, in the same order."""
+        resource_ids = sorted({row[9] for row in rows})
+        scope_ids = sorted({row[10] for row in rows})
+        services = dict(
+            conn.execute(
+                f"SELECT id, service FROM resources WHERE id IN ({_marks(resource_ids)})",
+                resource_ids,
+            )
+        )
+        scopes = dict(
+            conn.execute(
+                f"SELECT id, name FROM scopes WHERE id IN ({_marks(scope_ids)})", scope_ids
+            )
+        )
+        return [
+            LogRecord(
+                time_ns=time_ns,
+                observed_ns=observed,
+                severity=severity,
+                level=severity_level(severity),
+                severity_text=severity_text,
+                body=_loads(body, None),
+                attributes=_loads(attributes, {}),
+                trace_id=tid.hex() if tid is not None else None,
+                span_id=sid.hex() if sid is not None else None,
+                flags=flags,
+                service=services.get(resource_id, "unknown_service"),
+                resource_id=resource_id,
+                scope_name=scopes.get(scope_id, ""),
+                event_name=event_name,
+                dropped_attributes=dropped,
+            )
+            for (
+                time_ns,
+                observed,
+                severity,
+                severity_text,
+                body,
+                attributes,
+                tid,
+                sid,
+                flags,
+                resource_id,
+                scope_id,
+                event_name,
+                dropped,
+            ) in rows
+        ]
+
+    async def search_logs(self, query: LogQuery) -> list[LogRecord]:
+        """Log records that match ``query``, newest first (by arrival, then time)."""
+        return await self._read(partial(self._search_logs_sync, query), "searching logs")
+
+    def _search_logs_sync(self, query: LogQuery, conn: sqlite3.Connection) -> list[LogRecord]:
+        conditions: list[str] = []
+        params: list[object] = []
+        if query.service is not None:
+            ids = [
+                id_
+                for (id_,) in conn.execute(
+                    "SELECT id FROM resources WHERE service = ?", (query.service,)
+                )
+            ]
+            if not ids:
+                return []
+            conditions.append(f"resource_id IN ({_marks(ids)})")
+            params.extend(ids)
+        if query.min_severity is not None:
+            conditions.append("severity >= ?")
+            params.append(query.min_severity)
+        if query.trace_id is not None:
+            conditions.append("trace_id = ?")
+            params.append(query.trace_id)
+        if query.text:
+            # As the text appears inside the stored JSON (quotes and backslashes escaped).
+            needle = msgspec.json.encode(query.text).decode()[1:-1]
+            escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conditions.append("body LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped}%")
+        if query.start_ns is not None:
+            conditions.append("time_ns >= ?")
+            params.append(query.start_ns)
+        if query.end_ns is not None:
+            conditions.append("time_ns <= ?")
+            params.append(query.end_ns)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        found: list[tuple[Any, ...]] = []
+        for n in self._all_segment_ids(conn):
+            left = query.limit - len(found)
+            if left <= 0:
+                break
+            found.extend(
+                conn.execute(
+                    f"SELECT {_LOG_COLUMNS} FROM logs_{n}{where} ORDER BY id DESC LIMIT ?",
+                    (*params, left),
+                )
+            )
+        records = self._log_records(conn, found)
+        records.sort(key=lambda record: record.time_ns, reverse=True)
+        return records
+
+
+def _upgrade_from_1(conn: sqlite3.Connection) -> None:
+    """Schema 1 to 2, in the caller's transaction: log records in every segment."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(segments)")}
+    if "log_count" not in columns:
+        conn.execute("ALTER TABLE segments ADD COLUMN log_count INTEGER NOT NULL DEFAULT 0")
+    for (n,) in conn.execute("SELECT id FROM segments").fetchall():
+        for statement in _logs_schema(n):
+            conn.execute(statement)
 
 
 def _settle(taken: Sequence[_Pending], error: BaseException | None) -> None:
