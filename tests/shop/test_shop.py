@@ -142,6 +142,22 @@ async def trace_of(client, shop, order_id, services):
     return found
 
 
+async def logs_of(client, shop, trace_id, bodies):
+    """The log records of a trace in the embedded collector, once ``bodies`` are in it."""
+    found = []
+
+    async def arrived():
+        response = await client.get(f"{shop.traces}/api/logs", params={"trace_id": trace_id})
+        found[:] = response.json()["logs"]
+        return bodies <= {r["body"] for r in found}
+
+    try:
+        await wait_until(arrived, timeout=30, interval=0.5, what=f"the logs of trace {trace_id}")
+    except AssertionError:
+        raise AssertionError(f"trace {trace_id} has logs {[r['body'] for r in found]}") from None
+    return found
+
+
 @pytest.mark.timeout(180)
 async def test_the_shop_takes_orders_end_to_end(tmp_path):
     shop = Shop(tmp_path)
@@ -168,6 +184,21 @@ async def test_the_shop_takes_orders_end_to_end(tmp_path):
             assert "saga place-order: started" in names
             assert "eventstore append" in names  # the Order's events, in the same trace
             assert any(n.startswith("saga place-order: reply") for n in names)
+            # Each service's log lines are in the trace too, each under the span that
+            # wrote it (OTLP logs to the same collector).
+            wanted = {
+                "order placed",
+                "stock reserved",
+                "payment authorized",
+                "payment captured",
+                "shipment scheduled",
+            }
+            logged = await logs_of(client, shop, trace["trace_id"], wanted)
+            by_body = {r["body"]: r for r in logged}
+            span_ids = {span["span_id"] for span in trace["spans"]}
+            assert {r["span_id"] for r in logged} <= span_ids
+            assert by_body["stock reserved"]["service"] == "inventory"
+            assert by_body["stock reserved"]["attributes"]["order_id"] == confirmed_id
             # The order-history projection answers a customer's orders.
             history = []
 

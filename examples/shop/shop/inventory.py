@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from typing import Any
 
+import structlog
 from fastapi import HTTPException
 
 from atoll import Context, Service
@@ -28,6 +29,8 @@ SEED_STOCK: dict[str, tuple[str, int]] = {
     "durian": ("Durian", 2),
     "elderberry": ("Elderberry jam", 0),
 }
+
+log = structlog.get_logger(__name__)
 
 service = Service(
     "inventory",
@@ -85,6 +88,7 @@ async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
         elif available < qty:
             problems.append(f"{sku}: only {available} left, {qty} wanted")
     if problems:
+        log.warning("stock rejected", order_id=command.order_id, reason="; ".join(problems))
         ctx.reply(StockRejected(order_id=command.order_id, reason="; ".join(problems)))
         return
     for sku, qty in wanted.items():
@@ -100,6 +104,7 @@ async def reserve_stock(command: ReserveStock, ctx: Context) -> None:
         json.dumps(dict(wanted)),
         ctx.clock.time(),
     )
+    log.info("stock reserved", order_id=command.order_id, skus=sorted(wanted))
     ctx.reply(StockReserved(order_id=command.order_id))
 
 

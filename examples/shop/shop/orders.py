@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import msgspec
+import structlog
 from fastapi import Header, HTTPException, Response
 from pydantic import BaseModel, Field
 
@@ -169,6 +170,8 @@ class OrderHistory(Projection):
             event.order_id,
         )
 
+
+log = structlog.get_logger(__name__)
 
 service = Service(
     "orders",
@@ -462,6 +465,7 @@ async def place_order(
             ),
             saga_id=order.id,
         )
+    log.info("order placed", order_id=order.id, cents=order.total_cents, lines=len(items))
     response.headers["Location"] = f"/orders/{order.id}"
     return OrderAccepted(order_id=order.id, status="PENDING")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import structlog
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
 
@@ -37,6 +38,8 @@ SEED_WALLETS: dict[str, int] = {
     "bob": 50_000,
     "poor": 100,  # a customer without enough funds, for the demo's compensation path
 }
+
+log = structlog.get_logger(__name__)
 
 service = Service(
     "payments",
@@ -119,6 +122,7 @@ async def authorize(command: AuthorizePayment, ctx: Context) -> None:
         ctx.clock.time(),
     )
     if held:
+        log.info("payment authorized", order_id=command.order_id, cents=command.amount_cents)
         ctx.reply(PaymentAuthorized(order_id=command.order_id))
         return
     wallet = await ctx.fetch_value(
@@ -129,6 +133,7 @@ async def authorize(command: AuthorizePayment, ctx: Context) -> None:
         if wallet is None
         else f"insufficient funds: {wallet} cents available, {command.amount_cents} needed"
     )
+    log.warning("payment declined", order_id=command.order_id, reason=reason)
     ctx.reply(PaymentDeclined(order_id=command.order_id, reason=reason))
 
 
@@ -151,6 +156,7 @@ async def capture(command: CapturePayment, ctx: Context) -> None:
         payment[0],
     )
     await _set_status(ctx, command.order_id, "CAPTURED")
+    log.info("payment captured", order_id=command.order_id, cents=payment[1])
     ctx.reply(PaymentCaptured(order_id=command.order_id))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import structlog
 from fastapi import HTTPException
 from pydantic import BaseModel
 
@@ -22,6 +23,8 @@ from shop.messages import (
 
 #: SKUs the carrier refuses.
 UNSHIPPABLE = {"durian": "the carrier refuses to ship durian"}
+
+log = structlog.get_logger(__name__)
 
 service = Service(
     "shipping",
@@ -78,9 +81,11 @@ async def schedule(command: ScheduleShipment, ctx: Context) -> None:
         ctx.clock.time(),
     )
     if refused:
+        log.warning("shipment refused", order_id=command.order_id, reason="; ".join(refused))
         ctx.reply(ShipmentFailed(order_id=command.order_id, reason="; ".join(refused)))
     else:
         assert shipment_id is not None
+        log.info("shipment scheduled", order_id=command.order_id, shipment_id=shipment_id)
         ctx.reply(ShipmentScheduled(order_id=command.order_id, shipment_id=shipment_id))
 
 

@@ -65,7 +65,9 @@ def configure_logging(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Handlers that export records elsewhere (OTLP logs) stay; the console one is new.
+    kept = [h for h in root.handlers if getattr(h, "keep_on_reconfigure", False)]
+    root.handlers[:] = [handler, *kept]
     root.setLevel(level_name)
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -210,6 +210,9 @@ class Tracing:
         self.processor: Any = None
         self.tracer: Tracer | None = None
         self.lean: LeanTracer | None = None
+        self.resource: Resource | None = None
+        #: The service's log export, once :meth:`make_global` started it.
+        self.logs: Any = None
         if not OTEL_AVAILABLE:
             return
         if exporter is None:
@@ -230,6 +233,7 @@ class Tracing:
 
             exporter = FastOTLPSpanExporter(endpoint=endpoint)
         resource = Resource.create({"service.name": service})
+        self.resource = resource
         self.provider = SdkTracerProvider(resource=resource)
         from atoll.observability._otlp import (  # noqa: PLC0415 - otlp extra
             FastBatchSpanProcessor,
@@ -273,12 +277,27 @@ class Tracing:
         return 0 if self.processor is None else int(self.processor.failed)
 
     def make_global(self) -> None:
-        """Make this the process's default tracer provider (one service per process)."""
-        if self.provider is not None:
-            trace.set_tracer_provider(self.provider)
+        """Make this the process's default tracer provider (one service per process), and
+        send the process's logs where its traces go when the standard variables name a
+        logs endpoint (see ``_log_export``): one resource for the process's records."""
+        if self.provider is None:
+            return
+        trace.set_tracer_provider(self.provider)
+        from atoll.observability._log_export import (  # noqa: PLC0415 - otlp extra
+            LogExport,
+            otlp_logs_endpoint,
+        )
+
+        endpoint = otlp_logs_endpoint()
+        if endpoint is not None and self.logs is None and self.resource is not None:
+            self.logs = LogExport(self.resource, endpoint)
+            self.logs.install()
 
     def shutdown(self) -> None:
         """Export what is queued (bounded by the exporter's timeout) and stop."""
+        if self.logs is not None:
+            self.logs.shutdown()
+            self.logs = None
         if self.provider is not None:
             self.provider.shutdown()
 

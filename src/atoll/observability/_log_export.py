@@ -1,0 +1,185 @@
+"""A service's logs over OTLP: each record, with the trace and span it was written in,
+sent to the collector its traces go to, so the trace view shows a span's logs beside it.
+
+The standard variables choose it, as the OpenTelemetry SDK reads them:
+``OTEL_EXPORTER_OTLP_LOGS_ENDPOINT``, else ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/logs``;
+``OTEL_LOGS_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turns it off. Records are
+batched and posted by the SDK's ``BatchLogRecordProcessor`` on its own thread, off the
+code that logs; when the collector cannot keep up, its queue drops records rather than
+slowing the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Mapping
+from typing import Any, Final
+
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
+from opentelemetry.sdk.resources import Resource
+
+#: Keys of a structlog event that the OTLP record carries elsewhere (its body, time,
+#: severity, trace context, resource) or that only the console renderer needs.
+_NOT_ATTRIBUTES: Final = frozenset(
+    {"event", "timestamp", "level", "logger", "trace_id", "span_id", "service", "exc_info"}
+)
+#: Loggers whose records are not exported: the exporter's own (a failed export logs a
+#: warning, which must not become another record to export).
+_SKIPPED_LOGGERS: Final = ("opentelemetry", "urllib3", "requests")
+_MAX_INT64: Final = (1 << 63) - 1
+
+
+def otlp_logs_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """The logs endpoint the standard OpenTelemetry variables name, if any."""
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if env.get("OTEL_LOGS_EXPORTER", "otlp").strip().lower() == "none":
+        return None
+    explicit = env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+    if explicit:
+        return explicit
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if base:
+        return base.rstrip("/") + "/v1/logs"
+    return None
+
+
+def severity_number(levelno: int) -> SeverityNumber:
+    """OpenTelemetry's severity for a ``logging`` level, as its data model maps them."""
+    if levelno >= logging.CRITICAL:
+        return SeverityNumber.FATAL
+    if levelno >= logging.ERROR:
+        return SeverityNumber.ERROR
+    if levelno >= logging.WARNING:
+        return SeverityNumber.WARN
+    if levelno >= logging.INFO:
+        return SeverityNumber.INFO
+    if levelno >= logging.DEBUG:
+        return SeverityNumber.DEBUG
+    return SeverityNumber.TRACE
+
+
+def _attribute(value: object) -> Any:
+    """A value as an OTLP attribute takes it: scalars as they are, else as text."""
+    if value is None or isinstance(value, str | bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -_MAX_INT64 - 1 <= value <= _MAX_INT64 else str(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return str(value)
+
+
+class OTLPLogHandler(logging.Handler):
+    """Hands ``logging`` records (structlog's included) to an OpenTelemetry logger
+    provider, which batches and exports them.
+
+    A structlog record's event is the body and its other keys (``correlation_id``,
+    ``message_id``, what the code bound) are attributes; a plain record's message is the
+    body. The current span (at the call) gives the trace and span ids. An exception
+    logged with the record adds ``exception.type``, ``exception.message`` and
+    ``exception.stacktrace``, as the semantic conventions name them.
+    """
+
+    #: ``configure_logging`` keeps this handler when it replaces the root's handlers.
+    keep_on_reconfigure = True
+
+    def __init__(self, provider: LoggerProvider, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.provider = provider
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(_SKIPPED_LOGGERS):
+            return
+        try:
+            self._emit(record)
+        except Exception:
+            self.handleError(record)
+
+    def _emit(self, record: logging.LogRecord) -> None:
+        attributes: dict[str, Any] = {}
+        event = record.msg
+        exc_info = record.exc_info
+        if isinstance(event, dict):  # structlog, through ProcessorFormatter.wrap_for_formatter
+            body = str(event.get("event", ""))
+            for key, value in event.items():
+                if key not in _NOT_ATTRIBUTES:
+                    attributes[key] = _attribute(value)
+            flag = event.get("exc_info")
+            if isinstance(flag, tuple):
+                exc_info = flag
+            elif isinstance(flag, BaseException):
+                exc_info = (type(flag), flag, flag.__traceback__)
+            elif flag:
+                exc_info = sys.exc_info()
+        else:
+            body = record.getMessage()
+        attributes["code.function.name"] = record.funcName
+        attributes["code.file.path"] = record.pathname
+        attributes["code.line.number"] = record.lineno
+        if exc_info and exc_info[0] is not None:
+            kind, error, tb = exc_info
+            attributes["exception.type"] = kind.__qualname__
+            attributes["exception.message"] = str(error)
+            attributes["exception.stacktrace"] = "".join(
+                traceback.format_exception(kind, error, tb)
+            )
+        self.provider.get_logger(record.name).emit(
+            timestamp=int(record.created * 1e9),
+            severity_number=severity_number(record.levelno),
+            severity_text=record.levelname,
+            body=body,
+            attributes=attributes,
+        )
+
+
+class LogExport:
+    """A service's log export: a logger provider with the service's resource, its batch
+    processor and exporter, and the handler on the root logger."""
+
+    def __init__(
+        self,
+        resource: Resource,
+        endpoint: str | None = None,
+        *,
+        exporter: LogRecordExporter | None = None,
+        level: int = logging.INFO,
+    ) -> None:
+        self.provider = LoggerProvider(resource=resource)
+        if exporter is None:
+            exporter = OTLPLogExporter(endpoint=endpoint)
+        self.exporter = exporter
+        self.processor = BatchLogRecordProcessor(exporter)
+        self.provider.add_log_record_processor(self.processor)
+        self.handler = OTLPLogHandler(self.provider, level)
+
+    def install(self) -> None:
+        """Send the root logger's records (every logger's, by propagation)."""
+        root = logging.getLogger()
+        if self.handler not in root.handlers:
+            root.addHandler(self.handler)
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop sending and export what is queued, for ``timeout`` seconds at most: an
+        unreachable collector must not hold up a service's stop (the exporter would
+        retry each batch for its own timeout, 10 s by default); what is left is lost."""
+        logging.getLogger().removeHandler(self.handler)
+        # The SDK's force_flush exports batch after batch, each with its retries, on the
+        # calling thread, whatever its timeout says: so on a thread of its own, waited for
+        # ``timeout``; shutting the exporter down then ends the retries in progress.
+        flushing = threading.Thread(
+            target=self.processor.force_flush, name="atoll-otlp-logs-flush", daemon=True
+        )
+        flushing.start()
+        flushing.join(timeout)
+        if flushing.is_alive():
+            self.exporter.shutdown()  # type: ignore[no-untyped-call]
+        self.provider.shutdown()
