@@ -70,6 +70,7 @@ async def test_service_logs_reach_the_collector_with_their_span(live, monkeypatc
                 log.exception("reservation failed", order_id="o-42")
         logging.getLogger("shop.inventory").debug("below the root's level: not sent")
         logging.getLogger("urllib3.connectionpool").warning("the exporter's own: not sent")
+        structlog.get_logger("atoll.gateway.access").info("an access log line: not sent")
         log.info("outside any span")
     finally:
         tracing.shutdown()
