@@ -165,6 +165,20 @@ def test_a_trace_page_shows_its_logs_and_leads_to_their_spans(live, browser):
         assert detail.locator("h4").all_inner_texts()[-1].split() == ["LOGS", "1"]
         assert "duplicate key, retrying" in detail.inner_text()
         assert "validating cart" not in detail.inner_text()
+
+        # The log search: warnings and worse, then on to the trace at the span.
+        page.click("header nav a[href='/logs']")
+        page.wait_for_url("**/logs")
+        assert page.locator("tr.log-row").count() == 2
+        page.select_option("#l-severity", "warn")
+        page.click("#l-submit")
+        page.wait_for_url("**/logs?*severity=warn*")
+        rows = page.locator("tr.log-row")
+        assert rows.count() == 1
+        assert "duplicate key, retrying" in rows.first.inner_text()
+        rows.first.locator("a.trace-link").click()
+        page.wait_for_url(f"**/traces/{tid.hex()}#span-{child.hex()}")
+        assert page.locator(f"#detail-{child.hex()}").is_visible()
     finally:
         page.close()
     assert errors == []

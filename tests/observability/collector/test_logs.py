@@ -434,3 +434,36 @@ async def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path):
         await store.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+async def test_the_logs_page_searches_and_escapes(client):
+    tid, sid = trace_id(), span_id()
+    request = log_request(
+        [
+            record("<script>alert(1)</script>", time_ns=T0, severity=17, tid=tid, sid=sid),
+            record("all good", time_ns=T0 + 1_000_000),
+        ]
+    )
+    response = await client.post("/v1/logs", content=request.SerializeToString(), headers=PB)
+    assert response.status_code == 200
+
+    page = await client.get("/logs")
+    assert page.status_code == 200
+    assert page.text.count('class="log-row') == 2
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    assert "<script>alert(1)</script>" not in page.text
+
+    errors = await client.get("/logs", params={"severity": "error"})
+    assert errors.text.count('class="log-row') == 1
+    assert f'href="/traces/{tid.hex()}#span-{sid.hex()}"' in errors.text
+
+    none = await client.get("/logs", params={"text": "nothing like this"})
+    assert 'id="no-logs"' in none.text
+    assert "No log record matches" in none.text
+
+    bad = await client.get("/logs", params={"severity": "loud"})
+    assert bad.status_code == 400
+    assert "severity &#x27;loud&#x27;" in bad.text or "severity 'loud'" in bad.text
+    bad = await client.get("/logs", params={"limit": "many"})
+    assert bad.status_code == 400
+    assert "limit" in bad.text

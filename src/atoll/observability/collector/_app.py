@@ -47,7 +47,7 @@ from atoll.observability.collector._receiver import (
     Signal,
     status_body,
 )
-from atoll.observability.collector._store import Retention, SpanStore, TraceQuery
+from atoll.observability.collector._store import LogQuery, Retention, SpanStore, TraceQuery
 from atoll.persistence import DatabaseError
 from atoll.persistence._sqlite import Synchronous
 from atoll.service._http import problem
@@ -395,6 +395,27 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
         )
         return HTMLResponse(page, status_code=400 if error and traces is None else 200)
 
+    @api.get("/logs", response_class=HTMLResponse, include_in_schema=False)
+    async def logs_page(request: Request) -> HTMLResponse:
+        params = request.query_params
+        form = {k: params.get(k, "") for k in params}
+        error = None
+        found = None
+        try:
+            found = await store.search_logs(_log_page_query(form, clock.time()))
+        except QueryError as exc:
+            error = str(exc)
+        except (CollectorError, DatabaseError) as exc:
+            error = f"The search failed: {exc}"
+        page = _pages.logs_page(
+            services=await store.services(),
+            form=form,
+            logs=found,
+            error=error,
+            stats=await stats_or_none(),
+        )
+        return HTMLResponse(page, status_code=400 if error and found is None else 200)
+
     @api.get("/traces/{trace_id}", response_class=HTMLResponse, include_in_schema=False)
     async def trace_page(trace_id: str) -> HTMLResponse:
         try:
@@ -494,6 +515,22 @@ def _page_query(form: dict[str, str], now: float) -> TraceQuery:
         lookback=form.get("lookback"),
         attributes=split_attributes(form.get("attrs", "")),
         limit=limit,
+    )
+
+
+def _log_page_query(form: dict[str, str], now: float) -> LogQuery:
+    limit_text = form.get("limit", "").strip() or "100"
+    if not limit_text.isdigit():
+        raise QueryError(f"limit {limit_text!r} is not a whole number")
+    return build_log_query(
+        now=now,
+        service=form.get("service"),
+        severity=form.get("severity"),
+        text=form.get("text"),
+        start=form.get("start"),
+        end=form.get("end"),
+        lookback=form.get("lookback"),
+        limit=int(limit_text),
     )
 
 

@@ -129,6 +129,7 @@ def _layout(title: str, body: str, stats: StoreStats | None, *, page: str) -> st
     if stats is not None:
         footer = (
             f'<span title="spans stored now">{stats.spans:,} spans stored</span>'
+            f'<span title="log records stored now">{stats.logs:,} log records</span>'
             f'<span title="database file size">{stats.file_bytes / 1e6:,.1f} MB</span>'
         )
     return f"""<!doctype html>
@@ -145,7 +146,7 @@ def _layout(title: str, body: str, stats: StoreStats | None, *, page: str) -> st
 <header class="top">
   <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>atoll
     <span>traces</span></a>
-  <nav><a href="/">Search</a><a href="/api/docs">API</a></nav>
+  <nav><a href="/">Search</a><a href="/logs">Logs</a><a href="/api/docs">API</a></nav>
   <div class="store-stats">{footer}</div>
 </header>
 <main>
@@ -324,6 +325,109 @@ def search_page(
             f"<tbody>{_result_rows(traces, now, color)}</tbody></table></section>"
         )
     return _layout("Search", "".join(parts), stats, page="search")
+
+
+# --- logs ----------------------------------------------------------------------------
+
+#: The least severities the log search offers, as level names ``build_log_query`` takes.
+SEVERITIES: Final = (
+    ("", "Any"),
+    ("debug", "Debug and up"),
+    ("info", "Info and up"),
+    ("warn", "Warn and up"),
+    ("error", "Error and up"),
+)
+
+
+def _log_rows(logs: Sequence[LogRecord], color: Palette) -> str:
+    rows = []
+    for record in logs:
+        level = record.level
+        badge_class = {"error": "err", "fatal": "err", "warn": "warn"}.get(level, "lvl")
+        trace = (
+            f'<a class="mono trace-link" href="/traces/{_e(record.trace_id)}'
+            f'{"#span-" + _e(record.span_id) if record.span_id else ""}">'
+            f"{_e(record.trace_id[:16])}…</a>"
+            if record.trace_id
+            else '<span class="none">none</span>'
+        )
+        attributes = (
+            f"<details><summary>{len(record.attributes)} attributes</summary>"
+            f"{_attribute_table(record.attributes, 'attrs small')}</details>"
+            if record.attributes
+            else ""
+        )
+        rows.append(
+            f'<tr class="log-row l-{_e(level)}">'
+            f'<td class="l-time">{_time_tag(record.time_ns)}</td>'
+            f'<td><span class="badge {badge_class}">{_e(record.severity_text or level)}</span></td>'
+            f"<td>{_service_chip(color, record.service)}</td>"
+            f'<td class="l-body">{_log_body_html(record.body)}{attributes}</td>'
+            f'<td class="l-trace">{trace}</td></tr>'
+        )
+    return "".join(rows)
+
+
+def logs_page(
+    *,
+    services: Sequence[ServiceInfo],
+    form: dict[str, str],
+    logs: Sequence[LogRecord] | None,
+    error: str | None,
+    stats: StoreStats | None,
+) -> str:
+    """The log search: service, least severity, text, time; newest first, each record
+    with a link to its trace (and span)."""
+    color = Palette(s.name for s in services)
+    service = form.get("service", "")
+    severity = form.get("severity", "")
+    lookback = form.get("lookback", "")
+    service_options = [_option("", "All services", service)]
+    service_options += [_option(s.name, s.name, service) for s in services]
+    if service and service not in {s.name for s in services}:
+        service_options.append(_option(service, service, service))
+    parts = [
+        f"""
+<form class="search" method="get" action="/logs" id="log-search">
+  <label class="f-service">Service
+    <select name="service" id="l-service">{"".join(service_options)}</select></label>
+  <label class="f-status">Severity
+    <select name="severity" id="l-severity">{
+            "".join(_option(v, label, severity) for v, label in SEVERITIES)
+        }</select></label>
+  <label class="f-attrs">Text
+    <input name="text" id="l-text" value="{_e(form.get("text", ""))}"
+      placeholder="a part of the message" autocomplete="off" spellcheck="false"></label>
+  <label class="f-lookback">Time
+    <select name="lookback" id="l-lookback">{
+            "".join(_option(v, label, lookback) for v, label in LOOKBACKS)
+        }</select></label>
+  <label class="f-num f-limit">Limit
+    <input name="limit" id="l-limit" type="number" min="1" max="1000"
+      value="{_e(form.get("limit", "100"))}"></label>
+  <button type="submit" id="l-submit">Find logs</button>
+</form>"""
+    ]
+    if error is not None:
+        parts.append(f'<p class="notice error" role="alert">{_e(error)}</p>')
+    elif logs is not None and not logs:
+        hint = (
+            "No log record matches. Widen the time range or remove a filter."
+            if stats is None or stats.logs
+            else "No log records stored yet. Point an OpenTelemetry log exporter at"
+            " <code>http://&lt;this host&gt;:4318/v1/logs</code> (OTLP/HTTP)."
+        )
+        parts.append(f'<p class="notice empty" id="no-logs">{hint}</p>')
+    elif logs:
+        count = len(logs)
+        parts.append(
+            f'<section class="results"><div class="results-head"><h2>{count} log record'
+            f"{'s' if count != 1 else ''}</h2><span>most recent first</span></div>"
+            '<table class="traces logs-table" id="log-results"><thead><tr><th>Time</th>'
+            "<th>Level</th><th>Service</th><th>Message</th><th>Trace</th></tr></thead>"
+            f"<tbody>{_log_rows(logs, color)}</tbody></table></section>"
+        )
+    return _layout("Logs", "".join(parts), stats, page="logs")
 
 
 # --- waterfall -------------------------------------------------------------------
