@@ -28,11 +28,22 @@ from opentelemetry.sdk.resources import Resource
 #: Keys of a structlog event that the OTLP record carries elsewhere (its body, time,
 #: severity, trace context, resource) or that only the console renderer needs.
 _NOT_ATTRIBUTES: Final = frozenset(
-    {"event", "timestamp", "level", "logger", "trace_id", "span_id", "service", "exc_info"}
+    {
+        "event",
+        "timestamp",
+        "level",
+        "logger",
+        "trace_id",
+        "span_id",
+        "service",
+        "exc_info",
+        "exception",  # structlog's format_exc_info text: sent as exception.stacktrace
+    }
 )
 #: Loggers whose records are not exported: the exporter's own (a failed export logs a
-#: warning, which must not become another record to export).
-_SKIPPED_LOGGERS: Final = ("opentelemetry", "urllib3", "requests")
+#: warning, which must not become another record to export), and the collector's (which
+#: ``atoll run`` may host in the same process: it would log about its own writes).
+_SKIPPED_LOGGERS: Final = ("opentelemetry", "urllib3", "requests", "atoll.collector")
 #: Access logs (``atoll.gateway.access``, ``uvicorn.access``) stay on the console: each
 #: request's SERVER span already carries what they say, and a record costs about 20 µs of
 #: the request's own CPU (the gateway spends 30 to 40 on a whole request).
@@ -174,17 +185,23 @@ class LogExport:
 
     def shutdown(self, timeout: float = 3.0) -> None:
         """Stop sending and export what is queued, for ``timeout`` seconds at most: an
-        unreachable collector must not hold up a service's stop (the exporter would
-        retry each batch for its own timeout, 10 s by default); what is left is lost."""
+        unreachable or silent collector must not hold up a service's stop (the exporter
+        retries each batch for its own timeout, 10 s by default, and a request already
+        waiting on a socket is not interrupted); what is left then is lost."""
         logging.getLogger().removeHandler(self.handler)
         # The SDK's force_flush exports batch after batch, each with its retries, on the
-        # calling thread, whatever its timeout says: so on a thread of its own, waited for
-        # ``timeout``; shutting the exporter down then ends the retries in progress.
-        flushing = threading.Thread(
-            target=self.processor.force_flush, name="atoll-otlp-logs-flush", daemon=True
-        )
-        flushing.start()
-        flushing.join(timeout)
-        if flushing.is_alive():
+        # calling thread, whatever its timeout says; its shutdown waits for the request in
+        # progress. So both run on a daemon thread of their own, waited for ``timeout``;
+        # shutting the exporter down then ends the retries, and a request stuck on a
+        # socket is left to the thread, which the process does not wait for at exit.
+        stopping = threading.Thread(target=self._flush_and_stop, name="atoll-otlp-logs-stop")
+        stopping.daemon = True
+        stopping.start()
+        stopping.join(timeout)
+        if stopping.is_alive():
             self.exporter.shutdown()  # type: ignore[no-untyped-call]
+            stopping.join(0.5)
+
+    def _flush_and_stop(self) -> None:
+        self.processor.force_flush()
         self.provider.shutdown()

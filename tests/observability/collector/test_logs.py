@@ -266,7 +266,7 @@ async def test_invalid_records_are_a_partial_success(client):
 @pytest.mark.parametrize(
     ("headers", "body", "status", "says"),
     [
-        (PB, b"\xff\xff\xff", 400, "not a protobuf"),
+        (PB, b"\xff\xff\xff", 400, "not a protobuf ExportLogsServiceRequest"),
         (JS, b"{not json", 400, "not valid JSON"),
         (JS, b"[]", 400, "ExportLogsServiceRequest"),
         (JS, b'{"resourceLogs": 7}', 400, "ExportLogsServiceRequest"),
@@ -312,6 +312,8 @@ async def test_metrics_are_refused_with_a_pointer_to_prometheus(client):
     [
         ({"severity": "loud"}, "severity 'loud'"),
         ({"severity": "25"}, "severity '25'"),
+        ({"severity": "\u00b2"}, "is not one of"),
+        ({"severity": "1" * 5000}, "is not one of"),
         ({"trace_id": "xyz"}, "trace"),
         ({"start": "yesterday"}, "start 'yesterday'"),
         ({"limit": "0"}, "limit"),
@@ -467,3 +469,40 @@ async def test_the_logs_page_searches_and_escapes(client):
     bad = await client.get("/logs", params={"limit": "many"})
     assert bad.status_code == 400
     assert "limit" in bad.text
+
+
+async def test_a_trace_with_only_logs_is_shown_with_its_logs(client):
+    tid, sid = trace_id(), span_id()
+    request = log_request(
+        [
+            record("spans sampled out", time_ns=T0 + 2_000_000, tid=tid, sid=sid),
+            record("but the logs are here", time_ns=T0 + 5_000_000, tid=tid, sid=sid),
+        ]
+    )
+    response = await client.post("/v1/logs", content=request.SerializeToString(), headers=PB)
+    assert response.status_code == 200
+    trace = (await client.get(f"/api/traces/{tid.hex()}")).json()
+    assert trace["spans"] == []
+    assert [r["body"] for r in trace["logs"]] == ["spans sampled out", "but the logs are here"]
+    assert trace["summary"]["span_count"] == 0
+    assert trace["summary"]["root_missing"] is True
+    assert trace["summary"]["duration_ns"] == 3_000_000
+    page = await client.get(f"/traces/{tid.hex()}")
+    assert page.status_code == 200
+    assert 'id="no-spans"' in page.text
+    assert "but the logs are here" in page.text
+    assert (await client.get(f"/api/traces/{trace_id().hex()}")).status_code == 404
+
+
+async def test_log_batches_keep_the_attribute_index_fed_from_the_decoder(tmp_path: Path):
+    store = SpanStore(tmp_path / "t.db")
+    await store.open()
+    try:
+        decoder = OTLPDecoder(store.resources, store.scopes)
+        spans = make_request("orders", [make_span(trace_id(), span_id(), attributes={"k": "v"})])
+        await store.write(decoder.convert(spans))
+        await write_logs(store, 3)
+        # A log batch has no attribute terms and must not make the indexer read the rows.
+        assert store._segments[-1].terms == {("k", "v")}
+    finally:
+        await store.close()

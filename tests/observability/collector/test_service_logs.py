@@ -4,6 +4,7 @@ trace and span it was written in; the standard variables choose it or turn it of
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import pytest
@@ -126,3 +127,22 @@ def test_an_unreachable_collector_neither_blocks_nor_raises(caplog):
         export.shutdown(timeout=1.0)
     assert time.monotonic() - started < 5, "stopping waited for the unreachable collector"
     assert export.handler not in logging.getLogger().handlers
+
+
+def test_a_silent_collector_does_not_hold_up_a_stop():
+    # Accepts connections (the kernel's backlog) and never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        export = LogExport(
+            Resource.create({"service.name": "patient"}), f"http://127.0.0.1:{port}/v1/logs"
+        )
+        export.install()
+        logger = logging.getLogger("test.patient")
+        logger.setLevel(logging.INFO)
+        for i in range(100):
+            logger.info("line %d", i)
+        started = time.monotonic()
+        export.shutdown(timeout=1.0)
+        assert time.monotonic() - started < 2.5

@@ -396,14 +396,13 @@ def _scalar_key_value(raw: bytes) -> _Parsed | None:  # noqa: C901, PLR0911, PLR
     return None
 
 
-def _parse_protobuf(kind: Any, data: bytes) -> Any:
-    """``kind.FromString(data)``, its failures as :class:`MalformedRequestError`."""
+def _parse_protobuf(kind: Any, data: bytes, what: str = "ExportTraceServiceRequest") -> Any:
+    """``kind.FromString(data)``, its failures as :class:`MalformedRequestError` saying
+    the body is not a protobuf ``what``."""
     try:
         return kind.FromString(data)
     except (DecodeError, RecursionError, ValueError) as exc:
-        raise MalformedRequestError(
-            f"the body is not a protobuf ExportTraceServiceRequest: {exc}"
-        ) from exc
+        raise MalformedRequestError(f"the body is not a protobuf {what}: {exc}") from exc
 
 
 def _raw_span_attributes(
@@ -658,7 +657,8 @@ class OTLPDecoder:
     def decode_logs_protobuf(self, body: bytes, now_ns: int) -> DecodedBatch:
         """An ``ExportLogsServiceRequest`` body to log rows; ``now_ns`` stands in for the
         observed time of a record that has neither time."""
-        return self.convert_logs(_parse_protobuf(ExportLogsServiceRequest, body), now_ns)
+        request = _parse_protobuf(ExportLogsServiceRequest, body, "ExportLogsServiceRequest")
+        return self.convert_logs(request, now_ns)
 
     def decode_logs_json(self, body: bytes, now_ns: int) -> DecodedBatch:
         """:meth:`decode_logs_protobuf` for an OTLP/JSON body (hex ids, as the spec says)."""

@@ -26,8 +26,9 @@ from atoll.observability.collector._store import (
 
 #: A trace larger than this shows its first spans and says so (the JSON API has all).
 MAX_RENDERED_SPANS: Final = 3000
-#: Likewise for a trace's log records.
+#: Likewise for a trace's log records, and for those shown in one span's details.
 MAX_RENDERED_LOGS: Final = 2000
+MAX_SPAN_LOGS: Final = 200
 
 #: Distinct, readable on white and on dark grey; no pure red, which means "error".
 _PALETTE: Final = (
@@ -581,7 +582,7 @@ def _links_html(span: SpanRecord, trace_id: str) -> str:
     return f'<ul class="links">{"".join(items)}</ul>'
 
 
-def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
+def _detail(span: SpanRecord, trace: Trace, origin: int, logs: Sequence[LogRecord]) -> str:
     resource = trace.resources.get(span.resource_id)
     parent = (
         f'<a class="mono" href="#span-{_e(span.parent_span_id)}">{_e(span.parent_span_id)}</a>'
@@ -622,10 +623,15 @@ def _detail(span: SpanRecord, trace: Trace, origin: int) -> str:
             f'<h4>Links <span class="n">{len(span.links)}</span></h4>'
             f"{_links_html(span, trace.trace_id)}"
         )
-    logs = [record for record in trace.logs if record.span_id == span.span_id]
     if logs:
+        more = (
+            f'<p class="notice">The first {MAX_SPAN_LOGS}; the trace\'s list below has all.</p>'
+            if len(logs) > MAX_SPAN_LOGS
+            else ""
+        )
         sections.append(
-            f'<h4>Logs <span class="n">{len(logs)}</span></h4>{_logs_html(logs, span.start_ns)}'
+            f'<h4>Logs <span class="n">{len(logs)}</span></h4>{more}'
+            f"{_logs_html(logs[:MAX_SPAN_LOGS], span.start_ns)}"
         )
     if resource is not None:
         sections.append(
@@ -669,6 +675,10 @@ def trace_page(
     total = max(summary.duration_ns, 1)
     ordered = order_spans(trace.spans)
     shown = ordered[:MAX_RENDERED_SPANS]
+    logs_by_span: dict[str, list[LogRecord]] = {}
+    for record in trace.logs:
+        if record.span_id is not None:
+            logs_by_span.setdefault(record.span_id, []).append(record)
     rows = []
     for span, depth, has_children in shown:
         left = (span.start_ns - origin) / total * 100
@@ -712,7 +722,7 @@ def trace_page(
             f'<span class="bar-label">{duration}</span></div>{marks}</div>\n'
             f"</div>\n"
             f'<div class="span-detail" id="detail-{span.span_id}" style="--depth:{depth}"'
-            f" hidden>{_detail(span, trace, origin)}</div>\n"
+            f" hidden>{_detail(span, trace, origin, logs_by_span.get(span.span_id, ()))}</div>\n"
         )
     cut = ""
     if len(ordered) > len(shown):
@@ -738,12 +748,18 @@ def trace_page(
         f"{_service_chip(color, summary.root_service)}"
         f' <span class="op">{_e(summary.root_name)}</span>'
     )
-    missing = (
-        '<p class="notice warn">The root span of this trace was not received (yet);'
-        " spans whose parent is missing are shown at the top level.</p>"
-        if summary.root_missing
-        else ""
-    )
+    if not trace.spans:
+        missing = (
+            '<p class="notice warn" id="no-spans">No span of this trace is stored (sampled'
+            " out, sent elsewhere or not received yet): only its log records.</p>"
+        )
+    elif summary.root_missing:
+        missing = (
+            '<p class="notice warn">The root span of this trace was not received (yet);'
+            " spans whose parent is missing are shown at the top level.</p>"
+        )
+    else:
+        missing = ""
     logs_cut = (
         f'<p class="notice">Showing the first {MAX_RENDERED_LOGS} of {len(trace.logs)} log'
         f' records; <a href="/api/logs?trace_id={trace.trace_id}&amp;limit=1000">the JSON</a>'

@@ -126,7 +126,8 @@ def parse_severity(text: str) -> int:
         return SEVERITY_NAMES[text]
     if text == "warning":
         return SEVERITY_NAMES["warn"]
-    if text.isdigit() and 1 <= int(text) <= 24:
+    # isdigit() also holds for "²" and other digits int() refuses: ASCII, two at most.
+    if text.isascii() and text.isdigit() and len(text) <= 2 and 1 <= int(text) <= 24:
         return int(text)
     names = ", ".join(SEVERITY_NAMES)
     raise QueryError(f"severity {text!r} is not one of {names} or a number from 1 to 24")

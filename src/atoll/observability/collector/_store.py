@@ -859,7 +859,7 @@ class SpanStore:
         if self.index_attributes and segment.terms is not None:
             # Terms of spans that were duplicates (not inserted) may be among them: a
             # superset is harmless, as a search checks each candidate span's attributes.
-            for batch in batches:
+            for batch in with_spans:  # log batches have no terms, and need none
                 if batch.terms is None:
                     segment.terms = None
                     break
@@ -1321,8 +1321,18 @@ class SpanStore:
                 f"SELECT {_SPAN_COLUMNS} FROM spans_{n} WHERE trace_id = ?", (trace_id,)
             ):
                 rows.setdefault(row[1], row)
+        log_rows = [
+            row
+            for n in self._all_segment_ids(conn)
+            for row in conn.execute(
+                f"SELECT {_LOG_COLUMNS} FROM logs_{n} WHERE trace_id = ?", (trace_id,)
+            )
+        ]
+        logs = self._log_records(conn, log_rows)
+        logs.sort(key=lambda record: record.time_ns)
         if not rows:
-            return None
+            # Logs whose spans were sampled out, sent elsewhere or not received yet.
+            return _logs_only_trace(trace_id, logs) if logs else None
         resource_ids = sorted({row[3] for row in rows.values()})
         scope_ids = sorted({row[4] for row in rows.values()})
         resources = {
@@ -1393,15 +1403,6 @@ class SpanStore:
             [(r[0], r[1], r[2], r[3], r[5], r[7], r[8], r[9]) for r in rows.values()],
             {id_: r.service for id_, r in resources.items()},
         )
-        log_rows = [
-            row
-            for n in self._all_segment_ids(conn)
-            for row in conn.execute(
-                f"SELECT {_LOG_COLUMNS} FROM logs_{n} WHERE trace_id = ?", (trace_id,)
-            )
-        ]
-        logs = self._log_records(conn, log_rows)
-        logs.sort(key=lambda record: record.time_ns)
         return Trace(trace_id.hex(), summary, spans, resources, logs)
 
     def _all_segment_ids(self, conn: sqlite3.Connection) -> list[int]:
@@ -1511,6 +1512,26 @@ class SpanStore:
         records = self._log_records(conn, found)
         records.sort(key=lambda record: record.time_ns, reverse=True)
         return records
+
+
+def _logs_only_trace(trace_id: bytes, logs: list[LogRecord]) -> Trace:
+    """A trace of which only log records are stored: no span, the root missing."""
+    start = logs[0].time_ns
+    services: dict[str, int] = {}
+    for record in logs:
+        services[record.service] = services.get(record.service, 0) + 1
+    summary = TraceSummary(
+        trace_id=trace_id.hex(),
+        root_service=logs[0].service,
+        root_name="(no span stored)",
+        start_ns=start,
+        duration_ns=logs[-1].time_ns - start,
+        span_count=0,
+        error_count=0,
+        services=tuple(ServiceSpans(name, 0, 0) for name in services),
+        root_missing=True,
+    )
+    return Trace(trace_id.hex(), summary, [], {}, logs)
 
 
 def _upgrade_from_1(conn: sqlite3.Connection) -> None:
