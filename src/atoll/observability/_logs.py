@@ -69,7 +69,9 @@ def configure_logging(
     kept = [h for h in root.handlers if getattr(h, "keep_on_reconfigure", False)]
     root.handlers[:] = [handler, *kept]
     root.setLevel(level_name)
-    for noisy in ("uvicorn.access",):
+    # uvicorn's access lines and httpx's line per request say what the SERVER and CLIENT
+    # spans say; from these two loggers only warnings and errors are kept.
+    for noisy in ("uvicorn.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -352,12 +352,7 @@ def _log_rows(logs: Sequence[LogRecord], color: Palette) -> str:
             if record.trace_id
             else '<span class="none">none</span>'
         )
-        attributes = (
-            f"<details><summary>{len(record.attributes)} attributes</summary>"
-            f"{_attribute_table(record.attributes, 'attrs small')}</details>"
-            if record.attributes
-            else ""
-        )
+        attributes = _log_attributes_html(record.attributes)
         rows.append(
             f'<tr class="log-row l-{_e(level)}">'
             f'<td class="l-time">{_time_tag(record.time_ns)}</td>'
@@ -537,6 +532,20 @@ def _log_body_html(body: Any) -> str:
     return _value_html(body)
 
 
+def _log_attributes_html(attributes: dict[str, Any]) -> str:
+    """A record's attributes, folded: its own first (``order_id``...), then the code
+    location, which every record has."""
+    if not attributes:
+        return ""
+    own = sorted(k for k in attributes if not k.startswith("code."))
+    names = ", ".join(own[:4]) + (f" and {len(own) - 4} more" if len(own) > 4 else "")
+    label = f"{len(attributes)} attributes" + (f": {names}" if names else "")
+    return (
+        f'<details class="log-attrs"><summary>{_e(label)}</summary>'
+        f"{_attribute_table(attributes, 'attrs small')}</details>"
+    )
+
+
 def _logs_html(logs: Sequence[LogRecord], origin: int, color: Palette | None = None) -> str:
     """Log records as a list, times relative to ``origin``; with ``color``, each names
     its service and links to its span (the trace's list), else not (a span's own)."""
@@ -553,9 +562,7 @@ def _logs_html(logs: Sequence[LogRecord], origin: int, color: Palette | None = N
                     f' <a class="mono span-ref" href="#span-{_e(record.span_id)}"'
                     f' data-link-span="{_e(record.span_id)}">{_e(record.span_id)}</a>'
                 )
-        attributes = (
-            f"{_attribute_table(record.attributes, 'attrs small')}" if record.attributes else ""
-        )
+        attributes = _log_attributes_html(record.attributes)
         items.append(
             f'<li class="log l-{_e(level)}">'
             f'<span class="ev-time mono">+{_e(format_duration(max(0, record.time_ns - origin)))}'
