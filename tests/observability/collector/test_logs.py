@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
@@ -27,7 +29,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from otlp import T0, any_value, kvs, make_request, make_span, span_id, trace_id
 
 from atoll.observability.collector import LogQuery, Retention, SpanStore
-from atoll.observability.collector._decode import OTLPDecoder
+from atoll.observability.collector._decode import DecodedBatch, Interner, OTLPDecoder
+from atoll.observability.collector._errors import MalformedRequestError
 
 PB = {"content-type": "application/x-protobuf"}
 JS = {"content-type": "application/json"}
@@ -506,3 +509,89 @@ async def test_log_batches_keep_the_attribute_index_fed_from_the_decoder(tmp_pat
         assert store._segments[-1].terms == {("k", "v")}
     finally:
         await store.close()
+
+
+# --- any input: decoded to valid rows, or refused with a reason --------------------------
+
+_decoder = OTLPDecoder(Interner(), Interner())
+_valid_logs = log_request(
+    [
+        record({"msg": "hi", "n": [1, 2.5, True]}, tid=trace_id(), sid=span_id(), k="v"),
+        record("plain", severity=13),
+    ]
+).SerializeToString()
+_log_keys = st.sampled_from(
+    [
+        "resourceLogs",
+        "scopeLogs",
+        "logRecords",
+        "traceId",
+        "spanId",
+        "timeUnixNano",
+        "observedTimeUnixNano",
+        "severityNumber",
+        "severityText",
+        "body",
+        "attributes",
+        "key",
+        "value",
+        "stringValue",
+        "kvlistValue",
+        "values",
+        "eventName",
+        "x",
+    ]
+)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(_log_keys, children, max_size=5)
+    ),
+    max_leaves=40,
+)
+
+
+def check_rows(batch: DecodedBatch) -> None:
+    """What the logs_N table's columns take: the rows a store will insert."""
+    for row in batch.logs:
+        time_ns, observed, severity, _, body, attributes, tid, sid, flags, *_ = row
+        assert 0 <= time_ns < 1 << 63
+        assert 0 <= observed < 1 << 63
+        assert 0 <= severity <= 24
+        assert tid is None or len(tid) == 16
+        assert sid is None or len(sid) == 8
+        assert isinstance(flags, int)
+        for text in (body, attributes):
+            assert text is None or isinstance(json.loads(text), object)
+    assert not batch.spans
+
+
+def decode_or_refuse(fn, body: bytes) -> None:
+    try:
+        batch = fn(body, T0)
+    except MalformedRequestError as exc:
+        message = str(exc)
+    else:
+        check_rows(batch)
+        return
+    assert message.startswith("the body")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_any_bytes_are_log_rows_or_refused(body):
+    decode_or_refuse(_decoder.decode_logs_protobuf, body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(_valid_logs) - 1), st.integers(0, 255))
+def test_mutated_log_protobuf_is_log_rows_or_refused(position, byte):
+    body = bytearray(_valid_logs)
+    body[position] = byte
+    decode_or_refuse(_decoder.decode_logs_protobuf, bytes(body))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_any_json_is_log_rows_or_refused(document):
+    decode_or_refuse(_decoder.decode_logs_json, json.dumps(document).encode())
