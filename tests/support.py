@@ -77,8 +77,9 @@ async def serve(app: Any) -> tuple[str, Any]:
 def write_certificates(directory: Path) -> None:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
 
-    Writes ``ca.pem``/``ca.key``, ``other-ca.pem``/``other-ca.key`` (a CA that signed
-    nothing here), ``server.pem``/``server.key`` and ``client.pem``/``client.key``.
+    Writes ``ca.pem``/``ca.key``, ``other-ca.pem``/``other-ca.key``, ``server.pem``/
+    ``server.key`` and ``client.pem``/``client.key`` (CN ``atoll``; both signed by ``ca``),
+    and ``stranger.pem``/``stranger.key`` (a client certificate ``other-ca`` signed).
     """
     import datetime as dt  # noqa: PLC0415
     import ipaddress  # noqa: PLC0415
@@ -127,3 +128,6 @@ def write_certificates(directory: Path) -> None:
     write("server", issue("127.0.0.1", server_key, "ca", ca_key, san=san), server_key)
     client_key = ec.generate_private_key(ec.SECP256R1())
     write("client", issue("atoll", client_key, "ca", ca_key), client_key)
+    other_key = serialization.load_pem_private_key((directory / "other-ca.key").read_bytes(), None)
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    write("stranger", issue("stranger", stranger_key, "other-ca", other_key), stranger_key)

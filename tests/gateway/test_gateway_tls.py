@@ -150,3 +150,150 @@ async def test_websockets_pass_through_over_tls(tmp_path, stub, certs):
         # TLS cannot half-close: the gateway ends the client's side when the instance
         # ends its own, so the close handshake finishes (not after the client's timeout).
         assert loop.time() - closing < 3
+
+
+# --- client certificates (mutual TLS) ----------------------------------------------------
+
+
+def mtls_config(tmp_path, stub, client_auth):
+    return write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [
+                {"name": "machines", "match": {"prefix": "/internal"}, "upstream": "a"},
+                {
+                    "name": "either",
+                    "match": {"prefix": "/either"},
+                    "upstream": "a",
+                    "auth": ["api_key", "client_cert"],
+                },
+                {"name": "public", "match": {"prefix": "/"}, "upstream": "a"},
+            ],
+            server={
+                "port": 8080,
+                "access_log": False,
+                "tls": {
+                    "cert": "certs/server.pem",
+                    "key": "certs/server.key",
+                    "client_ca": "certs/ca.pem",
+                    "client_auth": client_auth,
+                },
+            },
+            auth={"api_keys": {"keys": [{"name": "ops", "key": "k-0123456789abcdef"}]}},
+        ),
+    )
+
+
+def with_client_cert(certs, stem="client"):
+    context = client_context(certs)
+    context.load_cert_chain(certs / f"{stem}.pem", certs / f"{stem}.key")
+    return context
+
+
+async def test_required_client_certificates_identify_the_caller(tmp_path, stub, certs):
+    config = mtls_config(tmp_path, stub, "required")
+    text = config.read_text().replace(
+        "upstream: a\n", "upstream: a\n  auth: [client_cert]\n", 1
+    )  # the first route, /internal, takes client certificates only
+    config.write_text(text)
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(verify=with_client_cert(certs)) as client,
+    ):
+        r = await client.get(
+            f"https://127.0.0.1:{gw.port}/internal/jobs",
+            headers={"x-auth-subject": "CN=admin", "x-auth-method": "jwt"},  # forged
+        )
+        assert r.status_code == 200
+        seen = stub.hits[-1]["headers"]
+        assert seen["x-auth-method"] == "client_cert"
+        assert seen["x-auth-subject"] == "CN=atoll"
+        assert seen["x-auth-client"] == "atoll"
+        # Without a certificate, or with one another CA signed, no handshake at all.
+        for verify in (client_context(certs), with_client_cert(certs, "stranger")):
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient(verify=verify) as other:
+                    await other.get(f"https://127.0.0.1:{gw.port}/")
+        r = await client.get(f"https://127.0.0.1:{gw.port}/still-serving")
+        assert r.status_code == 200
+        view = (await client.get(admin_url(gw, "/config"))).json()["tls"]
+        assert view["client_auth"] == "required"
+        assert view["client_ca"].endswith("ca.pem")
+
+
+async def test_optional_client_certificates_are_one_credential_among_others(tmp_path, stub, certs):
+    config = mtls_config(tmp_path, stub, "optional")
+    text = config.read_text().replace("upstream: a\n", "upstream: a\n  auth: [client_cert]\n", 1)
+    config.write_text(text)
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}"
+        async with httpx.AsyncClient(verify=client_context(certs)) as anonymous:
+            assert (await anonymous.get(f"{base}/catalog")).status_code == 200
+            refused = await anonymous.get(f"{base}/internal/jobs")
+            assert refused.status_code == 403
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "client certificate" in refused.json()["detail"]
+            assert "www-authenticate" not in refused.headers
+            missing = await anonymous.get(f"{base}/either")
+            assert missing.status_code == 401
+            assert "an API key or a client certificate" in missing.json()["detail"]
+            keyed = await anonymous.get(
+                f"{base}/either", headers={"x-api-key": "k-0123456789abcdef"}
+            )
+            assert keyed.status_code == 200
+            assert stub.hits[-1]["headers"]["x-auth-method"] == "api_key"
+        async with httpx.AsyncClient(verify=with_client_cert(certs)) as machine:
+            assert (await machine.get(f"{base}/internal/jobs")).status_code == 200
+            assert stub.hits[-1]["headers"]["x-auth-subject"] == "CN=atoll"
+            assert (await machine.get(f"{base}/either")).status_code == 200
+            assert stub.hits[-1]["headers"]["x-auth-method"] == "client_cert"
+        # A certificate that does not verify fails the handshake, optional or not.
+        with pytest.raises(httpx.HTTPError):
+            async with httpx.AsyncClient(verify=with_client_cert(certs, "stranger")) as other:
+                await other.get(f"{base}/catalog")
+
+
+@pytest.mark.parametrize(
+    ("tls", "routes_auth", "key", "problem"),
+    [
+        ({"client_auth": "optional"}, None, "server.tls.client_auth", "needs server.tls.client_ca"),
+        (
+            {"client_ca": "certs/ca.pem", "client_auth": "sometimes"},
+            None,
+            "server.tls.client_auth",
+            "must be 'required' or 'optional'",
+        ),
+        ({"client_ca": "certs/nope.pem"}, None, "server.tls.client_ca", "no such file"),
+        ({}, ["client_cert"], "routes[0].auth", "client_cert needs server.tls.client_ca"),
+    ],
+)
+def test_bad_client_certificate_settings_name_the_key(  # noqa: PLR0917 - the parameters
+    tmp_path, certs, tls, routes_auth, key, problem
+):
+    path = tmp_path / "gw.yaml"
+    route = {"name": "r", "match": {"prefix": "/"}, "upstream": "a"}
+    if routes_auth is not None:
+        route["auth"] = routes_auth
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"tls": {"cert": "certs/server.pem", "key": "certs/server.key", **tls}},
+                "upstreams": {"a": {"targets": ["127.0.0.1:9"]}},
+                "routes": [route],
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(path)
+    assert info.value.key == key
+    assert problem in str(info.value)
+
+
+def test_a_ca_file_that_is_not_pem_is_refused_at_start(tmp_path, stub, certs):
+    (certs / "junk.pem").write_text("not a certificate")
+    config = mtls_config(tmp_path, stub, "required")
+    config.write_text(config.read_text().replace("certs/ca.pem", "certs/junk.pem"))
+    with pytest.raises(ConfigError) as info:
+        Gateway(config, port=0, admin_port=0)
+    assert info.value.key == "server.tls.client_ca"

@@ -34,6 +34,8 @@ def _tls_view(gateway: Gateway) -> dict[str, Any] | None:
     return {
         "cert": str(tls.cert),
         "min_version": tls.min_version,
+        "client_ca": None if tls.client_ca is None else str(tls.client_ca),
+        "client_auth": None if tls.client_ca is None else tls.client_auth,
         "not_after": (
             None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
         ),

@@ -43,6 +43,7 @@ import jwt
 from atoll.config import ConfigError
 from atoll.determinism import Clock
 from atoll.gateway._config import AuthConfig, JwtConfig
+from atoll.gateway._tls import client_subject
 
 log = logging.getLogger("atoll.gateway")
 
@@ -315,6 +316,17 @@ class Authenticator:
     def _fail(self, status: int, detail: str, reason: str, **kw: Any) -> AuthError:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         return AuthError(status, detail, **kw)
+
+    # -- client certificates ------------------------------------------------------------
+
+    def client_certificate(self, peercert: object) -> Identity:
+        """The identity of a client certificate the TLS handshake verified: its subject
+        DN (RFC 4514) as the subject, its common name as the client, no scopes."""
+        found = client_subject(peercert)
+        if found is None:
+            raise self._fail(403, "the client certificate has no subject", "bad_client_cert")
+        subject, common = found
+        return Identity("client_cert", subject, common).with_headers(self.config.identity_prefix)
 
     # -- API keys -------------------------------------------------------------------------
 

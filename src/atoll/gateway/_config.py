@@ -33,7 +33,7 @@ _SIZE_UNITS = {
     "gb": 1000**3,
     "gib": 1024**3,
 }
-AUTH_KINDS = ("jwt", "api_key")
+AUTH_KINDS = ("jwt", "api_key", "client_cert")
 RATE_KEYS = ("client", "ip", "subject", "api_key", "route")
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA", "PS256", "HS256")
 
@@ -62,6 +62,13 @@ class TlsSettings:
     key: Path
     #: The oldest protocol version accepted: ``"1.2"`` or ``"1.3"``.
     min_version: str = "1.2"
+    #: CA certificates (PEM) a client certificate must chain to (mutual TLS); ``None``:
+    #: clients are not asked for one.
+    client_ca: Path | None = None
+    #: ``"required"``: a handshake without a valid client certificate fails;
+    #: ``"optional"``: a client may present one, and routes with ``client_cert`` auth
+    #: need it. A certificate that does not verify fails the handshake either way.
+    client_auth: str = "required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,10 +521,13 @@ def load_gateway_config(
     server = _server(reader, top.get("server"), Path(path).parent)
     if server.tls is not None:  # a renewed certificate is picked up like a changed config
         files += [server.tls.cert, server.tls.key]
+        if server.tls.client_ca is not None:
+            files.append(server.tls.client_ca)
     admin = _admin(reader, top.get("admin"))
     upstreams = _upstreams(reader, top.get("upstreams"), services, Path(path).parent)
     auth = _auth(reader, top.get("auth"), Path(path).parent)
-    routes = _routes(reader, top.get("routes"), upstreams, auth)
+    client_certs = server.tls is not None and server.tls.client_ca is not None
+    routes = _routes(reader, top.get("routes"), upstreams, auth, client_certs=client_certs)
     cors = _cors(reader, top["cors"]) if top.get("cors") is not None else None
     headers = reader.table("headers", top.get("headers"), ("request", "response"))
     limits = reader.table("rate_limits", top.get("rate_limits"), ("store", "prefix"))
@@ -556,7 +566,9 @@ def _connect_host(host: str) -> str:
 def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
     if value is None:
         return None
-    t = reader.table("server.tls", value, ("cert", "key", "min_version"))
+    t = reader.table(
+        "server.tls", value, ("cert", "key", "min_version", "client_ca", "client_auth")
+    )
     paths = {}
     for name in ("cert", "key"):
         if name not in t:
@@ -568,7 +580,27 @@ def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
     min_version = t.get("min_version", "1.2")
     if min_version not in ("1.2", "1.3"):
         raise reader.error("server.tls.min_version", f"must be '1.2' or '1.3', got {min_version!r}")
-    return TlsSettings(cert=paths["cert"], key=paths["key"], min_version=min_version)
+    client_ca = None
+    if t.get("client_ca") is not None:
+        client_ca = (base / reader.string("server.tls.client_ca", t["client_ca"])).resolve()
+        if not client_ca.is_file():
+            raise reader.error("server.tls.client_ca", f"no such file: {client_ca}")
+    client_auth = t.get("client_auth", "required")
+    if client_auth not in ("required", "optional"):
+        raise reader.error(
+            "server.tls.client_auth", f"must be 'required' or 'optional', got {client_auth!r}"
+        )
+    if "client_auth" in t and client_ca is None:
+        raise reader.error(
+            "server.tls.client_auth", "needs server.tls.client_ca (the CAs to verify against)"
+        )
+    return TlsSettings(
+        cert=paths["cert"],
+        key=paths["key"],
+        min_version=min_version,
+        client_ca=client_ca,
+        client_auth=client_auth,
+    )
 
 
 def _server(reader: _Reader, value: object, base: Path) -> ServerSettings:
@@ -851,7 +883,12 @@ def _template_params(path: str) -> list[str]:
 
 
 def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after another
-    reader: _Reader, value: object, upstreams: Mapping[str, UpstreamConfig], auth: AuthConfig
+    reader: _Reader,
+    value: object,
+    upstreams: Mapping[str, UpstreamConfig],
+    auth: AuthConfig,
+    *,
+    client_certs: bool = False,
 ) -> tuple[RouteConfig, ...]:
     if value is None:
         return ()
@@ -961,15 +998,21 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         )
         for j, kind in enumerate(kinds):
             if kind not in AUTH_KINDS:
-                raise reader.error(f"{key}.auth", f"unknown kind {kind!r} (known: jwt, api_key)")
+                raise reader.error(
+                    f"{key}.auth", f"unknown kind {kind!r} (known: {', '.join(AUTH_KINDS)})"
+                )
             if kind == "jwt" and auth.jwt is None:
                 raise reader.error(f"{key}.auth", "jwt needs auth.jwt to be configured")
             if kind == "api_key" and not auth.api_keys:
                 raise reader.error(f"{key}.auth", "api_key needs auth.api_keys")
+            if kind == "client_cert" and not client_certs:
+                raise reader.error(f"{key}.auth", "client_cert needs server.tls.client_ca")
             del j
         scopes = reader.strings(f"{key}.scopes", t.get("scopes", []))
         if scopes and not kinds:
             raise reader.error(f"{key}.scopes", "scopes need auth on the route")
+        if scopes and tuple(kinds) == ("client_cert",):
+            raise reader.error(f"{key}.scopes", "client certificates carry no scopes")
         rate_limit = None
         if t.get("rate_limit") is not None:
             rl = reader.table(

@@ -95,6 +95,12 @@ _DROP_REQUEST_UNTRACED = _DROP_REQUEST - {b"traceparent", b"tracestate"}
 #: rebuilt, the request id header is added per configuration).
 _SET_REQUEST = frozenset({b"x-forwarded-for"})
 #: Response headers not passed back as they came.
+#: How a route's auth kinds are named in the 401 (or 403) that says one is missing.
+_CREDENTIALS = {
+    "jwt": "a bearer token",
+    "api_key": "an API key",
+    "client_cert": "a client certificate (TLS)",
+}
 _DROP_RESPONSE = frozenset(
     {
         b"connection",
@@ -252,6 +258,7 @@ class Gateway:
             body_timeout=config.server.body_timeout,
             clock=self.clock,
         )
+        self.state.client_certs = self._tls is not None
         self.admin_state = ServerState(self._admin, self._bad_request)
         self._servers: list[asyncio.Server] = []
         self._watch: asyncio.Task[None] | None = None
@@ -673,13 +680,19 @@ class Gateway:
         identity: Identity | None = None
         if route.auth:
             try:
-                found = self._identify(gen, route, authorization, api_key)
+                found = self._identify(gen, route, authorization, api_key, request.conn)
                 if isinstance(found, str):  # a bearer token not verified recently
                     found = await gen.auth.bearer(found)
                     self._check_scopes(route, found)
                 identity = found
             except AuthError as exc:
                 scheme = "ApiKey" if route.auth == ("api_key",) else "Bearer"
+                # Client certificates have no HTTP scheme to challenge with.
+                challenge = (
+                    []
+                    if route.auth == ("client_cert",)
+                    else [(b"www-authenticate", exc.www_authenticate(scheme))]
+                )
                 self._refuse_routed(
                     request,
                     route,
@@ -688,7 +701,7 @@ class Gateway:
                     rid,
                     exc.status,
                     exc.detail,
-                    headers=[(b"www-authenticate", exc.www_authenticate(scheme))],
+                    headers=challenge,
                     cors=cors_headers,
                     identity=identity,
                 )
@@ -887,6 +900,7 @@ class Gateway:
         route: RouteConfig,
         authorization: bytes | None,
         api_key: bytes | None,
+        conn: Connection,
     ) -> Identity | str:
         """The caller's identity, or the bearer token still to be verified.
 
@@ -912,12 +926,25 @@ class Gateway:
                 return text
         elif api_key is not None and "api_key" in route.auth:
             identity = gen.auth.api_key(api_key.strip())
+        elif "client_cert" in route.auth and conn.client_cert is not None:
+            identity = self._certificate_identity(gen, conn)
         else:
-            wanted = " or ".join(
-                "a bearer token" if kind == "jwt" else "an API key" for kind in route.auth
-            )
+            wanted = " or ".join(_CREDENTIALS[kind] for kind in route.auth)
+            if route.auth == ("client_cert",):  # no HTTP scheme to challenge with
+                raise AuthError(403, f"this route needs {wanted}", error="missing")
             raise AuthError(401, f"this route needs {wanted}", error="missing")
         self._check_scopes(route, identity)
+        return identity
+
+    @staticmethod
+    def _certificate_identity(gen: Generation, conn: Connection) -> Identity:
+        """The identity of the connection's verified client certificate, made once per
+        connection (and again after a reload changes the authenticator)."""
+        made = conn.client_identity
+        if made is not None and made[0] is gen.auth:
+            return made[1]  # type: ignore[return-value]
+        identity = gen.auth.client_certificate(conn.client_cert)
+        conn.client_identity = (gen.auth, identity)
         return identity
 
     @staticmethod

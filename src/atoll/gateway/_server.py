@@ -240,6 +240,7 @@ class ServerState:
 
     __slots__ = (
         "body_timeout",
+        "client_certs",
         "clock",
         "closing",
         "connections",
@@ -271,6 +272,8 @@ class ServerState:
         self.idle_timeout = idle_timeout
         self.connections: set[Connection] = set()
         self.closing = False
+        #: Clients may present certificates (mutual TLS): each connection reads its own.
+        self.client_certs = False
 
     async def sweep_idle(self) -> None:
         """Close keep-alive connections idle for ``idle_timeout`` (one timer for all of them,
@@ -299,6 +302,8 @@ class Connection(asyncio.Protocol):
         "_refused",
         "_url",
         "_writable",
+        "client_cert",
+        "client_identity",
         "closed",
         "last_active",
         "peer",
@@ -331,6 +336,10 @@ class Connection(asyncio.Protocol):
         self.upgraded: Callable[[bytes], None] | None = None
         self.peer_transport: asyncio.Transport | None = None
         self.peer = ""
+        #: The client's verified certificate (``getpeercert()``), over mutual TLS.
+        self.client_cert: dict[str, object] | None = None
+        #: The identity made from it, with the authenticator it was made by (reloads).
+        self.client_identity: tuple[object, object] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -339,6 +348,8 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if self.state.client_certs:
+            self.client_cert = transport.get_extra_info("peercert") or None
         self.state.connections.add(self)
         self.last_active = self._loop.time()
 
