@@ -137,29 +137,3 @@ def redis_server(directory: Path, **kwargs: Any) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
-
-
-def make_certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed")
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {name: directory / name for name in (
-        "ca.key", "ca.crt", "server.key", "server.crt", "client.key", "client.crt"
-    )}  # fmt: skip
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=directory)
-
-    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    run("req", "-x509", *key, "-days", "1", "-subj", "/CN=atoll-test-ca",
-        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for who in ("server", "client"):
-        run("req", *key, "-subj", f"/CN=atoll-test-{who}",
-            "-keyout", f"{who}.key", "-out", f"{who}.csr")  # fmt: skip
-        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", "san.ext",
-            "-out", f"{who}.crt")  # fmt: skip
-    return paths

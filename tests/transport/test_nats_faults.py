@@ -5,7 +5,6 @@ import asyncio
 import json
 import logging
 import signal
-import subprocess
 from collections import defaultdict
 
 import nats
@@ -27,6 +26,7 @@ from atoll.transport import (
 from atoll.transport.nats import NatsTransport
 from atoll.transport.nats._names import Names, token
 from nats_support import NATS_URL, NatsServer, drop_namespaces, nats_url, new_namespace
+from support import write_certificates
 
 pytestmark = pytest.mark.nats
 
@@ -174,24 +174,9 @@ async def test_token_from_a_file_and_from_the_environment(tmp_path, monkeypatch)
 # -- TLS ------------------------------------------------------------------------------------
 
 
-def make_certificates(directory):
-    """A CA and a server certificate for 127.0.0.1, with openssl."""
-
-    def run(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.pem")  # fmt: skip
-    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
-
-
 async def test_tls_with_a_private_ca(tmp_path):
-    ca, cert, key = make_certificates(tmp_path)
+    write_certificates(tmp_path)  # the server's certificate names 127.0.0.1
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
     server = NatsServer(tmp_path / "nats", "--tls", "--tlscert", str(cert), "--tlskey", str(key))
     await server.start()
     try:

@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 import pytest
-from redis_support import RedisServer, free_port, make_certificates, redis_server, url_for
+from redis_support import RedisServer, free_port, redis_server, url_for
 
 from atoll.persistence import SQLiteDatabase
 from atoll.service import ServiceRuntime
@@ -19,6 +19,7 @@ from atoll.testing._crash_system import consumer, produce, producer
 from atoll.testing._transport_kit import message
 from atoll.transport import TransportError, TransportUnavailableError
 from atoll.transport.redis import RedisTransport
+from support import write_certificates
 
 pytestmark = pytest.mark.redis
 
@@ -173,7 +174,16 @@ async def test_a_wrong_or_missing_password_is_a_clear_error_at_once(tmp_path, cr
 
 
 async def test_tls_with_client_certificates(tmp_path):
-    certs = make_certificates(tmp_path / "certs")
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    write_certificates(directory)  # a CA, a server (127.0.0.1) and a client certificate
+    certs = {
+        "ca.crt": directory / "ca.pem",
+        "server.crt": directory / "server.pem",
+        "server.key": directory / "server.key",
+        "client.crt": directory / "client.pem",
+        "client.key": directory / "client.key",
+    }
     tls = (
         "--tls-cert-file", str(certs["server.crt"]),
         "--tls-key-file", str(certs["server.key"]),
