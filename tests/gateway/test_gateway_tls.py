@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from atoll.config import ConfigError
 from atoll.gateway import Gateway
 from atoll.gateway._config import load_gateway_config
+from atoll.gateway._tls import client_subject
 from support import write_certificates
 
 
@@ -266,6 +267,12 @@ async def test_optional_client_certificates_are_one_credential_among_others(tmp_
         ),
         ({"client_ca": "certs/nope.pem"}, None, "server.tls.client_ca", "no such file"),
         ({}, ["client_cert"], "routes[0].auth", "client_cert needs server.tls.client_ca"),
+        (
+            {"client_ca": "certs/ca.pem"},
+            ["client_cert", "scoped"],
+            "routes[0].scopes",
+            "client certificates carry no scopes",
+        ),
     ],
 )
 def test_bad_client_certificate_settings_name_the_key(  # noqa: PLR0917 - the parameters
@@ -274,7 +281,9 @@ def test_bad_client_certificate_settings_name_the_key(  # noqa: PLR0917 - the pa
     path = tmp_path / "gw.yaml"
     route = {"name": "r", "match": {"prefix": "/"}, "upstream": "a"}
     if routes_auth is not None:
-        route["auth"] = routes_auth
+        route["auth"] = [kind for kind in routes_auth if kind != "scoped"]
+        if "scoped" in routes_auth:
+            route["scopes"] = ["orders:read"]
     path.write_text(
         yaml.safe_dump(
             {
@@ -297,3 +306,78 @@ def test_a_ca_file_that_is_not_pem_is_refused_at_start(tmp_path, stub, certs):
     with pytest.raises(ConfigError) as info:
         Gateway(config, port=0, admin_port=0)
     assert info.value.key == "server.tls.client_ca"
+
+
+async def test_a_reload_replaces_the_trusted_client_cas(tmp_path, stub, certs):
+    config = mtls_config(tmp_path, stub, "required")
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        async with httpx.AsyncClient(verify=with_client_cert(certs)) as ours:
+            assert (await ours.get(base)).status_code == 200
+        # The CA is replaced: its clients are refused from the next handshake on, and the
+        # new CA's are taken (OpenSSL's store only grows: a fresh context, not a reload
+        # into the old one).
+        config.write_text(config.read_text().replace("certs/ca.pem", "certs/other-ca.pem"))
+        assert await gw.reload()
+        with pytest.raises(httpx.HTTPError):
+            async with httpx.AsyncClient(verify=with_client_cert(certs)) as ours:
+                await ours.get(base)
+        async with httpx.AsyncClient(verify=with_client_cert(certs, "stranger")) as theirs:
+            assert (await theirs.get(base)).status_code == 200
+        # Without client_ca (and client_cert routes) on the next reload, no certificate
+        # is asked for.
+        document = yaml.safe_load(config.read_text())
+        del document["server"]["tls"]["client_ca"], document["server"]["tls"]["client_auth"]
+        document["routes"][1]["auth"] = ["api_key"]
+        config.write_text(yaml.safe_dump(document))
+        assert await gw.reload(), gw.last_reload_error
+        async with httpx.AsyncClient(verify=client_context(certs)) as anonymous:
+            assert (await anonymous.get(base)).status_code == 200
+
+
+async def test_a_mixed_route_challenges_with_the_scheme_it_takes(tmp_path, stub, certs):
+    config = mtls_config(tmp_path, stub, "optional")
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(verify=client_context(certs)) as anonymous,
+    ):
+        missing = await anonymous.get(f"https://127.0.0.1:{gw.port}/either")
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("ApiKey")
+
+
+@pytest.mark.parametrize(
+    ("peercert", "expected"),
+    [
+        ({"subject": ((("commonName", "atoll"),),)}, ("CN=atoll", "atoll")),
+        (
+            {
+                "subject": (
+                    (("countryName", "FR"),),
+                    (("organizationName", "Shop, Inc."),),
+                    (("commonName", "billing"), ("userId", "7")),
+                )
+            },
+            ("CN=billing+UID=7,O=Shop\\, Inc.,C=FR", "billing"),
+        ),
+        # Control characters as hex, so that "a\nb" and "ab" are two subjects.
+        ({"subject": ((("commonName", "a\nb"),),)}, ("CN=a\\0Ab", "a\nb")),
+        ({"subject": ((("commonName", "a\x00b"),),)}, ("CN=a\\00b", "a\x00b")),
+        ({"subject": ((("commonName", " "),),)}, ("CN=\\ ", " ")),
+        ({"subject": ((("commonName", "#x "),),)}, ("CN=\\#x\\ ", "#x ")),
+        (
+            {"subject": ((("commonName", 'q"<>;=+\\'),),)},
+            ('CN=q\\"\\<\\>\\;\\=\\+\\\\', 'q"<>;=+\\'),
+        ),
+        ({"subject": ((("commonName", "zoë"),),)}, ("CN=zoë", "zoë")),
+        # SPIFFE: an empty subject, the id in a URI alternative name.
+        (
+            {"subject": (), "subjectAltName": (("DNS", "w.example"), ("URI", "spiffe://shop/w"))},
+            ("spiffe://shop/w", "spiffe://shop/w"),
+        ),
+        ({"subject": (), "subjectAltName": ()}, None),
+        (None, None),
+    ],
+)
+def test_client_subjects_are_written_unambiguously(peercert, expected):
+    assert client_subject(peercert) == expected

@@ -1011,8 +1011,12 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         scopes = reader.strings(f"{key}.scopes", t.get("scopes", []))
         if scopes and not kinds:
             raise reader.error(f"{key}.scopes", "scopes need auth on the route")
-        if scopes and tuple(kinds) == ("client_cert",):
-            raise reader.error(f"{key}.scopes", "client certificates carry no scopes")
+        if scopes and "client_cert" in kinds:
+            raise reader.error(
+                f"{key}.scopes",
+                "client certificates carry no scopes: a route that takes them cannot"
+                " require scopes",
+            )
         rate_limit = None
         if t.get("rate_limit") is not None:
             rl = reader.table(

@@ -18,7 +18,6 @@ import logging
 import math
 import re
 import socket
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,8 @@ from atoll.gateway._server import (
     problem_bytes,
     status_line,
 )
-from atoll.gateway._tls import apply as apply_tls
+from atoll.gateway._tls import ListenerTls, server_context
 from atoll.gateway._tls import not_after as tls_not_after
-from atoll.gateway._tls import server_context
 from atoll.gateway._upstream import Response, UpstreamError, connection_options
 from atoll.resilience import (
     BreakerOpenError,
@@ -240,11 +238,11 @@ class Gateway:
         self.store = self._store_for(config)
         self.store_url = config.rate_limit_store
         self.gen = self._build(config, {}, self.store)
-        self._tls: ssl.SSLContext | None = None
+        self._tls: ListenerTls | None = None
         #: When the listener's certificate expires (Unix time), with TLS on.
         self.tls_not_after: float | None = None
         if config.server.tls is not None:
-            self._tls = server_context(config.server.tls, config.source)
+            self._tls = ListenerTls(config.server.tls, config.source)
             self.tls_not_after = tls_not_after(config.server.tls)
         #: What X-Forwarded-Proto says upstream: how clients reach this listener.
         self._proto = b"https" if self._tls is not None else b"http"
@@ -350,7 +348,7 @@ class Gateway:
             log.warning("gateway: turning server.tls on or off takes a restart")
         elif self._tls is not None and config.server.tls is not None:
             try:  # loaded once above already: only a file changed in between fails here
-                apply_tls(self._tls, config.server.tls, config.source)
+                self._tls.replace(config.server.tls, config.source)
                 self.tls_not_after = tls_not_after(config.server.tls)
             except ConfigError as exc:
                 log.error("gateway: the certificate was not renewed: %s", exc)  # noqa: TRY400 - the message says it all
@@ -458,7 +456,7 @@ class Gateway:
         server = await loop.create_server(
             lambda: Connection(self.state),
             sock=_listen(host, port, reuse_port=self.reuse_port),
-            ssl=self._tls,
+            ssl=None if self._tls is None else self._tls.listener,
         )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
@@ -686,7 +684,7 @@ class Gateway:
                     self._check_scopes(route, found)
                 identity = found
             except AuthError as exc:
-                scheme = "ApiKey" if route.auth == ("api_key",) else "Bearer"
+                scheme = "Bearer" if "jwt" in route.auth else "ApiKey"
                 # Client certificates have no HTTP scheme to challenge with.
                 challenge = (
                     []
@@ -968,7 +966,10 @@ class Gateway:
         if per == "ip" or identity is None:
             return client_key("ip:" + ip)
         if per == "subject":
-            return client_key("sub:" + identity.subject)
+            # A certificate's subject is a DN, a token's sub any string: apart, so that a
+            # token whose sub is "CN=x" does not share the bucket of the certificate CN=x.
+            prefix = "cert:" if identity.method == "client_cert" else "sub:"
+            return client_key(prefix + identity.subject)
         if per == "api_key" and identity.method != "api_key":
             return client_key("ip:" + ip)
         return client_key(f"{identity.method}:{identity.client}")

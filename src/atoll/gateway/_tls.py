@@ -7,9 +7,12 @@ A pair that does not load (a key that does not match, a file that is not PEM) re
 the configuration, at start or on reload, naming ``server.tls``.
 
 With ``client_ca``, clients are asked for a certificate chaining to those CAs (mutual
-TLS): :func:`client_subject` reads the verified one into the caller's identity. A reload
-adds the CAs of a changed file to those trusted; one removed from it stays trusted until
-a restart (OpenSSL's store only grows).
+TLS): :func:`client_subject` reads the verified one into the caller's identity.
+
+Reloads: OpenSSL's CA store only grows, so loading a changed ``client_ca`` into the live
+context would keep a removed CA trusted. Instead :class:`ListenerTls` makes a fresh
+context for each configuration and switches every new handshake to it from the
+listener's context's SNI callback (which OpenSSL calls with or without a server name).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
     """A server context for ``settings``, or :class:`ConfigError` if its files do not load."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.set_alpn_protocols(["http/1.1"])  # no HTTP/2: the gateway speaks HTTP/1.1 only
+    # A connection's client certificate is read once, after the handshake: no TLS 1.2
+    # renegotiation may bring another one (TLS 1.3 has none).
+    context.options |= ssl.OP_NO_RENEGOTIATION
     apply(context, settings, source)
     return context
 
@@ -72,30 +78,53 @@ _SHORT_NAMES = {
     "domainComponent": "DC",
     "userId": "UID",
 }
-_SPECIAL = str.maketrans({c: "\\" + c for c in ',+"\\<>;='})
+_SPECIAL = frozenset(',+"\\<>;=')
+#: Subject alternative names that name a client whose subject is empty (SPIFFE ids are
+#: URIs), in the order they are looked for.
+_SAN_KINDS = ("URI", "DNS", "email")
+
+
+def escape_dn_value(value: str) -> str:
+    """An attribute value escaped as RFC 4514 2.4 says: the special characters with a
+    backslash, a leading space or '#' and a trailing space too, and control characters
+    as ``\\XX`` hex, so that no two values read the same."""
+    out = []
+    last = len(value) - 1
+    for i, char in enumerate(value):
+        if char in _SPECIAL or (i == 0 and char in " #") or (i == last and char == " "):
+            out.append("\\" + char)
+        elif char < " " or char == "\x7f":
+            out.append("".join(f"\\{byte:02X}" for byte in char.encode()))
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def client_subject(peercert: object) -> tuple[str, str] | None:
-    """(subject DN as RFC 4514 writes it, its common name or the DN) of a verified client
-    certificate, from ``getpeercert()``'s dict; ``None`` for no certificate."""
-    if not isinstance(peercert, dict) or not peercert.get("subject"):
+    """(who, its short name) of a verified client certificate, from ``getpeercert()``'s
+    dict: the subject DN as RFC 4514 writes it and its common name; for a certificate with
+    an empty subject (SPIFFE's), its first URI, DNS or email alternative name for both.
+    ``None`` for no certificate, or one that names no one."""
+    if not isinstance(peercert, dict):
         return None
     rdns = []
     common = ""
-    for rdn in reversed(peercert["subject"]):  # RFC 4514: the most specific first
+    for rdn in reversed(peercert.get("subject") or ()):  # RFC 4514: most specific first
         parts = []
         for name, value in rdn:
             if name == "commonName" and not common:
                 common = value
-            escaped = value.translate(_SPECIAL)
-            if escaped.startswith((" ", "#")):
-                escaped = "\\" + escaped
-            if escaped.endswith(" "):
-                escaped = escaped[:-1] + "\\ "
-            parts.append(f"{_SHORT_NAMES.get(name, name)}={escaped}")
+            parts.append(f"{_SHORT_NAMES.get(name, name)}={escape_dn_value(value)}")
         rdns.append("+".join(parts))
-    subject = ",".join(rdns)
-    return subject, common or subject
+    if rdns:
+        subject = ",".join(rdns)
+        return subject, common or subject
+    names = peercert.get("subjectAltName") or ()
+    for kind in _SAN_KINDS:
+        for found_kind, value in names:
+            if found_kind == kind and value:
+                return value, value
+    return None
 
 
 def not_after(settings: TlsSettings) -> float | None:
@@ -127,3 +156,29 @@ def client_context(settings: UpstreamTlsConfig, key: str, source: str) -> ssl.SS
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class ListenerTls:
+    """The listener's TLS: the context the server was started with, and the one new
+    handshakes use, swapped in by its SNI callback; a reload replaces the latter."""
+
+    def __init__(self, settings: TlsSettings, source: str) -> None:
+        self.listener = server_context(settings, source)
+        self.current = self.listener
+        self.listener.sni_callback = self._choose
+
+    def _choose(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        del name  # one certificate for every name
+        if self.current is not self.listener:
+            connection.context = self.current
+
+    def replace(self, settings: TlsSettings, source: str) -> None:
+        """Use ``settings`` for new handshakes (or :class:`ConfigError`, and keep the old).
+
+        The certificate, key and CA store come from the new context; whether a client
+        certificate is asked for is read from the listener's own, so it is set there too.
+        """
+        fresh = server_context(settings, source)
+        self.listener.verify_mode = fresh.verify_mode
+        self.listener.minimum_version = fresh.minimum_version
+        self.current = fresh
