@@ -1,6 +1,7 @@
 """TLS termination on the public listener (``server.tls``)."""
 
 import asyncio
+import hashlib
 import shutil
 import ssl
 
@@ -204,13 +205,15 @@ async def test_required_client_certificates_identify_the_caller(tmp_path, stub, 
     ):
         r = await client.get(
             f"https://127.0.0.1:{gw.port}/internal/jobs",
-            headers={"x-auth-subject": "CN=admin", "x-auth-method": "jwt"},  # forged
+            headers={"x-auth-subject": "CN=admin", "x-auth-cert-sha256": "00"},  # forged
         )
         assert r.status_code == 200
         seen = stub.hits[-1]["headers"]
         assert seen["x-auth-method"] == "client_cert"
         assert seen["x-auth-subject"] == "CN=atoll"
         assert seen["x-auth-client"] == "atoll"
+        der = ssl.PEM_cert_to_DER_cert((certs / "client.pem").read_text())
+        assert seen["x-auth-cert-sha256"] == hashlib.sha256(der).hexdigest()
         # Without a certificate, or with one another CA signed, no handshake at all.
         for verify in (client_context(certs), with_client_cert(certs, "stranger")):
             with pytest.raises(httpx.HTTPError):

@@ -72,14 +72,19 @@ class Identity:
     #: :attr:`headers` as they go on the wire (``name: value\r\n`` each), joined once.
     header_block: bytes = b""
 
-    def with_headers(self, prefix: str) -> Identity:
-        """This identity with its :attr:`headers` under ``prefix`` (``X-Auth-``)."""
+    def with_headers(self, prefix: str, **extra: str) -> Identity:
+        """This identity with its :attr:`headers` under ``prefix`` (``X-Auth-``), and
+        ``extra`` ones (``cert_sha256=...`` is ``X-Auth-Cert-Sha256``)."""
         base = prefix.lower().encode()
         headers = (
             (base + b"subject", _header_value(self.subject)),
             (base + b"client", _header_value(self.client)),
             (base + b"method", self.method.encode()),
             (base + b"scopes", _header_value(" ".join(sorted(self.scopes)))),
+            *(
+                (base + name.replace("_", "-").encode(), _header_value(value))
+                for name, value in extra.items()
+            ),
         )
         return Identity(
             self.method,
@@ -319,14 +324,17 @@ class Authenticator:
 
     # -- client certificates ------------------------------------------------------------
 
-    def client_certificate(self, peercert: object) -> Identity:
+    def client_certificate(self, peercert: object, sha256: str) -> Identity:
         """The identity of a client certificate the TLS handshake verified: its subject
-        DN (RFC 4514) as the subject, its common name as the client, no scopes."""
+        DN (RFC 4514) as the subject, its common name as the client, no scopes; its
+        SHA-256 fingerprint (hex of the DER) goes upstream too, for pinning."""
         found = client_subject(peercert)
         if found is None:
             raise self._fail(403, "the client certificate has no subject", "bad_client_cert")
         subject, common = found
-        return Identity("client_cert", subject, common).with_headers(self.config.identity_prefix)
+        return Identity("client_cert", subject, common).with_headers(
+            self.config.identity_prefix, cert_sha256=sha256
+        )
 
     # -- API keys -------------------------------------------------------------------------
 

@@ -941,7 +941,8 @@ class Gateway:
         made = conn.client_identity
         if made is not None and made[0] is gen.auth:
             return made[1]  # type: ignore[return-value]
-        identity = gen.auth.client_certificate(conn.client_cert)
+        assert conn.client_cert is not None
+        identity = gen.auth.client_certificate(*conn.client_cert)
         conn.client_identity = (gen.auth, identity)
         return identity
 

@@ -18,6 +18,7 @@ buffered. Responses stream the other way through :meth:`Connection.write`, whose
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -336,8 +337,9 @@ class Connection(asyncio.Protocol):
         self.upgraded: Callable[[bytes], None] | None = None
         self.peer_transport: asyncio.Transport | None = None
         self.peer = ""
-        #: The client's verified certificate (``getpeercert()``), over mutual TLS.
-        self.client_cert: dict[str, object] | None = None
+        #: The client's verified certificate over mutual TLS: ``getpeercert()``'s dict,
+        #: and the SHA-256 of its DER as hex.
+        self.client_cert: tuple[dict[str, object], str] | None = None
         #: The identity made from it, with the authenticator it was made by (reloads).
         self.client_identity: tuple[object, object] | None = None
 
@@ -349,7 +351,10 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         if self.state.client_certs:
-            self.client_cert = transport.get_extra_info("peercert") or None
+            peercert = transport.get_extra_info("peercert")
+            if peercert:
+                der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                self.client_cert = (peercert, hashlib.sha256(der).hexdigest())
         self.state.connections.add(self)
         self.last_active = self._loop.time()
 
