@@ -41,8 +41,7 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     try:
         context.load_cert_chain(settings.cert, settings.key)
     except (ssl.SSLError, OSError, ValueError) as exc:
-        # ssl.SSLError has a short reason (KEY_VALUES_MISMATCH), other OSErrors a strerror.
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        reason = _reason(exc)
         raise ConfigError(
             source,
             "server.tls",
@@ -55,7 +54,7 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     try:
         context.load_verify_locations(cafile=str(settings.client_ca))
     except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        reason = _reason(exc)
         raise ConfigError(
             source,
             "server.tls.client_ca",
@@ -127,6 +126,11 @@ def client_subject(peercert: object) -> tuple[str, str] | None:
     return None
 
 
+def _reason(exc: Exception) -> str:
+    # ssl.SSLError has a short reason (KEY_VALUES_MISMATCH), other OSErrors a strerror.
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+
+
 def not_after(settings: TlsSettings) -> float | None:
     """When the listener's certificate expires (Unix time), for the admin port and the
     metrics; ``None`` if it cannot be read (it loaded, so that is only a race)."""
@@ -149,7 +153,7 @@ def client_context(settings: UpstreamTlsConfig, key: str, source: str) -> ssl.SS
         if settings.cert is not None and settings.key is not None:
             context.load_cert_chain(settings.cert, settings.key)
     except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        reason = _reason(exc)
         raise ConfigError(source, key, f"cannot load the TLS files: {reason}") from None
     context.set_alpn_protocols(["http/1.1"])
     if not settings.verify:

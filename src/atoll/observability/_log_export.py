@@ -12,7 +12,6 @@ slowing the service.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import traceback
@@ -24,6 +23,8 @@ from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
 from opentelemetry.sdk.resources import Resource
+
+from atoll.observability._tracing import otlp_signal_endpoint
 
 #: Keys of a structlog event that the OTLP record carries elsewhere (its body, time,
 #: severity, trace context, resource) or that only the console renderer needs.
@@ -53,18 +54,7 @@ _MAX_INT64: Final = (1 << 63) - 1
 
 def otlp_logs_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
     """The logs endpoint the standard OpenTelemetry variables name, if any."""
-    env = os.environ if environ is None else environ
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    if env.get("OTEL_LOGS_EXPORTER", "otlp").strip().lower() == "none":
-        return None
-    explicit = env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
-    if explicit:
-        return explicit
-    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if base:
-        return base.rstrip("/") + "/v1/logs"
-    return None
+    return otlp_signal_endpoint("logs", environ)
 
 
 def severity_number(levelno: int) -> SeverityNumber:

@@ -111,15 +111,26 @@ def unsupported_protocol(environ: Mapping[str, str] | None = None) -> tuple[str,
 
 def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
     """The traces endpoint the standard OpenTelemetry variables name, if any."""
+    return otlp_signal_endpoint("traces", environ)
+
+
+def otlp_signal_endpoint(signal: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The endpoint of ``signal`` (``traces``, ``logs``) the standard variables name, as
+    the SDK reads them: none with ``OTEL_SDK_DISABLED=true`` or ``OTEL_<SIGNAL>_EXPORTER
+    =none``; else ``OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT`` as it is, or
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/<signal>``."""
     env = os.environ if environ is None else environ
-    if tracing_disabled(env):
+    name = signal.upper()
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    explicit = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if env.get(f"OTEL_{name}_EXPORTER", "otlp").strip().lower() == "none":
+        return None
+    explicit = env.get(f"OTEL_EXPORTER_OTLP_{name}_ENDPOINT")
     if explicit:
         return explicit
     base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if base:
-        return base.rstrip("/") + "/v1/traces"
+        return base.rstrip("/") + f"/v1/{signal}"
     return None
 
 

@@ -23,7 +23,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 from google.protobuf import (
@@ -108,6 +108,7 @@ _REASONS: Final = {
 _MAX_SEVERITY: Final = 24
 
 _json_encoder: Final = msgspec.json.Encoder()
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(slots=True)
@@ -478,6 +479,28 @@ def _json_text(value: object) -> str:
     return _json_encoder.encode(value).decode()
 
 
+def _json_document(body: bytes, what: str) -> dict[str, Any]:
+    """A JSON body decoded, which must be an object (the ``what`` request)."""
+    try:
+        document = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise MalformedRequestError(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise MalformedRequestError(f"the body must be a JSON object (an {what})")
+    return document
+
+
+def _parse_json(document: dict[str, Any], request: M) -> M:
+    """``document`` into ``request`` by protobuf's JSON parser, its failures as
+    :class:`MalformedRequestError`."""
+    try:
+        json_format.ParseDict(document, request, ignore_unknown_fields=True)
+    except Exception as exc:  # ParseError, and ValueError/TypeError from deep inside
+        name = request.DESCRIPTOR.name
+        raise MalformedRequestError(f"the body is not an OTLP/JSON {name}: {exc}") from exc
+    return request
+
+
 def _optional_id(value: bytes, zero: bytes) -> tuple[bool, bytes | None]:
     """(valid, id) of an optional id: empty or all zeros is none, else it must be as long
     as ``zero``."""
@@ -511,14 +534,7 @@ class OTLPDecoder:
         return self._convert(request, raw_attributes=True)
 
     def decode_json(self, body: bytes) -> DecodedBatch:
-        try:
-            document = msgspec.json.decode(body)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise MalformedRequestError(f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(document, dict):
-            raise MalformedRequestError(
-                "the body must be a JSON object (an ExportTraceServiceRequest)"
-            )
+        document = _json_document(body, "ExportTraceServiceRequest")
         try:
             return self.convert_json(document)
         except _json.Fallback:
@@ -526,14 +542,7 @@ class OTLPDecoder:
         except RecursionError as exc:
             raise MalformedRequestError(f"the body nests too deeply: {exc}") from exc
         hex_ids_to_base64(document)
-        request = ExportTraceServiceRequest()
-        try:
-            json_format.ParseDict(document, request, ignore_unknown_fields=True)
-        except Exception as exc:  # ParseError, and ValueError/TypeError from deep inside
-            raise MalformedRequestError(
-                f"the body is not an OTLP/JSON ExportTraceServiceRequest: {exc}"
-            ) from exc
-        return self.convert(request)
+        return self.convert(_parse_json(document, ExportTraceServiceRequest()))
 
     def convert_json(self, document: dict[str, Any]) -> DecodedBatch:  # noqa: C901, PLR0912, PLR0915 - the JSON twin of convert
         """An OTLP/JSON request in its usual forms to rows, as :meth:`convert` makes them.
@@ -662,23 +671,9 @@ class OTLPDecoder:
 
     def decode_logs_json(self, body: bytes, now_ns: int) -> DecodedBatch:
         """:meth:`decode_logs_protobuf` for an OTLP/JSON body (hex ids, as the spec says)."""
-        try:
-            document = msgspec.json.decode(body)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise MalformedRequestError(f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(document, dict):
-            raise MalformedRequestError(
-                "the body must be a JSON object (an ExportLogsServiceRequest)"
-            )
+        document = _json_document(body, "ExportLogsServiceRequest")
         hex_log_ids_to_base64(document)
-        request = ExportLogsServiceRequest()
-        try:
-            json_format.ParseDict(document, request, ignore_unknown_fields=True)
-        except Exception as exc:  # ParseError, and ValueError/TypeError from deep inside
-            raise MalformedRequestError(
-                f"the body is not an OTLP/JSON ExportLogsServiceRequest: {exc}"
-            ) from exc
-        return self.convert_logs(request, now_ns)
+        return self.convert_logs(_parse_json(document, ExportLogsServiceRequest()), now_ns)
 
     def convert_logs(self, request: ExportLogsServiceRequest, now_ns: int) -> DecodedBatch:
         """The valid log records of a parsed request, as rows to store.

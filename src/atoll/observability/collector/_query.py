@@ -79,6 +79,23 @@ def _duration_ns(name: str, millis: float | None) -> int | None:
     return round(millis * 1_000_000)
 
 
+def check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}")
+
+
+def time_range(
+    now: float, start: str | None, end: str | None, lookback: str | None
+) -> tuple[int | None, int | None]:
+    """(start, end) in Unix ns from ``start``/``end`` (ms or ISO 8601) or ``lookback``
+    (``start`` wins); ``None`` for an open end."""
+    start_ns = parse_time("start", start) if start else None
+    if start_ns is None and lookback and lookback.strip() not in ("", "all"):
+        start_ns = int((now - parse_lookback(lookback)) * 1e9)
+    end_ns = parse_time("end", end) if end else None
+    return start_ns, end_ns
+
+
 def build_query(
     *,
     now: float,
@@ -97,12 +114,8 @@ def build_query(
     status = (status or "").strip().lower() or None
     if status not in (None, "ok", "error"):
         raise QueryError(f"status {status!r} is not ok or error")
-    if not 1 <= limit <= MAX_LIMIT:
-        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}")
-    start_ns = parse_time("start", start) if start else None
-    if start_ns is None and lookback and lookback.strip() not in ("", "all"):
-        start_ns = int((now - parse_lookback(lookback)) * 1e9)
-    end_ns = parse_time("end", end) if end else None
+    check_limit(limit)
+    start_ns, end_ns = time_range(now, start, end, lookback)
     min_ns = _duration_ns("min_duration_ms", min_duration_ms)
     max_ns = _duration_ns("max_duration_ms", max_duration_ms)
     pairs = [parse_attribute(item) for item in attributes if item.strip()]
@@ -146,12 +159,8 @@ def build_log_query(
     limit: int = 100,
 ) -> LogQuery:
     """A :class:`LogQuery` from request parameters; empty strings mean "not given"."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise QueryError(f"limit must be between 1 and {MAX_LIMIT}")
-    start_ns = parse_time("start", start) if start else None
-    if start_ns is None and lookback and lookback.strip() not in ("", "all"):
-        start_ns = int((now - parse_lookback(lookback)) * 1e9)
-    end_ns = parse_time("end", end) if end else None
+    check_limit(limit)
+    start_ns, end_ns = time_range(now, start, end, lookback)
     return LogQuery(
         service=service or None,
         min_severity=parse_severity(severity) if severity and severity.strip() else None,
