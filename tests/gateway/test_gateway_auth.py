@@ -99,6 +99,13 @@ def auth_config(tmp_path, stub, keys):
                 },
                 {"name": "open", "match": {"prefix": "/open"}, "upstream": "a"},
                 {
+                    "name": "staff",
+                    "match": {"prefix": "/staff"},
+                    "upstream": "a",
+                    "auth": "jwt",
+                    "allow_subjects": ["alice", "ops-*"],
+                },
+                {
                     "name": "ruled",
                     "match": {"prefix": "/ruled"},
                     "upstream": "a",
@@ -482,3 +489,20 @@ async def test_an_api_key_beside_a_non_bearer_authorization_identifies(auth_conf
     assert seen["x-auth-method"] == "api_key"
     assert seen["x-auth-client"] == "partner-a"
     assert seen["authorization"] == "Basic YTpi"
+
+
+async def test_allow_subjects_admits_only_the_subjects_named(auth_config, stub):
+    def token(subject):
+        return mint_token(
+            subject=subject, scopes=[], secret=SECRET.encode(), issuer=ISS, audience=AUD
+        )
+
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        for subject, status in (("alice", 200), ("ops-7", 200), ("bob", 403), ("ops", 403)):
+            # Twice each: a token verified now, then the same one from the cache.
+            for _ in range(2):
+                r = await client.get(url(gw, "/staff/x"), headers=bearer(token(subject)))
+                assert r.status_code == status, (subject, r.text)
+        refused = await client.get(url(gw, "/staff/x"), headers=bearer(token("mallory")))
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "'mallory' may not use this route" in refused.json()["detail"]

@@ -384,3 +384,80 @@ async def test_a_mixed_route_challenges_with_the_scheme_it_takes(tmp_path, stub,
 )
 def test_client_subjects_are_written_unambiguously(peercert, expected):
     assert client_subject(peercert) == expected
+
+
+async def test_allow_subjects_admits_only_the_certificates_named(tmp_path, stub, certs):
+    config = mtls_config(tmp_path, stub, "optional")
+    document = yaml.safe_load(config.read_text())
+    document["routes"][0]["auth"] = ["client_cert"]
+    document["routes"][0]["allow_subjects"] = ["CN=atoll"]
+    document["routes"][1]["allow_subjects"] = ["CN=*", "ops"]
+    config.write_text(yaml.safe_dump(document))
+    # A second client certificate from the trusted CA, under another name.
+    from cryptography import x509  # noqa: PLC0415 - only this test issues one
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    other = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intruder")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(ca.not_valid_before_utc)
+        .not_valid_after(ca.not_valid_after_utc)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (certs / "intruder.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    (certs / "intruder.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}"
+        async with httpx.AsyncClient(verify=with_client_cert(certs)) as atoll:
+            assert (await atoll.get(f"{base}/internal/jobs")).status_code == 200
+        async with httpx.AsyncClient(verify=with_client_cert(certs, "intruder")) as intruder:
+            refused = await intruder.get(f"{base}/internal/jobs")
+            assert refused.status_code == 403
+            assert "'CN=intruder' may not use this route" in refused.json()["detail"]
+            # The wildcard route takes any certificate subject, and the key named ops.
+            assert (await intruder.get(f"{base}/either")).status_code == 200
+        async with httpx.AsyncClient(verify=client_context(certs)) as keyed:
+            ok = await keyed.get(f"{base}/either", headers={"x-api-key": "k-0123456789abcdef"})
+            assert ok.status_code == 200
+        async with httpx.AsyncClient() as admin:
+            routes = (await admin.get(admin_url(gw, "/routes"))).json()["routes"]
+        assert routes[0]["allow_subjects"] == ["CN=atoll"]
+
+
+def test_allow_subjects_needs_auth_and_real_subjects(tmp_path):
+    for route, key, problem in (
+        ({"allow_subjects": ["CN=x"]}, "routes[0].allow_subjects", "needs auth"),
+        (
+            {"auth": ["api_key"], "allow_subjects": ["**"]},
+            "routes[0].allow_subjects[0]",
+            "must name a subject",
+        ),
+    ):
+        path = tmp_path / "gw.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "upstreams": {"a": {"targets": ["127.0.0.1:9"]}},
+                    "auth": {"api_keys": {"keys": [{"name": "ops", "key": "k-0123456789abcdef"}]}},
+                    "routes": [{"name": "r", "match": {"prefix": "/"}, "upstream": "a", **route}],
+                }
+            )
+        )
+        with pytest.raises(ConfigError) as info:
+            load_gateway_config(path)
+        assert info.value.key == key
+        assert problem in str(info.value)

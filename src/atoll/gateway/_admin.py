@@ -83,6 +83,7 @@ def routes_view(gateway: Gateway) -> list[dict[str, Any]]:
             ),
             "auth": list(route.auth),
             "scopes": list(route.scopes),
+            "allow_subjects": list(route.allow_subjects),
             "rate_limit": (
                 {
                     "rate": route.rate_limit.rate,

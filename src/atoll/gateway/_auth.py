@@ -118,7 +118,7 @@ class AuthError(Exception):
         """The ``WWW-Authenticate`` challenge (RFC 6750)."""
         if scheme == "ApiKey":
             return b'ApiKey realm="atoll"'
-        if self.error == "missing":
+        if self.error in ("missing", ""):
             return b'Bearer realm="atoll"'
         value = f'Bearer realm="atoll", error="{self.error}"'
         if self.scope:

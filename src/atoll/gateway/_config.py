@@ -238,6 +238,11 @@ class RouteConfig:
     deny_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: Shadow traffic: copies of the route's requests to another upstream, answers dropped.
     mirror: MirrorConfig | None = None
+    #: The subjects (a token's ``sub``, an API key's name, a client certificate's DN or
+    #: SPIFFE id) the route accepts, ``*`` matching any run of characters (``()``: any
+    #: that authenticates), and the same as one regular expression.
+    allow_subjects: tuple[str, ...] = ()
+    subjects: re.Pattern[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,6 +649,17 @@ def _server(reader: _Reader, value: object, base: Path) -> ServerSettings:
     )
 
 
+def _subject_pattern(allowed: tuple[str, ...]) -> re.Pattern[str] | None:
+    r"""One expression matching any of ``allowed`` whole; ``*`` is any run of characters,
+    everything else literal (a DN's ``\,`` or ``+`` included)."""
+    if not allowed:
+        return None
+    return re.compile(
+        "|".join(".*".join(re.escape(part) for part in subject.split("*")) for subject in allowed),
+        re.DOTALL,
+    )
+
+
 def _networks(
     reader: _Reader, key: str, value: object
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -911,6 +927,7 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         "aggregate",
         "allow_ips",
         "deny_ips",
+        "allow_subjects",
         "mirror",
     )
     routes = []
@@ -1011,6 +1028,14 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         scopes = reader.strings(f"{key}.scopes", t.get("scopes", []))
         if scopes and not kinds:
             raise reader.error(f"{key}.scopes", "scopes need auth on the route")
+        allowed = tuple(reader.strings(f"{key}.allow_subjects", t.get("allow_subjects", [])))
+        if allowed and not kinds:
+            raise reader.error(f"{key}.allow_subjects", "allow_subjects needs auth on the route")
+        for j, subject in enumerate(allowed):
+            if not subject.strip("*"):
+                raise reader.error(
+                    f"{key}.allow_subjects[{j}]", "must name a subject (leave the list out for any)"
+                )
         if scopes and "client_cert" in kinds:
             raise reader.error(
                 f"{key}.scopes",
@@ -1078,6 +1103,8 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
                 aggregate=aggregate,
                 allow_ips=_networks(reader, f"{key}.allow_ips", t.get("allow_ips", ())),
                 deny_ips=_networks(reader, f"{key}.deny_ips", t.get("deny_ips", ())),
+                allow_subjects=allowed,
+                subjects=_subject_pattern(allowed),
                 mirror=(
                     _mirror(reader, f"{key}.mirror", t["mirror"], upstreams)
                     if t.get("mirror") is not None
