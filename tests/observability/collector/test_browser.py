@@ -158,6 +158,9 @@ def test_a_trace_page_shows_its_logs_and_leads_to_their_spans(live, browser):
         assert "validating cart c-4" in listed.nth(0).inner_text()
         warning = listed.nth(1)
         assert "WARN" in warning.locator(".badge").inner_text().upper()
+        badge = page.locator(f"#span-{child.hex()} .logs-badge")
+        assert badge.inner_text() == "logs 1"
+        assert "warn" in (badge.get_attribute("class") or "")  # coloured by the worst record
         detail = page.locator(f"#detail-{child.hex()}")
         assert detail.is_hidden()
         warning.locator("a.span-ref").click()  # from a log to the span that wrote it

@@ -673,6 +673,25 @@ def _ticks(total: int) -> str:
     return "".join(marks)
 
 
+def _span_badges(span: SpanRecord, logs: Sequence[LogRecord]) -> str:
+    """The marks after a span's name: error, links, its log records (coloured by the
+    worst), and its kind when it crosses a process."""
+    badges = ""
+    if span.status == "error":
+        badges += '<span class="badge err" title="error status">error</span>'
+    if span.links:
+        badges += f'<span class="badge link" title="links">⇢ {len(span.links)}</span>'
+    if logs:
+        worst = max(record.severity for record in logs)
+        level = "err" if worst >= 17 else "warn" if worst >= 13 else "lvl"
+        badges += (
+            f'<span class="badge {level} logs-badge" title="log records">logs {len(logs)}</span>'
+        )
+    if span.kind in ("producer", "consumer", "client", "server"):
+        badges += f'<span class="kind">{_e(span.kind)}</span>'
+    return badges
+
+
 def trace_page(
     trace: Trace, *, services: Iterable[str], stats: StoreStats | None, now: float
 ) -> str:
@@ -705,13 +724,7 @@ def trace_page(
             if has_children
             else '<span class="twisty-pad"></span>'
         )
-        badges = ""
-        if error:
-            badges += '<span class="badge err" title="error status">error</span>'
-        if span.links:
-            badges += f'<span class="badge link" title="links">⇢ {len(span.links)}</span>'
-        if span.kind in ("producer", "consumer", "client", "server"):
-            badges += f'<span class="kind">{_e(span.kind)}</span>'
+        badges = _span_badges(span, logs_by_span.get(span.span_id, ()))
         search_text = _e(
             f"{span.service} {span.name} {json.dumps(span.attributes, ensure_ascii=False)}".lower()
         )
