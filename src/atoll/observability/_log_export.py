@@ -74,7 +74,7 @@ def severity_number(levelno: int) -> SeverityNumber:
 
 def _attribute(value: object) -> Any:
     """A value as an OTLP attribute takes it: scalars as they are, else as text."""
-    if value is None or isinstance(value, str | bool | float):
+    if isinstance(value, str | bool | float):
         return value
     if isinstance(value, int):
         return value if -_MAX_INT64 - 1 <= value <= _MAX_INT64 else str(value)
@@ -117,7 +117,7 @@ class OTLPLogHandler(logging.Handler):
         if isinstance(event, dict):  # structlog, through ProcessorFormatter.wrap_for_formatter
             body = str(event.get("event", ""))
             for key, value in event.items():
-                if key not in _NOT_ATTRIBUTES:
+                if key not in _NOT_ATTRIBUTES and value is not None:  # OTLP has no null
                     attributes[key] = _attribute(value)
             flag = event.get("exc_info")
             if isinstance(flag, tuple):

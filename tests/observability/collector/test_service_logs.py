@@ -63,7 +63,15 @@ async def test_service_logs_reach_the_collector_with_their_span(live, monkeypatc
         with tracing.lean.span(
             "process inventory.ReserveStock", parent=None, kind=SpanKind.CONSUMER, attributes={}
         ) as span:
-            log.info("stock reserved", order_id="o-42", skus=["apple", "pear"], qty=3)
+            log.info(
+                "stock reserved",
+                order_id="o-42",
+                skus=["apple", "pear"],
+                qty=3,
+                note=None,
+                big=1 << 70,
+                thing=LookupError("x"),
+            )
             logging.getLogger("shop.inventory.db").warning("slow query: %d ms", 250)
             try:
                 unknown_sku()
@@ -98,6 +106,9 @@ async def test_service_logs_reach_the_collector_with_their_span(live, monkeypatc
         "test_service_logs_reach_the_collector_with_their_span"
     )
     assert "trace_id" not in reserved["attributes"]  # carried as the record's own ids
+    assert "note" not in reserved["attributes"]  # OTLP has no null
+    assert reserved["attributes"]["big"] == str(1 << 70)  # past int64: as text
+    assert reserved["attributes"]["thing"] == "x"  # anything else: as text
 
     assert by_body["slow query: 250 ms"]["level"] == "warn"
     failed = by_body["reservation failed"]
