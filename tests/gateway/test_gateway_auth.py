@@ -103,7 +103,8 @@ def auth_config(tmp_path, stub, keys):
                     "match": {"prefix": "/staff"},
                     "upstream": "a",
                     "auth": "jwt",
-                    "allow_subjects": ["alice", "ops-*"],
+                    # bob only as a client certificate's subject, carol only by token
+                    "allow_subjects": ["alice", "ops-*", "client_cert:bob", "jwt:carol"],
                 },
                 {
                     "name": "ruled",
@@ -498,7 +499,14 @@ async def test_allow_subjects_admits_only_the_subjects_named(auth_config, stub):
         )
 
     async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
-        for subject, status in (("alice", 200), ("ops-7", 200), ("bob", 403), ("ops", 403)):
+        for subject, status in (
+            ("alice", 200),
+            ("ops-7", 200),
+            ("carol", 200),
+            ("bob", 403),  # a token's sub does not pass for a certificate's subject
+            ("ops", 403),
+            ("jwt:carol", 403),
+        ):
             # Twice each: a token verified now, then the same one from the cache.
             for _ in range(2):
                 r = await client.get(url(gw, "/staff/x"), headers=bearer(token(subject)))

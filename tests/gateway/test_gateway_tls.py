@@ -446,6 +446,11 @@ def test_allow_subjects_needs_auth_and_real_subjects(tmp_path):
             "routes[0].allow_subjects[0]",
             "must name a subject",
         ),
+        (
+            {"auth": ["api_key"], "allow_subjects": ["ops", "api_key:*"]},
+            "routes[0].allow_subjects[1]",
+            "must name a subject",
+        ),
     ):
         path = tmp_path / "gw.yaml"
         path.write_text(

@@ -650,14 +650,21 @@ def _server(reader: _Reader, value: object, base: Path) -> ServerSettings:
 
 
 def _subject_pattern(allowed: tuple[str, ...]) -> re.Pattern[str] | None:
-    r"""One expression matching any of ``allowed`` whole; ``*`` is any run of characters,
-    everything else literal (a DN's ``\,`` or ``+`` included)."""
+    r"""One expression matching ``METHOD:SUBJECT`` (``jwt:alice``) whole when it is one
+    of ``allowed``. An entry with a method prefix (``client_cert:CN=billing``) admits that
+    method only, one without admits any; ``*`` is any run of characters, everything else
+    literal (a DN's ``\,`` or ``+`` included)."""
     if not allowed:
         return None
-    return re.compile(
-        "|".join(".*".join(re.escape(part) for part in subject.split("*")) for subject in allowed),
-        re.DOTALL,
-    )
+    methods = tuple(f"{kind}:" for kind in AUTH_KINDS)
+    alternatives = []
+    for entry in allowed:
+        method, subject = "(?:jwt|api_key|client_cert):", entry
+        if entry.startswith(methods):
+            kind, _, subject = entry.partition(":")
+            method = re.escape(kind + ":")
+        alternatives.append(method + ".*".join(re.escape(p) for p in subject.split("*")))
+    return re.compile("|".join(alternatives), re.DOTALL)
 
 
 def _networks(
@@ -1032,6 +1039,8 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         if allowed and not kinds:
             raise reader.error(f"{key}.allow_subjects", "allow_subjects needs auth on the route")
         for j, subject in enumerate(allowed):
+            if subject.startswith(tuple(f"{kind}:" for kind in AUTH_KINDS)):
+                subject = subject.partition(":")[2]  # noqa: PLW2901 - the part after the method
             if not subject.strip("*"):
                 raise reader.error(
                     f"{key}.allow_subjects[{j}]", "must name a subject (leave the list out for any)"

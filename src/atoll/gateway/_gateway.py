@@ -950,7 +950,10 @@ class Gateway:
     def _check_scopes(route: RouteConfig, identity: Identity) -> None:
         """The route's ``allow_subjects`` and ``scopes`` hold for ``identity``, or 403."""
         subjects = route.subjects
-        if subjects is not None and subjects.fullmatch(identity.subject) is None:
+        if (
+            subjects is not None
+            and subjects.fullmatch(f"{identity.method}:{identity.subject}") is None
+        ):
             raise AuthError(
                 403, f"the subject {identity.subject!r} may not use this route", error=""
             )
