@@ -187,6 +187,10 @@ async def test_an_unreachable_collector_neither_slows_nor_fails_work(tmp_path):
         assert sum(r.tracing.dropped_spans for r in runtimes) > 0, "drops were not counted"
         metrics = (await runtimes[0].metrics.render()).decode()
         assert 'atoll_trace_spans_dropped_total{service="front"}' in metrics
+        # Log records lost on their way out are counted under the same shape (none here:
+        # only a process's global service exports its logs).
+        assert 'atoll_log_records_dropped_total{service="front"} 0.0' in metrics
+        assert 'atoll_log_records_export_failed_total{service="front"} 0.0' in metrics
     finally:
         for runtime in runtimes:
             await runtime.stop()

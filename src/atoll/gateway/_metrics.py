@@ -25,7 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from atoll.observability._metrics import span_loss_metrics
+from atoll.observability._metrics import log_loss_metrics, span_loss_metrics
 from atoll.resilience import ResilienceCollector
 
 if TYPE_CHECKING:
@@ -184,6 +184,11 @@ class _Collector(Collector):
             getattr(tracing, "service", "gateway"),
             getattr(tracing, "dropped_spans", 0),
             getattr(tracing, "failed_spans", 0),
+        )
+        yield from log_loss_metrics(
+            getattr(tracing, "service", "gateway"),
+            getattr(tracing, "dropped_log_records", 0),
+            getattr(tracing, "failed_log_records", 0),
         )
         # Breakers of the current generation, by atoll.resilience's own collector.
         yield from ResilienceCollector(generation.registry).collect()

@@ -21,9 +21,14 @@ from typing import Any, Final
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, LogRecordExporter
+from opentelemetry.sdk._logs.export import (
+    BatchLogRecordProcessor,
+    LogRecordExporter,
+    LogRecordExportResult,
+)
 from opentelemetry.sdk.resources import Resource
 
+from atoll.observability._otlp import env_int
 from atoll.observability._tracing import otlp_signal_endpoint
 
 #: Keys of a structlog event that the OTLP record carries elsewhere (its body, time,
@@ -97,14 +102,34 @@ class OTLPLogHandler(logging.Handler):
     #: ``configure_logging`` keeps this handler when it replaces the root's handlers.
     keep_on_reconfigure = True
 
-    def __init__(self, provider: LoggerProvider, level: int = logging.NOTSET) -> None:
+    def __init__(
+        self,
+        provider: LoggerProvider,
+        level: int = logging.NOTSET,
+        *,
+        exported: _CountingExporter | None = None,
+        max_queue_size: int = 2048,
+    ) -> None:
         super().__init__(level)
         self.provider = provider
+        #: Records handed to the provider, and dropped here because the batch queue was
+        #: full: handed minus done by the exporter, so a batch being exported still
+        #: counts (memory stays within the queue's size). ``logging`` calls emit under
+        #: the handler's lock, so these counts do not race.
+        self.accepted = 0
+        self.dropped = 0
+        self._exported = exported
+        self._max_queue_size = max_queue_size
 
     def emit(self, record: logging.LogRecord) -> None:
         name = record.name
         if name.startswith(_SKIPPED_LOGGERS) or name.endswith(_ACCESS_LOG_SUFFIX):
             return
+        exported = self._exported
+        if exported is not None and self.accepted - exported.done >= self._max_queue_size:
+            self.dropped += 1  # the SDK's queue would drop one: counted here instead
+            return
+        self.accepted += 1
         try:
             self._emit(record)
         except Exception:
@@ -147,6 +172,34 @@ class OTLPLogHandler(logging.Handler):
         )
 
 
+class _CountingExporter(LogRecordExporter):
+    """Delegates to ``exporter``, counting the records it finished with (``done``) and
+    those of exports that failed (``failed``); only the export thread calls it."""
+
+    def __init__(self, exporter: LogRecordExporter) -> None:
+        self.exporter = exporter
+        self.done = 0
+        self.failed = 0
+
+    def export(self, batch: Any) -> LogRecordExportResult:
+        try:
+            result = self.exporter.export(batch)
+        except Exception:
+            self.failed += len(batch)
+            raise
+        finally:
+            self.done += len(batch)
+        if result is not LogRecordExportResult.SUCCESS:
+            self.failed += len(batch)
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()  # type: ignore[no-untyped-call]
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.exporter.force_flush(timeout_millis))
+
+
 class LogExport:
     """A service's log export: a logger provider with the service's resource, its batch
     processor and exporter, and the handler on the root logger."""
@@ -162,10 +215,26 @@ class LogExport:
         self.provider = LoggerProvider(resource=resource)
         if exporter is None:
             exporter = OTLPLogExporter(endpoint=endpoint)
-        self.exporter = exporter
-        self.processor = BatchLogRecordProcessor(exporter)
+        self.exporter = _CountingExporter(exporter)
+        queue = env_int("OTEL_BLRP_MAX_QUEUE_SIZE", 2048)
+        batch = min(env_int("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", 512), queue)
+        self.processor = BatchLogRecordProcessor(
+            self.exporter, max_queue_size=queue, max_export_batch_size=batch
+        )
         self.provider.add_log_record_processor(self.processor)
-        self.handler = OTLPLogHandler(self.provider, level)
+        self.handler = OTLPLogHandler(
+            self.provider, level, exported=self.exporter, max_queue_size=queue
+        )
+
+    @property
+    def dropped(self) -> int:
+        """Records dropped because the export queue was full."""
+        return self.handler.dropped
+
+    @property
+    def failed(self) -> int:
+        """Records lost because their export failed."""
+        return self.exporter.failed
 
     def install(self) -> None:
         """Send the root logger's records (every logger's, by propagation)."""
@@ -189,7 +258,7 @@ class LogExport:
         stopping.start()
         stopping.join(timeout)
         if stopping.is_alive():
-            self.exporter.shutdown()  # type: ignore[no-untyped-call]
+            self.exporter.shutdown()
             stopping.join(0.5)
 
     def _flush_and_stop(self) -> None:

@@ -78,6 +78,9 @@ class _RuntimeCollector(Collector):
         age.add_metric([name], rt.metrics.outbox_oldest_age)
         yield age
         yield from span_loss_metrics(name, rt.tracing.dropped_spans, rt.tracing.failed_spans)
+        yield from log_loss_metrics(
+            name, rt.tracing.dropped_log_records, rt.tracing.failed_log_records
+        )
         ready = GaugeMetricFamily(
             "atoll_ready", "1 while the service takes work.", labels=["service"]
         )
@@ -137,6 +140,24 @@ class ServiceMetrics:
             except Exception:  # noqa: S112 - a failing source must not hide the rest
                 continue
         return generate_latest(self.registry)
+
+
+def log_loss_metrics(service: str, dropped: int, failed: int) -> Iterator[CounterMetricFamily]:
+    """The log records a process lost on their way to the collector (OTLP logs)."""
+    queue_full = CounterMetricFamily(
+        "atoll_log_records_dropped",
+        "Log records not exported because the export queue was full.",
+        labels=["service"],
+    )
+    queue_full.add_metric([service], dropped)
+    yield queue_full
+    export_failed = CounterMetricFamily(
+        "atoll_log_records_export_failed",
+        "Log records lost because their export failed.",
+        labels=["service"],
+    )
+    export_failed.add_metric([service], failed)
+    yield export_failed
 
 
 def span_loss_metrics(service: str, dropped: int, failed: int) -> Iterator[CounterMetricFamily]:

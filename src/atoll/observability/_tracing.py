@@ -287,6 +287,16 @@ class Tracing:
         not be reached within the exporter's retries)."""
         return 0 if self.processor is None else int(self.processor.failed)
 
+    @property
+    def dropped_log_records(self) -> int:
+        """Log records dropped because their export queue was full."""
+        return 0 if self.logs is None else int(self.logs.dropped)
+
+    @property
+    def failed_log_records(self) -> int:
+        """Log records lost because their export failed."""
+        return 0 if self.logs is None else int(self.logs.failed)
+
     def make_global(self) -> None:
         """Make this the process's default tracer provider (one service per process), and
         send the process's logs where its traces go when the standard variables name a

@@ -3,8 +3,10 @@ trace and span it was written in; the standard variables choose it or turn it of
 
 from __future__ import annotations
 
+import http.server
 import logging
 import socket
+import threading
 import time
 
 import pytest
@@ -120,6 +122,52 @@ async def test_service_logs_reach_the_collector_with_their_span(live, monkeypatc
     everything = wait_for_logs(live, 4)
     assert [r["body"] for r in everything if r["trace_id"] is None] == ["outside any span"]
     assert len(everything) == 4
+
+
+def test_a_full_queue_drops_records_and_counts_them(monkeypatch):
+    monkeypatch.setenv("OTEL_BLRP_MAX_QUEUE_SIZE", "100")
+    export = LogExport(Resource.create({"service.name": "busy"}), "http://127.0.0.1:9/v1/logs")
+    export.install()
+    logger = logging.getLogger("test.busy")
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(1000):
+            logger.info("line %d", i)
+        # 100 are taken; their export to the refused port retries meanwhile, and a batch
+        # in export still counts against the queue, so the rest are dropped and counted.
+        assert export.handler.accepted == 100
+        assert export.dropped == 900
+    finally:
+        export.shutdown(timeout=1.0)
+
+
+def test_refused_exports_are_counted_as_failed():
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(400)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            del args
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/logs"
+        export = LogExport(Resource.create({"service.name": "refused"}), url)
+        export.install()
+        logger = logging.getLogger("test.refused")
+        logger.setLevel(logging.INFO)
+        for i in range(30):
+            logger.info("line %d", i)
+        export.shutdown(timeout=5.0)  # flushes: the collector answers 400, not retried
+        assert export.failed == 30
+        assert export.dropped == 0
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_unreachable_collector_neither_blocks_nor_raises(caplog):
