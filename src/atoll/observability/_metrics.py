@@ -144,35 +144,28 @@ class ServiceMetrics:
 
 def log_loss_metrics(service: str, dropped: int, failed: int) -> Iterator[CounterMetricFamily]:
     """The log records a process lost on their way to the collector (OTLP logs)."""
-    queue_full = CounterMetricFamily(
-        "atoll_log_records_dropped",
-        "Log records not exported because the export queue was full.",
-        labels=["service"],
-    )
-    queue_full.add_metric([service], dropped)
-    yield queue_full
-    export_failed = CounterMetricFamily(
-        "atoll_log_records_export_failed",
-        "Log records lost because their export failed.",
-        labels=["service"],
-    )
-    export_failed.add_metric([service], failed)
-    yield export_failed
+    return _loss_metrics(service, "atoll_log_records", "Log records", dropped, failed)
 
 
 def span_loss_metrics(service: str, dropped: int, failed: int) -> Iterator[CounterMetricFamily]:
     """The spans a process lost on their way to the collector (services and the gateway
     report them under the same names, so one panel shows all of them)."""
+    return _loss_metrics(service, "atoll_trace_spans", "Spans", dropped, failed)
+
+
+def _loss_metrics(
+    service: str, prefix: str, what: str, dropped: int, failed: int
+) -> Iterator[CounterMetricFamily]:
     queue_full = CounterMetricFamily(
-        "atoll_trace_spans_dropped",
-        "Spans dropped because the export queue was full.",
+        f"{prefix}_dropped",
+        f"{what} dropped because the export queue was full.",
         labels=["service"],
     )
     queue_full.add_metric([service], dropped)
     yield queue_full
     export_failed = CounterMetricFamily(
-        "atoll_trace_spans_export_failed",
-        "Spans lost because their export failed (refused, or the collector unreachable"
+        f"{prefix}_export_failed",
+        f"{what} lost because their export failed (refused, or the collector unreachable"
         " within the exporter's retries).",
         labels=["service"],
     )
