@@ -1,14 +1,21 @@
 """TLS termination on the public listener (``server.tls``)."""
 
 import asyncio
+import datetime as dt
 import hashlib
+import logging
 import shutil
 import ssl
+import time
 
 import httpx
 import pytest
 import websockets
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from gateway_support import admin_url, base_config, running_gateway, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -466,3 +473,190 @@ def test_allow_subjects_needs_auth_and_real_subjects(tmp_path):
             load_gateway_config(path)
         assert info.value.key == key
         assert problem in str(info.value)
+
+
+# --- certificate revocation lists ----------------------------------------------------------
+
+
+def issue_client(certs, stem, issuer="ca"):
+    """Another client certificate, ``stem.pem``/``stem.key``, that ``issuer`` signed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_key = serialization.load_pem_private_key((certs / f"{issuer}.key").read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(issuer_key, hashes.SHA256())
+    )
+    (certs / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (certs / f"{stem}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def write_crl(certs, name, revoked=(), *, issuer="ca", signer=None, hours=24):
+    """``name``: a revocation list of ``issuer`` (signed with ``signer``'s key, the
+    issuer's by default) naming the certificates ``revoked`` (their stems), whose next
+    update is ``hours`` from now (negative: already past)."""
+    key = serialization.load_pem_private_key((certs / f"{signer or issuer}.key").read_bytes(), None)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .last_update(now - dt.timedelta(hours=2))
+        .next_update(now + dt.timedelta(hours=hours))
+    )
+    for stem in revoked:
+        cert = x509.load_pem_x509_certificate((certs / f"{stem}.pem").read_bytes())
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now - dt.timedelta(minutes=1))
+            .build()
+        )
+    path = certs / name
+    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def crl_config(tmp_path, stub, crl):
+    config = mtls_config(tmp_path, stub, "required")
+    document = yaml.safe_load(config.read_text())
+    if crl is not None:
+        document["server"]["tls"]["client_crl"] = f"certs/{crl}"
+    config.write_text(yaml.safe_dump(document))
+    return config
+
+
+async def refused(certs, stem, url):
+    """Whether a client with ``stem``'s certificate fails the handshake."""
+    try:
+        async with httpx.AsyncClient(verify=with_client_cert(certs, stem)) as client:
+            await client.get(url)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+async def test_a_revoked_client_certificate_fails_the_handshake(tmp_path, stub, certs):
+    issue_client(certs, "colleague")
+    write_crl(certs, "crl.pem", revoked=["client"])
+    async with running_gateway(crl_config(tmp_path, stub, "crl.pem")) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        assert await refused(certs, "client", base)
+        async with httpx.AsyncClient(verify=with_client_cert(certs, "colleague")) as client:
+            assert (await client.get(base)).status_code == 200
+            view = (await client.get(admin_url(gw, "/config"))).json()["tls"]
+            assert view["client_crl"].endswith("crl.pem")
+            assert view["crl_issuers"] == ["CN=ca"]
+            assert view["crl_next_update"] > dt.datetime.now(dt.UTC).isoformat()
+            metrics = (await client.get(admin_url(gw, "/metrics"))).text
+        gauges = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+        }
+        assert gauges["atoll_gateway_tls_crl_next_update_seconds"] > time.time() + 3600
+
+
+async def test_a_reload_takes_a_new_revocation_list_and_can_drop_it(tmp_path, stub, certs):
+    write_crl(certs, "crl.pem")
+    config = crl_config(tmp_path, stub, "crl.pem")
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        assert not await refused(certs, "client", base)
+        # The CA publishes a list that revokes the client: from the next handshake on.
+        write_crl(certs, "crl.pem", revoked=["client"])
+        assert await gw.reload(), gw.last_reload_error
+        assert await refused(certs, "client", base)
+        # Revocation checking turned off again: the listener's flags follow the config.
+        document = yaml.safe_load(config.read_text())
+        del document["server"]["tls"]["client_crl"]
+        config.write_text(yaml.safe_dump(document))
+        assert await gw.reload(), gw.last_reload_error
+        assert not await refused(certs, "client", base)
+        assert gw.tls_crl is None
+
+
+async def test_an_expired_revocation_list_is_refused_and_the_old_one_kept(tmp_path, stub, certs):
+    write_crl(certs, "crl.pem", revoked=["client"])
+    async with running_gateway(crl_config(tmp_path, stub, "crl.pem")) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        write_crl(certs, "crl.pem", hours=-1)  # past its next update
+        assert not await gw.reload()
+        assert "server.tls.client_crl" in gw.last_reload_error
+        assert "expired" in gw.last_reload_error
+        assert await refused(certs, "client", base)  # the list in use still revokes it
+    with pytest.raises(ConfigError) as info:
+        Gateway(crl_config(tmp_path, stub, "crl.pem"), port=0, admin_port=0)
+    assert info.value.key == "server.tls.client_crl"
+
+
+async def test_a_ca_without_a_revocation_list_is_named_and_its_clients_refused(
+    tmp_path, stub, certs, caplog
+):
+    (certs / "both.pem").write_bytes(
+        (certs / "ca.pem").read_bytes() + (certs / "other-ca.pem").read_bytes()
+    )
+    write_crl(certs, "crl.pem")
+    config = crl_config(tmp_path, stub, "crl.pem")
+    config.write_text(config.read_text().replace("certs/ca.pem", "certs/both.pem"))
+    with caplog.at_level(logging.WARNING, logger="atoll.gateway"):
+        async with running_gateway(config) as gw:
+            base = f"https://127.0.0.1:{gw.port}/catalog"
+            assert not await refused(certs, "client", base)
+            # OpenSSL needs the issuer's list: other-ca has none, so its client fails.
+            assert await refused(certs, "stranger", base)
+    assert any("no revocation list of CN=other-ca" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("tls", "make", "problem"),
+    [
+        ({"client_crl": "certs/crl.pem"}, None, "needs server.tls.client_ca"),
+        ({"client_ca": "certs/ca.pem", "client_crl": "certs/nope.pem"}, None, "no such file"),
+        (
+            {"client_ca": "certs/ca.pem", "client_crl": "certs/client.pem"},
+            None,
+            "holds no revocation list",
+        ),
+        (
+            {"client_ca": "certs/ca.pem", "client_crl": "certs/crl.pem"},
+            {"signer": "other-ca"},
+            "is not signed by the key of that CA",
+        ),
+        (
+            {"client_ca": "certs/ca.pem", "client_crl": "certs/crl.pem"},
+            {"hours": -1},
+            "expired at",
+        ),
+    ],
+)
+def test_bad_revocation_lists_name_the_key(  # noqa: PLR0917 - the parameters
+    tmp_path, stub, certs, tls, make, problem
+):
+    write_crl(certs, "crl.pem", **(make or {}))
+    config = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
+            server={
+                "port": 8080,
+                "tls": {"cert": "certs/server.pem", "key": "certs/server.key", **tls},
+            },
+        ),
+    )
+    with pytest.raises(ConfigError) as info:
+        Gateway(config, port=0, admin_port=0)
+    assert info.value.key == "server.tls.client_crl"
+    assert problem in str(info.value)

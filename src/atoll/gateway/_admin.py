@@ -31,15 +31,21 @@ def _tls_view(gateway: Gateway) -> dict[str, Any] | None:
     if tls is None:
         return None
     expires = gateway.tls_not_after
+    crl = gateway.tls_crl
     return {
         "cert": str(tls.cert),
         "min_version": tls.min_version,
         "client_ca": None if tls.client_ca is None else str(tls.client_ca),
         "client_auth": None if tls.client_ca is None else tls.client_auth,
-        "not_after": (
-            None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()
-        ),
+        "not_after": _iso(expires),
+        "client_crl": None if tls.client_crl is None else str(tls.client_crl),
+        "crl_issuers": None if crl is None else list(crl.issuers),
+        "crl_next_update": None if crl is None else _iso(crl.next_update),
     }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 def _send(request: Request, status: int, body: bytes, content_type: bytes) -> None:

@@ -69,6 +69,9 @@ class TlsSettings:
     #: ``"optional"``: a client may present one, and routes with ``client_cert`` auth
     #: need it. A certificate that does not verify fails the handshake either way.
     client_auth: str = "required"
+    #: Certificate revocation lists (PEM) of the CAs that issue client certificates:
+    #: a revoked certificate fails the handshake; ``None``: revocation is not checked.
+    client_crl: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +531,8 @@ def load_gateway_config(
         files += [server.tls.cert, server.tls.key]
         if server.tls.client_ca is not None:
             files.append(server.tls.client_ca)
+        if server.tls.client_crl is not None:
+            files.append(server.tls.client_crl)
     admin = _admin(reader, top.get("admin"))
     upstreams = _upstreams(reader, top.get("upstreams"), services, Path(path).parent)
     auth = _auth(reader, top.get("auth"), Path(path).parent)
@@ -568,43 +573,50 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 - a bind-all address is reached on loopback
 
 
+def _tls_file(reader: _Reader, t: dict[str, Any], name: str, base: Path) -> Path | None:
+    """``server.tls.NAME``, a file relative to the config's folder, or ``None`` if unset."""
+    if t.get(name) is None:
+        return None
+    key = f"server.tls.{name}"
+    file = (base / reader.string(key, t[name])).resolve()
+    if not file.is_file():
+        raise reader.error(key, f"no such file: {file}")
+    return file
+
+
 def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
     if value is None:
         return None
     t = reader.table(
-        "server.tls", value, ("cert", "key", "min_version", "client_ca", "client_auth")
+        "server.tls",
+        value,
+        ("cert", "key", "min_version", "client_ca", "client_auth", "client_crl"),
     )
-    paths = {}
-    for name in ("cert", "key"):
-        if name not in t:
+    cert, key = _tls_file(reader, t, "cert", base), _tls_file(reader, t, "key", base)
+    for name, file in (("cert", cert), ("key", key)):
+        if file is None:
             raise reader.error(f"server.tls.{name}", "is required (a PEM file)")
-        file = (base / reader.string(f"server.tls.{name}", t[name])).resolve()
-        if not file.is_file():
-            raise reader.error(f"server.tls.{name}", f"no such file: {file}")
-        paths[name] = file
     min_version = t.get("min_version", "1.2")
     if min_version not in ("1.2", "1.3"):
         raise reader.error("server.tls.min_version", f"must be '1.2' or '1.3', got {min_version!r}")
-    client_ca = None
-    if t.get("client_ca") is not None:
-        client_ca = (base / reader.string("server.tls.client_ca", t["client_ca"])).resolve()
-        if not client_ca.is_file():
-            raise reader.error("server.tls.client_ca", f"no such file: {client_ca}")
+    client_ca = _tls_file(reader, t, "client_ca", base)
     client_auth = t.get("client_auth", "required")
     if client_auth not in ("required", "optional"):
         raise reader.error(
             "server.tls.client_auth", f"must be 'required' or 'optional', got {client_auth!r}"
         )
-    if "client_auth" in t and client_ca is None:
-        raise reader.error(
-            "server.tls.client_auth", "needs server.tls.client_ca (the CAs to verify against)"
-        )
+    for name, needs in (("client_auth", "the CAs to verify against"), ("client_crl", "the CAs")):
+        if t.get(name) is not None and client_ca is None:
+            raise reader.error(f"server.tls.{name}", f"needs server.tls.client_ca ({needs})")
+    assert cert is not None
+    assert key is not None
     return TlsSettings(
-        cert=paths["cert"],
-        key=paths["key"],
+        cert=cert,
+        key=key,
         min_version=min_version,
         client_ca=client_ca,
         client_auth=client_auth,
+        client_crl=_tls_file(reader, t, "client_crl", base),
     )
 
 

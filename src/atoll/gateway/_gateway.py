@@ -43,7 +43,7 @@ from atoll.gateway._server import (
     problem_bytes,
     status_line,
 )
-from atoll.gateway._tls import ListenerTls, server_context
+from atoll.gateway._tls import CrlInfo, ListenerTls, check_crls, server_context
 from atoll.gateway._tls import not_after as tls_not_after
 from atoll.gateway._upstream import Response, UpstreamError, connection_options
 from atoll.resilience import (
@@ -241,7 +241,10 @@ class Gateway:
         self._tls: ListenerTls | None = None
         #: When the listener's certificate expires (Unix time), with TLS on.
         self.tls_not_after: float | None = None
+        #: The client certificate revocation lists in use, with ``server.tls.client_crl``.
+        self.tls_crl: CrlInfo | None = None
         if config.server.tls is not None:
+            self.tls_crl = self._crl(config)
             self._tls = ListenerTls(config.server.tls, config.source)
             self.tls_not_after = tls_not_after(config.server.tls)
         #: What X-Forwarded-Proto says upstream: how clients reach this listener.
@@ -340,6 +343,7 @@ class Gateway:
             tls = config.server.tls
             if self._tls is not None and tls is not None:
                 server_context(tls, config.source)  # the new files load, or the reload fails
+            crl = self._crl(config)
             await generation.auth.start()
         except Exception as exc:
             await self._refuse(exc, config, store, generation)
@@ -350,6 +354,7 @@ class Gateway:
             try:  # loaded once above already: only a file changed in between fails here
                 self._tls.replace(config.server.tls, config.source)
                 self.tls_not_after = tls_not_after(config.server.tls)
+                self.tls_crl = crl
             except ConfigError as exc:
                 log.error("gateway: the certificate was not renewed: %s", exc)  # noqa: TRY400 - the message says it all
         old = self.gen
@@ -364,6 +369,22 @@ class Gateway:
         log.info("gateway configuration reloaded from %s", self.config_path)
         asyncio.get_running_loop().create_task(self._retire(old))
         return True
+
+    def _crl(self, config: GatewayConfig) -> CrlInfo | None:
+        """``server.tls.client_crl`` checked now (a list past its next update refuses the
+        configuration), with a warning for CAs that have no list in it."""
+        tls = config.server.tls
+        if tls is None or tls.client_crl is None:
+            return None
+        info = check_crls(tls, config.source, now=self.clock.time())
+        if info.uncovered:
+            log.warning(
+                "gateway: %s has no revocation list of %s: a client certificate one of"
+                " them issued directly fails the handshake",
+                tls.client_crl,
+                "; ".join(info.uncovered),
+            )
+        return info
 
     async def _refuse(
         self,

@@ -167,12 +167,7 @@ class _Collector(Collector):
         for (route, outcome), count in sorted(self.metrics.mirrored.items()):
             mirrored.add_metric([route, outcome], count)
         yield mirrored
-        if gateway.tls_not_after is not None:
-            yield GaugeMetricFamily(
-                "atoll_gateway_tls_certificate_not_after_seconds",
-                "When the listener's TLS certificate expires (Unix time)",
-                value=gateway.tls_not_after,
-            )
+        yield from _tls_gauges(gateway)
         auth = CounterMetricFamily(
             "atoll_gateway_auth_failures", "Refused credentials by reason", labels=["reason"]
         )
@@ -192,3 +187,21 @@ class _Collector(Collector):
         )
         # Breakers of the current generation, by atoll.resilience's own collector.
         yield from ResilienceCollector(generation.registry).collect()
+
+
+def _tls_gauges(gateway: Gateway) -> Iterator[Metric]:
+    """When the listener's certificate and its clients' revocation lists run out."""
+    if gateway.tls_not_after is not None:
+        yield GaugeMetricFamily(
+            "atoll_gateway_tls_certificate_not_after_seconds",
+            "When the listener's TLS certificate expires (Unix time)",
+            value=gateway.tls_not_after,
+        )
+    crl = gateway.tls_crl
+    if crl is not None and crl.next_update is not None:
+        yield GaugeMetricFamily(
+            "atoll_gateway_tls_crl_next_update_seconds",
+            "When the earliest client certificate revocation list must be replaced"
+            " (its next update, Unix time); past it, OpenSSL refuses that CA's clients",
+            value=crl.next_update,
+        )

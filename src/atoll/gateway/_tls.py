@@ -9,6 +9,13 @@ the configuration, at start or on reload, naming ``server.tls``.
 With ``client_ca``, clients are asked for a certificate chaining to those CAs (mutual
 TLS): :func:`client_subject` reads the verified one into the caller's identity.
 
+With ``client_crl``, a client certificate its issuer's revocation list names fails the
+handshake (OpenSSL's leaf check: the list of the CA that issued the client's certificate
+must be there). :func:`check_crls` refuses a file with no list in it, a list whose
+signature a CA of ``client_ca`` with its issuer's name does not verify, and (given the
+time) a list past its next update, which OpenSSL would take as every certificate of
+that CA refused.
+
 Reloads: OpenSSL's CA store only grows, so loading a changed ``client_ca`` into the live
 context would keep a removed CA trusted. Instead :class:`ListenerTls` makes a fresh
 context for each configuration and switches every new handshake to it from the
@@ -17,10 +24,16 @@ listener's context's SNI callback (which OpenSSL calls with or without a server 
 
 from __future__ import annotations
 
+import re
 import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from atoll.config import ConfigError
 from atoll.gateway._config import TlsSettings, UpstreamTlsConfig
+
+if TYPE_CHECKING:
+    from cryptography.x509 import Certificate, CertificateRevocationList
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -63,6 +76,103 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     context.verify_mode = (
         ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_OPTIONAL
     )
+    if settings.client_crl is None:
+        context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
+        return
+    check_crls(settings, source)
+    try:
+        context.load_verify_locations(cafile=str(settings.client_crl))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(
+            source,
+            "server.tls.client_crl",
+            f"cannot load the revocation lists {settings.client_crl}: {_reason(exc)}",
+        ) from None
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class CrlInfo:
+    """What :func:`check_crls` read from ``server.tls.client_crl``."""
+
+    #: Each list's issuer, as RFC 4514 writes it.
+    issuers: tuple[str, ...]
+    #: The earliest next update of the lists (Unix time), or ``None`` if none says.
+    next_update: float | None
+    #: CAs of ``client_ca`` with no list in the file: a certificate one of them issued
+    #: directly fails the handshake ("unable to get certificate CRL").
+    uncovered: tuple[str, ...]
+
+
+def check_crls(settings: TlsSettings, source: str, now: float | None = None) -> CrlInfo:
+    """The revocation lists of ``settings.client_crl``, checked against ``client_ca``;
+    :class:`ConfigError` naming ``server.tls.client_crl`` if the file holds none, a list
+    does not parse, a list names a CA of ``client_ca`` whose key did not sign it, or
+    (with ``now``, Unix time) a list is past its next update."""
+    from cryptography import x509  # noqa: PLC0415 - the gateway extra brings it
+
+    key = "server.tls.client_crl"
+    assert settings.client_crl is not None
+    assert settings.client_ca is not None
+    try:
+        data = settings.client_crl.read_bytes()
+        cas = x509.load_pem_x509_certificates(settings.client_ca.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(source, key, f"cannot read {settings.client_crl}: {exc}") from None
+    blocks = _CRL_PEM.findall(data)
+    if not blocks:
+        raise ConfigError(
+            source,
+            key,
+            f"{settings.client_crl} holds no revocation list (PEM '-----BEGIN X509 CRL-----')",
+        )
+    issuers: list[str] = []
+    updates: list[float] = []
+    for number, block in enumerate(blocks, 1):
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise ConfigError(
+                source, key, f"revocation list {number} of {settings.client_crl}: {exc}"
+            ) from None
+        issuer = crl.issuer.rfc4514_string()
+        named = [ca for ca in cas if ca.subject == crl.issuer]
+        if named and not any(_signed_by(crl, ca) for ca in named):
+            raise ConfigError(
+                source,
+                key,
+                f"the revocation list of {issuer} in {settings.client_crl} is not signed by"
+                f" the key of that CA in {settings.client_ca}",
+            )
+        next_update = crl.next_update_utc
+        if next_update is not None:
+            if now is not None and next_update.timestamp() <= now:
+                raise ConfigError(
+                    source,
+                    key,
+                    f"the revocation list of {issuer} expired at {next_update.isoformat()}"
+                    " (its next update): OpenSSL would refuse every certificate that CA"
+                    " issued; publish a fresh one",
+                )
+            updates.append(next_update.timestamp())
+        issuers.append(issuer)
+    uncovered = tuple(
+        name
+        for name in dict.fromkeys(ca.subject.rfc4514_string() for ca in cas)
+        if name not in issuers
+    )
+    return CrlInfo(tuple(issuers), min(updates) if updates else None, uncovered)
+
+
+def _signed_by(crl: CertificateRevocationList, ca: Certificate) -> bool:
+    try:
+        # A CA's key is one that signs (mypy sees every public key type, X25519's too).
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a key type that cannot sign a CRL
+        return False
 
 
 #: Short names of subject attributes, as RFC 4514 (and OpenSSL) write them.
@@ -184,5 +294,6 @@ class ListenerTls:
         """
         fresh = server_context(settings, source)
         self.listener.verify_mode = fresh.verify_mode
+        self.listener.verify_flags = fresh.verify_flags
         self.listener.minimum_version = fresh.minimum_version
         self.current = fresh
