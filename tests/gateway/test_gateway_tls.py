@@ -7,6 +7,7 @@ import logging
 import shutil
 import ssl
 import time
+import urllib.parse
 
 import httpx
 import pytest
@@ -478,21 +479,27 @@ def test_allow_subjects_needs_auth_and_real_subjects(tmp_path):
 # --- certificate revocation lists ----------------------------------------------------------
 
 
-def issue_client(certs, stem, issuer="ca"):
-    """Another client certificate, ``stem.pem``/``stem.key``, that ``issuer`` signed."""
+def issue_client(certs, stem, issuer="ca", *, subject=None, san=None):
+    """Another client certificate, ``stem.pem``/``stem.key``, that ``issuer`` signed:
+    subject ``CN=stem`` unless ``subject`` (a list of name attributes) says otherwise,
+    with the alternative names ``san``."""
     key = ec.generate_private_key(ec.SECP256R1())
     issuer_key = serialization.load_pem_private_key((certs / f"{issuer}.key").read_bytes(), None)
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    if subject is None:
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, stem)]
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+        .subject_name(x509.Name(subject))
         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .sign(issuer_key, hashes.SHA256())
     )
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=True)
+    cert = builder.sign(issuer_key, hashes.SHA256())
     (certs / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (certs / f"{stem}.key").write_bytes(
         key.private_bytes(
@@ -659,4 +666,152 @@ def test_bad_revocation_lists_name_the_key(  # noqa: PLR0917 - the parameters
     with pytest.raises(ConfigError) as info:
         Gateway(config, port=0, admin_port=0)
     assert info.value.key == "server.tls.client_crl"
+    assert problem in str(info.value)
+
+
+# --- X-Forwarded-Client-Cert --------------------------------------------------------------
+
+
+def xfcc_config(tmp_path, stub, fields):
+    config = mtls_config(tmp_path, stub, "optional")
+    document = yaml.safe_load(config.read_text())
+    document["server"]["tls"]["forward_client_cert"] = fields
+    config.write_text(yaml.safe_dump(document))
+    return config
+
+
+def xfcc_pairs(value):
+    """``X-Forwarded-Client-Cert``'s pairs, unquoted, in order (one element)."""
+    pairs, at = [], 0
+    while at < len(value):
+        key, _, rest = value[at:].partition("=")
+        at += len(key) + 1
+        if rest.startswith('"'):
+            out, i = [], 1
+            while rest[i] != '"':
+                if rest[i] == "\\":
+                    i += 1
+                out.append(rest[i])
+                i += 1
+            pairs.append((key, "".join(out)))
+            at += i + 2  # the closing quote and the ';'
+        else:
+            text = rest.split(";", 1)[0]
+            pairs.append((key, text))
+            at += len(text) + 1
+    return pairs
+
+
+async def test_the_client_certificate_is_forwarded_as_envoy_does(tmp_path, stub, certs):
+    config = xfcc_config(tmp_path, stub, ["subject", "hash", "cert", "uri", "dns"])
+    forged = {
+        "x-forwarded-client-cert": 'Hash=00;Subject="CN=admin"',
+        "x_forwarded_client_cert": "x",
+    }
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        async with httpx.AsyncClient(verify=with_client_cert(certs)) as client:
+            assert (await client.get(base, headers=forged)).status_code == 200
+            seen = stub.hits[-1]["headers"]
+            view = (await client.get(admin_url(gw, "/config"))).json()["tls"]
+        assert view["forward_client_cert"] == ["hash", "cert", "subject", "uri", "dns"]
+        pairs = xfcc_pairs(seen["x-forwarded-client-cert"])
+        assert [key for key, _ in pairs] == ["Hash", "Cert", "Subject"]  # Envoy's order
+        pem = (certs / "client.pem").read_text()
+        assert dict(pairs) == {
+            "Hash": hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest(),
+            "Cert": urllib.parse.quote(
+                ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(pem)), safe=""
+            ),
+            "Subject": "CN=atoll",
+        }
+        assert "x_forwarded_client_cert" not in seen
+        # No certificate: no header, and the client's copy is still dropped.
+        async with httpx.AsyncClient(verify=client_context(certs)) as anonymous:
+            assert (await anonymous.get(base, headers=forged)).status_code == 200
+        assert "x-forwarded-client-cert" not in stub.hits[-1]["headers"]
+
+
+async def test_alternative_names_are_forwarded_and_quoted(tmp_path, stub, certs):
+    issue_client(
+        certs,
+        "workload",
+        subject=[],
+        san=[
+            x509.UniformResourceIdentifier("spiffe://shop.test/ns/prod/sa/billing"),
+            x509.UniformResourceIdentifier("urn:x;y=1,2"),
+            x509.DNSName("billing.shop.test"),
+        ],
+    )
+    issue_client(
+        certs,
+        "quoted",
+        subject=[
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, 'Shop "Inc"'),
+            x509.NameAttribute(NameOID.COMMON_NAME, "a,b"),
+        ],
+    )
+    config = xfcc_config(tmp_path, stub, ["subject", "uri", "dns"])
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        async with httpx.AsyncClient(verify=with_client_cert(certs, "workload")) as client:
+            assert (await client.get(base)).status_code == 200
+        value = stub.hits[-1]["headers"]["x-forwarded-client-cert"]
+        assert value == (
+            'Subject="";URI=spiffe://shop.test/ns/prod/sa/billing;URI="urn:x;y=1,2"'
+            ";DNS=billing.shop.test"
+        )
+        assert xfcc_pairs(value)[2] == ("URI", "urn:x;y=1,2")
+        async with httpx.AsyncClient(verify=with_client_cert(certs, "quoted")) as client:
+            assert (await client.get(base)).status_code == 200
+        pairs = xfcc_pairs(stub.hits[-1]["headers"]["x-forwarded-client-cert"])
+        assert pairs == [("Subject", 'CN=a\\,b,O=Shop \\"Inc\\"')]  # RFC 4514, then quoted
+
+
+async def test_a_reload_changes_the_forwarded_fields_on_open_connections(tmp_path, stub, certs):
+    config = xfcc_config(tmp_path, stub, ["subject"])
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(verify=with_client_cert(certs)) as client,
+    ):
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        assert (await client.get(base)).status_code == 200
+        assert stub.hits[-1]["headers"]["x-forwarded-client-cert"] == 'Subject="CN=atoll"'
+        config.write_text(config.read_text().replace("- subject", "- hash"))
+        assert await gw.reload(), gw.last_reload_error
+        assert (await client.get(base)).status_code == 200  # the same connection
+        assert stub.hits[-1]["headers"]["x-forwarded-client-cert"].startswith("Hash=")
+        document = yaml.safe_load(config.read_text())
+        del document["server"]["tls"]["forward_client_cert"]
+        config.write_text(yaml.safe_dump(document))
+        assert await gw.reload(), gw.last_reload_error
+        assert (await client.get(base)).status_code == 200
+        assert "x-forwarded-client-cert" not in stub.hits[-1]["headers"]
+
+
+@pytest.mark.parametrize(
+    ("tls", "problem"),
+    [
+        ({"forward_client_cert": ["hash"]}, "needs server.tls.client_ca"),
+        (
+            {"client_ca": "certs/ca.pem", "forward_client_cert": ["hash", "chain"]},
+            "unknown field 'chain'",
+        ),
+        ({"client_ca": "certs/ca.pem", "forward_client_cert": [1]}, "must be a non-empty string"),
+    ],
+)
+def test_bad_forward_client_cert_settings_name_the_key(tmp_path, certs, tls, problem):
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"tls": {"cert": "certs/server.pem", "key": "certs/server.key", **tls}},
+                "upstreams": {"a": {"targets": ["127.0.0.1:9"]}},
+                "routes": [{"name": "r", "match": {"prefix": "/"}, "upstream": "a"}],
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as info:
+        load_gateway_config(path)
+    assert info.value.key.startswith("server.tls.forward_client_cert")
     assert problem in str(info.value)

@@ -41,6 +41,7 @@ def _tls_view(gateway: Gateway) -> dict[str, Any] | None:
         "client_crl": None if tls.client_crl is None else str(tls.client_crl),
         "crl_issuers": None if crl is None else list(crl.issuers),
         "crl_next_update": None if crl is None else _iso(crl.next_update),
+        "forward_client_cert": list(tls.forward_client_cert),
     }
 
 

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from atoll.config import ConfigError
 
@@ -54,6 +54,11 @@ class HeaderRules:
         object.__setattr__(self, "empty", not self.set and not self.remove)
 
 
+#: The fields of ``X-Forwarded-Client-Cert`` the gateway can send, in the order Envoy
+#: writes them.
+XFCC_FIELDS: Final = ("hash", "cert", "subject", "uri", "dns")
+
+
 @dataclass(frozen=True, slots=True)
 class TlsSettings:
     """``server.tls``: TLS termination with a PEM certificate chain and its private key."""
@@ -72,6 +77,10 @@ class TlsSettings:
     #: Certificate revocation lists (PEM) of the CAs that issue client certificates:
     #: a revoked certificate fails the handshake; ``None``: revocation is not checked.
     client_crl: Path | None = None
+    #: What ``X-Forwarded-Client-Cert`` (Envoy's header) tells upstreams of a verified
+    #: client certificate: some of ``hash``, ``cert``, ``subject``, ``uri``, ``dns``;
+    #: empty: the header is not sent. A client's own copy is dropped either way.
+    forward_client_cert: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +599,15 @@ def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
     t = reader.table(
         "server.tls",
         value,
-        ("cert", "key", "min_version", "client_ca", "client_auth", "client_crl"),
+        (
+            "cert",
+            "key",
+            "min_version",
+            "client_ca",
+            "client_auth",
+            "client_crl",
+            "forward_client_cert",
+        ),
     )
     cert, key = _tls_file(reader, t, "cert", base), _tls_file(reader, t, "key", base)
     for name, file in (("cert", cert), ("key", key)):
@@ -605,9 +622,20 @@ def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
         raise reader.error(
             "server.tls.client_auth", f"must be 'required' or 'optional', got {client_auth!r}"
         )
-    for name, needs in (("client_auth", "the CAs to verify against"), ("client_crl", "the CAs")):
+    for name, needs in (
+        ("client_auth", "the CAs to verify against"),
+        ("client_crl", "the CAs"),
+        ("forward_client_cert", "client certificates to forward"),
+    ):
         if t.get(name) is not None and client_ca is None:
             raise reader.error(f"server.tls.{name}", f"needs server.tls.client_ca ({needs})")
+    forward = reader.strings("server.tls.forward_client_cert", t.get("forward_client_cert", []))
+    unknown = [name for name in forward if name not in XFCC_FIELDS]
+    if unknown:
+        raise reader.error(
+            "server.tls.forward_client_cert",
+            f"unknown field {unknown[0]!r}; the fields are {', '.join(XFCC_FIELDS)}",
+        )
     assert cert is not None
     assert key is not None
     return TlsSettings(
@@ -617,6 +645,7 @@ def _tls(reader: _Reader, value: object, base: Path) -> TlsSettings | None:
         client_ca=client_ca,
         client_auth=client_auth,
         client_crl=_tls_file(reader, t, "client_crl", base),
+        forward_client_cert=tuple(name for name in XFCC_FIELDS if name in forward),
     )
 
 

@@ -43,7 +43,13 @@ from atoll.gateway._server import (
     problem_bytes,
     status_line,
 )
-from atoll.gateway._tls import CrlInfo, ListenerTls, check_crls, server_context
+from atoll.gateway._tls import (
+    CrlInfo,
+    ListenerTls,
+    check_crls,
+    forwarded_client_cert,
+    server_context,
+)
 from atoll.gateway._tls import not_after as tls_not_after
 from atoll.gateway._upstream import Response, UpstreamError, connection_options
 from atoll.resilience import (
@@ -80,6 +86,8 @@ _DROP_REQUEST = frozenset(
         b"tracestate",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        # Only the gateway speaks for a client certificate (Envoy's SANITIZE default).
+        b"x-forwarded-client-cert",
         b"expect",
         # Only the gateway marks a copy for a mirror: a client's mark would make the
         # real request look like one to an upstream that skips side effects for copies.
@@ -170,11 +178,29 @@ class Generation:
         )
         self.global_request_rules = config.request_headers
         self.global_response_rules = config.response_headers
+        tls = config.server.tls
+        #: The ``X-Forwarded-Client-Cert`` fields sent, if any.
+        self.forward_client_cert = () if tls is None else tls.forward_client_cert
 
     def forged(self, name: bytes) -> bool:
         """Whether ``name`` (holding ``_``) folds into a header only the gateway sets."""
         folded = name.replace(b"_", b"-")
         return folded.startswith(self.identity_prefix) or folded in self.owned_folded
+
+
+def _forwarded_cert(gen: Generation, conn: Connection) -> bytes:
+    """The connection's ``X-Forwarded-Client-Cert`` value, made once per connection
+    (and again after a reload that changes the fields)."""
+    fields = gen.forward_client_cert
+    made = conn.forwarded_cert
+    if made is None or made[0] != fields:
+        assert conn.client_cert is not None
+        peercert, sha256 = conn.client_cert
+        made = conn.forwarded_cert = (
+            fields,
+            forwarded_client_cert(fields, peercert, sha256, conn.client_der),
+        )
+    return made[1]
 
 
 def _valid_path(path: bytes) -> bool:
@@ -777,6 +803,8 @@ class Gateway:
         forwarded.append((b"x-forwarded-proto", self._proto))
         if host is not None:
             forwarded.append((b"x-forwarded-host", host))
+        if gen.forward_client_cert and request.conn.client_cert is not None:
+            forwarded.append((b"x-forwarded-client-cert", _forwarded_cert(gen, request.conn)))
         forwarded.append((rid_name, rid))
         for rules in (gen.global_request_rules, route.request_headers):
             if not rules.empty:

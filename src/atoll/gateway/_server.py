@@ -304,8 +304,10 @@ class Connection(asyncio.Protocol):
         "_url",
         "_writable",
         "client_cert",
+        "client_der",
         "client_identity",
         "closed",
+        "forwarded_cert",
         "last_active",
         "peer",
         "peer_transport",
@@ -340,6 +342,10 @@ class Connection(asyncio.Protocol):
         #: The client's verified certificate over mutual TLS: ``getpeercert()``'s dict,
         #: and the SHA-256 of its DER as hex.
         self.client_cert: tuple[dict[str, object], str] | None = None
+        #: That certificate's DER.
+        self.client_der = b""
+        #: Its ``X-Forwarded-Client-Cert`` value, with the fields it was made for (reloads).
+        self.forwarded_cert: tuple[tuple[str, ...], bytes] | None = None
         #: The identity made from it, with the authenticator it was made by (reloads).
         self.client_identity: tuple[object, object] | None = None
 
@@ -355,6 +361,7 @@ class Connection(asyncio.Protocol):
             if peercert:
                 der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
                 self.client_cert = (peercert, hashlib.sha256(der).hexdigest())
+                self.client_der = der
         self.state.connections.add(self)
         self.last_active = self._loop.time()
 

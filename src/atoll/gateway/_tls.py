@@ -28,6 +28,7 @@ import re
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from atoll.config import ConfigError
 from atoll.gateway._config import TlsSettings, UpstreamTlsConfig
@@ -234,6 +235,49 @@ def client_subject(peercert: object) -> tuple[str, str] | None:
             if found_kind == kind and value:
                 return value, value
     return None
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _xfcc_value(value: str) -> str:
+    """A value as ``X-Forwarded-Client-Cert`` writes it: quoted (``"`` and ``\\``
+    escaped) when it holds a character the header's syntax uses, as Envoy does."""
+    if value and not any(char in value for char in ',;="\\ '):
+        return value
+    return _quoted(value)
+
+
+def forwarded_client_cert(
+    fields: tuple[str, ...], peercert: dict[str, object], sha256: str, der: bytes
+) -> bytes:
+    """The ``X-Forwarded-Client-Cert`` value for a verified client certificate, as Envoy
+    writes it (``Hash=...;Cert="...";Subject="...";URI=...;DNS=...``): ``fields`` say
+    which, in that order. ``Cert`` is the PEM, URL-encoded; ``Subject`` the DN as RFC 4514
+    writes it (empty for a certificate with none), always quoted; one ``URI`` or ``DNS``
+    per alternative name."""
+    parts: list[str] = []
+    for name in fields:
+        if name == "hash":
+            parts.append(f"Hash={sha256}")
+        elif name == "cert":
+            parts.append(f'Cert="{quote(ssl.DER_cert_to_PEM_cert(der), safe="")}"')
+        elif name == "subject":
+            found = client_subject({"subject": peercert.get("subject")})
+            subject = "" if found is None else found[0]
+            parts.append(f"Subject={_quoted(subject)}")
+        else:
+            kind = "URI" if name == "uri" else "DNS"
+            alt_names = peercert.get("subjectAltName") or ()
+            assert isinstance(alt_names, tuple)
+            parts += [
+                f"{kind}={_xfcc_value(value)}"
+                for found_kind, value in alt_names
+                if found_kind == kind
+            ]
+    text = "".join(c for c in ";".join(parts) if c >= " " and c != "\x7f")
+    return text.encode("utf-8", "replace")
 
 
 def _reason(exc: Exception) -> str:
