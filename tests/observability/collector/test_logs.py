@@ -302,12 +302,10 @@ async def test_oversized_log_export_gets_413(client):
     assert (await client.get("/api/stats")).json()["logs"] == 0
 
 
-async def test_metrics_are_refused_with_a_pointer_to_prometheus(client):
-    response = await client.post("/v1/metrics", content=b"", headers=PB)
+async def test_other_signals_are_refused_naming_those_taken(client):
+    response = await client.post("/v1/profiles", content=b"", headers=PB)
     assert response.status_code == 404
-    message = response.json()["message"]
-    assert "traces and logs" in message
-    assert "/metrics" in message
+    assert "traces, logs and metrics" in response.json()["message"]
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -34,6 +35,7 @@ from atoll._version import __version__
 from atoll.determinism import Clock, SystemClock
 from atoll.observability.collector import _pages
 from atoll.observability.collector._errors import CollectorError
+from atoll.observability.collector._metrics import DEFAULT_EXPIRY, DEFAULT_MAX_SERIES, MetricStore
 from atoll.observability.collector._query import (
     QueryError,
     build_log_query,
@@ -63,7 +65,12 @@ DEFAULT_NICE: Final = 0
 MAX_NICE: Final = 19
 OTLP_TRACES_PATH: Final = "/v1/traces"
 OTLP_LOGS_PATH: Final = "/v1/logs"
-_OTLP_SIGNALS: Final[dict[str, Signal]] = {OTLP_TRACES_PATH: "traces", OTLP_LOGS_PATH: "logs"}
+OTLP_METRICS_PATH: Final = "/v1/metrics"
+_OTLP_SIGNALS: Final[dict[str, Signal]] = {
+    OTLP_TRACES_PATH: "traces",
+    OTLP_LOGS_PATH: "logs",
+    OTLP_METRICS_PATH: "metrics",
+}
 _STATIC: Final = {
     "collector.css": "text/css; charset=utf-8",
     "collector.js": "text/javascript; charset=utf-8",
@@ -128,8 +135,9 @@ class CollectorApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http" and scope["path"] in _OTLP_SIGNALS:
-            await self._otlp(scope, receive, send, _OTLP_SIGNALS[scope["path"]])
+        signal = _OTLP_SIGNALS.get(scope["path"]) if kind == "http" else None
+        if signal is not None and (signal != "metrics" or self.receiver.metrics is not None):
+            await self._otlp(scope, receive, send, signal)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:
@@ -362,14 +370,28 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
         )
         return _json_response({"logs": await store.search_logs(query)})
 
+    registry = CollectorRegistry(auto_describe=False)
+    if app.receiver.metrics is not None:
+        registry.register(app.receiver.metrics)
+
+    @api.get(
+        "/metrics",
+        tags=["metrics"],
+        summary="Metrics received over OTLP, in Prometheus' text format, for scraping",
+    )
+    async def metrics() -> Response:
+        if app.receiver.metrics is None:
+            return _json_response({"error": "this collector takes no OTLP metrics"}, 404)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @api.post("/v1/{signal}", tags=["otlp"], summary="Other OTLP signals are not collected")
     async def other_signal(signal: str) -> Response:
-        hint = "; Prometheus scrapes each service's /metrics instead" if signal == "metrics" else ""
-        body = status_body(
-            "json",
-            _UNIMPLEMENTED,
-            f"this collector stores traces and logs, not {signal!r}{hint}",
+        message = (
+            "this collector was made without OTLP metrics (max_metric_series=None)"
+            if signal == "metrics"
+            else f"this collector takes traces, logs and metrics, not {signal!r}"
         )
+        body = status_body("json", _UNIMPLEMENTED, message)
         return Response(body, status_code=404, media_type=JSON)
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -544,6 +566,8 @@ def create_collector_app(
     index_attributes: bool = True,
     cors_origins: Sequence[str] = (),
     clock: Clock | None = None,
+    max_metric_series: int | None = DEFAULT_MAX_SERIES,
+    metric_expiry: float = DEFAULT_EXPIRY,
 ) -> CollectorApp:
     """The collector as an ASGI application (it opens its store on lifespan startup).
 
@@ -559,6 +583,9 @@ def create_collector_app(
             export to ``/v1/traces`` from the browser; none by default, so that a page
             the developer happens to visit cannot write into the collector.
         clock: the determinism seam; retention and "lookback" read time from it.
+        max_metric_series: OTLP metric series held for ``GET /metrics`` at most (points
+            of more are refused); ``None``: ``/v1/metrics`` is not taken (404).
+        metric_expiry: seconds after which a series nobody updates is dropped.
     """
     clock = clock or SystemClock()
     store = SpanStore(
@@ -569,7 +596,12 @@ def create_collector_app(
         max_pending_spans=max_pending_spans,
         index_attributes=index_attributes,
     )
-    receiver = OTLPReceiver(store, max_body_bytes=max_body_bytes)
+    metrics = (
+        None
+        if max_metric_series is None
+        else MetricStore(clock=clock, max_series=max_metric_series, expiry=metric_expiry)
+    )
+    receiver = OTLPReceiver(store, max_body_bytes=max_body_bytes, metrics=metrics)
     return CollectorApp(store, receiver, clock=clock, cors_origins=cors_origins)
 
 

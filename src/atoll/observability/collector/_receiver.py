@@ -1,6 +1,8 @@
-"""OTLP/HTTP trace and log export, as opentelemetry-proto's ``docs/specification.md`` says.
+"""OTLP/HTTP trace, log and metric export, as opentelemetry-proto's
+``docs/specification.md`` says.
 
-* ``POST /v1/traces`` and ``POST /v1/logs`` with ``application/x-protobuf`` or
+* ``POST /v1/traces``, ``POST /v1/logs`` and ``POST /v1/metrics`` (with a
+  :class:`~atoll.observability.collector._metrics.MetricStore`) with ``application/x-protobuf`` or
   ``application/json``, optionally ``Content-Encoding: gzip`` (or ``deflate``).
 * 200 with an ``ExportTraceServiceResponse`` (``ExportLogsServiceResponse``) in the
   request's encoding; when some spans (log records) are invalid, ``partial_success`` says
@@ -26,6 +28,9 @@ from typing import Final, Literal
 import msgspec
 from google.rpc import status_pb2
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
@@ -39,14 +44,15 @@ from atoll.observability.collector._errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from atoll.observability.collector._metrics import MetricsOutcome, MetricStore, parse_metrics
 from atoll.observability.collector._store import SpanStore
 from atoll.persistence import DatabaseError
 
 log = logging.getLogger("atoll.collector")
 
 Encoding = Literal["protobuf", "json"]
-#: The OTLP signals the collector stores.
-Signal = Literal["traces", "logs"]
+#: The OTLP signals the collector takes.
+Signal = Literal["traces", "logs", "metrics"]
 
 PROTOBUF: Final = "application/x-protobuf"
 JSON: Final = "application/json"
@@ -115,6 +121,26 @@ def success_body(encoding: Encoding, batch: DecodedBatch, signal: Signal = "trac
     )
 
 
+def metrics_success_body(encoding: Encoding, outcome: MetricsOutcome) -> bytes:
+    """An ``ExportMetricsServiceResponse``: ``partial_success`` counts refused points."""
+    if encoding == "protobuf":
+        response = ExportMetricsServiceResponse()
+        if outcome.rejected:
+            response.partial_success.rejected_data_points = outcome.rejected
+            response.partial_success.error_message = outcome.error_message()
+        return response.SerializeToString()
+    if not outcome.rejected:
+        return b"{}"
+    return msgspec.json.encode(
+        {
+            "partialSuccess": {
+                "rejectedDataPoints": str(outcome.rejected),
+                "errorMessage": outcome.error_message(),
+            }
+        }
+    )
+
+
 def decompress(data: bytes, encoding: str, limit: int) -> bytes:
     """Inflate a gzip or deflate body, refusing to produce more than ``limit`` bytes."""
     # gzip (header and trailer checked) or zlib; gzip bodies may hold several members.
@@ -150,10 +176,13 @@ class OTLPReceiver:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_in_flight: int = 64,
         retry_after: int = 1,
+        metrics: MetricStore | None = None,
     ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes}")
         self.store = store
+        #: Where ``/v1/metrics`` goes; without one, metrics are answered 404.
+        self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.retry_after = retry_after
         #: Requests being read, decoded or written at once; more get 503 before their
@@ -213,8 +242,17 @@ class OTLPReceiver:
             )
         self._in_flight += 1
         try:
-            batch = await self._accept(encoding, content_encoding, content_length, chunks, signal)
-            await self.store.write(batch)
+            if signal == "metrics":
+                outcome = await self._accept_metrics(
+                    encoding, content_encoding, content_length, chunks
+                )
+                answer = metrics_success_body(encoding, outcome)
+            else:
+                batch = await self._accept(
+                    encoding, content_encoding, content_length, chunks, signal
+                )
+                await self.store.write(batch)
+                answer = success_body(encoding, batch, signal)
         except (UnsupportedMediaTypeError, PayloadTooLargeError, MalformedRequestError) as exc:
             status = _CLIENT_ERRORS[type(exc)]
             if status == 400:
@@ -226,7 +264,7 @@ class OTLPReceiver:
             return self._unavailable(encoding, str(exc), retry_after=max(5, self.retry_after))
         finally:
             self._in_flight -= 1
-        return OTLPResponse(200, _CONTENT_TYPES[encoding], success_body(encoding, batch, signal))
+        return OTLPResponse(200, _CONTENT_TYPES[encoding], answer)
 
     async def _accept(
         self,
@@ -244,6 +282,31 @@ class OTLPReceiver:
         return await asyncio.get_running_loop().run_in_executor(
             executor, self._decode, body, encoding, compression, signal
         )
+
+    async def _accept_metrics(
+        self,
+        encoding: Encoding,
+        content_encoding: str | None,
+        content_length: str | None,
+        chunks: AsyncIterator[bytes],
+    ) -> MetricsOutcome:
+        metrics = self.metrics
+        if metrics is None:
+            raise CollectorClosedError("this collector takes no metrics")
+        compression = _content_encoding(content_encoding)
+        body = await self._read(content_length, chunks)
+        executor = self._executor
+        if executor is None:
+            raise CollectorClosedError("the collector is not running")
+
+        def decode_and_apply() -> MetricsOutcome:
+            if compression is not None:
+                raw = decompress(body, compression, self.max_body_bytes)
+            else:
+                raw = body
+            return metrics.apply(parse_metrics(raw, encoding))
+
+        return await asyncio.get_running_loop().run_in_executor(executor, decode_and_apply)
 
     async def _read(self, content_length: str | None, chunks: AsyncIterator[bytes]) -> bytes:
         limit = self.max_body_bytes

@@ -1,0 +1,398 @@
+"""OTLP metrics in, Prometheus out: what the OpenTelemetry Collector's ``prometheus``
+exporter does, for applications whose SDK exports metrics over OTLP.
+
+``POST /v1/metrics`` takes an ``ExportMetricsServiceRequest`` (protobuf or JSON), and
+``GET /metrics`` answers the latest value of every series in Prometheus' text format,
+converted as OpenTelemetry's "Prometheus and OpenMetrics compatibility" specification
+says:
+
+* Names: characters Prometheus does not take become ``_``; the unit is appended
+  (``http.server.duration`` in ``s`` is ``http_server_duration_seconds``), and a
+  monotonic sum is a counter (``_total``). Other sums and gauges are gauges, explicit
+  bucket histograms are histograms, summaries are summaries.
+* Labels: the point's attributes (names made valid the same way; values of names that
+  become equal are joined with ``;``), ``otel_scope_name`` and ``otel_scope_version``,
+  and ``job`` (``service.namespace/service.name``) and ``instance``
+  (``service.instance.id``). The other resource attributes are the labels of one
+  ``target_info`` gauge per resource.
+* Temporality: cumulative points replace the series' value; delta points are added to
+  it (histograms bucket by bucket while the bounds stay the same).
+
+Points are refused, counted in the response's ``partial_success``, when they cannot be
+shown: exponential histograms, a name already used by a metric of another type, a new
+series past ``max_series``. Series not updated for ``expiry`` seconds are dropped (the
+Prometheus exporter's ``metric_expiration``, 5 minutes by default). Nothing is kept on
+disk: these are the latest values, for Prometheus to scrape and keep.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgspec
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from atoll.determinism import Clock
+from atoll.observability.collector._decode import any_value
+from atoll.observability.collector._errors import MalformedRequestError
+
+DEFAULT_MAX_SERIES: Final = 10_000
+DEFAULT_EXPIRY: Final = 300.0
+_DELTA: Final = 1  # AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA
+_NO_RECORDED_VALUE: Final = 1  # DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
+
+#: UCUM units as the specification writes them in Prometheus names.
+_UNITS: Final = {
+    "d": "days",
+    "h": "hours",
+    "min": "minutes",
+    "s": "seconds",
+    "ms": "milliseconds",
+    "us": "microseconds",
+    "ns": "nanoseconds",
+    "By": "bytes",
+    "KiBy": "kibibytes",
+    "MiBy": "mebibytes",
+    "GiBy": "gibibytes",
+    "TiBy": "tibibytes",
+    "KBy": "kilobytes",
+    "MBy": "megabytes",
+    "GBy": "gigabytes",
+    "TBy": "terabytes",
+    "m": "meters",
+    "V": "volts",
+    "A": "amperes",
+    "J": "joules",
+    "W": "watts",
+    "g": "grams",
+    "Cel": "celsius",
+    "Hz": "hertz",
+    "%": "percent",
+}
+_PER_UNITS: Final = {"s": "second", "m": "minute", "h": "hour", "d": "day", "w": "week"}
+_INVALID_NAME: Final = re.compile(r"[^a-zA-Z0-9_:]+")
+_INVALID_LABEL: Final = re.compile(r"[^a-zA-Z0-9_]+")
+
+
+def prometheus_name(name: str, unit: str, kind: str) -> str:
+    """An OpenTelemetry metric's name as Prometheus shows it, without ``_total``."""
+    base = _INVALID_NAME.sub("_", name).strip("_") or "metric"
+    if base[0].isdigit():
+        base = "_" + base
+    suffix = _unit_suffix(unit, kind)
+    if suffix and not base.endswith("_" + suffix):
+        base = f"{base}_{suffix}"
+    if kind == "counter" and base.endswith("_total"):
+        base = base[: -len("_total")]
+    return base
+
+
+def _unit_suffix(unit: str, kind: str) -> str:
+    unit = re.sub(r"\{[^}]*\}", "", unit).strip()  # annotations: {request}
+    if not unit:
+        return ""
+    if unit == "1":
+        return "ratio" if kind == "gauge" else ""
+    top, _, per = unit.partition("/")
+    words = _UNITS.get(top, top) if top else ""
+    if per:
+        words = f"{words}_per_{_PER_UNITS.get(per, per)}" if words else f"per_{per}"
+    return _INVALID_LABEL.sub("_", words).strip("_")
+
+
+def label_name(key: str) -> str:
+    """An attribute key as a valid Prometheus label name."""
+    name = _INVALID_LABEL.sub("_", key)
+    if not name or name[0].isdigit():
+        name = "key_" + name
+    elif name.startswith("__"):
+        name = "key" + name
+    return name
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return msgspec.json.encode(value).decode()  # true, 3, 1.5, ["a", "b"] as JSON
+
+
+def _labels(attributes: Sequence[Any]) -> dict[str, str]:
+    """Point or resource attributes as labels; keys that become the same name have
+    their values joined with ``;`` in the order of the original keys."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for kv in attributes:
+        found.setdefault(label_name(kv.key), []).append((kv.key, _label_value(any_value(kv.value))))
+    return {name: ";".join(v for _, v in sorted(values)) for name, values in found.items()}
+
+
+@dataclass(slots=True)
+class _Series:
+    labels: dict[str, str]
+    updated: float
+    value: float = 0.0
+    bounds: tuple[float, ...] = ()
+    counts: list[int] = field(default_factory=list)  # per bucket, the last one +Inf
+    sum: float = 0.0
+    count: int = 0
+    quantiles: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(slots=True)
+class _Family:
+    name: str
+    kind: str  # "counter", "gauge", "histogram", "summary"
+    help: str
+    series: dict[tuple[tuple[str, str], ...], _Series] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class MetricsOutcome:
+    """What one export did: data points taken and refused, with why."""
+
+    accepted: int = 0
+    rejected: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejected += count
+        self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+    def error_message(self) -> str:
+        return "; ".join(f"{count} {reason}" for reason, count in self.reasons.items())
+
+
+def parse_metrics(body: bytes, encoding: str) -> ExportMetricsServiceRequest:
+    """An export request's body, or :class:`MalformedRequestError` saying why not."""
+    request = ExportMetricsServiceRequest()
+    try:
+        if encoding == "protobuf":
+            request.ParseFromString(body)
+        else:
+            json_format.Parse(body, request, ignore_unknown_fields=True)
+    except (DecodeError, json_format.ParseError, RecursionError, ValueError) as exc:
+        what = "protobuf" if encoding == "protobuf" else "OTLP/JSON"
+        raise MalformedRequestError(
+            f"the body is not a {what} ExportMetricsServiceRequest: {exc}"
+        ) from exc
+    return request
+
+
+class MetricStore(Collector):
+    """The latest value of every series received over OTLP, for ``GET /metrics``.
+
+    Thread-safe: exports are applied on the receiver's decoding thread while the event
+    loop reads for a scrape.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        max_series: int = DEFAULT_MAX_SERIES,
+        expiry: float = DEFAULT_EXPIRY,
+    ) -> None:
+        if max_series < 1:
+            raise ValueError(f"max_series must be at least 1, not {max_series}")
+        if not expiry > 0:
+            raise ValueError(f"expiry must be positive, not {expiry}")
+        self.clock = clock
+        self.max_series = max_series
+        self.expiry = expiry
+        self._families: dict[str, _Family] = {}
+        #: target_info labels by (job, instance).
+        self._targets: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def series(self) -> int:
+        """Series held now."""
+        return self._count
+
+    def apply(self, request: ExportMetricsServiceRequest) -> MetricsOutcome:
+        """Take the points of ``request``; refused points are counted, never raised."""
+        outcome = MetricsOutcome()
+        now = self.clock.time()
+        with self._lock:
+            self._expire(now)
+            for resource_metrics in request.resource_metrics:
+                resource = _labels(resource_metrics.resource.attributes)
+                target = _target(resource)
+                info = {k: v for k, v in resource.items() if k not in _RESOURCE_LABELS}
+                if info:
+                    self._targets[target] = (info, now)
+                for scope_metrics in resource_metrics.scope_metrics:
+                    scope = scope_metrics.scope
+                    base = {"job": target[0], "instance": target[1]}
+                    if scope.name:
+                        base["otel_scope_name"] = scope.name
+                    if scope.version:
+                        base["otel_scope_version"] = scope.version
+                    for metric in scope_metrics.metrics:
+                        self._metric(metric, base, now, outcome)
+        return outcome
+
+    def _metric(
+        self, metric: Any, base: dict[str, str], now: float, outcome: MetricsOutcome
+    ) -> None:
+        data = metric.WhichOneof("data")
+        if data is None:
+            return
+        body = getattr(metric, data)
+        points = body.data_points
+        if data == "exponential_histogram":
+            outcome.reject("exponential histogram points (not converted)", len(points))
+            return
+        if data == "gauge":
+            kind, delta = "gauge", False
+        elif data == "sum":
+            kind = "counter" if body.is_monotonic else "gauge"
+            delta = body.aggregation_temporality == _DELTA
+        elif data == "histogram":
+            kind, delta = "histogram", body.aggregation_temporality == _DELTA
+        else:
+            kind, delta = "summary", False
+        name = prometheus_name(metric.name, metric.unit, kind)
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = _Family(name, kind, metric.description)
+        elif family.kind != kind:
+            outcome.reject(f"points of {name} as a {kind} (it is a {family.kind})", len(points))
+            return
+        for point in points:
+            self._point(family, point, base, now, outcome, delta=delta)
+
+    def _point(
+        self,
+        family: _Family,
+        point: Any,
+        base: dict[str, str],
+        now: float,
+        outcome: MetricsOutcome,
+        *,
+        delta: bool,
+    ) -> None:
+        kind = family.kind
+        labels = {**base, **_labels(point.attributes)}
+        if kind == "histogram":
+            labels.pop("le", None)
+        elif kind == "summary":
+            labels.pop("quantile", None)
+        key = tuple(sorted(labels.items()))
+        if point.flags & _NO_RECORDED_VALUE:  # the series ended (a staleness marker)
+            if family.series.pop(key, None) is not None:
+                self._count -= 1
+            return
+        series = family.series.get(key)
+        add = delta
+        if series is None:
+            if self._count >= self.max_series:
+                outcome.reject(f"points of new series past the limit of {self.max_series}")
+                return
+            series = family.series[key] = _Series(labels, now)
+            self._count += 1
+            add = False
+        series.updated = now
+        if kind in ("gauge", "counter"):
+            value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
+            series.value = series.value + value if add else float(value)
+        elif kind == "histogram":
+            _histogram(series, point, add=add)
+        else:
+            series.sum, series.count = point.sum, point.count
+            series.quantiles = tuple((q.quantile, q.value) for q in point.quantile_values)
+        outcome.accepted += 1
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.expiry
+        for name, family in list(self._families.items()):
+            stale = [key for key, series in family.series.items() if series.updated < cutoff]
+            for key in stale:
+                del family.series[key]
+            self._count -= len(stale)
+            if not family.series:
+                del self._families[name]
+        for target, (_, updated) in list(self._targets.items()):
+            if updated < cutoff:
+                del self._targets[target]
+
+    def collect(self) -> Iterator[Metric]:
+        """The series as Prometheus metric families (prometheus_client's ``Collector``)."""
+        with self._lock:
+            self._expire(self.clock.time())
+            families = [
+                (f.name, f.kind, f.help, list(f.series.values())) for f in self._families.values()
+            ]
+            targets = [(t, dict(info)) for t, (info, _) in self._targets.items()]
+        for name, kind, text, series in sorted(families):
+            metric = Metric(name, text, kind)
+            for s in series:
+                _samples(metric, name, kind, s)
+            yield metric
+        if targets:
+            info = Metric("target", "Target metadata (resource attributes)", "info")
+            for (job, instance), labels in sorted(targets, key=lambda t: t[0]):
+                info.add_sample("target_info", {"job": job, "instance": instance, **labels}, 1.0)
+            yield info
+
+
+_RESOURCE_LABELS: Final = frozenset({"service_name", "service_namespace", "service_instance_id"})
+
+
+def _target(resource: dict[str, str]) -> tuple[str, str]:
+    """``(job, instance)`` from a resource's labels."""
+    name = resource.get("service_name", "")
+    namespace = resource.get("service_namespace")
+    job = f"{namespace}/{name}" if namespace and name else name
+    return job, resource.get("service_instance_id", "")
+
+
+def _histogram(series: _Series, point: Any, *, add: bool) -> None:
+    bounds = tuple(point.explicit_bounds)
+    counts = list(point.bucket_counts) or [point.count]
+    if len(counts) != len(bounds) + 1:  # malformed: keep the totals only
+        bounds, counts = (), [point.count]
+    if add and bounds == series.bounds and len(counts) == len(series.counts):
+        series.counts = [a + b for a, b in zip(series.counts, counts, strict=True)]
+        series.sum += point.sum
+        series.count += point.count
+    else:
+        series.bounds, series.counts = bounds, counts
+        series.sum, series.count = point.sum, point.count
+
+
+def _float_text(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _samples(metric: Metric, name: str, kind: str, series: _Series) -> None:
+    labels = series.labels
+    if kind == "gauge":
+        metric.add_sample(name, labels, series.value)
+    elif kind == "counter":
+        metric.add_sample(name + "_total", labels, series.value)
+    elif kind == "histogram":
+        total = 0
+        for bound, count in zip((*series.bounds, math.inf), series.counts, strict=True):
+            total += count
+            metric.add_sample(name + "_bucket", {**labels, "le": _float_text(bound)}, total)
+        metric.add_sample(name + "_sum", labels, series.sum)
+        metric.add_sample(name + "_count", labels, series.count)
+    else:
+        for quantile, value in series.quantiles:
+            metric.add_sample(name, {**labels, "quantile": _float_text(quantile)}, value)
+        metric.add_sample(name + "_sum", labels, series.sum)
+        metric.add_sample(name + "_count", labels, series.count)
