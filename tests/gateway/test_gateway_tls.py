@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import logging
 import shutil
+import socket
 import ssl
 import time
 import urllib.parse
@@ -510,16 +511,28 @@ def issue_client(certs, stem, issuer="ca", *, subject=None, san=None):
     )
 
 
-def write_crl(certs, name, revoked=(), *, issuer="ca", signer=None, hours=24):
+def write_crl(
+    certs,
+    name,
+    revoked=(),
+    *,
+    issuer="ca",
+    signer=None,
+    hours=24,
+    last_update_hours=-2,
+    issuer_name=None,
+):
     """``name``: a revocation list of ``issuer`` (signed with ``signer``'s key, the
-    issuer's by default) naming the certificates ``revoked`` (their stems), whose next
-    update is ``hours`` from now (negative: already past)."""
+    issuer's by default, and naming its issuer ``CN=issuer_name`` if given) naming the
+    certificates ``revoked`` (their stems), whose next update is ``hours`` from now
+    (negative: already past) and last update ``last_update_hours`` from now."""
     key = serialization.load_pem_private_key((certs / f"{signer or issuer}.key").read_bytes(), None)
     now = dt.datetime.now(dt.UTC)
+    common_name = issuer if issuer_name is None else issuer_name
     builder = (
         x509.CertificateRevocationListBuilder()
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .last_update(now - dt.timedelta(hours=2))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .last_update(now + dt.timedelta(hours=last_update_hours))
         .next_update(now + dt.timedelta(hours=hours))
     )
     for stem in revoked:
@@ -634,7 +647,7 @@ async def test_a_ca_without_a_revocation_list_is_named_and_its_clients_refused(
         (
             {"client_ca": "certs/ca.pem", "client_crl": "certs/client.pem"},
             None,
-            "holds no revocation list",
+            "holds a CERTIFICATE block",
         ),
         (
             {"client_ca": "certs/ca.pem", "client_crl": "certs/crl.pem"},
@@ -815,3 +828,134 @@ def test_bad_forward_client_cert_settings_name_the_key(tmp_path, certs, tls, pro
         load_gateway_config(path)
     assert info.value.key.startswith("server.tls.forward_client_cert")
     assert problem in str(info.value)
+
+
+def blocking_get(port, context, session=None):
+    """One ``GET /catalog`` on a new TLS connection, resuming ``session`` if given:
+    (the status line or the error, the session, whether it was resumed)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname="127.0.0.1", session=session) as tls,
+        ):
+            tls.sendall(b"GET /catalog HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            status = data.split(b"\r\n", 1)[0].decode() or "closed"
+            return status, tls.session, tls.session_reused
+    except (OSError, ssl.SSLError) as exc:
+        return f"error: {exc}", None, False
+
+
+async def test_sessions_checked_against_old_lists_are_not_resumed(tmp_path, stub, certs):
+    write_crl(certs, "crl.pem")
+    config = crl_config(tmp_path, stub, "crl.pem")
+    tls12 = with_client_cert(certs)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls13 = with_client_cert(certs)
+    tls13.minimum_version = ssl.TLSVersion.TLSv1_3
+    async with running_gateway(config) as gw:
+        status, session12, _ = await asyncio.to_thread(blocking_get, gw.port, tls12)
+        assert status == "HTTP/1.1 200 OK"
+        # Resumption works while nothing changed (TLS 1.2 session ids)...
+        status, _, reused = await asyncio.to_thread(blocking_get, gw.port, tls12, session12)
+        assert (status, reused) == ("HTTP/1.1 200 OK", True)
+        # ...and TLS 1.3 has nothing to resume: the listener issues no tickets.
+        status, session13, _ = await asyncio.to_thread(blocking_get, gw.port, tls13)
+        status, _, reused = await asyncio.to_thread(blocking_get, gw.port, tls13, session13)
+        assert (status, reused) == ("HTTP/1.1 200 OK", False)
+        write_crl(certs, "crl.pem", revoked=["client"])
+        assert await gw.reload(), gw.last_reload_error
+        # The session was checked against the old list: its resumption fails, and
+        # OpenSSL forgets it, so the next attempt is a full handshake, which the list
+        # refuses.
+        for _ in range(2):
+            status, _, _ = await asyncio.to_thread(blocking_get, gw.port, tls12, session12)
+            assert status.startswith("error"), status
+        # A colleague's full handshake after the change, resumed: fine.
+        issue_client(certs, "colleague")
+        other = with_client_cert(certs, "colleague")
+        other.maximum_version = ssl.TLSVersion.TLSv1_2
+        status, session, _ = await asyncio.to_thread(blocking_get, gw.port, other)
+        status, _, reused = await asyncio.to_thread(blocking_get, gw.port, other, session)
+        assert (status, reused) == ("HTTP/1.1 200 OK", True)
+
+
+async def test_open_connections_with_certificates_end_when_the_lists_change(tmp_path, stub, certs):
+    write_crl(certs, "crl.pem")
+    config = crl_config(tmp_path, stub, "crl.pem")
+    async with running_gateway(config) as gw:
+        base = f"https://127.0.0.1:{gw.port}/catalog"
+        async with httpx.AsyncClient(verify=with_client_cert(certs)) as client:
+            assert (await client.get(base)).status_code == 200
+            # A reload that changes nothing about client certificates keeps them open.
+            assert await gw.reload()
+            assert not any(conn.closed for conn in gw.state.connections)
+            write_crl(certs, "crl.pem", revoked=["client"])
+            assert await gw.reload(), gw.last_reload_error
+            (conn,) = gw.state.connections
+            assert conn.closed  # closed while idle (the TLS close may still be going on)
+            with pytest.raises(httpx.HTTPError):
+                await client.get(base)  # a new connection: a full, refused handshake
+
+
+async def test_a_name_with_control_characters_names_no_one(tmp_path, stub, certs):
+    issue_client(
+        certs,
+        "tricky",
+        subject=[],
+        san=[
+            x509.UniformResourceIdentifier("spiffe://shop.test/sa/bill\ring"),
+            x509.UniformResourceIdentifier("spiffe://shop.test/sa/tricky"),
+        ],
+    )
+    config = xfcc_config(tmp_path, stub, ["uri"])
+    config.write_text(
+        config.read_text().replace("upstream: a\n", "upstream: a\n  auth: [client_cert]\n", 1)
+    )
+    async with (
+        running_gateway(config) as gw,
+        httpx.AsyncClient(verify=with_client_cert(certs, "tricky")) as client,
+    ):
+        assert (await client.get(f"https://127.0.0.1:{gw.port}/internal/x")).status_code == 200
+        seen = stub.hits[-1]["headers"]
+        assert seen["x-forwarded-client-cert"] == "URI=spiffe://shop.test/sa/tricky"
+        assert seen["x-auth-subject"] == "spiffe://shop.test/sa/tricky"
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        ("certificate", "holds a CERTIFICATE block"),
+        ("future", "its last update is in the future"),
+        ("text", "holds no revocation list"),
+    ],
+)
+def test_crl_files_that_would_trust_or_refuse_too_much_are_refused(
+    tmp_path, stub, certs, make, problem
+):
+    crl = write_crl(certs, "crl.pem")
+    if make == "certificate":  # a CA smuggled in with the lists would be trusted
+        crl.write_bytes(crl.read_bytes() + (certs / "other-ca.pem").read_bytes())
+    elif make == "text":
+        crl.write_text("not a revocation list")
+    else:
+        write_crl(certs, "crl.pem", hours=24, last_update_hours=1)
+    with pytest.raises(ConfigError) as info:
+        Gateway(crl_config(tmp_path, stub, "crl.pem"), port=0, admin_port=0)
+    assert info.value.key == "server.tls.client_crl"
+    assert problem in str(info.value)
+
+
+def test_an_issuer_spelled_otherwise_is_matched_as_openssl_does(tmp_path, stub, certs, caplog):
+    write_crl(certs, "crl.pem", issuer_name="  CA ", signer="ca")
+    with caplog.at_level(logging.WARNING, logger="atoll.gateway"):
+        gateway = Gateway(crl_config(tmp_path, stub, "crl.pem"), port=0, admin_port=0)
+    assert gateway.tls_crl is not None
+    assert gateway.tls_crl.uncovered == ()
+    assert not any("no revocation list" in r.getMessage() for r in caplog.records)
+    write_crl(certs, "crl.pem", issuer_name="CA", signer="other-ca")
+    with pytest.raises(ConfigError) as info:
+        Gateway(crl_config(tmp_path, stub, "crl.pem"), port=0, admin_port=0)
+    assert "is not signed by the key of that CA" in str(info.value)

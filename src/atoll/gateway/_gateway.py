@@ -286,6 +286,8 @@ class Gateway:
             clock=self.clock,
         )
         self.state.client_certs = self._tls is not None
+        if self._tls is not None:
+            self.state.on_handshake = self._tls.record
         self.admin_state = ServerState(self._admin, self._bad_request)
         self._servers: list[asyncio.Server] = []
         self._watch: asyncio.Task[None] | None = None
@@ -378,7 +380,8 @@ class Gateway:
             log.warning("gateway: turning server.tls on or off takes a restart")
         elif self._tls is not None and config.server.tls is not None:
             try:  # loaded once above already: only a file changed in between fails here
-                self._tls.replace(config.server.tls, config.source)
+                if self._tls.replace(config.server.tls, config.source):
+                    self.state.trust_changed()
                 self.tls_not_after = tls_not_after(config.server.tls)
                 self.tls_crl = crl
             except ConfigError as exc:

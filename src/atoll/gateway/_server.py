@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -250,6 +251,7 @@ class ServerState:
         "max_header_bytes",
         "max_url_bytes",
         "on_bad_request",
+        "on_handshake",
     )
 
     def __init__(
@@ -275,6 +277,16 @@ class ServerState:
         self.closing = False
         #: Clients may present certificates (mutual TLS): each connection reads its own.
         self.client_certs = False
+        #: Told of every new TLS connection's handshake (the listener's session checks).
+        self.on_handshake: Callable[[ssl.SSLObject], None] | None = None
+
+    def trust_changed(self) -> None:
+        """The trusted CAs or revocation lists changed: connections with a client
+        certificate end once their request in progress is answered (a WebSocket one at
+        once), so their next requests come with a handshake checked against the new."""
+        for conn in list(self.connections):
+            if conn.client_cert is not None:
+                conn.retire()
 
     async def sweep_idle(self) -> None:
         """Close keep-alive connections idle for ``idle_timeout`` (one timer for all of them,
@@ -312,6 +324,7 @@ class Connection(asyncio.Protocol):
         "peer",
         "peer_transport",
         "responding",
+        "retired",
         "state",
         "transport",
         "upgraded",
@@ -348,6 +361,8 @@ class Connection(asyncio.Protocol):
         self.forwarded_cert: tuple[tuple[str, ...], bytes] | None = None
         #: The identity made from it, with the authenticator it was made by (reloads).
         self.client_identity: tuple[object, object] | None = None
+        #: Close once the request in progress is answered (see ServerState.trust_changed).
+        self.retired = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -357,9 +372,13 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         if self.state.client_certs:
+            ssl_object = transport.get_extra_info("ssl_object")
+            on_handshake = self.state.on_handshake
+            if on_handshake is not None and ssl_object is not None:
+                on_handshake(ssl_object)
             peercert = transport.get_extra_info("peercert")
             if peercert:
-                der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                der = ssl_object.getpeercert(binary_form=True)
                 self.client_cert = (peercert, hashlib.sha256(der).hexdigest())
                 self.client_der = der
         self.state.connections.add(self)
@@ -495,7 +514,12 @@ class Connection(asyncio.Protocol):
         self.responding = None
         if self.closed:
             return
-        if not request.keep_alive or self.state.closing or not request.body.complete:
+        if (
+            not request.keep_alive
+            or self.state.closing
+            or not request.body.complete
+            or self.retired
+        ):
             # A body not read to its end leaves the stream in an unknown place.
             self.close()
             return
@@ -582,6 +606,14 @@ class Connection(asyncio.Protocol):
             return None, None
         method = self._parser.get_method().decode("latin-1")
         return method, self._url.partition(b"?")[0][:500].decode("latin-1")
+
+    def retire(self) -> None:
+        """Close once the request in progress is answered; an upgraded one at once."""
+        self.retired = True
+        if self.upgraded is not None:
+            self.abort()
+        else:
+            self.close_if_idle()
 
     def close_if_idle(self) -> None:
         """Close now if between requests (for shutdown)."""

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -34,7 +36,7 @@ from atoll.config import ConfigError
 from atoll.gateway._config import TlsSettings, UpstreamTlsConfig
 
 if TYPE_CHECKING:
-    from cryptography.x509 import Certificate, CertificateRevocationList
+    from cryptography.x509 import Certificate, CertificateRevocationList, Name
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -77,6 +79,11 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     context.verify_mode = (
         ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_OPTIONAL
     )
+    # A resumed session skips the certificate checks. TLS 1.3 resumes only with tickets:
+    # none are issued, so a revoked or untrusted certificate cannot come back that way.
+    # TLS 1.2 session ids are checked by ListenerTls (its SNI callback).
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
     if settings.client_crl is None:
         context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
         return
@@ -92,7 +99,19 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
+#: TLS 1.2 sessions remembered for resumption checks: OpenSSL's own cache size.
+_MAX_SESSIONS = 20 * 1024
 _CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+_PEM_LABEL = re.compile(rb"-----BEGIN ([^-\r\n]+)-----")
+
+
+def _canonical(name: Name) -> tuple[tuple[str, str], ...]:
+    """A distinguished name as OpenSSL compares them: each value case-folded, with
+    leading, trailing and repeated spaces dropped."""
+    return tuple(
+        (attribute.oid.dotted_string, " ".join(str(attribute.value).split()).casefold())
+        for attribute in name
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +142,15 @@ def check_crls(settings: TlsSettings, source: str, now: float | None = None) -> 
         cas = x509.load_pem_x509_certificates(settings.client_ca.read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(source, key, f"cannot read {settings.client_crl}: {exc}") from None
+    others = sorted({label.decode() for label in _PEM_LABEL.findall(data)} - {"X509 CRL"})
+    if others:
+        # load_verify_locations would take a CERTIFICATE block here as a trusted CA.
+        raise ConfigError(
+            source,
+            key,
+            f"{settings.client_crl} holds a {others[0]} block: only revocation lists"
+            " (X509 CRL) may be in it (put CA certificates in server.tls.client_ca)",
+        )
     blocks = _CRL_PEM.findall(data)
     if not blocks:
         raise ConfigError(
@@ -131,6 +159,7 @@ def check_crls(settings: TlsSettings, source: str, now: float | None = None) -> 
             f"{settings.client_crl} holds no revocation list (PEM '-----BEGIN X509 CRL-----')",
         )
     issuers: list[str] = []
+    covered: set[tuple[tuple[str, str], ...]] = set()
     updates: list[float] = []
     for number, block in enumerate(blocks, 1):
         try:
@@ -140,13 +169,23 @@ def check_crls(settings: TlsSettings, source: str, now: float | None = None) -> 
                 source, key, f"revocation list {number} of {settings.client_crl}: {exc}"
             ) from None
         issuer = crl.issuer.rfc4514_string()
-        named = [ca for ca in cas if ca.subject == crl.issuer]
+        # OpenSSL matches names ignoring case and runs of spaces (its canonical form).
+        named = [ca for ca in cas if _canonical(ca.subject) == _canonical(crl.issuer)]
         if named and not any(_signed_by(crl, ca) for ca in named):
             raise ConfigError(
                 source,
                 key,
                 f"the revocation list of {issuer} in {settings.client_crl} is not signed by"
                 f" the key of that CA in {settings.client_ca}",
+            )
+        last_update = crl.last_update_utc
+        if now is not None and last_update.timestamp() > now:
+            raise ConfigError(
+                source,
+                key,
+                f"the revocation list of {issuer} is not valid before"
+                f" {last_update.isoformat()} (its last update is in the future): OpenSSL"
+                " would refuse every certificate that CA issued until then",
             )
         next_update = crl.next_update_utc
         if next_update is not None:
@@ -160,10 +199,11 @@ def check_crls(settings: TlsSettings, source: str, now: float | None = None) -> 
                 )
             updates.append(next_update.timestamp())
         issuers.append(issuer)
+        covered.add(_canonical(crl.issuer))
     uncovered = tuple(
-        name
-        for name in dict.fromkeys(ca.subject.rfc4514_string() for ca in cas)
-        if name not in issuers
+        dict.fromkeys(
+            ca.subject.rfc4514_string() for ca in cas if _canonical(ca.subject) not in covered
+        )
     )
     return CrlInfo(tuple(issuers), min(updates) if updates else None, uncovered)
 
@@ -229,12 +269,24 @@ def client_subject(peercert: object) -> tuple[str, str] | None:
     if rdns:
         subject = ",".join(rdns)
         return subject, common or subject
-    names = peercert.get("subjectAltName") or ()
     for kind in _SAN_KINDS:
-        for found_kind, value in names:
-            if found_kind == kind and value:
-                return value, value
+        for value in alternative_names(peercert, kind):
+            return value, value
     return None
+
+
+def _printable(value: str) -> bool:
+    return all(" " <= char != "\x7f" for char in value)
+
+
+def alternative_names(peercert: dict[str, object], kind: str) -> list[str]:
+    """The certificate's alternative names of ``kind`` (``URI``, ``DNS``, ``email``),
+    leaving out any holding a control character: such a name cannot be written in a
+    header without either dropping the character (so ``bill\\ring`` would read as
+    ``billing``) or an escape that a genuine name could also spell, so it names no one."""
+    names = peercert.get("subjectAltName") or ()
+    assert isinstance(names, tuple)
+    return [value for found, value in names if found == kind and value and _printable(value)]
 
 
 def _quoted(value: str) -> str:
@@ -269,15 +321,9 @@ def forwarded_client_cert(
             parts.append(f"Subject={_quoted(subject)}")
         else:
             kind = "URI" if name == "uri" else "DNS"
-            alt_names = peercert.get("subjectAltName") or ()
-            assert isinstance(alt_names, tuple)
-            parts += [
-                f"{kind}={_xfcc_value(value)}"
-                for found_kind, value in alt_names
-                if found_kind == kind
-            ]
-    text = "".join(c for c in ";".join(parts) if c >= " " and c != "\x7f")
-    return text.encode("utf-8", "replace")
+            parts += [f"{kind}={_xfcc_value(value)}" for value in alternative_names(peercert, kind)]
+    # The subject's control characters are hex-escaped, other names' left out: none remain.
+    return ";".join(parts).encode("utf-8", "replace")
 
 
 def _reason(exc: Exception) -> str:
@@ -324,14 +370,41 @@ class ListenerTls:
         self.listener = server_context(settings, source)
         self.current = self.listener
         self.listener.sni_callback = self._choose
+        self.trust = client_trust(settings)
+        #: Bumped when what client certificates are checked against changes.
+        self.generation = 0
+        #: TLS 1.2 session ids of full handshakes, with the generation they were checked
+        #: under (oldest first, bounded as OpenSSL's own session cache).
+        self._sessions: OrderedDict[bytes, int] = OrderedDict()
 
-    def _choose(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+    def _choose(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> int | None:
         del name  # one certificate for every name
+        # OpenSSL has decided on resumption before this callback: a resumed session skips
+        # the client certificate's checks, so one checked against other CAs or lists than
+        # today's fails the handshake. The fatal alert makes OpenSSL drop the session from
+        # its cache, and the client's next handshake is a full one. (TLS 1.3 does not
+        # resume here: no tickets are issued.)
+        if connection.session_reused:
+            session = connection.session
+            if session is None or self._sessions.get(session.id) != self.generation:
+                return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         if self.current is not self.listener:
             connection.context = self.current
+        return None
 
-    def replace(self, settings: TlsSettings, source: str) -> None:
-        """Use ``settings`` for new handshakes (or :class:`ConfigError`, and keep the old).
+    def record(self, connection: ssl.SSLObject) -> None:
+        """Remember the session of a completed full handshake (for :meth:`_choose`)."""
+        if connection.session_reused:
+            return
+        session = connection.session
+        if session is not None and session.id:
+            self._sessions[session.id] = self.generation
+            if len(self._sessions) > _MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+
+    def replace(self, settings: TlsSettings, source: str) -> bool:
+        """Use ``settings`` for new handshakes (or :class:`ConfigError`, and keep the old);
+        ``True`` if what client certificates are checked against changed.
 
         The certificate, key and CA store come from the new context; whether a client
         certificate is asked for is read from the listener's own, so it is set there too.
@@ -340,4 +413,27 @@ class ListenerTls:
         self.listener.verify_mode = fresh.verify_mode
         self.listener.verify_flags = fresh.verify_flags
         self.listener.minimum_version = fresh.minimum_version
+        self.listener.num_tickets = fresh.num_tickets
+        self.listener.options = fresh.options
         self.current = fresh
+        trust = client_trust(settings)
+        changed, self.trust = trust != self.trust, trust
+        if changed:
+            self.generation += 1
+            self._sessions.clear()
+        return changed
+
+
+def client_trust(settings: TlsSettings) -> tuple[object, ...]:
+    """What client certificates are checked against: a change ends the connections and
+    sessions whose certificates were checked against the old."""
+    files = (settings.client_ca, settings.client_crl)
+    contents = tuple(None if f is None else _read(f) for f in files)
+    return (settings.client_auth if settings.client_ca else None, *contents)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
