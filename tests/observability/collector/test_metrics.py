@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import sys
+import threading
 
 import httpx
 import pytest
@@ -17,11 +20,13 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
 )
+from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from otlp import kvs
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from atoll.determinism import VirtualClock
@@ -334,3 +339,152 @@ def test_any_bytes_are_refused_or_taken_never_a_crash(data):
         return
     store.apply(request)
     json.dumps([m.name for m in store.collect()])
+
+
+# --- MetricStore directly ---------------------------------------------------------------
+
+
+def request_of(*metrics, resource=None):
+    """An ExportMetricsServiceRequest of ``metrics`` (Metric messages) for one resource."""
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    resource_metrics.resource.attributes.extend(kvs(resource or {"service.name": "svc"}))
+    resource_metrics.scope_metrics.add().metrics.extend(metrics)
+    return request
+
+
+def a_metric(name, kind, *, value=1.0, unit="", attributes=None, time_ns=0, **histogram):
+    metric = Metric(name=name, unit=unit)
+    if kind == "histogram":
+        metric.histogram.aggregation_temporality = 2
+        point = metric.histogram.data_points.add(time_unix_nano=time_ns, **histogram)
+    else:
+        data = metric.sum if kind == "sum" else metric.gauge
+        if kind == "sum":
+            metric.sum.is_monotonic = True
+            metric.sum.aggregation_temporality = 2
+        point = data.data_points.add(as_double=value, time_unix_nano=time_ns)
+    point.attributes.extend(kvs(attributes or {}))
+    return metric
+
+
+def rendered(store):
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(store)
+    return generate_latest(registry).decode()
+
+
+def test_names_that_would_share_samples_are_refused():
+    store = MetricStore(clock=VirtualClock())
+    outcome = store.apply(
+        request_of(
+            a_metric("x", "sum", value=1),
+            a_metric("x_total", "gauge", value=2),
+            a_metric("h", "histogram", count=1, sum=1.0),
+            a_metric("h_count", "gauge"),
+            a_metric("target_info", "gauge"),
+            resource={"service.name": "svc", "host.name": "a"},
+        )
+    )
+    assert outcome.rejected == 3
+    assert "x_total is x's already" in outcome.error_message()
+    assert "h_count is h's already" in outcome.error_message()
+    assert "target_info is atoll's already" in outcome.error_message()
+    text = rendered(store)
+    type_lines = [line for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(type_lines) == len(set(type_lines)) == 3  # x, h and target
+    assert len(list(text_string_to_metric_families(text))) == 3
+
+
+def test_histograms_whose_buckets_do_not_add_up_are_refused():
+    store = MetricStore(clock=VirtualClock())
+    bad = [
+        {"explicit_bounds": [1.0, math.inf], "bucket_counts": [1, 0, 0], "count": 1},
+        {"explicit_bounds": [5.0, 1.0], "bucket_counts": [1, 0, 0], "count": 1},
+        {"explicit_bounds": [1.0], "bucket_counts": [1, 2], "count": 10},
+        {"explicit_bounds": [1.0, 2.0], "bucket_counts": [1, 2], "count": 3},
+    ]
+    outcome = store.apply(
+        request_of(*(a_metric(f"h{i}", "histogram", **b) for i, b in enumerate(bad)))
+    )
+    assert outcome.rejected == 4
+    assert outcome.accepted == 0
+    good = {"explicit_bounds": [1.0, 2.0], "bucket_counts": [1, 2, 0], "count": 3, "sum": 3.5}
+    assert store.apply(request_of(a_metric("ok", "histogram", **good))).accepted == 1
+    samples = scrape_text(rendered(store))
+    assert samples[("ok_bucket", (("instance", ""), ("job", "svc"), ("le", "+Inf")))] == 3
+
+
+def test_an_older_cumulative_point_does_not_replace_a_newer_one():
+    store = MetricStore(clock=VirtualClock())
+    store.apply(request_of(a_metric("x", "sum", value=10, time_ns=2000)))
+    store.apply(request_of(a_metric("x", "sum", value=5, time_ns=1000)))  # a late retry
+    assert scrape_text(rendered(store))[("x_total", (("instance", ""), ("job", "svc")))] == 10
+
+
+def test_attributes_cannot_stand_for_the_collectors_labels():
+    store = MetricStore(clock=VirtualClock())
+    store.apply(
+        request_of(
+            a_metric("x", "gauge", attributes={"job": "evil", "otel.scope.name": "evil"}),
+            resource={"service.name": "svc", "job": "other", "host.name": "h"},
+        )
+    )
+    samples = scrape_text(rendered(store))
+    ((_, labels),) = [key for key in samples if key[0] == "x"]
+    assert dict(labels)["job"] == "svc"
+    ((_, info),) = [key for key in samples if key[0] == "target_info"]
+    assert dict(info) == {"job": "svc", "instance": "", "host_name": "h"}
+
+
+@pytest.mark.parametrize(
+    ("name", "unit", "kind", "expected"),
+    [
+        ("rx", "{packet}/s", "gauge", "rx_per_second"),
+        ("rx", "1/s", "gauge", "rx_per_second"),
+        ("busy_seconds_total", "s", "counter", "busy_seconds"),
+    ],
+)
+def test_unit_suffixes_follow_the_spec_at_the_edges(name, unit, kind, expected):
+    assert prometheus_name(name, unit, kind) == expected
+
+
+def test_a_scrape_while_exports_change_the_series_reads_whole_values():
+    store = MetricStore(clock=VirtualClock())
+    stop = threading.Event()
+
+    def export():
+        flip = False
+        while not stop.is_set():
+            flip = not flip
+            bounds = [1.0, 2.0, 3.0] if flip else [1.0]
+            counts = [1, 1, 1, 1] if flip else [3, 3]
+            store.apply(
+                request_of(
+                    a_metric(
+                        "h",
+                        "histogram",
+                        explicit_bounds=bounds,
+                        bucket_counts=counts,
+                        count=sum(counts),
+                    )
+                )
+            )
+
+    thread = threading.Thread(target=export)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, to land inside apply
+    thread.start()
+    try:
+        for _ in range(20_000):
+            for family in store.collect():
+                if family.name == "h":
+                    values = {
+                        (sample.name, sample.labels.get("le")): sample.value
+                        for sample in family.samples
+                    }
+                    assert values["h_bucket", "+Inf"] == values["h_count", None]
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)

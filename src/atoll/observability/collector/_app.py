@@ -382,7 +382,9 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
     async def metrics() -> Response:
         if app.receiver.metrics is None:
             return _json_response({"error": "this collector takes no OTLP metrics"}, 404)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # Off the loop: a scrape waits for the lock an export holds, metric by metric.
+        text = await asyncio.to_thread(generate_latest, registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @api.post("/v1/{signal}", tags=["otlp"], summary="Other OTLP signals are not collected")
     async def other_signal(signal: str) -> Response:

@@ -27,6 +27,7 @@ disk: these are the latest values, for Prometheus to scrape and keep.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -90,24 +91,24 @@ def prometheus_name(name: str, unit: str, kind: str) -> str:
     base = _INVALID_NAME.sub("_", name).strip("_") or "metric"
     if base[0].isdigit():
         base = "_" + base
+    if kind == "counter" and base.endswith("_total"):
+        base = base[: -len("_total")]
     suffix = _unit_suffix(unit, kind)
     if suffix and not base.endswith("_" + suffix):
         base = f"{base}_{suffix}"
-    if kind == "counter" and base.endswith("_total"):
-        base = base[: -len("_total")]
     return base
 
 
 def _unit_suffix(unit: str, kind: str) -> str:
     unit = re.sub(r"\{[^}]*\}", "", unit).strip()  # annotations: {request}
-    if not unit:
-        return ""
-    if unit == "1":
-        return "ratio" if kind == "gauge" else ""
-    top, _, per = unit.partition("/")
-    words = _UNITS.get(top, top) if top else ""
+    top, slash, per = unit.partition("/")
+    top = "" if top == "1" else top
+    if not slash and not top:
+        return "ratio" if unit == "1" and kind == "gauge" else ""
+    words = _UNITS.get(top, top)
     if per:
-        words = f"{words}_per_{_PER_UNITS.get(per, per)}" if words else f"per_{per}"
+        per_words = f"per_{_PER_UNITS.get(per, _UNITS.get(per, per))}"
+        words = f"{words}_{per_words}" if words else per_words
     return _INVALID_LABEL.sub("_", words).strip("_")
 
 
@@ -140,6 +141,7 @@ def _labels(attributes: Sequence[Any]) -> dict[str, str]:
 class _Series:
     labels: dict[str, str]
     updated: float
+    time_ns: int = 0  # of the last cumulative point taken
     value: float = 0.0
     bounds: tuple[float, ...] = ()
     counts: list[int] = field(default_factory=list)  # per bucket, the last one +Inf
@@ -191,8 +193,8 @@ def parse_metrics(body: bytes, encoding: str) -> ExportMetricsServiceRequest:
 class MetricStore(Collector):
     """The latest value of every series received over OTLP, for ``GET /metrics``.
 
-    Thread-safe: exports are applied on the receiver's decoding thread while the event
-    loop reads for a scrape.
+    Thread-safe: exports are applied on the receiver's decoding thread, a metric at a
+    time under the lock, while a scrape copies the values under it.
     """
 
     def __init__(
@@ -210,6 +212,9 @@ class MetricStore(Collector):
         self.max_series = max_series
         self.expiry = expiry
         self._families: dict[str, _Family] = {}
+        #: Every name a family's samples use, with the family: two families must not
+        #: share one (a sum ``x`` and a gauge ``x_total`` would both write ``x_total``).
+        self._owners: dict[str, str] = dict.fromkeys(_RESERVED, "")
         #: target_info labels by (job, instance).
         self._targets: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
         self._count = 0
@@ -226,25 +231,29 @@ class MetricStore(Collector):
         now = self.clock.time()
         with self._lock:
             self._expire(now)
-            for resource_metrics in request.resource_metrics:
-                resource = _labels(resource_metrics.resource.attributes)
-                target = _target(resource)
-                info = {k: v for k, v in resource.items() if k not in _RESOURCE_LABELS}
-                if info:
+        for resource_metrics in request.resource_metrics:
+            resource = _labels(resource_metrics.resource.attributes)
+            target = _target(resource)
+            info = {k: v for k, v in resource.items() if k not in _RESOURCE_LABELS}
+            info.pop("job", None)
+            info.pop("instance", None)
+            if info:
+                with self._lock:
                     self._targets[target] = (info, now)
-                for scope_metrics in resource_metrics.scope_metrics:
-                    scope = scope_metrics.scope
-                    base = {"job": target[0], "instance": target[1]}
-                    if scope.name:
-                        base["otel_scope_name"] = scope.name
-                    if scope.version:
-                        base["otel_scope_version"] = scope.version
-                    for metric in scope_metrics.metrics:
-                        self._metric(metric, base, now, outcome)
+            for scope_metrics in resource_metrics.scope_metrics:
+                scope = scope_metrics.scope
+                own = {"job": target[0], "instance": target[1]}
+                if scope.name:
+                    own["otel_scope_name"] = scope.name
+                if scope.version:
+                    own["otel_scope_version"] = scope.version
+                for metric in scope_metrics.metrics:
+                    with self._lock:
+                        self._metric(metric, own, now, outcome)
         return outcome
 
     def _metric(
-        self, metric: Any, base: dict[str, str], now: float, outcome: MetricsOutcome
+        self, metric: Any, own: dict[str, str], now: float, outcome: MetricsOutcome
     ) -> None:
         data = metric.WhichOneof("data")
         if data is None:
@@ -254,37 +263,42 @@ class MetricStore(Collector):
         if data == "exponential_histogram":
             outcome.reject("exponential histogram points (not converted)", len(points))
             return
-        if data == "gauge":
-            kind, delta = "gauge", False
-        elif data == "sum":
-            kind = "counter" if body.is_monotonic else "gauge"
-            delta = body.aggregation_temporality == _DELTA
-        elif data == "histogram":
-            kind, delta = "histogram", body.aggregation_temporality == _DELTA
-        else:
-            kind, delta = "summary", False
+        if not metric.name:
+            outcome.reject("points of a metric with no name", len(points))
+            return
+        kind, delta = _kind(data, body)
         name = prometheus_name(metric.name, metric.unit, kind)
         family = self._families.get(name)
         if family is None:
+            clash = next(
+                (n for n in _sample_names(name, kind) if self._owners.get(n, name) != name), None
+            )
+            if clash is not None:
+                owner = self._owners[clash] or "atoll"
+                outcome.reject(f"points of {name} (its {clash} is {owner}'s already)", len(points))
+                return
             family = self._families[name] = _Family(name, kind, metric.description)
+            for sample in _sample_names(name, kind):
+                self._owners[sample] = name
         elif family.kind != kind:
             outcome.reject(f"points of {name} as a {kind} (it is a {family.kind})", len(points))
             return
         for point in points:
-            self._point(family, point, base, now, outcome, delta=delta)
+            self._point(family, point, own, now, outcome, delta=delta)
 
     def _point(
         self,
         family: _Family,
         point: Any,
-        base: dict[str, str],
+        own: dict[str, str],
         now: float,
         outcome: MetricsOutcome,
         *,
         delta: bool,
     ) -> None:
         kind = family.kind
-        labels = {**base, **_labels(point.attributes)}
+        # The collector's own labels last: an attribute named job cannot stand for them.
+        labels = {**_labels(point.attributes), **own}
         if kind == "histogram":
             labels.pop("le", None)
         elif kind == "summary":
@@ -293,6 +307,10 @@ class MetricStore(Collector):
         if point.flags & _NO_RECORDED_VALUE:  # the series ended (a staleness marker)
             if family.series.pop(key, None) is not None:
                 self._count -= 1
+            return
+        problem = _invalid(kind, point)
+        if problem is not None:
+            outcome.reject(problem)
             return
         series = family.series.get(key)
         add = delta
@@ -303,15 +321,13 @@ class MetricStore(Collector):
             series = family.series[key] = _Series(labels, now)
             self._count += 1
             add = False
+        elif not delta and point.time_unix_nano < series.time_ns:
+            outcome.accepted += 1  # an older cumulative value (a retry): kept the newer
+            return
         series.updated = now
-        if kind in ("gauge", "counter"):
-            value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
-            series.value = series.value + value if add else float(value)
-        elif kind == "histogram":
-            _histogram(series, point, add=add)
-        else:
-            series.sum, series.count = point.sum, point.count
-            series.quantiles = tuple((q.quantile, q.value) for q in point.quantile_values)
+        if not delta:
+            series.time_ns = point.time_unix_nano
+        _take(series, kind, point, add=add)
         outcome.accepted += 1
 
     def _expire(self, now: float) -> None:
@@ -323,6 +339,8 @@ class MetricStore(Collector):
             self._count -= len(stale)
             if not family.series:
                 del self._families[name]
+                for sample in _sample_names(name, family.kind):
+                    self._owners.pop(sample, None)
         for target, (_, updated) in list(self._targets.items()):
             if updated < cutoff:
                 del self._targets[target]
@@ -331,11 +349,13 @@ class MetricStore(Collector):
         """The series as Prometheus metric families (prometheus_client's ``Collector``)."""
         with self._lock:
             self._expire(self.clock.time())
+            # Copied under the lock: apply goes on changing the series meanwhile.
             families = [
-                (f.name, f.kind, f.help, list(f.series.values())) for f in self._families.values()
+                (f.name, f.kind, f.help, [_copy(series) for series in f.series.values()])
+                for f in self._families.values()
             ]
             targets = [(t, dict(info)) for t, (info, _) in self._targets.items()]
-        for name, kind, text, series in sorted(families):
+        for name, kind, text, series in sorted(families, key=lambda family: family[0]):
             metric = Metric(name, text, kind)
             for s in series:
                 _samples(metric, name, kind, s)
@@ -343,8 +363,80 @@ class MetricStore(Collector):
         if targets:
             info = Metric("target", "Target metadata (resource attributes)", "info")
             for (job, instance), labels in sorted(targets, key=lambda t: t[0]):
-                info.add_sample("target_info", {"job": job, "instance": instance, **labels}, 1.0)
+                info.add_sample("target_info", {**labels, "job": job, "instance": instance}, 1.0)
             yield info
+
+
+#: Names only the collector writes (``target_info``, the resources' labels).
+_RESERVED: Final = ("target", "target_info")
+
+
+def _kind(data: str, body: Any) -> tuple[str, bool]:
+    """The Prometheus type of an OTLP metric's data, and whether its points are deltas."""
+    if data == "gauge":
+        return "gauge", False
+    if data == "sum":
+        return ("counter" if body.is_monotonic else "gauge"), body.aggregation_temporality == _DELTA
+    if data == "histogram":
+        return "histogram", body.aggregation_temporality == _DELTA
+    return "summary", False
+
+
+def _take(series: _Series, kind: str, point: Any, *, add: bool) -> None:
+    """A point's value into its series: added to it (a delta) or instead of it."""
+    if kind in ("gauge", "counter"):
+        value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
+        series.value = series.value + value if add else float(value)
+    elif kind == "histogram":
+        _histogram(series, point, add=add)
+    else:
+        series.sum, series.count = point.sum, point.count
+        series.quantiles = tuple((q.quantile, q.value) for q in point.quantile_values)
+
+
+def _sample_names(name: str, kind: str) -> tuple[str, ...]:
+    """The names a family's samples (and its TYPE line) use."""
+    if kind == "counter":
+        return (name, name + "_total")
+    if kind == "histogram":
+        return (name, name + "_bucket", name + "_sum", name + "_count")
+    if kind == "summary":
+        return (name, name + "_sum", name + "_count")
+    return (name,)
+
+
+def _invalid(kind: str, point: Any) -> str | None:
+    """Why a point cannot be shown, or ``None``."""
+    if kind in ("gauge", "counter"):
+        return None if point.WhichOneof("value") is not None else "points with no value"
+    if kind != "histogram":
+        return None
+    bounds = point.explicit_bounds
+    counts = point.bucket_counts
+    if not counts and not bounds:
+        return None  # the totals only
+    if (
+        len(counts) != len(bounds) + 1
+        or not all(math.isfinite(b) for b in bounds)
+        or any(a >= b for a, b in itertools.pairwise(bounds))
+        or sum(counts) != point.count
+    ):
+        return "histogram points whose buckets do not add up (bounds finite and rising)"
+    return None
+
+
+def _copy(series: _Series) -> _Series:
+    return _Series(
+        series.labels,
+        series.updated,
+        series.time_ns,
+        series.value,
+        series.bounds,
+        list(series.counts),
+        series.sum,
+        series.count,
+        series.quantiles,
+    )
 
 
 _RESOURCE_LABELS: Final = frozenset({"service_name", "service_namespace", "service_instance_id"})
