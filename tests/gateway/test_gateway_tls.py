@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from gateway_support import admin_url, base_config, running_gateway, write_config
+from gateway_support import admin_url, base_config, raw_request, running_gateway, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from atoll.config import ConfigError
@@ -873,6 +873,10 @@ async def test_sessions_checked_against_old_lists_are_not_resumed(tmp_path, stub
         for _ in range(2):
             status, _, _ = await asyncio.to_thread(blocking_get, gw.port, tls12, session12)
             assert status.startswith("error"), status
+        assert gw.tls_failures == {
+            "session resumed after the trusted CAs or revocation lists changed": 1,
+            "certificate revoked": 1,
+        }
         # A colleague's full handshake after the change, resumed: fine.
         issue_client(certs, "colleague")
         other = with_client_cert(certs, "colleague")
@@ -959,3 +963,32 @@ def test_an_issuer_spelled_otherwise_is_matched_as_openssl_does(tmp_path, stub, 
     with pytest.raises(ConfigError) as info:
         Gateway(crl_config(tmp_path, stub, "crl.pem"), port=0, admin_port=0)
     assert "is not signed by the key of that CA" in str(info.value)
+
+
+async def test_failed_handshakes_are_counted_and_logged_by_reason(tmp_path, stub, certs, caplog):
+    write_crl(certs, "crl.pem", revoked=["client"])
+    async with running_gateway(crl_config(tmp_path, stub, "crl.pem")) as gw:
+        url = f"https://127.0.0.1:{gw.port}/catalog"
+        with caplog.at_level(logging.WARNING, logger="atoll.gateway"):
+            for _ in range(3):
+                assert await refused(certs, "client", url)
+            assert await refused(certs, "stranger", url)
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient(verify=client_context(certs)) as anonymous:
+                    await anonymous.get(url)
+            await raw_request(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=1)
+        await asyncio.sleep(0.05)
+        assert gw.tls_failures == {
+            "certificate revoked": 3,
+            "unable to get local issuer certificate": 1,
+            "peer did not return a certificate": 1,
+            "http request": 1,
+        }
+        lines = [r.getMessage() for r in caplog.records if "handshake failed" in r.getMessage()]
+        assert len(lines) == 4  # once per reason, not once per handshake
+        async with httpx.AsyncClient() as plain:
+            metrics = (await plain.get(admin_url(gw, "/metrics"))).text
+        assert (
+            'atoll_gateway_tls_handshake_failures_total{reason="certificate revoked"} 3.0'
+            in metrics
+        )

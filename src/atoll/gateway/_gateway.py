@@ -265,13 +265,16 @@ class Gateway:
         self.store_url = config.rate_limit_store
         self.gen = self._build(config, {}, self.store)
         self._tls: ListenerTls | None = None
+        #: Failed TLS handshakes by reason, with TLS on (shared with the listener).
+        self.tls_failures: dict[str, int] = {}
         #: When the listener's certificate expires (Unix time), with TLS on.
         self.tls_not_after: float | None = None
         #: The client certificate revocation lists in use, with ``server.tls.client_crl``.
         self.tls_crl: CrlInfo | None = None
         if config.server.tls is not None:
             self.tls_crl = self._crl(config)
-            self._tls = ListenerTls(config.server.tls, config.source)
+            self._tls = ListenerTls(config.server.tls, config.source, clock=self.clock)
+            self.tls_failures = self._tls.failures
             self.tls_not_after = tls_not_after(config.server.tls)
         #: What X-Forwarded-Proto says upstream: how clients reach this listener.
         self._proto = b"https" if self._tls is not None else b"http"

@@ -197,6 +197,15 @@ def _tls_gauges(gateway: Gateway) -> Iterator[Metric]:
             "When the listener's TLS certificate expires (Unix time)",
             value=gateway.tls_not_after,
         )
+    if gateway.gen.config.server.tls is not None:
+        failures = CounterMetricFamily(
+            "atoll_gateway_tls_handshake_failures",
+            "Failed TLS handshakes on the listener, by OpenSSL's reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(gateway.tls_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
     crl = gateway.tls_crl
     if crl is not None and crl.next_update is not None:
         yield GaugeMetricFamily(

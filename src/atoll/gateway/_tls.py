@@ -24,6 +24,8 @@ listener's context's SNI callback (which OpenSSL calls with or without a server 
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import ssl
 from collections import OrderedDict
@@ -33,10 +35,13 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from atoll.config import ConfigError
+from atoll.determinism import Clock, SystemClock
 from atoll.gateway._config import TlsSettings, UpstreamTlsConfig
 
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate, CertificateRevocationList, Name
+
+log = logging.getLogger("atoll.gateway")
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -101,6 +106,10 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
 
 #: TLS 1.2 sessions remembered for resumption checks: OpenSSL's own cache size.
 _MAX_SESSIONS = 20 * 1024
+#: Distinct handshake failure reasons counted apart (the rest are "other").
+_MAX_REASONS = 50
+#: Seconds between two log lines about handshakes failing for the same reason.
+_LOG_EVERY = 60.0
 _CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 _PEM_LABEL = re.compile(rb"-----BEGIN ([^-\r\n]+)-----")
 
@@ -366,11 +375,16 @@ class ListenerTls:
     """The listener's TLS: the context the server was started with, and the one new
     handshakes use, swapped in by its SNI callback; a reload replaces the latter."""
 
-    def __init__(self, settings: TlsSettings, source: str) -> None:
+    def __init__(self, settings: TlsSettings, source: str, *, clock: Clock | None = None) -> None:
         self.listener = server_context(settings, source)
         self.current = self.listener
         self.listener.sni_callback = self._choose
+        self.listener.sslobject_class = self._counting_class()
         self.trust = client_trust(settings)
+        self.clock: Clock = clock or SystemClock()
+        #: Failed handshakes by reason (``certificate revoked``, ``unknown ca``...).
+        self.failures: dict[str, int] = {}
+        self._logged: dict[str, tuple[float, int]] = {}  # reason: (logged at, since)
         #: Bumped when what client certificates are checked against changes.
         self.generation = 0
         #: TLS 1.2 session ids of full handshakes, with the generation they were checked
@@ -387,10 +401,48 @@ class ListenerTls:
         if connection.session_reused:
             session = connection.session
             if session is None or self._sessions.get(session.id) != self.generation:
+                connection.stale_session = True  # type: ignore[attr-defined]  # read by failed()
                 return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
         if self.current is not self.listener:
             connection.context = self.current
         return None
+
+    def _counting_class(self) -> type[ssl.SSLObject]:
+        """The listener's SSLObject class: its handshakes' failures are counted (uvloop,
+        like asyncio, drops them silently)."""
+        failed = self.failed
+
+        class CountingSSLObject(ssl.SSLObject):
+            def do_handshake(self) -> None:
+                try:
+                    super().do_handshake()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    raise
+                except ssl.SSLError as exc:
+                    failed(exc, stale_session=getattr(self, "stale_session", False))
+                    raise
+
+        return CountingSSLObject
+
+    def failed(self, exc: ssl.SSLError, *, stale_session: bool = False) -> None:
+        """Count a failed handshake, and log its reason: the first time, then at most
+        once a minute per reason, with how many there were meanwhile."""
+        reason = (
+            "session resumed after the trusted CAs or revocation lists changed"
+            if stale_session
+            else handshake_failure_reason(exc)
+        )
+        if reason not in self.failures and len(self.failures) >= _MAX_REASONS:
+            reason = "other"
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        now = self.clock.monotonic()
+        logged_at, since = self._logged.get(reason, (-math.inf, 0))
+        if now - logged_at < _LOG_EVERY:
+            self._logged[reason] = (logged_at, since + 1)
+            return
+        self._logged[reason] = (now, 0)
+        more = f" (and {since} more since the last report)" if since else ""
+        log.warning("gateway: a TLS handshake failed: %s%s", reason, more)
 
     def record(self, connection: ssl.SSLObject) -> None:
         """Remember the session of a completed full handshake (for :meth:`_choose`)."""
@@ -422,6 +474,18 @@ class ListenerTls:
             self.generation += 1
             self._sessions.clear()
         return changed
+
+
+def handshake_failure_reason(exc: ssl.SSLError) -> str:
+    """Why a handshake failed, in OpenSSL's words: the certificate check's message
+    (``certificate revoked``, ``unable to get local issuer certificate``) or the error's
+    reason (``peer did not return a certificate``, ``http request``)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return str(exc.verify_message)
+    reason = getattr(exc, "reason", None)
+    if reason:
+        return str(reason).lower().replace("_", " ")
+    return type(exc).__name__
 
 
 def client_trust(settings: TlsSettings) -> tuple[object, ...]:

@@ -477,7 +477,7 @@ async def test_other_methods_and_signals(client):
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
     response = await client.post("/v1/metrics", content=b"", headers=PB)
-    assert response.status_code == 200  # an empty export (see test_metrics.py)
+    assert response.status_code == 200  # an empty export (see test_otlp_metrics.py)
     response = await client.post("/v1/profiles", content=b"", headers=PB)
     assert response.status_code == 404
     assert "traces, logs and metrics" in response.json()["message"]
