@@ -992,3 +992,29 @@ async def test_failed_handshakes_are_counted_and_logged_by_reason(tmp_path, stub
             'atoll_gateway_tls_handshake_failures_total{reason="certificate revoked"} 3.0'
             in metrics
         )
+
+
+async def test_a_websocket_with_a_client_certificate_ends_when_the_lists_change(
+    tmp_path, stub, certs
+):
+    write_crl(certs, "crl.pem")
+    config = crl_config(tmp_path, stub, "crl.pem")
+    document = yaml.safe_load(config.read_text())
+    document["routes"].insert(
+        0, {"name": "ws", "match": {"prefix": "/ws"}, "upstream": "a", "websocket": True}
+    )
+    config.write_text(yaml.safe_dump(document))
+    async with running_gateway(config) as gw:
+        url = f"wss://127.0.0.1:{gw.port}/ws"
+        async with websockets.connect(url, ssl=with_client_cert(certs)) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "a:hello"
+            assert await gw.reload()  # nothing changed for certificates: it goes on
+            await ws.send("again")
+            assert await ws.recv() == "a:again"
+            write_crl(certs, "crl.pem", revoked=["client"])
+            assert await gw.reload(), gw.last_reload_error
+            with pytest.raises(websockets.ConnectionClosed):
+                async with asyncio.timeout(5):
+                    await ws.send("after")
+                    await ws.recv()
