@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 from otlp import make_request, simple_trace
+from prometheus_client.parser import text_string_to_metric_families
 
 from atoll.observability.collector import CollectorError, SpanStore, serve_collector
 
@@ -90,6 +91,10 @@ async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
             "1h",
             "--max-spans",
             "5000",
+            "--max-metric-series",
+            "5",
+            "--metric-expiry",
+            "10m",
             "--log-level",
             "warning",
         ],
@@ -106,6 +111,14 @@ async def test_module_runs_as_a_process_and_stops_on_sigterm(db_path):
         )
         assert response.status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/api/traces/{tid.hex()}").status_code == 200
+        gauges = [{"name": f"g{i}", "gauge": {"dataPoints": [{"asDouble": i}]}} for i in range(7)]
+        body = {"resourceMetrics": [{"scopeMetrics": [{"metrics": gauges}]}]}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/metrics", json=body)
+        assert response.json()["partialSuccess"]["rejectedDataPoints"] == "2"  # 5 series at most
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert {
+            s.name: s.value for f in text_string_to_metric_families(scraped) for s in f.samples
+        } == {f"g{i}": i for i in range(5)}
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=20)[0].decode()

@@ -18,6 +18,7 @@ from atoll.observability.collector._app import (
     run_collector,
 )
 from atoll.observability.collector._errors import CollectorError
+from atoll.observability.collector._metrics import DEFAULT_EXPIRY, DEFAULT_MAX_SERIES
 from atoll.observability.collector._query import QueryError, parse_lookback
 from atoll.observability.collector._receiver import DEFAULT_MAX_BODY_BYTES
 from atoll.observability.collector._store import Retention
@@ -30,6 +31,13 @@ def _age(text: str) -> float | None:
         return parse_lookback(text)
     except QueryError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_age(text: str) -> float:
+    age = _age(text)
+    if age is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a duration such as 5m")
+    return age
 
 
 def _count(text: str) -> int | None:
@@ -78,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU niceness, 0 (normal, the default) to 19: yields the CPU to services, "
         "at the price of dropped spans under lasting load",
     )
+    parser.add_argument(
+        "--max-metric-series",
+        type=_count,
+        default=DEFAULT_MAX_SERIES,
+        help="OTLP metric series held for GET /metrics (e.g. 10000; none: /v1/metrics is 404)",
+    )
+    parser.add_argument(
+        "--metric-expiry",
+        type=_positive_age,
+        default=DEFAULT_EXPIRY,
+        help="a metric series nobody updates this long is dropped (e.g. 5m)",
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     configure_logging(service="collector", level=args.log_level)
@@ -93,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             index_attributes=not args.no_attribute_index,
             cors_origins=args.cors_origin,
             nice=args.nice,
+            max_metric_series=args.max_metric_series,
+            metric_expiry=args.metric_expiry,
         )
     except CollectorError as exc:
         print(f"collector: {exc}", file=sys.stderr)  # noqa: T201 - a CLI's error line
