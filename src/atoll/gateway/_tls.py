@@ -29,6 +29,8 @@ import math
 import re
 import ssl
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,28 +61,15 @@ def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
 
 def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
     """Load ``settings`` into ``context`` (new handshakes use them)."""
-    try:
+    certificate = f"the certificate {settings.cert} with the key {settings.key}"
+    with _refusing(source, "server.tls", certificate):
         context.load_cert_chain(settings.cert, settings.key)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = _reason(exc)
-        raise ConfigError(
-            source,
-            "server.tls",
-            f"cannot load the certificate {settings.cert} with the key {settings.key}: {reason}",
-        ) from None
     context.minimum_version = _VERSIONS[settings.min_version]
     if settings.client_ca is None:
         context.verify_mode = ssl.CERT_NONE
         return
-    try:
+    with _refusing(source, "server.tls.client_ca", f"the CA certificates {settings.client_ca}"):
         context.load_verify_locations(cafile=str(settings.client_ca))
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = _reason(exc)
-        raise ConfigError(
-            source,
-            "server.tls.client_ca",
-            f"cannot load the CA certificates {settings.client_ca}: {reason}",
-        ) from None
     context.verify_mode = (
         ssl.CERT_REQUIRED if settings.client_auth == "required" else ssl.CERT_OPTIONAL
     )
@@ -93,14 +82,8 @@ def apply(context: ssl.SSLContext, settings: TlsSettings, source: str) -> None:
         context.verify_flags &= ~ssl.VERIFY_CRL_CHECK_LEAF
         return
     check_crls(settings, source)
-    try:
+    with _refusing(source, "server.tls.client_crl", f"the revocation lists {settings.client_crl}"):
         context.load_verify_locations(cafile=str(settings.client_crl))
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ConfigError(
-            source,
-            "server.tls.client_crl",
-            f"cannot load the revocation lists {settings.client_crl}: {_reason(exc)}",
-        ) from None
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
@@ -335,6 +318,15 @@ def forwarded_client_cert(
     return ";".join(parts).encode("utf-8", "replace")
 
 
+@contextmanager
+def _refusing(source: str, key: str, what: str) -> Iterator[None]:
+    """Turn a TLS file that does not load into :class:`ConfigError` naming ``key``."""
+    try:
+        yield
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(source, key, f"cannot load {what}: {_reason(exc)}") from None
+
+
 def _reason(exc: Exception) -> str:
     # ssl.SSLError has a short reason (KEY_VALUES_MISMATCH), other OSErrors a strerror.
     return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
@@ -355,15 +347,12 @@ def not_after(settings: TlsSettings) -> float | None:
 def client_context(settings: UpstreamTlsConfig, key: str, source: str) -> ssl.SSLContext:
     """A client context for HTTPS to an upstream's instances, or :class:`ConfigError`
     (naming ``key``) if its files do not load."""
-    try:
+    with _refusing(source, key, "the TLS files"):
         context = ssl.create_default_context(
             cafile=str(settings.ca) if settings.ca is not None else None
         )
         if settings.cert is not None and settings.key is not None:
             context.load_cert_chain(settings.cert, settings.key)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = _reason(exc)
-        raise ConfigError(source, key, f"cannot load the TLS files: {reason}") from None
     context.set_alpn_protocols(["http/1.1"])
     if not settings.verify:
         context.check_hostname = False
