@@ -74,15 +74,21 @@ async def serve(app: Any) -> tuple[str, Any]:
     return f"http://127.0.0.1:{sock.getsockname()[1]}", stop
 
 
-def write_certificates(directory: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
-
-    Writes ``ca.pem``/``ca.key``, ``other-ca.pem``/``other-ca.key``, ``server.pem``/
-    ``server.key`` and ``client.pem``/``client.key`` (CN ``atoll``; both signed by ``ca``),
-    and ``stranger.pem``/``stranger.key`` (a client certificate ``other-ca`` signed).
-    """
+def issue_certificate(
+    directory: Path,
+    stem: str,
+    *,
+    issuer: str,
+    subject: Any = None,
+    san: Any = None,
+    ca: bool = False,
+) -> None:
+    """``stem.pem``/``stem.key`` in ``directory``: a new EC key and its certificate,
+    signed by ``issuer.key`` there (by itself when ``issuer`` is ``stem``). The subject
+    is ``CN=stem`` unless ``subject`` (name attributes; ``[]`` for an empty one) says
+    otherwise; ``san`` are its alternative names (critical when the subject is empty, as
+    RFC 5280 wants)."""
     import datetime as dt  # noqa: PLC0415
-    import ipaddress  # noqa: PLC0415
 
     from cryptography import x509  # noqa: PLC0415
     from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
@@ -90,44 +96,58 @@ def write_certificates(directory: Path) -> None:
     from cryptography.x509.oid import NameOID  # noqa: PLC0415
 
     now = dt.datetime.now(dt.UTC)
-
-    def name(common):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def issue(subject, key, issuer, issuer_key, *, ca=False, san=None):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(subject))
-            .issuer_name(name(issuer))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_key = (
+        key
+        if issuer == stem
+        else serialization.load_pem_private_key((directory / f"{issuer}.key").read_bytes(), None)
+    )
+    if subject is None:
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, stem)]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=not subject)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{stem}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
-        if san is not None:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
+    )
 
-    def write(stem, cert, key):
-        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{stem}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+
+def write_certificates(directory: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+
+    Writes ``ca.pem``/``ca.key``, ``other-ca.pem``/``other-ca.key``, ``server.pem``/
+    ``server.key`` and ``client.pem``/``client.key`` (CN ``atoll``; both signed by ``ca``),
+    and ``stranger.pem``/``stranger.key`` (a client certificate ``other-ca`` signed).
+    """
+    import ipaddress  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
 
     for ca_name in ("ca", "other-ca"):
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        write(ca_name, issue(ca_name, ca_key, ca_name, ca_key, ca=True), ca_key)
-    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    write("server", issue("127.0.0.1", server_key, "ca", ca_key, san=san), server_key)
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    write("client", issue("atoll", client_key, "ca", ca_key), client_key)
-    other_key = serialization.load_pem_private_key((directory / "other-ca.key").read_bytes(), None)
-    stranger_key = ec.generate_private_key(ec.SECP256R1())
-    write("stranger", issue("stranger", stranger_key, "other-ca", other_key), stranger_key)
+        issue_certificate(directory, ca_name, issuer=ca_name, ca=True)
+    localhost = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    issue_certificate(directory, "server", issuer="ca", subject=[_cn("127.0.0.1")], san=localhost)
+    issue_certificate(directory, "client", issuer="ca", subject=[_cn("atoll")])
+    issue_certificate(directory, "stranger", issuer="other-ca")
+
+
+def _cn(name: str) -> Any:
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    return x509.NameAttribute(NameOID.COMMON_NAME, name)

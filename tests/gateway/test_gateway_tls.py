@@ -25,7 +25,7 @@ from atoll.config import ConfigError
 from atoll.gateway import Gateway
 from atoll.gateway._config import load_gateway_config
 from atoll.gateway._tls import client_subject
-from support import write_certificates
+from support import issue_certificate, write_certificates
 
 
 def tls_config(tmp_path, stub, tls):
@@ -405,7 +405,6 @@ async def test_allow_subjects_admits_only_the_certificates_named(tmp_path, stub,
     # A second client certificate from the trusted CA, under another name.
     from cryptography import x509  # noqa: PLC0415 - only this test issues one
     from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
     from cryptography.x509.oid import NameOID  # noqa: PLC0415
 
     ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
@@ -481,34 +480,8 @@ def test_allow_subjects_needs_auth_and_real_subjects(tmp_path):
 
 
 def issue_client(certs, stem, issuer="ca", *, subject=None, san=None):
-    """Another client certificate, ``stem.pem``/``stem.key``, that ``issuer`` signed:
-    subject ``CN=stem`` unless ``subject`` (a list of name attributes) says otherwise,
-    with the alternative names ``san``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    issuer_key = serialization.load_pem_private_key((certs / f"{issuer}.key").read_bytes(), None)
-    now = dt.datetime.now(dt.UTC)
-    if subject is None:
-        subject = [x509.NameAttribute(NameOID.COMMON_NAME, stem)]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(subject))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-    )
-    if san is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=True)
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    (certs / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (certs / f"{stem}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    """Another client certificate, ``stem.pem``/``stem.key``, that ``issuer`` signed."""
+    issue_certificate(certs, stem, issuer=issuer, subject=subject, san=san)
 
 
 def write_crl(
