@@ -444,7 +444,13 @@ async def test_a_member_taking_over_a_key_with_a_retry_pending_keeps_its_order(n
         taking_over = Recorder()
         await transport.subscribe("g", ["t"], taking_over)
         await wait_until(lambda: len(taking_over.acked) == 3, timeout=15, what="all three")
-        assert [(number(d), d.attempt) for d in taking_over.acked] == [(1, 2), (2, 1), (3, 1)]
+        got = [(number(d), d.attempt) for d in taking_over.acked]
+        assert [n for n, _ in got] == [1, 2, 3]
+        # The order is the guarantee. nats-server 2.9 can count a redelivery that a
+        # take-over pull expired before receiving (it comes back an ack-wait later), so
+        # the first message's attempt may be 3 (3 runs in 154 here).
+        assert got[0][1] >= 2
+        assert got[1:] == [(2, 1), (3, 1)]
     finally:
         await transport.close()
 
