@@ -109,6 +109,10 @@ class ServerSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: TLS on the public listener (``None``: plain HTTP).
     tls: TlsSettings | None = None
+    #: HTTP/2 for clients that ask for it: ALPN ``h2`` with TLS, the h2c preface without.
+    http2: bool = True
+    #: Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    http2_max_streams: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,6 +688,13 @@ def _server(reader: _Reader, value: object, base: Path) -> ServerSettings:
         ),
         trust_trace=reader.flag("server.trust_trace", t.get("trust_trace", d.trust_trace)),
         access_log=reader.flag("server.access_log", t.get("access_log", d.access_log)),
+        http2=reader.flag("server.http2", t.get("http2", d.http2)),
+        http2_max_streams=reader.whole(
+            "server.http2_max_streams",
+            t.get("http2_max_streams", d.http2_max_streams),
+            minimum=1,
+            maximum=10_000,
+        ),
         trusted_proxies=_networks(
             reader, "server.trusted_proxies", t.get("trusted_proxies", d.trusted_proxies)
         ),

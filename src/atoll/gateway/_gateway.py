@@ -273,7 +273,9 @@ class Gateway:
         self.tls_crl: CrlInfo | None = None
         if config.server.tls is not None:
             self.tls_crl = self._crl(config)
-            self._tls = ListenerTls(config.server.tls, config.source, clock=self.clock)
+            self._tls = ListenerTls(
+                config.server.tls, config.source, clock=self.clock, http2=config.server.http2
+            )
             self.tls_failures = self._tls.failures
             self.tls_not_after = tls_not_after(config.server.tls)
         #: What X-Forwarded-Proto says upstream: how clients reach this listener.
@@ -289,6 +291,8 @@ class Gateway:
             clock=self.clock,
         )
         self.state.client_certs = self._tls is not None
+        self.state.http2 = config.server.http2
+        self.state.http2_max_streams = config.server.http2_max_streams
         if self._tls is not None:
             self.state.on_handshake = self._tls.record
         self.admin_state = ServerState(self._admin, self._bad_request)
@@ -389,6 +393,10 @@ class Gateway:
                 self.tls_crl = crl
             except ConfigError as exc:
                 log.error("gateway: the certificate was not renewed: %s", exc)  # noqa: TRY400 - the message says it all
+        if self._tls is not None and config.server.http2 != self._tls.http2:
+            log.warning("gateway: turning server.http2 on or off with TLS takes a restart")
+        self.state.http2 = config.server.http2  # h2c on a plain listener: from now on
+        self.state.http2_max_streams = config.server.http2_max_streams  # new connections
         old = self.gen
         self.gen = generation
         self.store = store

@@ -34,6 +34,8 @@ log = logging.getLogger("atoll.gateway")
 
 #: Bytes buffered from a request body before reading from the client pauses.
 BODY_HIGH_WATER = 256 * 1024
+#: The client connection preface (RFC 9113 3.4) that starts h2c with prior knowledge.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 _STATUS_LINES: dict[int, bytes] = {}
 
@@ -247,6 +249,8 @@ class ServerState:
         "closing",
         "connections",
         "handler",
+        "http2",
+        "http2_max_streams",
         "idle_timeout",
         "max_header_bytes",
         "max_url_bytes",
@@ -279,6 +283,11 @@ class ServerState:
         self.client_certs = False
         #: Told of every new TLS connection's handshake (the listener's session checks).
         self.on_handshake: Callable[[ssl.SSLObject], None] | None = None
+        #: Serve HTTP/2 to clients that ask for it (ALPN ``h2``, or the h2c preface on a
+        #: plain listener): see ``atoll.gateway._h2``.
+        self.http2 = False
+        #: The streams one HTTP/2 connection may have open at once.
+        self.http2_max_streams = 100
 
     def trust_changed(self) -> None:
         """The trusted CAs or revocation lists changed: connections with a client
@@ -311,6 +320,7 @@ class Connection(asyncio.Protocol):
         "_loop",
         "_parser",
         "_pending",
+        "_preface",
         "_reading_paused",
         "_refused",
         "_url",
@@ -320,6 +330,7 @@ class Connection(asyncio.Protocol):
         "client_identity",
         "closed",
         "forwarded_cert",
+        "h2",
         "last_active",
         "peer",
         "peer_transport",
@@ -363,6 +374,9 @@ class Connection(asyncio.Protocol):
         self.client_identity: tuple[object, object] | None = None
         #: Close once the request in progress is answered (see ServerState.trust_changed).
         self.retired = False
+        #: The HTTP/2 session, when the client speaks HTTP/2 (its streams are the requests).
+        self.h2: Any = None
+        self._preface = b""  # the first bytes on a plain listener, until h2c is ruled out
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -371,8 +385,10 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        h2 = False
         if self.state.client_certs:
             ssl_object = transport.get_extra_info("ssl_object")
+            h2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
             on_handshake = self.state.on_handshake
             if on_handshake is not None and ssl_object is not None:
                 on_handshake(ssl_object)
@@ -383,6 +399,11 @@ class Connection(asyncio.Protocol):
                 self.client_der = der
         self.state.connections.add(self)
         self.last_active = self._loop.time()
+        if h2:
+            self._start_h2(b"")
+        elif self.state.http2 and not self.state.client_certs:
+            # A plain listener: the first bytes tell h2c (prior knowledge) from HTTP/1.1.
+            self.upgraded = self._sniff_preface
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.closed = True
@@ -420,6 +441,29 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return None
+
+    def _sniff_preface(self, data: bytes) -> None:
+        if not data:
+            return  # the connection ended before it said anything
+        seen = self._preface + data
+        if len(seen) < len(PREFACE) and PREFACE.startswith(seen):
+            self._preface = seen
+            return
+        self._preface = b""
+        if seen.startswith(PREFACE):
+            self._start_h2(seen)
+        else:
+            self.upgraded = None
+            self.data_received(seen)
+
+    def _start_h2(self, data: bytes) -> None:
+        from atoll.gateway._h2 import H2Session  # noqa: PLC0415 - h2 only loads when used
+
+        session = H2Session(self)
+        self.h2 = session
+        self.upgraded = session.data_received
+        if data:
+            session.data_received(data)
 
     def pause_writing(self) -> None:
         if self.peer_transport is not None:  # spliced (WebSocket): slow the other side
@@ -593,7 +637,9 @@ class Connection(asyncio.Protocol):
 
     def close_if_idle_since(self, before: float) -> None:
         """Close if no request is in progress and none finished since ``before`` (loop time)."""
-        if self.responding is None and self._current is None and self.last_active < before:
+        if self.h2 is not None:
+            self.h2.close_if_idle_since(before)
+        elif self.responding is None and self._current is None and self.last_active < before:
             self.close()
 
     def request_line(self) -> tuple[str | None, str | None]:
@@ -610,14 +656,19 @@ class Connection(asyncio.Protocol):
     def retire(self) -> None:
         """Close once the request in progress is answered; an upgraded one at once."""
         self.retired = True
-        if self.upgraded is not None:
+        if self.h2 is not None:
+            self.h2.go_away()
+        elif self.upgraded is not None:
             self.abort()
         else:
             self.close_if_idle()
 
     def close_if_idle(self) -> None:
-        """Close now if between requests (for shutdown)."""
-        if self.responding is None and self._current is None and not self._pending:
+        """Close now if between requests (for shutdown); HTTP/2: GOAWAY, and close once
+        the open streams are answered."""
+        if self.h2 is not None:
+            self.h2.go_away()
+        elif self.responding is None and self._current is None and not self._pending:
             self.close()
 
 

@@ -48,10 +48,13 @@ log = logging.getLogger("atoll.gateway")
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
-    """A server context for ``settings``, or :class:`ConfigError` if its files do not load."""
+def server_context(settings: TlsSettings, source: str, *, http2: bool = False) -> ssl.SSLContext:
+    """A server context for ``settings``, or :class:`ConfigError` if its files do not load.
+
+    ALPN offers ``h2`` before ``http/1.1`` with ``http2`` (the server's preference wins).
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.set_alpn_protocols(["http/1.1"])  # no HTTP/2: the gateway speaks HTTP/1.1 only
+    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     # A connection's client certificate is read once, after the handshake: no TLS 1.2
     # renegotiation may bring another one (TLS 1.3 has none).
     context.options |= ssl.OP_NO_RENEGOTIATION
@@ -364,8 +367,17 @@ class ListenerTls:
     """The listener's TLS: the context the server was started with, and the one new
     handshakes use, swapped in by its SNI callback; a reload replaces the latter."""
 
-    def __init__(self, settings: TlsSettings, source: str, *, clock: Clock | None = None) -> None:
-        self.listener = server_context(settings, source)
+    def __init__(
+        self,
+        settings: TlsSettings,
+        source: str,
+        *,
+        clock: Clock | None = None,
+        http2: bool = False,
+    ) -> None:
+        #: ALPN's offer, fixed for the listener's life (a change takes a restart).
+        self.http2 = http2
+        self.listener = server_context(settings, source, http2=http2)
         self.current = self.listener
         self.listener.sni_callback = self._choose
         self.listener.sslobject_class = self._counting_class()
@@ -450,7 +462,7 @@ class ListenerTls:
         The certificate, key and CA store come from the new context; whether a client
         certificate is asked for is read from the listener's own, so it is set there too.
         """
-        fresh = server_context(settings, source)
+        fresh = server_context(settings, source, http2=self.http2)
         self.listener.verify_mode = fresh.verify_mode
         self.listener.verify_flags = fresh.verify_flags
         self.listener.minimum_version = fresh.minimum_version
