@@ -121,6 +121,7 @@ class H2Session:
         self._finished = 0
         self._going_away = False
         self.closed = False
+        self.state.http2_connections += 1
         self.flush()
 
     # -- input ------------------------------------------------------------------------
@@ -298,6 +299,12 @@ class H2Session:
         """End the connection at once with GOAWAY ``error_code``."""
         if self.closed:
             return
+        try:
+            reason = ErrorCodes(error_code).name.lower()
+        except ValueError:
+            reason = f"0x{error_code:x}"
+        terminated = self.state.http2_terminated
+        terminated[reason] = terminated.get(reason, 0) + 1
         with contextlib.suppress(H2Error):
             self.h2.close_connection(error_code)
         self.flush()

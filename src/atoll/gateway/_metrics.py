@@ -114,6 +114,7 @@ class _Collector(Collector):
         )
         bad.add_metric([], metrics.bad_requests)
         yield bad
+        yield from _http2_counters(gateway)
         up_requests = CounterMetricFamily(
             "atoll_gateway_upstream_requests", "Requests sent to an upstream", labels=["upstream"]
         )
@@ -187,6 +188,25 @@ class _Collector(Collector):
         )
         # Breakers of the current generation, by atoll.resilience's own collector.
         yield from ResilienceCollector(generation.registry).collect()
+
+
+def _http2_counters(gateway: Gateway) -> Iterator[Metric]:
+    """HTTP/2 connections from clients, and those the gateway ended for an error."""
+    state = gateway.state
+    yield CounterMetricFamily(
+        "atoll_gateway_http2_connections",
+        "Client connections served over HTTP/2",
+        value=state.http2_connections,
+    )
+    terminated = CounterMetricFamily(
+        "atoll_gateway_http2_terminated",
+        "HTTP/2 connections the gateway ended with GOAWAY for an error, by its code"
+        " (enhance_your_calm: rapid reset)",
+        labels=["error"],
+    )
+    for error, count in sorted(state.http2_terminated.items()):
+        terminated.add_metric([error], count)
+    yield terminated
 
 
 def _tls_gauges(gateway: Gateway) -> Iterator[Metric]:

@@ -250,7 +250,9 @@ class ServerState:
         "connections",
         "handler",
         "http2",
+        "http2_connections",
         "http2_max_streams",
+        "http2_terminated",
         "idle_timeout",
         "max_header_bytes",
         "max_url_bytes",
@@ -288,6 +290,10 @@ class ServerState:
         self.http2 = False
         #: The streams one HTTP/2 connection may have open at once.
         self.http2_max_streams = 100
+        #: HTTP/2 connections served, and those ended by the gateway's GOAWAY for an
+        #: error, by its code's name (``protocol_error``, ``enhance_your_calm``...).
+        self.http2_connections = 0
+        self.http2_terminated: dict[str, int] = {}
 
     def trust_changed(self) -> None:
         """The trusted CAs or revocation lists changed: connections with a client
