@@ -443,7 +443,7 @@ class Connection(asyncio.Protocol):
             if isinstance(cause, RequestError):
                 self._refuse(cause)
             else:
-                self._refuse(RequestError(400, f"malformed HTTP request: {_reason(exc)}"))
+                self._refuse(RequestError(400, _malformed(exc)))
 
     def eof_received(self) -> bool | None:
         return None
@@ -676,6 +676,15 @@ class Connection(asyncio.Protocol):
             self.h2.go_away()
         elif self.responding is None and self._current is None and not self._pending:
             self.close()
+
+
+def _malformed(exc: Exception) -> str:
+    """What a 400 for bytes ``httptools`` could not parse says."""
+    reason = _reason(exc)
+    if "PRI" in reason:
+        # llhttp's "Pause on PRI/Upgrade": the h2c preface, on a listener without HTTP/2.
+        return "an HTTP/2 connection preface; this listener speaks HTTP/1.1 only"
+    return f"malformed HTTP request: {reason}"
 
 
 def _reason(exc: Exception) -> str:
