@@ -1082,6 +1082,19 @@ class Gateway:
             request.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if request.body.complete:
             body = request.body.buffered()
+            if body is not None and len(body) > limit:
+                # A chunked (or HTTP/2) body that arrived whole with its head: no
+                # Content-Length was there to refuse it by, and no stream will count it.
+                self._send_problem(
+                    request,
+                    route,
+                    413,
+                    f"the request body is larger than {limit} bytes",
+                    rid,
+                    close=True,
+                    cors=extra,
+                )
+                return 413
         elif request.content_length is not None and request.content_length <= _BUFFER_BODY:
             try:
                 body = await request.body.read()

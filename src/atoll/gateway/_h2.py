@@ -55,6 +55,7 @@ from h2.settings import SettingCodes, Settings
 
 from atoll.gateway._server import (
     BODY_HIGH_WATER,
+    PREFACE,
     Body,
     Request,
     RequestError,
@@ -88,6 +89,8 @@ class H2Session:
     __slots__ = (
         "_conn_unacked",
         "_finished",
+        "_frame_head",
+        "_frame_left",
         "_going_away",
         "_resets",
         "closed",
@@ -117,6 +120,11 @@ class H2Session:
         self.h2 = h2
         self.streams: dict[int, H2Stream] = {}
         self._conn_unacked = 0
+        #: Frame boundaries, followed here because h2 checks a frame's length only once
+        #: all of it has arrived: bytes left of the preface or of the current frame, and
+        #: a frame header read in part.
+        self._frame_left = len(PREFACE)
+        self._frame_head = b""
         self._resets = 0
         self._finished = 0
         self._going_away = False
@@ -133,6 +141,10 @@ class H2Session:
             return
         if self.closed:
             return
+        if not self._frames_fit(data):
+            log.info("gateway: an HTTP/2 client announced a frame over the maximum size")
+            self._terminate(ErrorCodes.FRAME_SIZE_ERROR)
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
@@ -145,6 +157,30 @@ class H2Session:
                 return
         self.conn.last_active = self.conn._loop.time()
         self.flush()
+
+    def _frames_fit(self, data: bytes) -> bool:
+        """Whether every frame header in ``data`` announces at most the frame size the
+        gateway takes: refused on its 9-byte header, a frame does not get to make the
+        gateway buffer up to 16 MiB before h2 looks at it."""
+        limit = self.h2.max_inbound_frame_size
+        offset, size = 0, len(data)
+        while offset < size:
+            if self._frame_left:
+                step = min(self._frame_left, size - offset)
+                self._frame_left -= step
+                offset += step
+                continue
+            need = 9 - len(self._frame_head)
+            self._frame_head += data[offset : offset + need]
+            offset += need
+            if len(self._frame_head) < 9:
+                return True
+            length = int.from_bytes(self._frame_head[:3], "big")
+            if length > limit:
+                return False
+            self._frame_left = length
+            self._frame_head = b""
+        return True
 
     def _ended(self) -> bool:
         # A method, not the attribute: an event handler may have closed the session.
