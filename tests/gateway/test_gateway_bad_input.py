@@ -60,9 +60,7 @@ CASES = {
     # No length to refuse it by, and whole before the handler runs: counted as it is.
     "chunked body too large, arriving with its head": (
         b"POST /small HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
-        + b"1388\r\n"
-        + b"a" * 5000
-        + b"\r\n0\r\n\r\n",
+        b"1388\r\n" + b"a" * 5000 + b"\r\n0\r\n\r\n",
         413,
     ),
 }
