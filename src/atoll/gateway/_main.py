@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 from atoll.config import ConfigError
 
@@ -91,6 +92,7 @@ async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: boo
     except (ConfigError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    metric_export = _metric_export(gateway)
     freeze_startup_heap()  # see atoll._heap: no 40 ms full collections while serving
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -107,8 +109,31 @@ async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: boo
     await stop.wait()
     log.info("gateway stopping: finishing in-flight requests")
     await gateway.stop()
+    if metric_export is not None:
+        await metric_export.stop()
     tracing.shutdown()
     return 0
+
+
+def _metric_export(gateway: Any) -> Any:
+    """The worker's metrics pushed over OTLP when the standard variables say where."""
+    from atoll.observability._metric_export import (  # noqa: PLC0415 - only when asked
+        MetricExport,
+        otlp_metrics_endpoint,
+        service_resource,
+    )
+
+    endpoint = otlp_metrics_endpoint()
+    if endpoint is None:
+        return None
+    try:
+        export = MetricExport(
+            service_resource("gateway"), gateway.metrics.registry.collect, endpoint=endpoint
+        )
+    except ImportError:  # no otel extra: the admin /metrics still serves them
+        return None
+    export.start()
+    return export
 
 
 def _supervise(args: argparse.Namespace, workers: int) -> int:  # noqa: C901 - signal plumbing

@@ -132,13 +132,17 @@ class ServiceMetrics:
             0.0 if oldest is None else max(0.0, self._runtime.clock.time() - oldest)
         )
 
-    async def render(self) -> bytes:
-        """The Prometheus text exposition, refreshed now."""
+    async def refresh(self) -> None:
+        """Run every refresher (before a scrape or an OTLP push)."""
         for refresher in self._refreshers:
             try:
                 await refresher()
             except Exception:  # noqa: S112 - a failing source must not hide the rest
                 continue
+
+    async def render(self) -> bytes:
+        """The Prometheus text exposition, refreshed now."""
+        await self.refresh()
         return generate_latest(self.registry)
 
 

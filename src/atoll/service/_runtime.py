@@ -20,6 +20,11 @@ from atoll.messages import Envelope, Message, MessageError, decode_envelope
 from atoll.messaging._relay import OutboxRelay
 from atoll.observability import ServiceMetrics, Tracing, attributes
 from atoll.observability._logs import message_context
+from atoll.observability._metric_export import (
+    MetricExport,
+    otlp_metrics_endpoint,
+    service_resource,
+)
 from atoll.observability._tracing import (
     SpanKind,
     parse_traceparent,
@@ -132,6 +137,9 @@ class ServiceRuntime:
         self._inbox_retention = inbox_retention
         self._consumer: Consumer | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        #: Pushes the metrics registry over OTLP when the standard variables name an
+        #: endpoint (see ``atoll.observability._metric_export``).
+        self.metric_export: MetricExport | None = None
         self.relay = OutboxRelay(
             service.name,
             database,
@@ -193,12 +201,31 @@ class ServiceRuntime:
             self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
             if self.service.event_sourced:
                 await self.event_sourcing.start_projections()
+            self._start_metric_export()
         except BaseException:
             self.state = "failed"
             await self._close_quietly()
             raise
         self.state = "ready"
         log.info("service %s ready", self.service.name)
+
+    def _start_metric_export(self) -> None:
+        endpoint = otlp_metrics_endpoint()
+        if endpoint is None or self.metric_export is not None:
+            return
+        try:
+            export = MetricExport(
+                service_resource(self.service.name),
+                self.metrics.registry.collect,
+                refresh=self.metrics.refresh,
+                endpoint=endpoint,
+                clock=self.clock,
+            )
+        except ImportError as exc:  # no otel extra: the /metrics endpoint still serves
+            log.warning("service %s: metrics are not pushed over OTLP: %s", self.service.name, exc)
+            return
+        export.start()
+        self.metric_export = export
 
     def topics(self) -> list[str]:
         """The topics this service consumes: its command topic and its event types."""
@@ -237,6 +264,9 @@ class ServiceRuntime:
         await self.relay.stop()
         await self._close_quietly()
         await self.client.aclose()
+        if self.metric_export is not None:
+            await self.metric_export.stop()
+            self.metric_export = None
         self.tracing.shutdown()
         self.state = "stopped"
         self.service.attach(None)

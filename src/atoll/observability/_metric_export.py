@@ -1,0 +1,334 @@
+"""A service's metrics over OTLP: the registry its ``/metrics`` serves, pushed to the
+collector its traces go to, so traces, logs and metrics of a whole system are in one
+place (the embedded collector's pages, or the OTLP backend a team already runs).
+
+The standard variables choose it, as the OpenTelemetry SDK reads them:
+``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT``, else ``OTEL_EXPORTER_OTLP_ENDPOINT`` +
+``/v1/metrics``; ``OTEL_METRICS_EXPORTER=none`` or ``OTEL_SDK_DISABLED=true`` turns it
+off; ``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds, 60,000 by default) is the time
+between two pushes. The POST is the SDK's ``OTLPMetricExporter``'s (its endpoint,
+headers, TLS, compression, timeout and retry rules), on a worker thread: the service's
+event loop only reads the registry and encodes.
+
+The conversion reads the OpenTelemetry "Prometheus and OpenMetrics compatibility" rules
+backwards, so that a collector that applies them forwards (atoll's, or the OpenTelemetry
+Collector's Prometheus exporter) shows the names ``/metrics`` shows:
+
+* counter: a monotonic cumulative Sum, named without ``_total`` (its start time the
+  ``_created`` sample's when there is one, else when the export started);
+* gauge, untyped, info and stateset: a Gauge of each sample (an info metric keeps its
+  ``_info`` name);
+* histogram: a cumulative Histogram, its bucket counts taken apart from the cumulative
+  ``_bucket`` samples (no min and max: Prometheus has none);
+* summary: a Summary of its quantiles, sum and count.
+
+Labels become data point attributes. Pushing never raises into the service: a failed
+push is counted (:attr:`MetricExport.failed`) and logged once a minute at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final
+
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+from prometheus_client.metrics_core import Metric
+
+from atoll._version import __version__
+from atoll.determinism import Clock, SystemClock
+from atoll.observability._otlp import env_int
+from atoll.observability._tracing import otlp_signal_endpoint
+
+log = logging.getLogger("atoll.observability")
+
+#: OTLP's AggregationTemporality.CUMULATIVE: Prometheus counters never reset on purpose.
+_CUMULATIVE: Final = metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
+#: The OpenTelemetry default for OTEL_METRIC_EXPORT_INTERVAL, in milliseconds.
+DEFAULT_INTERVAL_MS: Final = 60_000
+_LOG_EVERY: Final = 60.0
+
+
+def otlp_metrics_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """The metrics endpoint the standard OpenTelemetry variables name, if any."""
+    return otlp_signal_endpoint("metrics", environ)
+
+
+def service_resource(service: str) -> dict[str, object]:
+    """The OTLP resource of one service process: its name, and an instance id that tells
+    its replicas apart (``host:pid``), as the OpenTelemetry conventions ask."""
+    return {
+        "service.name": service,
+        "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
+        "telemetry.sdk.name": "atoll",
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.version": __version__,
+    }
+
+
+def _any_value(target: AnyValue, value: object) -> None:
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        target.int_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    else:
+        target.string_value = str(value)
+
+
+def _attributes(target: Any, labels: Mapping[str, object]) -> None:
+    for key, value in labels.items():
+        pair = target.add()
+        pair.key = key
+        _any_value(pair.value, value)
+
+
+def _key(labels: Mapping[str, str], drop: str = "") -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in labels.items() if k != drop))
+
+
+def encode_metrics(
+    resource: Mapping[str, object],
+    families: Iterable[Metric],
+    *,
+    start_ns: int,
+    now_ns: int,
+) -> ExportMetricsServiceRequest:
+    """One export request holding every sample of ``families`` (see the module docstring)."""
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    _attributes(resource_metrics.resource.attributes, resource)
+    scope_metrics = resource_metrics.scope_metrics.add()
+    scope_metrics.scope.name = "atoll"
+    scope_metrics.scope.version = __version__
+    for family in families:
+        if not family.samples:
+            continue
+        created = {
+            _key(s.labels): int(s.value * 1e9)
+            for s in family.samples
+            if s.name.endswith("_created") and math.isfinite(s.value)
+        }
+        if family.type == "counter":
+            _counter(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
+        elif family.type == "histogram":
+            _histogram(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
+        elif family.type == "summary":
+            _summary(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
+        elif family.type in ("gauge", "unknown", "untyped", "info", "stateset"):
+            _gauges(scope_metrics, family, now_ns)
+        # gaugehistogram: no OTLP twin that a Prometheus view reads back; left out.
+    return request
+
+
+def _counter(
+    metric: Any, family: Metric, created: dict[Any, int], start_ns: int, now_ns: int
+) -> None:
+    metric.name = family.name
+    metric.description = family.documentation
+    metric.sum.is_monotonic = True
+    metric.sum.aggregation_temporality = _CUMULATIVE
+    for sample in family.samples:
+        if not sample.name.endswith("_total"):
+            continue
+        point = metric.sum.data_points.add()
+        _attributes(point.attributes, sample.labels)
+        point.as_double = float(sample.value)
+        point.start_time_unix_nano = created.get(_key(sample.labels), start_ns)
+        point.time_unix_nano = now_ns
+
+
+def _gauges(scope_metrics: Any, family: Metric, now_ns: int) -> None:
+    by_name: dict[str, Any] = {}
+    for sample in family.samples:
+        metric = by_name.get(sample.name)
+        if metric is None:
+            metric = by_name[sample.name] = scope_metrics.metrics.add()
+            metric.name = sample.name
+            metric.description = family.documentation
+        point = metric.gauge.data_points.add()
+        _attributes(point.attributes, sample.labels)
+        point.as_double = float(sample.value)
+        point.time_unix_nano = now_ns
+
+
+def _histogram(
+    metric: Any, family: Metric, created: dict[Any, int], start_ns: int, now_ns: int
+) -> None:
+    metric.name = family.name
+    metric.description = family.documentation
+    metric.histogram.aggregation_temporality = _CUMULATIVE
+    series: dict[Any, dict[str, Any]] = {}
+    for sample in family.samples:
+        suffix = sample.name[len(family.name) :]
+        key = _key(sample.labels, drop="le")
+        entry = series.setdefault(
+            key, {"labels": dict(key), "buckets": [], "sum": 0.0, "count": 0.0}
+        )
+        if suffix == "_bucket":
+            entry["buckets"].append((float(sample.labels["le"]), float(sample.value)))
+        elif suffix == "_sum":
+            entry["sum"] = float(sample.value)
+        elif suffix == "_count":
+            entry["count"] = float(sample.value)
+    for key, entry in series.items():
+        point = metric.histogram.data_points.add()
+        _attributes(point.attributes, entry["labels"])
+        buckets = sorted(entry["buckets"])
+        bounds = [bound for bound, _ in buckets if math.isfinite(bound)]
+        counts = []
+        below = 0.0
+        for _, cumulative in buckets:
+            counts.append(max(0, round(cumulative - below)))
+            below = cumulative
+        if len(counts) == len(bounds):  # no +Inf bucket: the count closes it
+            counts.append(max(0, round(entry["count"] - below)))
+        point.explicit_bounds.extend(bounds)
+        point.bucket_counts.extend(counts)
+        point.count = round(entry["count"])
+        point.sum = entry["sum"]
+        point.start_time_unix_nano = created.get(key, start_ns)
+        point.time_unix_nano = now_ns
+
+
+def _summary(
+    metric: Any, family: Metric, created: dict[Any, int], start_ns: int, now_ns: int
+) -> None:
+    metric.name = family.name
+    metric.description = family.documentation
+    series: dict[Any, dict[str, Any]] = {}
+    for sample in family.samples:
+        suffix = sample.name[len(family.name) :]
+        key = _key(sample.labels, drop="quantile")
+        entry = series.setdefault(
+            key, {"labels": dict(key), "quantiles": [], "sum": 0.0, "count": 0.0}
+        )
+        if suffix == "" and "quantile" in sample.labels:
+            entry["quantiles"].append((float(sample.labels["quantile"]), float(sample.value)))
+        elif suffix == "_sum":
+            entry["sum"] = float(sample.value)
+        elif suffix == "_count":
+            entry["count"] = float(sample.value)
+    for key, entry in series.items():
+        point = metric.summary.data_points.add()
+        _attributes(point.attributes, entry["labels"])
+        for quantile, value in sorted(entry["quantiles"]):
+            item = point.quantile_values.add()
+            item.quantile = quantile
+            item.value = value
+        point.count = round(entry["count"])
+        point.sum = entry["sum"]
+        point.start_time_unix_nano = created.get(key, start_ns)
+        point.time_unix_nano = now_ns
+
+
+class MetricExport:
+    """Pushes a registry's metrics every interval (see the module docstring).
+
+    ``collect`` returns the metric families (a ``CollectorRegistry``'s ``collect``);
+    ``refresh``, if given, runs first (values read from a database at scrape time).
+    """
+
+    def __init__(
+        self,
+        resource: Mapping[str, object],
+        collect: Callable[[], Iterable[Metric]],
+        *,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        endpoint: str | None = None,
+        exporter: Any = None,
+        clock: Clock | None = None,
+        interval: float | None = None,
+    ) -> None:
+        self.resource = dict(resource)
+        self.collect = collect
+        self.refresh = refresh
+        self.clock: Clock = clock or SystemClock()
+        self.interval = (
+            interval
+            if interval is not None
+            else env_int("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_INTERVAL_MS) / 1000
+        )
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # noqa: PLC0415 - otel extra
+                OTLPMetricExporter,
+            )
+
+            exporter = OTLPMetricExporter(endpoint=endpoint)
+        self.exporter = exporter
+        self.start_ns = int(self.clock.time() * 1e9)
+        #: Pushes that reached the collector, and those that did not (after the
+        #: exporter's retries).
+        self.pushed = 0
+        self.failed = 0
+        self._logged_at = -math.inf
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Push every interval from now on, in the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="atoll-metric-export"
+            )
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Stop pushing, after a last push (given ``timeout`` seconds at most)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        try:
+            await asyncio.wait_for(self.push(), timeout)
+        except TimeoutError:
+            log.warning("the last metrics push did not finish within %.0f s", timeout)
+        self.exporter.shutdown()
+
+    async def _run(self) -> None:
+        while True:
+            await self.clock.sleep(self.interval)
+            await self.push()
+
+    async def push(self) -> bool:
+        """Push the registry's values now; ``False`` if that failed (counted, logged)."""
+        try:
+            if self.refresh is not None:
+                await self.refresh()
+            request = encode_metrics(
+                self.resource,
+                self.collect(),
+                start_ns=self.start_ns,
+                now_ns=int(self.clock.time() * 1e9),
+            )
+            ok = await asyncio.to_thread(self._post, request)
+        except Exception as exc:  # a push must never take the service down
+            ok = False
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            reason = "the collector refused it or did not answer"
+        if ok:
+            self.pushed += 1
+            return True
+        self.failed += 1
+        now = self.clock.monotonic()
+        if now - self._logged_at >= _LOG_EVERY:
+            self._logged_at = now
+            log.warning("pushing metrics over OTLP failed (%d so far): %s", self.failed, reason)
+        return False
+
+    def _post(self, request: ExportMetricsServiceRequest) -> bool:
+        # The SDK exporter's own batch export (its size check, retries and client); its
+        # public export() wants the SDK's MetricsData, which a Prometheus registry is not.
+        result = self.exporter._export_batch(request)
+        return bool(getattr(result, "name", "") == "SUCCESS")

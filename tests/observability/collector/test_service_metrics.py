@@ -1,0 +1,189 @@
+"""A service's Prometheus metrics pushed over OTLP to the collector its traces go to: the
+collector's ``/metrics`` then shows the names and values the service's own shows."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Summary,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from atoll import Command, Context, Service
+from atoll.determinism import VirtualClock
+from atoll.observability._metric_export import (
+    MetricExport,
+    encode_metrics,
+    otlp_metrics_endpoint,
+    service_resource,
+)
+from atoll.observability.collector._metrics import MetricStore
+from atoll.testing import wait_until
+from support import System
+
+pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, by name and labels."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class _Families(Collector):
+    """Hand-made families, as atoll's runtime collector yields them."""
+
+    def collect(self):
+        family = CounterMetricFamily("shop_orders", "Orders placed.", labels=["status"])
+        family.add_metric(["paid"], 7)
+        family.add_metric(["failed"], 2)
+        yield family
+
+
+def a_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("shop_requests", "Requests.", ["route"], registry=registry).labels("/a").inc(3)
+    Gauge("shop_queue_depth", "Depth.", registry=registry).set(4.5)
+    latency = Histogram(
+        "shop_latency_seconds", "Latency.", ["route"], buckets=(0.1, 1.0), registry=registry
+    )
+    for value in (0.05, 0.5, 0.7, 3.0):
+        latency.labels("/a").observe(value)
+    Summary("shop_size_bytes", "Sizes.", registry=registry).observe(120)
+    Info("shop_build", "Build.", registry=registry).info({"version": "1.2.3"})
+    registry.register(_Families())
+    return registry
+
+
+def test_what_a_service_pushes_reads_back_as_its_own_exposition():
+    registry = a_registry()
+    clock = VirtualClock()
+    request = encode_metrics(
+        {"service.name": "shop", "service.instance.id": "host:1"},
+        registry.collect(),
+        start_ns=10**18,
+        now_ns=int(clock.time() * 1e9),
+    )
+    store = MetricStore(clock=clock)
+    outcome = store.apply(request)
+    assert outcome.rejected == 0, outcome.error_message()
+    pushed = CollectorRegistry()
+    pushed.register(store)
+    theirs = samples(generate_latest(pushed).decode())
+    ours = samples(generate_latest(registry).decode())
+    own = (("instance", "host:1"), ("job", "shop"), ("otel_scope_name", "atoll"))
+    compared = 0
+    for (name, labels), value in ours.items():
+        if name.endswith("_created"):
+            continue  # a start time in Prometheus, a field of the point in OTLP
+        key = (name, tuple(sorted((*labels, *own, *_version_label(theirs)))))
+        assert key in theirs, f"{name}{dict(labels)} was not pushed"
+        assert theirs[key] == pytest.approx(value), name
+        compared += 1
+    # Counters with and without _created, the histogram's 3 buckets + sum + count, the
+    # summary's sum and count, the gauge, the info: all of them made the trip.
+    assert compared == len([k for k in ours if not k[0].endswith("_created")]) >= 12
+
+
+def _version_label(theirs):
+    for _, labels in theirs:
+        for key, value in labels:
+            if key == "otel_scope_version":
+                return ((key, value),)
+    return ()
+
+
+def test_the_metrics_endpoint_follows_the_standard_variables():
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert otlp_metrics_endpoint(base) == "http://collector:4318/v1/metrics"
+    explicit = {**base, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:9/in"}
+    assert otlp_metrics_endpoint(explicit) == "http://m:9/in"
+    assert otlp_metrics_endpoint({**base, "OTEL_METRICS_EXPORTER": "none"}) is None
+    assert otlp_metrics_endpoint({**base, "OTEL_SDK_DISABLED": "true"}) is None
+    assert otlp_metrics_endpoint({}) is None
+
+
+def test_each_process_is_its_own_instance():
+    resource = service_resource("orders")
+    assert resource["service.name"] == "orders"
+    assert str(resource["service.instance.id"]).startswith(socket.gethostname())
+
+
+async def test_a_push_reaches_the_collector_and_a_failed_one_is_counted(live):
+    registry = a_registry()
+    export = MetricExport(
+        {"service.name": "shop", "service.instance.id": "a"},
+        registry.collect,
+        endpoint=f"{live.url}/v1/metrics",
+        interval=3600,
+    )
+    assert await export.push()
+    text = live.get("/metrics").text
+    assert 'shop_requests_total{instance="a",job="shop"' in text
+    assert export.pushed == 1
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    down = MetricExport(
+        {"service.name": "shop"},
+        registry.collect,
+        # A short timeout bounds the exporter's retries (10 s by default).
+        exporter=OTLPMetricExporter(endpoint=f"http://127.0.0.1:{port}/v1/metrics", timeout=0.5),
+        interval=3600,
+    )
+    assert not await down.push()
+    assert down.failed == 1
+
+
+class Ping(Command):
+    message_type = "metricexport.Ping"
+    n: int
+
+
+async def test_a_running_service_pushes_its_metrics(live, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", live.url)
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    worker = Service("pinged")
+
+    @worker.handles(Ping)
+    async def on_ping(ping: Ping, ctx: Context) -> None:
+        return
+
+    system = System(tmp_path)
+    try:
+        (runtime,) = await system.start(worker)
+        assert runtime.metric_export is not None
+        async with worker.unit_of_work() as ctx:
+            for n in range(3):
+                ctx.send(Ping(n=n), to="pinged")
+
+        def pushed() -> bool:
+            text = httpx.get(f"{live.url}/metrics", timeout=5).text
+            return "atoll_messages_in_total{" in text and (
+                'message_type="metricexport.Ping"' in text
+                and 'outcome="handled"' in text
+                and "} 3.0" in text
+            )
+
+        await wait_until(pushed, timeout=15, what="the service's counters at the collector")
+        text = httpx.get(f"{live.url}/metrics", timeout=5).text
+        assert "atoll_handler_duration_seconds_count{" in text
+        assert 'job="pinged"' in text
+    finally:
+        await system.stop()
+    assert runtime.metric_export is None  # stopped, after a last push
