@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from shop_trace import SERVICES, flush, make_shop_trace, providers
+
+from atoll.observability._metric_export import MetricExport
 
 pytestmark = pytest.mark.browser
 
@@ -185,3 +190,67 @@ def test_a_trace_page_shows_its_logs_and_leads_to_their_spans(live, browser):
     finally:
         page.close()
     assert errors == []
+
+
+def test_the_metrics_page_shows_what_services_push(live, browser):
+    def pushed(service: str, orders: int, depth: float) -> None:
+        registry = CollectorRegistry()
+        Counter("shop_orders", "Orders placed.", ["status"], registry=registry).labels("paid").inc(
+            orders
+        )
+        Gauge("shop_queue_depth", "Messages waiting.", registry=registry).set(depth)
+        latency = Histogram(
+            "shop_handler_duration_seconds",
+            "Time in a handler.",
+            buckets=(0.001, 0.01, 0.1),
+            registry=registry,
+        )
+        for value in (0.0005, 0.002, 0.004, 0.05):
+            latency.observe(value)
+        export = MetricExport(
+            {"service.name": service, "service.instance.id": f"{service}-1"},
+            registry.collect,
+            endpoint=f"{live.url}/v1/metrics",
+            interval=3600,
+        )
+        # Its own loop, on a thread: Playwright's sync API holds this thread's.
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(asyncio.run, export.push()).result(30)
+
+    pushed("orders", 7, 3)
+    pushed("payments", 2, 0.5)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{live.url}/")
+        page.click("nav >> text=Metrics")
+        page.wait_for_url("**/series")
+        assert page.locator("section.metric-family").count() == 3
+        orders = page.locator("#m-shop_orders tr.series-row")
+        assert orders.count() == 2
+        page.select_option("#m-service", "orders")
+        page.click("#m-submit")
+        page.wait_for_url("**/series?service=orders*")
+        row = page.locator("#m-shop_orders tr.series-row")
+        assert row.count() == 1
+        assert "status=paid" in row.inner_text()
+        assert row.locator(".m-value").inner_text() == "7"
+        depth = page.locator("#m-shop_queue_depth .m-value").inner_text()
+        assert depth == "3"
+        histogram = page.locator("#m-shop_handler_duration_seconds tr.series-row").inner_text()
+        assert "4 observed" in histogram
+        assert "p50" in histogram
+        assert "p99" in histogram
+        page.fill("#m-name", "queue")
+        page.click("#m-submit")
+        page.wait_for_url("**/series?service=orders&name=queue*")
+        assert page.locator("section.metric-family").count() == 1
+        page.fill("#m-name", "nothing-like-this")
+        page.click("#m-submit")
+        page.wait_for_selector("#no-metrics")
+        assert "No metric matches" in page.locator("#no-metrics").inner_text()
+        assert not errors, errors
+    finally:
+        page.close()

@@ -440,6 +440,24 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
         )
         return HTMLResponse(page, status_code=400 if error and found is None else 200)
 
+    @api.get("/series", response_class=HTMLResponse, include_in_schema=False)
+    async def metrics_page(request: Request) -> HTMLResponse:
+        params = request.query_params
+        form = {k: params.get(k, "") for k in params}
+        metric_store = app.receiver.metrics
+        jobs: list[str] = []
+        families = None
+        if metric_store is not None:
+            # Off the loop: it waits for the lock an export holds, metric by metric.
+            jobs = await asyncio.to_thread(metric_store.jobs)
+            families = await asyncio.to_thread(
+                metric_store.view, form.get("service", ""), form.get("name", "")
+            )
+        page = _pages.metrics_page(
+            jobs=jobs, form=form, families=families, stats=await stats_or_none()
+        )
+        return HTMLResponse(page)
+
     @api.get("/traces/{trace_id}", response_class=HTMLResponse, include_in_schema=False)
     async def trace_page(trace_id: str) -> HTMLResponse:
         try:

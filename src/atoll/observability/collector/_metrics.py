@@ -148,6 +148,8 @@ class _Series:
     sum: float = 0.0
     count: int = 0
     quantiles: tuple[tuple[float, float], ...] = ()
+    #: A counter's increase per second between its last two points (``None``: not known).
+    rate: float | None = None
 
 
 @dataclass(slots=True)
@@ -325,9 +327,7 @@ class MetricStore(Collector):
             outcome.accepted += 1  # an older cumulative value (a retry): kept the newer
             return
         series.updated = now
-        if not delta:
-            series.time_ns = point.time_unix_nano
-        _take(series, kind, point, add=add)
+        _update(series, kind, point, add=add, delta=delta)
         outcome.accepted += 1
 
     def _expire(self, now: float) -> None:
@@ -344,6 +344,35 @@ class MetricStore(Collector):
         for target, (_, updated) in list(self._targets.items()):
             if updated < cutoff:
                 del self._targets[target]
+
+    def jobs(self) -> list[str]:
+        """The services (``job``) that have series now."""
+        with self._lock:
+            found = {
+                series.labels.get("job", "")
+                for family in self._families.values()
+                for series in family.series.values()
+            }
+        return sorted(found)
+
+    def view(self, job: str = "", text: str = "") -> list[FamilyView]:
+        """The families and series for the Metrics page: of ``job`` (any when empty), and
+        whose name holds ``text`` (any case); by name, each family's series by label."""
+        needle = text.strip().lower()
+        with self._lock:
+            self._expire(self.clock.time())
+            found = [
+                (f.name, f.kind, f.help, [_copy(s) for s in f.series.values()])
+                for f in self._families.values()
+                if needle in f.name.lower()
+            ]
+        views = []
+        for name, kind, text_help, series in sorted(found, key=lambda family: family[0]):
+            shown = [_view(name, kind, s) for s in series if not job or s.labels.get("job") == job]
+            if shown:
+                shown.sort(key=lambda v: (v.job, v.instance, sorted(v.labels.items())))
+                views.append(FamilyView(name, kind, text_help, tuple(shown)))
+        return views
 
     def collect(self) -> Iterator[Metric]:
         """The series as Prometheus metric families (prometheus_client's ``Collector``)."""
@@ -425,6 +454,105 @@ def _invalid(kind: str, point: Any) -> str | None:
     return None
 
 
+def _update(series: _Series, kind: str, point: Any, *, add: bool, delta: bool) -> None:
+    """A point into its series (and a counter's rate)."""
+    before, before_ns = series.value, series.time_ns
+    if not delta:
+        series.time_ns = point.time_unix_nano
+    _take(series, kind, point, add=add)
+    if kind == "counter":
+        series.rate = _rate(point, series.value, before, before_ns, delta=delta, new=not add)
+
+
+def _rate(
+    point: Any, value: float, before: float, before_ns: int, *, delta: bool, new: bool
+) -> float | None:
+    """A counter's increase per second: a delta point's over its own interval, a
+    cumulative one's since the point before (``None`` for the first, or after a reset)."""
+    if delta:
+        span = point.time_unix_nano - point.start_time_unix_nano
+        increase = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
+        return float(increase) / (span / 1e9) if span > 0 else None
+    span = int(point.time_unix_nano) - before_ns
+    if new or span <= 0 or value < before:
+        return None
+    return (value - before) / (span / 1e9)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesView:
+    """One series as the Metrics page shows it."""
+
+    job: str
+    instance: str
+    #: Its own labels (not job, instance or the scope's).
+    labels: dict[str, str]
+    updated: float
+    value: float | None = None
+    rate: float | None = None
+    count: int = 0
+    sum: float = 0.0
+    #: (quantile, value): a summary's own, a histogram's estimated from its buckets.
+    quantiles: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyView:
+    name: str
+    kind: str
+    help: str
+    series: tuple[SeriesView, ...]
+
+
+#: Labels the page shows apart from a series' own.
+_OWN_LABELS: Final = frozenset({"job", "instance", "otel_scope_name", "otel_scope_version"})
+#: The quantiles the page estimates for a histogram.
+_PAGE_QUANTILES: Final = (0.5, 0.9, 0.99)
+
+
+def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:
+    """The ``q`` quantile of a histogram, interpolated within its bucket as Prometheus'
+    ``histogram_quantile`` does (the highest finite bound when it falls in ``+Inf``)."""
+    total = sum(counts)
+    if not total or not bounds:
+        return None
+    rank = q * total
+    seen = 0
+    lower = 0.0 if bounds[0] > 0 else bounds[0]
+    for index, count in enumerate(counts):
+        if seen + count >= rank and count:
+            if index >= len(bounds):
+                return bounds[-1]
+            upper = bounds[index]
+            low = lower if index == 0 else bounds[index - 1]
+            return low + (upper - low) * (rank - seen) / count
+        seen += count
+    return bounds[-1]
+
+
+def _view(name: str, kind: str, series: _Series) -> SeriesView:
+    labels = {k: v for k, v in series.labels.items() if k not in _OWN_LABELS}
+    job, instance = series.labels.get("job", ""), series.labels.get("instance", "")
+    if kind in ("gauge", "counter"):
+        return SeriesView(job, instance, labels, series.updated, series.value, series.rate)
+    quantiles = series.quantiles
+    if kind == "histogram":
+        estimated = [
+            (q, histogram_quantile(q, series.bounds, series.counts)) for q in _PAGE_QUANTILES
+        ]
+        quantiles = tuple((q, v) for q, v in estimated if v is not None)
+    del name
+    return SeriesView(
+        job,
+        instance,
+        labels,
+        series.updated,
+        count=series.count,
+        sum=series.sum,
+        quantiles=quantiles,
+    )
+
+
 def _copy(series: _Series) -> _Series:
     return _Series(
         series.labels,
@@ -436,6 +564,7 @@ def _copy(series: _Series) -> _Series:
         series.sum,
         series.count,
         series.quantiles,
+        series.rate,
     )
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
+from atoll.observability.collector._metrics import FamilyView, SeriesView
 from atoll.observability.collector._store import (
     LogRecord,
     ServiceInfo,
@@ -147,7 +148,8 @@ def _layout(title: str, body: str, stats: StoreStats | None, *, page: str) -> st
 <header class="top">
   <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>atoll
     <span>traces</span></a>
-  <nav><a href="/">Search</a><a href="/logs">Logs</a><a href="/api/docs">API</a></nav>
+  <nav><a href="/">Search</a><a href="/logs">Logs</a><a href="/series">Metrics</a>
+    <a href="/api/docs">API</a></nav>
   <div class="store-stats">{footer}</div>
 </header>
 <main>
@@ -424,6 +426,123 @@ def logs_page(
             f"<tbody>{_log_rows(logs, color)}</tbody></table></section>"
         )
     return _layout("Logs", "".join(parts), stats, page="logs")
+
+
+# --- metrics -----------------------------------------------------------------------
+
+
+def format_number(value: float, name: str = "") -> str:
+    """A metric value for reading: durations for ``*_seconds``, sizes for ``*_bytes``,
+    whole numbers without decimals, others to four significant digits."""
+    if value != value:  # NaN  # noqa: PLR0124 - the portable NaN test
+        return "NaN"
+    if name.endswith("_seconds") and abs(value) < 3600:
+        return format_duration(round(value * 1e9))
+    if name.endswith("_bytes") and abs(value) >= 1024:
+        unit = "B"
+        for larger in ("KiB", "MiB", "GiB", "TiB"):
+            if abs(value) < 1024:
+                break
+            value /= 1024
+            unit = larger
+        return f"{value:.4g} {unit}"
+    if value == int(value) and abs(value) < 1e15:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def _series_value(kind: str, name: str, series: SeriesView) -> str:
+    if kind == "counter":
+        rate = (
+            f' <span class="m-rate">{series.rate:.3g}/s</span>' if series.rate is not None else ""
+        )
+        return f'<span class="m-value">{format_number(series.value or 0.0)}</span>{rate}'
+    if kind == "gauge":
+        return f'<span class="m-value">{format_number(series.value or 0.0, name)}</span>'
+    parts = [f'<span class="m-value">{format_number(series.count)}</span> observed']
+    if series.count:
+        parts.append(f"mean {format_number(series.sum / series.count, name)}")
+    parts += [
+        f'<span class="m-q">p{q * 100:g} {format_number(v, name)}</span>'
+        for q, v in series.quantiles
+    ]
+    return " · ".join(parts)
+
+
+def _family_html(family: FamilyView, color: Palette) -> str:
+    rows = []
+    for series in family.series:
+        labels = " ".join(
+            f'<span class="m-label">{_e(k)}=<b>{_e(v)}</b></span>'
+            for k, v in sorted(series.labels.items())
+        )
+        rows.append(
+            f'<tr class="series-row"><td>{_service_chip(color, series.job or "(none)")}'
+            f'<span class="m-instance mono">{_e(series.instance)}</span></td>'
+            f'<td class="m-labels">{labels or "<span class=none>none</span>"}</td>'
+            f'<td class="m-values">{_series_value(family.kind, family.name, series)}</td></tr>'
+        )
+    return (
+        f'<section class="metric-family" id="m-{_e(family.name)}" data-kind="{_e(family.kind)}">'
+        f'<h3><span class="mono">{_e(family.name)}</span>'
+        f'<span class="badge lvl">{_e(family.kind)}</span></h3>'
+        f'<p class="m-help">{_e(family.help)}</p>'
+        '<table class="traces metrics-table"><thead><tr><th>Service</th><th>Labels</th>'
+        f"<th>Value</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
+    )
+
+
+def metrics_page(
+    *,
+    jobs: Sequence[str],
+    form: dict[str, str],
+    families: Sequence[FamilyView] | None,
+    stats: StoreStats | None,
+) -> str:
+    """The latest value of every metric series received over OTLP (``families`` is
+    ``None`` when the collector takes no metrics): service and name filters; counters
+    with their rate, histograms with estimated quantiles."""
+    color = Palette(jobs)
+    service = form.get("service", "")
+    options = [_option("", "All services", service)]
+    options += [_option(job, job or "(none)", service) for job in jobs]
+    if service and service not in jobs:
+        options.append(_option(service, service, service))
+    parts = [
+        f"""
+<form class="search" method="get" action="/series" id="metric-search">
+  <label class="f-service">Service
+    <select name="service" id="m-service">{"".join(options)}</select></label>
+  <label class="f-attrs">Name
+    <input name="name" id="m-name" value="{_e(form.get("name", ""))}"
+      placeholder="a part of the metric's name" autocomplete="off" spellcheck="false"></label>
+  <button type="submit" id="m-submit">Show metrics</button>
+</form>"""
+    ]
+    if families is None:
+        parts.append(
+            '<p class="notice empty" id="no-metrics">This collector was started without'
+            " OTLP metrics (<code>--max-metric-series none</code>).</p>"
+        )
+    elif not families:
+        hint = (
+            "No metric matches. Choose another service or a shorter name."
+            if jobs
+            else "No metrics received yet. atoll services and the gateway push theirs"
+            " every 10 s under <code>atoll up</code>; for other programs, point an"
+            " OpenTelemetry metric exporter at <code>http://&lt;this host&gt;:4318/v1/metrics"
+            "</code> (OTLP/HTTP)."
+        )
+        parts.append(f'<p class="notice empty" id="no-metrics">{hint}</p>')
+    else:
+        count = sum(len(f.series) for f in families)
+        parts.append(
+            f'<section class="results" id="metric-results"><div class="results-head"><h2>'
+            f"{len(families)} metric{'s' if len(families) != 1 else ''}, {count} series</h2>"
+            '<span>latest values; <a href="/metrics">Prometheus format</a></span></div>'
+            f"{''.join(_family_html(f, color) for f in families)}</section>"
+        )
+    return _layout("Metrics", "".join(parts), stats, page="metrics")
 
 
 # --- waterfall -------------------------------------------------------------------
