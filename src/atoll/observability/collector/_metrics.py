@@ -531,8 +531,13 @@ def histogram_quantile(q: float, bounds: Sequence[float], counts: Sequence[int])
 
 
 def _view(name: str, kind: str, series: _Series) -> SeriesView:
-    labels = {k: v for k, v in series.labels.items() if k not in _OWN_LABELS}
     job, instance = series.labels.get("job", ""), series.labels.get("instance", "")
+    # atoll's own metrics name their service in a label too: the job says it already.
+    labels = {
+        k: v
+        for k, v in series.labels.items()
+        if k not in _OWN_LABELS and not (k == "service" and v == job)
+    }
     if kind in ("gauge", "counter"):
         return SeriesView(job, instance, labels, series.updated, series.value, series.rate)
     quantiles = series.quantiles
