@@ -819,3 +819,143 @@ async def test_rapid_reset_gets_enhance_your_calm(tmp_path, stub):
             assert (await fresh.get(url(gw, "/fresh"))).status_code == 200
         # The cancelled streams left nothing behind.
         await wait_until(lambda: gw.in_flight == 0, timeout=TIMEOUT, what="no request in flight")
+
+
+# --- what a review of the first version found -----------------------------------------
+
+
+def raw_unchecked(raw: RawH2) -> RawH2:
+    """Let ``raw`` send headers h2's own checks would refuse to send."""
+    raw.conn.config.validate_outbound_headers = False
+    raw.conn.config.normalize_outbound_headers = False
+    return raw
+
+
+async def test_a_graceful_stop_answers_the_streams_in_flight(tmp_path, stub):
+    """httpx's HTTP/2 client fails a stream still waiting when a GOAWAY comes: the
+    GOAWAY goes out with the last answer, and new streams are refused meanwhile."""
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, h2c_client() as client:
+        assert (await client.get(url(gw, "/warm"))).status_code == 200
+        stub.release.clear()
+        waiting = asyncio.create_task(client.get(url(gw, "/slow")))
+        await wait_until(lambda: gw.in_flight == 1, timeout=TIMEOUT, what="the slow request")
+        stopping = asyncio.create_task(gw.stop(drain_timeout=TIMEOUT))
+        await asyncio.sleep(0.1)
+        stub.release.set()
+        response = await waiting
+        assert response.status_code == 200
+        assert response.http_version == "HTTP/2"
+        await stopping
+
+
+async def test_a_client_goaway_still_gets_its_answers(tmp_path, stub):
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        stub.release.clear()
+        stream_id = await raw.request("/slow")
+        await wait_until(lambda: gw.in_flight == 1, timeout=TIMEOUT, what="the slow request")
+        await raw.send_raw(frame(0x7, 0, 0, struct.pack(">II", stream_id, 0)))
+        stub.release.set()
+        response = await raw.response(stream_id)
+        assert response.status == 200
+        assert response.ended
+        await raw.until_closed()  # and then the connection ends
+
+
+@pytest.mark.parametrize(
+    ("pseudo", "extra"),
+    [
+        ({":method": b"GET /internal/admin?"}, ()),
+        ({":path": b"/public/x HTTP/1.1"}, ()),
+        ({":path": b"/public/x?a b"}, ()),
+        ({":path": b"/public/x#fragment"}, ()),
+        ({":method": b"G\x01T"}, ()),
+        ({}, ((b"x-a", b"v\x01\x7f"),)),
+        ({}, ((b"x(a)", b"v"),)),
+    ],
+    ids=[
+        "method with a target",
+        "target with a version",
+        "space",
+        "fragment",
+        "control",
+        "control in a value",
+        "name not a token",
+    ],
+)
+async def test_what_would_break_the_upstream_request_line_is_a_400(tmp_path, stub, pseudo, extra):
+    """Method and target go into the HTTP/1.1 request line sent upstream: over HTTP/2 they
+    are refused as HTTP/1.1's parser refuses them, before any upstream call."""
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        raw_unchecked(raw)
+        headers = dict(raw.request_headers("/public/x"))
+        headers.update({k.encode(): v for k, v in pseudo.items()})
+        stream_id = raw.conn.get_next_available_stream_id()
+        raw.conn.send_headers(stream_id, [*headers.items(), *extra], end_stream=True)
+        await raw.flush()
+        response = await raw.response(stream_id)
+        assert response.status == 400, response.headers
+        assert json.loads(bytes(response.body))["status"] == 400
+        assert not stub.hits
+        # The connection goes on.
+        again = await raw.request("/public/ok")
+        assert (await raw.response(again)).status == 200
+
+
+async def test_streams_past_the_limit_are_refused_not_the_connection(tmp_path, stub):
+    config = h2_config(tmp_path, stub, server={"http2_max_streams": 4})
+    async with running_gateway(config) as gw, raw_h2(gw.port) as raw:
+        stub.release.clear()
+        held = [await raw.request(f"/held/{n}") for n in range(4)]
+        await wait_until(lambda: gw.in_flight == 4, timeout=TIMEOUT, what="four held requests")
+        extra = await raw.request("/one-too-many")
+        assert (await raw.response(extra)).reset == h2.errors.ErrorCodes.REFUSED_STREAM
+        stub.release.set()
+        for stream_id in held:
+            assert (await raw.response(stream_id)).status == 200
+        assert raw.terminated is None
+
+
+async def test_reset_streams_do_not_multiply_the_work_sent_upstream(tmp_path, stub):
+    """A stream the client resets keeps its place until its handler returns, so opening
+    and cancelling streams in a loop cannot put more requests upstream than the limit."""
+    config = h2_config(tmp_path, stub, server={"http2_max_streams": 10})
+    async with running_gateway(config) as gw, raw_h2(gw.port) as raw:
+        stub.release.clear()
+        headers = raw.request_headers("/flood")
+        for _ in range(90):
+            stream_id = raw.conn.get_next_available_stream_id()
+            raw.conn.send_headers(stream_id, headers, end_stream=True)
+            raw.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        await raw.flush()
+        await asyncio.sleep(0.3)
+        assert gw.in_flight <= 10
+        assert len(stub.hits) <= 10
+        stub.release.set()
+        await wait_until(lambda: gw.in_flight == 0, timeout=TIMEOUT, what="nothing in flight")
+
+
+async def test_a_client_that_never_opens_its_window_is_let_go(tmp_path, stub):
+    config = h2_config(tmp_path, stub, server={"idle_timeout": 0.5})
+    window = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    async with running_gateway(config) as gw, raw_h2(gw.port, settings=window) as raw:
+        stream_id = await raw.request("/big?size=300000")
+        await raw.until(lambda e: isinstance(e, h2.events.ResponseReceived))
+        await raw.until_closed(timeout=TIMEOUT)
+        assert gw.state.http2_terminated.get("stalled") == 1
+        await wait_until(lambda: gw.in_flight == 0, timeout=TIMEOUT, what="nothing in flight")
+        del stream_id
+
+
+async def test_a_larger_initial_window_lets_queued_data_go(tmp_path, stub):
+    window = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    async with (
+        running_gateway(h2_config(tmp_path, stub)) as gw,
+        raw_h2(gw.port, settings=window) as raw,
+    ):
+        stream_id = await raw.request("/hello")
+        await raw.until(lambda e: isinstance(e, h2.events.ResponseReceived))
+        raw.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65_535})
+        await raw.flush()
+        response = await raw.response(stream_id)
+        assert response.ended
+        assert json.loads(bytes(response.body))["path"] == "/hello"

@@ -17,16 +17,34 @@ for multiplexing and for clients that only speak it, not for speed.
 
 Limits and defences, per connection:
 
-* at most ``server.http2_max_streams`` streams at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+* at most ``server.http2_max_streams`` requests handled at once (announced as
+  SETTINGS_MAX_CONCURRENT_STREAMS): a stream beyond them, or one opened while a reset
+  stream's handler still runs, is refused (RST_STREAM REFUSED_STREAM), so resetting
+  streams does not multiply the work sent upstream;
 * request header fields over ``server.max_header_bytes`` get a 431 on their stream, a
-  target over ``server.max_url_bytes`` a 414; HPACK's own list limit and h2's cap on
-  CONTINUATION frames end the connection before either;
-* a request body is flow-controlled: a stream's window is only re-opened as its handler
-  reads, so a slow upstream cannot make the gateway buffer more than a window;
-* "rapid reset" (CVE-2023-44487) and its server-provoked variant: a connection whose
-  streams end in RST_STREAM more often than they are answered, past a threshold, gets a
-  GOAWAY with ENHANCE_YOUR_CALM and is closed;
+  target over ``server.max_url_bytes`` a 414, a method that is not a token or a target
+  with spaces, controls or a fragment a 400 (they would end up in the upstream request
+  line); HPACK's list limit and h2's cap on CONTINUATION frames end the connection;
+* a frame announced over the maximum frame size ends the connection on its 9-byte
+  header (h2 looks only once all of it has come);
+* request bodies are flow-controlled by consumption: a stream's window and the
+  connection's are re-opened only as the handler takes the bytes, so a connection holds
+  at most the connection window (1 MiB) of unread request bodies;
+* "rapid reset" (CVE-2023-44487): resets of unanswered streams are scored, the score
+  halving every 10 s; past 300 (about 20 resets a second, kept up) the connection gets
+  GOAWAY ENHANCE_YOUR_CALM and is closed;
+* reading stops while the connection's write buffer is full, so a client that floods
+  PINGs or SETTINGS and never reads cannot make the gateway queue their answers
+  without bound (CVE-2019-9512, 9515);
+* a connection whose answers wait for a window the client never opens is closed after
+  ``server.idle_timeout``;
 * a protocol error ends the connection with GOAWAY (h2 picks the error code).
+
+Shutdown, idle sweeps and trust changes refuse new streams, and once the open ones are
+answered send a graceful GOAWAY (written here, not by h2, whose state machine would send
+nothing more after it) and close; see :meth:`H2Session.go_away` for why the GOAWAY comes
+last. A client's own GOAWAY is filtered out before h2 sees it, for the same reason, and
+its open streams are answered before the connection ends.
 """
 
 from __future__ import annotations
@@ -34,17 +52,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 import httptools
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
-    ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -52,6 +71,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from atoll.gateway._server import (
     BODY_HIGH_WATER,
@@ -67,35 +87,55 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("atoll.gateway")
 
-#: The connection's receive window: room for several streams' bodies at once.
+#: The connection's receive window: unread request bodies of all its streams, at most.
 _CONNECTION_WINDOW: Final = 4 * BODY_HIGH_WATER
+#: Consumed request body bytes are given back to the client's windows in steps this big.
+_WINDOW_STEP: Final = 16 * 1024
 #: Response body bytes queued on a stream (waiting for the client's window) beyond which
 #: the producer is asked to wait (``writable``).
 _OUT_HIGH_WATER: Final = 64 * 1024
-#: Rapid reset: resets of unanswered streams tolerated on one connection, and the share
-#: of its streams they may be, before it is closed with ENHANCE_YOUR_CALM.
-_MAX_RESETS: Final = 100
+#: Rapid reset: the score of resets of unanswered streams that ends a connection, and
+#: the seconds in which the score halves.
+_RESET_LIMIT: Final = 300.0
+_RESET_HALF_LIFE: Final = 10.0
+#: What h2 itself enforces as SETTINGS_MAX_CONCURRENT_STREAMS (a connection error past
+#: it): a backstop far above what the gateway announces and enforces stream by stream.
+_PROVISIONAL_MAX_STREAMS: Final = 1000
+_GOAWAY: Final = 0x7  # the frame type, filtered out before h2 sees it (see _filter)
 #: HTTP/1.1 response fields that HTTP/2 forbids (RFC 9113 8.2.2).
 _CONNECTION_FIELDS: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 #: Status codes whose responses have no body.
 _NO_BODY: Final = frozenset({204, 304})
+#: A method is a token (RFC 9110 5.6.2); a target has no spaces, controls or fragment
+#: (what HTTP/1.1's parser refuses), as it goes into the upstream's request line.
+_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TARGET: Final = re.compile(rb"(?:/[\x21-\x22\x24-\x7e\x80-\xff]*|\*)\Z")
+#: A field name is a token; a value holds no control characters but HTAB (RFC 9110 5.5),
+#: as HTTP/1.1's parser has it (h2 checks only CR, LF and NUL).
+_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class H2Session:
     """HTTP/2 on one client connection (see the module docstring)."""
 
     __slots__ = (
-        "_conn_unacked",
-        "_finished",
+        "_active",
         "_frame_head",
         "_frame_left",
+        "_goaway_frame",
+        "_goaway_seen",
         "_going_away",
-        "_resets",
+        "_read_paused",
+        "_reset_at",
+        "_reset_score",
+        "_stalled_since",
         "closed",
         "conn",
         "h2",
+        "loop",
         "state",
         "streams",
         "transport",
@@ -105,32 +145,46 @@ class H2Session:
         self.conn = conn
         self.state: ServerState = conn.state
         self.transport = conn.transport
+        self.loop = asyncio.get_running_loop()
         h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        header_limit = 2 * self.state.max_header_bytes + 4096  # fields get their own 431
         h2.local_settings = Settings(
             client=False,
             initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: self.state.http2_max_streams,
+                SettingCodes.MAX_CONCURRENT_STREAMS: _PROVISIONAL_MAX_STREAMS,
                 SettingCodes.INITIAL_WINDOW_SIZE: BODY_HIGH_WATER,
-                # Room for the fields (which get their own 431) and HPACK's overhead.
-                SettingCodes.MAX_HEADER_LIST_SIZE: 2 * self.state.max_header_bytes + 4096,
+                SettingCodes.MAX_HEADER_LIST_SIZE: header_limit,
             },
         )
+        h2.decoder.max_header_list_size = header_limit
         h2.initiate_connection()
         h2.increment_flow_control_window(_CONNECTION_WINDOW - 65_535)
         self.h2 = h2
         self.streams: dict[int, H2Stream] = {}
-        self._conn_unacked = 0
-        #: Frame boundaries, followed here because h2 checks a frame's length only once
-        #: all of it has arrived: bytes left of the preface or of the current frame, and
-        #: a frame header read in part.
+        #: Handlers running (a reset stream's too, until it returns).
+        self._active = 0
+        #: Frame boundaries, followed here (see _filter): bytes left of the preface or of
+        #: the current frame, a frame header read in part, and whether the current frame
+        #: is a GOAWAY (kept from h2).
         self._frame_left = len(PREFACE)
         self._frame_head = b""
-        self._resets = 0
-        self._finished = 0
+        self._goaway_frame = False
+        self._goaway_seen = False
+        self._reset_score = 0.0
+        self._reset_at = self.loop.time()
         self._going_away = False
+        self._read_paused = False
+        #: Since when answers have waited for a window the client does not open.
+        self._stalled_since: float | None = None
         self.closed = False
         self.state.http2_connections += 1
         self.flush()
+        # The limit the client is told, in a SETTINGS frame of its own after h2's: h2
+        # would make a stream past it a connection error once acknowledged, where RFC
+        # 9113 5.1.2 asks for a stream error. The handler count refuses those streams.
+        announce = SettingsFrame(0)
+        announce.settings = {SettingCodes.MAX_CONCURRENT_STREAMS: self.state.http2_max_streams}
+        self.transport.write(announce.serialize())
 
     # -- input ------------------------------------------------------------------------
 
@@ -141,12 +195,13 @@ class H2Session:
             return
         if self.closed:
             return
-        if not self._frames_fit(data):
+        kept = self._filter(data)
+        if kept is None:
             log.info("gateway: an HTTP/2 client announced a frame over the maximum size")
             self._terminate(ErrorCodes.FRAME_SIZE_ERROR)
             return
         try:
-            events = self.h2.receive_data(data)
+            events = self.h2.receive_data(kept)
         except ProtocolError as exc:
             log.info("gateway: an HTTP/2 client broke the protocol: %s", exc)
             self._terminate(exc.error_code)
@@ -155,32 +210,55 @@ class H2Session:
             self._event(event)
             if self._ended():
                 return
-        self.conn.last_active = self.conn._loop.time()
+        if self._goaway_seen:
+            # Its streams up to the GOAWAY are answered; it opens no more.
+            self._goaway_seen = False
+            self._going_away = True
+            if not self.streams:
+                self.close()
+                return
+        self.conn.last_active = self.loop.time()
         self.flush()
 
-    def _frames_fit(self, data: bytes) -> bool:
-        """Whether every frame header in ``data`` announces at most the frame size the
-        gateway takes: refused on its 9-byte header, a frame does not get to make the
-        gateway buffer up to 16 MiB before h2 looks at it."""
+    def _filter(self, data: bytes) -> bytes | None:
+        """``data`` without GOAWAY frames, which are noted here instead; ``None`` if a
+        frame header announces more than the maximum frame size.
+
+        h2 checks a frame's length only once all of it has arrived (so a client could make
+        the gateway buffer 16 MiB per connection), and after a client's GOAWAY its state
+        machine refuses to send anything, even the answers to the streams in progress
+        that RFC 9113 6.8 says still get them.
+        """
         limit = self.h2.max_inbound_frame_size
+        kept: list[bytes] = []
         offset, size = 0, len(data)
         while offset < size:
             if self._frame_left:
                 step = min(self._frame_left, size - offset)
+                if not self._goaway_frame:
+                    kept.append(data[offset : offset + step])
                 self._frame_left -= step
                 offset += step
+                if not self._frame_left and self._goaway_frame:
+                    self._goaway_frame = False
+                    self._goaway_seen = True
                 continue
             need = 9 - len(self._frame_head)
             self._frame_head += data[offset : offset + need]
             offset += need
             if len(self._frame_head) < 9:
-                return True
-            length = int.from_bytes(self._frame_head[:3], "big")
+                break
+            head, self._frame_head = self._frame_head, b""
+            length = int.from_bytes(head[:3], "big")
             if length > limit:
-                return False
+                return None
+            if head[3] == _GOAWAY and head[5:9] == b"\0\0\0\0":
+                self._goaway_frame = bool(length)
+                self._goaway_seen = not length
+            else:
+                kept.append(head)
             self._frame_left = length
-            self._frame_head = b""
-        return True
+        return b"".join(kept)
 
     def _ended(self) -> bool:
         # A method, not the attribute: an event handler may have closed the session.
@@ -195,21 +273,23 @@ class H2Session:
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.request is not None:
                 stream.request.body._end()
-        elif isinstance(event, WindowUpdated):
-            self._window_opened(event.stream_id)
+        elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
+            # A larger SETTINGS_INITIAL_WINDOW_SIZE opens every stream's window too.
+            self._window_opened(getattr(event, "stream_id", 0))
         elif isinstance(event, StreamReset):
             self._reset_by_client(event.stream_id)
-        elif isinstance(event, ConnectionTerminated):
-            self._going_away = True
-            if not self.streams:
-                self.close()
-        # Trailers are not forwarded (StreamEnded follows them); settings, pings and
-        # priorities h2 answers itself.
+        # Trailers are not forwarded (StreamEnded follows them); pings and priorities
+        # h2 answers itself.
 
     def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
-        if self._going_away or self.state.closing:
-            self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        if self._going_away or self.state.closing or self._active >= self.state.http2_max_streams:
+            with contextlib.suppress(H2Error):  # the client may have reset it already
+                self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            if self._active >= self.state.http2_max_streams:
+                # Past the limit it was told (or while reset streams' handlers run):
+                # scored as a reset, so opening and cancelling in a loop still ends.
+                self._count_reset()
             return
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
@@ -229,7 +309,8 @@ class H2Session:
         if not ended and request.content_length is None:
             request.chunked = True  # forwarded upstream in chunked encoding
         stream.responding = request
-        self.conn._loop.create_task(self._run(stream, request))
+        self._active += 1
+        self.loop.create_task(self._run(stream, request))
 
     async def _run(self, stream: H2Stream, request: Request) -> None:
         try:
@@ -238,6 +319,7 @@ class H2Session:
             log.exception("gateway handler failed (HTTP/2)")
             stream.abort()
         finally:
+            self._active -= 1
             stream.finish(request)
 
     def _refuse(self, stream: H2Stream, request: Request, exc: RequestError) -> None:
@@ -247,24 +329,25 @@ class H2Session:
 
     def _data(self, event: DataReceived) -> None:
         length = event.flow_controlled_length
-        self._conn_unacked += length
-        if self._conn_unacked >= _CONNECTION_WINDOW // 2:
-            self.h2.increment_flow_control_window(self._conn_unacked)
-            self._conn_unacked = 0
+        data = event.data or b""
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.request is None or stream.body_done:
-            return  # a stream already answered (or refused): its body is not wanted
-        try:
-            stream.request.body._feed(event.data)
-        except RequestError as exc:
-            stream.request.body._fail(exc)
+            self.give_back(length)  # nobody will read it: the connection's window reopens
             return
-        stream.unacked += length
-        # Re-opened in steps, not per frame; the body's own high-water mark pauses it.
-        if not stream.reading_paused and stream.unacked >= BODY_HIGH_WATER // 4:
-            stream.open_window()
+        padding = length - len(data)
+        if padding:
+            stream.give_back(padding)
+        stream.request.body._feed(data)
+
+    def give_back(self, length: int, stream_id: int | None = None) -> None:
+        """Re-open the client's window (the connection's, or a stream's) by ``length``."""
+        if length <= 0 or self.closed:
+            return
+        with contextlib.suppress(H2Error):  # a stream that ended meanwhile
+            self.h2.increment_flow_control_window(length, stream_id)
 
     def _window_opened(self, stream_id: int) -> None:
+        self._stalled_since = None
         if stream_id:
             stream = self.streams.get(stream_id)
             if stream is not None:
@@ -273,24 +356,27 @@ class H2Session:
             for stream in list(self.streams.values()):
                 stream.send_queued()
 
+    def stalled(self) -> None:
+        """An answer waits for the client's window."""
+        if self._stalled_since is None:
+            self._stalled_since = self.loop.time()
+
     def _reset_by_client(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:
             return
         if not stream.answered:
-            self.count_reset()
+            self._count_reset()
         stream.reset_by_peer()
 
-    def count_reset(self) -> None:
-        """A stream ended in RST_STREAM before its answer: too many, and too large a
-        share of the connection's streams, is an attack (rapid reset)."""
-        self._resets += 1
-        if self._resets > _MAX_RESETS and self._resets > self._finished:
-            log.warning(
-                "gateway: an HTTP/2 client reset %d streams (answered %d); closing it",
-                self._resets,
-                self._finished,
-            )
+    def _count_reset(self) -> None:
+        """A client reset a stream before its answer: many, kept up, is an attack."""
+        now = self.loop.time()
+        decay = 0.5 ** ((now - self._reset_at) / _RESET_HALF_LIFE)
+        self._reset_score = self._reset_score * decay + 1.0
+        self._reset_at = now
+        if self._reset_score > _RESET_LIMIT:
+            log.warning("gateway: an HTTP/2 client resets streams as fast as it opens them")
             self._terminate(ErrorCodes.ENHANCE_YOUR_CALM)
 
     # -- output -------------------------------------------------------------------------
@@ -302,47 +388,76 @@ class H2Session:
 
     def stream_done(self, stream: H2Stream) -> None:
         """Both sides of ``stream`` are over: forget it."""
-        if self.streams.pop(stream.stream_id, None) is not None:
-            if stream.answered:
-                self._finished += 1
-            if self._going_away and not self.streams:
-                self.close()
+        if self.streams.pop(stream.stream_id, None) is None:
+            return
+        stream.release()
+        self.conn.last_active = self.loop.time()
+        if self._going_away and not self.streams:
+            self.close()
+
+    def pause_reading(self) -> None:
+        """The write buffer is full: read nothing more until it drains."""
+        if not self._read_paused and not self.closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
 
     # -- the connection's life ----------------------------------------------------------
 
     def go_away(self) -> None:
-        """No new streams; close once the open ones are answered (graceful GOAWAY)."""
+        """No new streams; once the open ones are answered, GOAWAY and close.
+
+        RFC 9113 6.8 has a server send GOAWAY first and answer the streams it names
+        afterwards, but httpx's HTTP/2 client (httpcore) fails every stream still waiting
+        for its answer once a GOAWAY arrives. So the GOAWAY goes out with the last
+        answer; meanwhile new streams are refused (REFUSED_STREAM, which a client may
+        retry elsewhere), as they would be after a GOAWAY.
+        """
         if self._going_away or self.closed:
             return
         self._going_away = True
-        self.h2.close_connection(ErrorCodes.NO_ERROR)
-        self.flush()
         if not self.streams:
             self.close()
 
     def close_if_idle_since(self, before: float) -> None:
+        """The idle sweep: close a connection with no streams since ``before``, or one
+        whose answers have waited for the client's window since then."""
         if not self.streams and self.conn.last_active < before:
             self.go_away()
+        elif self._stalled_since is not None and self._stalled_since < before:
+            log.info("gateway: an HTTP/2 client has not opened its window; closing it")
+            self._terminate(ErrorCodes.NO_ERROR, reason="stalled")
 
     def close(self) -> None:
-        """Close the connection (what is written still goes out)."""
+        """Close the connection with a graceful GOAWAY (what is written still goes out)."""
         if not self.closed:
             self.flush()
+            # Written here, not by h2: its state machine sends nothing more after one.
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.h2.highest_inbound_stream_id
+            frame.error_code = ErrorCodes.NO_ERROR
+            self.transport.write(frame.serialize())
             self.closed = True
             self.conn.close()
 
-    def _terminate(self, error_code: int) -> None:
+    def _terminate(self, error_code: int, reason: str | None = None) -> None:
         """End the connection at once with GOAWAY ``error_code``."""
         if self.closed:
             return
-        try:
-            reason = ErrorCodes(error_code).name.lower()
-        except ValueError:
-            reason = f"0x{error_code:x}"
+        if reason is None:
+            try:
+                reason = ErrorCodes(error_code).name.lower()
+            except ValueError:
+                reason = f"0x{error_code:x}"
         terminated = self.state.http2_terminated
         terminated[reason] = terminated.get(reason, 0) + 1
-        with contextlib.suppress(H2Error):
-            self.h2.close_connection(error_code)
+        if self.h2.state_machine.state is not ConnectionState.CLOSED:  # h2 may have sent one
+            with contextlib.suppress(H2Error):
+                self.h2.close_connection(error_code)
         self.flush()
         self.closed = True
         self._fail_streams(ConnectionResetError("the HTTP/2 connection was closed"))
@@ -368,6 +483,7 @@ class H2Stream:
         "_out",
         "_out_size",
         "_parser",
+        "_returned",
         "_skip",
         "answered",
         "body_done",
@@ -376,13 +492,11 @@ class H2Stream:
         "method",
         "path",
         "peer",
-        "reading_paused",
         "request",
         "responding",
         "session",
         "state",
         "stream_id",
-        "unacked",
     )
 
     def __init__(self, session: H2Session, stream_id: int) -> None:
@@ -400,10 +514,10 @@ class H2Stream:
         #: The request body is no longer wanted (answered early, or reset).
         self.body_done = False
         self.head_sent = False
-        self.reading_paused = False
-        self.unacked = 0
+        #: Request body bytes given back to the client's windows (see _resume_reading).
+        self._returned = 0
         self._parser = httptools.HttpResponseParser(self)
-        self._skip = False  # an informational (1xx) response being parsed: not sent
+        self._skip = False  # an informational (1xx) response being parsed
         self._fields: list[tuple[bytes, bytes]] = []
         self._out: deque[bytes] = deque()
         self._out_size = 0
@@ -444,22 +558,37 @@ class H2Stream:
     # -- the request body's flow control ------------------------------------------------
 
     def _pause_reading(self) -> None:
-        self.reading_paused = True
+        pass  # the client's window is what holds it back: reopened only as bytes are read
 
     def _resume_reading(self) -> None:
-        if self.reading_paused:
-            self.reading_paused = False
-            self.open_window()
+        """The handler took body bytes (Body calls this): give them back to the client's
+        windows, the stream's and the connection's, in steps."""
+        request = self.request
+        if request is None or self.body_done:
+            return
+        body = request.body
+        taken = body.received - body._size
+        step = taken - self._returned
+        if step >= _WINDOW_STEP or (step > 0 and body.complete):
+            self._returned = taken
+            self.session.give_back(step)
+            if not body.complete:
+                self.session.give_back(step, self.stream_id)
             self.session.flush()
 
-    def open_window(self) -> None:
-        """Let the client send as much again as the handler has taken (or will take)."""
-        if self.unacked and not self.body_done and not self.closed:
-            try:
-                self.session.h2.increment_flow_control_window(self.unacked, self.stream_id)
-            except H2Error:
-                return  # the stream ended meanwhile
-            self.unacked = 0
+    def give_back(self, length: int) -> None:
+        """Padding: nobody reads it, so both windows reopen at once."""
+        self.session.give_back(length)
+        self.session.give_back(length, self.stream_id)
+
+    def release(self) -> None:
+        """The stream is over: what its handler never read goes back to the connection's
+        window."""
+        request = self.request
+        if request is None or request.body.received <= self._returned:
+            return
+        unread, self._returned = request.body.received - self._returned, request.body.received
+        self.session.give_back(unread)
 
     # -- the response: HTTP/1.1 bytes in, frames out -------------------------------------
 
@@ -480,28 +609,39 @@ class H2Stream:
         self._skip = False
         self._fields = []
 
-    def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if status < 200:
-            self._skip = True  # 100 Continue and the like: HTTP/2 clients need none
-            self._fields = []
-            return
-        headers = [(b":status", str(status).encode())]
-        headers += [(name, value) for name, value in self._fields if name not in _CONNECTION_FIELDS]
-        self._fields = []
-        head_only = self.method == b"HEAD" or status in _NO_BODY
-        try:
-            self.session.h2.send_headers(self.stream_id, headers, end_stream=head_only)
-        except H2Error:
-            self.closed = True
-            return
-        self.head_sent = True
-        if head_only:
-            self._answered()
-            self._sent_all()
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        fields, self._fields = self._fields, []
+        if status < 200:
+            self._skip = True
+            if status != 101:  # 100 Continue, 103 Early Hints: informational HEADERS
+                self._send_head([(b":status", str(status).encode())], end=False)
+            return
+        headers = [(b":status", str(status).encode())]
+        empty = False
+        for name, value in fields:
+            if name in _CONNECTION_FIELDS:
+                continue
+            if name == b"content-length" and value == b"0":
+                empty = True
+            headers.append((name, value))
+        head_only = self.method == b"HEAD" or status in _NO_BODY or empty
+        if self._send_head(headers, end=head_only):
+            self.head_sent = True
+            if head_only:
+                self._answered()
+                self._sent_all()
+
+    def _send_head(self, headers: list[tuple[bytes, bytes]], *, end: bool) -> bool:
+        try:
+            self.session.h2.send_headers(self.stream_id, headers, end_stream=end)
+        except H2Error:
+            self._broken()
+            return False
+        return True
 
     def on_body(self, body: bytes) -> None:
         if self._skip or self.answered:
@@ -532,6 +672,7 @@ class H2Stream:
                     h2.local_flow_control_window(self.stream_id), h2.max_outbound_frame_size
                 )
                 if window <= 0:
+                    self.session.stalled()
                     break
                 chunk = self._out[0]
                 if len(chunk) <= window:
@@ -540,14 +681,17 @@ class H2Stream:
                     self._out[0] = chunk[window:]
                     chunk = chunk[:window]
                 self._out_size -= len(chunk)
-                h2.send_data(self.stream_id, chunk)
+                last = not self._out and self._end_queued
+                h2.send_data(self.stream_id, chunk, end_stream=last)
+                if last:
+                    self._end_queued = False
+                    self._sent_all()
             if not self._out and self._end_queued:
                 self._end_queued = False
-                h2.end_stream(self.stream_id)
+                h2.end_stream(self.stream_id)  # an empty body of unknown length
                 self._sent_all()
         except H2Error:
-            self.closed = True
-            self._wake(ConnectionResetError("the HTTP/2 stream was closed"))
+            self._broken()
             return
         if self._out_size <= _OUT_HIGH_WATER:
             self._wake(None)
@@ -561,15 +705,26 @@ class H2Stream:
         if self.responding is None:
             self.session.stream_done(self)
 
+    def _broken(self) -> None:
+        """h2 refused to send on the stream (it ended meanwhile): give up on it."""
+        self.lost(ConnectionResetError("the HTTP/2 stream was closed"))
+        if self.responding is None:
+            self.session.stream_done(self)
+
     @property
     def writable(self) -> asyncio.Future[None] | None:
-        """A future to await while the client reads slower than the gateway writes."""
+        """A future to await while the client reads slower than the gateway writes; one
+        that fails once the stream is gone, so a producer stops."""
+        if self.closed:
+            gone: asyncio.Future[None] = self.session.loop.create_future()
+            gone.set_exception(ConnectionResetError("the HTTP/2 stream was closed"))
+            return gone
         paused = self.session.conn.writable
         if paused is not None:
             return paused
-        if self._out_size > _OUT_HIGH_WATER and not self.closed:
+        if self._out_size > _OUT_HIGH_WATER:
             if self._drain is None or self._drain.done():
-                self._drain = asyncio.get_running_loop().create_future()
+                self._drain = self.session.loop.create_future()
             return self._drain
         return None
 
@@ -580,6 +735,7 @@ class H2Stream:
                 drain.set_result(None)
             else:
                 drain.set_exception(error)
+                drain.exception()  # marked as seen: a producer may never await it
         self._drain = None
 
     # -- the end of the stream ----------------------------------------------------------
@@ -609,36 +765,24 @@ class H2Stream:
         """Reset the stream at once."""
         if self.closed:
             return
-        self.closed = True
-        self.body_done = True
-        self._out.clear()
-        self._out_size = 0
-        self._wake(ConnectionResetError("the HTTP/2 stream was reset"))
         with contextlib.suppress(H2Error):
             self.session.h2.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
         self.session.flush()
-        if self.request is not None and not self.request.body.complete:
-            self.request.body._fail(ConnectionResetError("the HTTP/2 stream was reset"))
-        if not self.answered:
-            self.session.count_reset()
+        self.lost(ConnectionResetError("the HTTP/2 stream was reset"))
         if self.responding is None:
             self.session.stream_done(self)
 
     def reset_by_peer(self) -> None:
-        self.closed = True
-        self.body_done = True
-        self._out.clear()
-        self._out_size = 0
-        error = ConnectionResetError("the client reset the HTTP/2 stream")
-        self._wake(error)
-        if self.request is not None and not self.request.body.complete:
-            self.request.body._fail(error)
+        self.lost(ConnectionResetError("the client reset the HTTP/2 stream"))
         if self.responding is None:
             self.session.stream_done(self)
 
     def lost(self, error: BaseException) -> None:
-        """The connection is gone."""
+        """The stream (or the connection) is gone: producers and readers are told."""
         self.closed = True
+        self.body_done = True
+        self._out.clear()
+        self._out_size = 0
         self._wake(error)
         if self.request is not None and not self.request.body.complete:
             self.request.body._fail(error)
@@ -672,7 +816,7 @@ def _request_head(
                 authority = value
         elif name == b"cookie":
             cookies.append(value)
-        elif name != b"host" or not authority:
+        else:
             fields.append((name, value))
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))
@@ -691,9 +835,29 @@ def _refusal(
         return RequestError(431, "the request's header fields are too large")
     if len(request.raw_path) > state.max_url_bytes:
         return RequestError(414, "the request target is too long")
+    return _line_refusal(request) or _field_refusal(request, fields)
+
+
+def _line_refusal(request: Request) -> RequestError | None:
+    """Method and target go into the upstream's request line: refused as HTTP/1.1's
+    parser refuses them."""
+    if not _METHOD.match(request.method):
+        return RequestError(400, "the method is not a token")
     if request.method == b"CONNECT":
         return RequestError(501, "CONNECT is not supported")
+    if not _TARGET.match(request.raw_path):
+        return RequestError(
+            400, "the target must be a path without spaces, control characters or fragment"
+        )
+    return None
+
+
+def _field_refusal(request: Request, fields: list[tuple[bytes, bytes]]) -> RequestError | None:
     for name, value in fields:
+        if not _NAME.match(name):
+            return RequestError(400, "a header field name is not a token")
+        if _BAD_VALUE.search(value):
+            return RequestError(400, "a header field value holds control characters")
         if name == b"content-length":
             if request.content_length is not None or not value.isdigit():
                 return RequestError(400, "a bad or repeated Content-Length")

@@ -200,8 +200,9 @@ def _http2_counters(gateway: Gateway) -> Iterator[Metric]:
     )
     terminated = CounterMetricFamily(
         "atoll_gateway_http2_terminated",
-        "HTTP/2 connections the gateway ended with GOAWAY for an error, by its code"
-        " (enhance_your_calm: rapid reset)",
+        "HTTP/2 connections the gateway ended for an error, by its GOAWAY code"
+        " (enhance_your_calm: rapid reset or a header list over the limit; stalled: the"
+        " client never opened its window)",
         labels=["error"],
     )
     for error, count in sorted(state.http2_terminated.items()):

@@ -421,6 +421,7 @@ class Connection(asyncio.Protocol):
         writable = self._writable
         if writable is not None and not writable.done():
             writable.set_exception(error)
+            writable.exception()  # marked as seen: no producer may be waiting on it
         if self.upgraded is not None:
             self.upgraded(b"")
 
@@ -475,6 +476,8 @@ class Connection(asyncio.Protocol):
         if self.peer_transport is not None:  # spliced (WebSocket): slow the other side
             self.peer_transport.pause_reading()
             return
+        if self.h2 is not None:
+            self.h2.pause_reading()  # no more frames to answer (PINGs) until it drains
         if self._writable is None or self._writable.done():
             self._writable = self._loop.create_future()
 
@@ -482,6 +485,8 @@ class Connection(asyncio.Protocol):
         if self.peer_transport is not None:
             self.peer_transport.resume_reading()
             return
+        if self.h2 is not None:
+            self.h2.resume_reading()
         writable = self._writable
         if writable is not None and not writable.done():
             writable.set_result(None)
