@@ -46,7 +46,6 @@ from prometheus_client.metrics_core import Metric
 
 from atoll._version import __version__
 from atoll.determinism import Clock, SystemClock
-from atoll.observability._otlp import env_int
 from atoll.observability._tracing import otlp_signal_endpoint
 
 log = logging.getLogger("atoll.observability")
@@ -61,6 +60,20 @@ _LOG_EVERY: Final = 60.0
 def otlp_metrics_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
     """The metrics endpoint the standard OpenTelemetry variables name, if any."""
     return otlp_signal_endpoint("metrics", environ)
+
+
+def export_interval(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between two pushes: ``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds, a
+    positive integer) or the standard's 60 s. (Read here, not through ``_otlp``, which
+    needs the SDK: a service without the ``otel`` extra imports this module too.)"""
+    env = os.environ if environ is None else environ
+    raw = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+    try:
+        value = int(raw) if raw else DEFAULT_INTERVAL_MS
+    except ValueError:
+        log.warning("OTEL_METRIC_EXPORT_INTERVAL=%r is not an integer; using 60 s", raw)
+        value = DEFAULT_INTERVAL_MS
+    return (value if value > 0 else DEFAULT_INTERVAL_MS) / 1000
 
 
 def service_resource(service: str) -> dict[str, object]:
@@ -254,11 +267,7 @@ class MetricExport:
         self.collect = collect
         self.refresh = refresh
         self.clock: Clock = clock or SystemClock()
-        self.interval = (
-            interval
-            if interval is not None
-            else env_int("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_INTERVAL_MS) / 1000
-        )
+        self.interval = interval if interval is not None else export_interval()
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # noqa: PLC0415 - otel extra
                 OTLPMetricExporter,

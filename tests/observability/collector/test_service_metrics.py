@@ -26,6 +26,7 @@ from atoll.determinism import VirtualClock
 from atoll.observability._metric_export import (
     MetricExport,
     encode_metrics,
+    export_interval,
     otlp_metrics_endpoint,
     service_resource,
 )
@@ -116,6 +117,13 @@ def test_the_metrics_endpoint_follows_the_standard_variables():
     assert otlp_metrics_endpoint({**base, "OTEL_METRICS_EXPORTER": "none"}) is None
     assert otlp_metrics_endpoint({**base, "OTEL_SDK_DISABLED": "true"}) is None
     assert otlp_metrics_endpoint({}) is None
+
+
+def test_the_push_interval_follows_the_standard_variable():
+    assert export_interval({}) == 60.0
+    assert export_interval({"OTEL_METRIC_EXPORT_INTERVAL": "100"}) == 0.1
+    assert export_interval({"OTEL_METRIC_EXPORT_INTERVAL": "soon"}) == 60.0
+    assert export_interval({"OTEL_METRIC_EXPORT_INTERVAL": "-5"}) == 60.0
 
 
 def test_each_process_is_its_own_instance():
