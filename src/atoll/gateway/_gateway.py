@@ -1085,16 +1085,7 @@ class Gateway:
             if body is not None and len(body) > limit:
                 # A chunked (or HTTP/2) body that arrived whole with its head: no
                 # Content-Length was there to refuse it by, and no stream will count it.
-                self._send_problem(
-                    request,
-                    route,
-                    413,
-                    f"the request body is larger than {limit} bytes",
-                    rid,
-                    close=True,
-                    cors=extra,
-                )
-                return 413
+                return self._too_large(request, route, limit, rid, extra)
         elif request.content_length is not None and request.content_length <= _BUFFER_BODY:
             try:
                 body = await request.body.read()
@@ -1172,16 +1163,7 @@ class Gateway:
             )
             return 504
         except BodyTooLargeError:
-            self._send_problem(
-                request,
-                route,
-                413,
-                f"the request body is larger than {limit} bytes",
-                rid,
-                close=True,
-                cors=extra,
-            )
-            return 413
+            return self._too_large(request, route, limit, rid, extra)
         except UpstreamError as exc:
             log.warning("upstream %s: %s", upstream.name, exc)
             self._send_problem(
@@ -1321,6 +1303,19 @@ class Gateway:
             conn.write(b"0\r\n\r\n")
 
     # -- answers made by the gateway ---------------------------------------------------------
+
+    def _too_large(
+        self,
+        request: Request,
+        route: RouteConfig,
+        limit: int,
+        rid: bytes,
+        cors: list[tuple[bytes, bytes]],
+    ) -> int:
+        """The 413 for a body past ``limit``; the connection closes after it."""
+        detail = f"the request body is larger than {limit} bytes"
+        self._send_problem(request, route, 413, detail, rid, close=True, cors=cors)
+        return 413
 
     def _send_problem(
         self,

@@ -175,29 +175,34 @@ def _gauges(scope_metrics: Any, family: Metric, now_ns: int) -> None:
         point.time_unix_nano = now_ns
 
 
+def _series(family: Metric, label: str) -> dict[Any, dict[str, Any]]:
+    """A histogram's or summary's samples by series (their labels but ``label``, the
+    bucket's ``le`` or the ``quantile``): its (bound or quantile, value) parts, sum and
+    count."""
+    series: dict[Any, dict[str, Any]] = {}
+    for sample in family.samples:
+        suffix = sample.name[len(family.name) :]
+        key = _key(sample.labels, drop=label)
+        entry = series.setdefault(key, {"labels": dict(key), "parts": [], "sum": 0.0, "count": 0.0})
+        if label in sample.labels and suffix in ("_bucket", ""):
+            entry["parts"].append((float(sample.labels[label]), float(sample.value)))
+        elif suffix == "_sum":
+            entry["sum"] = float(sample.value)
+        elif suffix == "_count":
+            entry["count"] = float(sample.value)
+    return series
+
+
 def _histogram(
     metric: Any, family: Metric, created: dict[Any, int], start_ns: int, now_ns: int
 ) -> None:
     metric.name = family.name
     metric.description = family.documentation
     metric.histogram.aggregation_temporality = _CUMULATIVE
-    series: dict[Any, dict[str, Any]] = {}
-    for sample in family.samples:
-        suffix = sample.name[len(family.name) :]
-        key = _key(sample.labels, drop="le")
-        entry = series.setdefault(
-            key, {"labels": dict(key), "buckets": [], "sum": 0.0, "count": 0.0}
-        )
-        if suffix == "_bucket":
-            entry["buckets"].append((float(sample.labels["le"]), float(sample.value)))
-        elif suffix == "_sum":
-            entry["sum"] = float(sample.value)
-        elif suffix == "_count":
-            entry["count"] = float(sample.value)
-    for key, entry in series.items():
+    for key, entry in _series(family, "le").items():
         point = metric.histogram.data_points.add()
         _attributes(point.attributes, entry["labels"])
-        buckets = sorted(entry["buckets"])
+        buckets = sorted(entry["parts"])
         bounds = [bound for bound, _ in buckets if math.isfinite(bound)]
         counts = []
         below = 0.0
@@ -219,23 +224,10 @@ def _summary(
 ) -> None:
     metric.name = family.name
     metric.description = family.documentation
-    series: dict[Any, dict[str, Any]] = {}
-    for sample in family.samples:
-        suffix = sample.name[len(family.name) :]
-        key = _key(sample.labels, drop="quantile")
-        entry = series.setdefault(
-            key, {"labels": dict(key), "quantiles": [], "sum": 0.0, "count": 0.0}
-        )
-        if suffix == "" and "quantile" in sample.labels:
-            entry["quantiles"].append((float(sample.labels["quantile"]), float(sample.value)))
-        elif suffix == "_sum":
-            entry["sum"] = float(sample.value)
-        elif suffix == "_count":
-            entry["count"] = float(sample.value)
-    for key, entry in series.items():
+    for key, entry in _series(family, "quantile").items():
         point = metric.summary.data_points.add()
         _attributes(point.attributes, entry["labels"])
-        for quantile, value in sorted(entry["quantiles"]):
+        for quantile, value in sorted(entry["parts"]):
             item = point.quantile_values.add()
             item.quantile = quantile
             item.value = value
