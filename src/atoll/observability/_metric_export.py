@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -58,7 +59,13 @@ _LOG_EVERY: Final = 60.0
 
 
 def otlp_metrics_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
-    """The metrics endpoint the standard OpenTelemetry variables name, if any."""
+    """The metrics endpoint the standard OpenTelemetry variables name, if any: none when
+    ``OTEL_METRICS_EXPORTER`` names exporters but not ``otlp`` (``prometheus``: the
+    service's ``/metrics`` is that already; ``none``)."""
+    env = os.environ if environ is None else environ
+    chosen = {part.strip().lower() for part in env.get("OTEL_METRICS_EXPORTER", "otlp").split(",")}
+    if "otlp" not in chosen:
+        return None
     return otlp_signal_endpoint("metrics", environ)
 
 
@@ -77,15 +84,18 @@ def export_interval(environ: Mapping[str, str] | None = None) -> float:
 
 
 def service_resource(service: str) -> dict[str, object]:
-    """The OTLP resource of one service process: its name, and an instance id that tells
-    its replicas apart (``host:pid``), as the OpenTelemetry conventions ask."""
-    return {
-        "service.name": service,
-        "service.instance.id": f"{socket.gethostname()}:{os.getpid()}",
-        "telemetry.sdk.name": "atoll",
-        "telemetry.sdk.language": "python",
-        "telemetry.sdk.version": __version__,
-    }
+    """The OTLP resource of one service process, as its traces' is made (the SDK's
+    ``Resource.create``: ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` count),
+    with an instance id that tells its replicas apart (``host:pid``) unless one is set."""
+    attributes: dict[str, object] = {"service.name": service}
+    try:
+        from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 - otel extra
+    except ImportError:
+        pass
+    else:
+        attributes = dict(Resource.create({"service.name": service}).attributes)
+    attributes.setdefault("service.instance.id", f"{socket.gethostname()}:{os.getpid()}")
+    return attributes
 
 
 def _any_value(target: AnyValue, value: object) -> None:
@@ -127,21 +137,39 @@ def encode_metrics(
     for family in families:
         if not family.samples:
             continue
-        created = {
-            _key(s.labels): int(s.value * 1e9)
-            for s in family.samples
-            if s.name.endswith("_created") and math.isfinite(s.value)
-        }
-        if family.type == "counter":
-            _counter(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
-        elif family.type == "histogram":
-            _histogram(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
-        elif family.type == "summary":
-            _summary(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
-        elif family.type in ("gauge", "unknown", "untyped", "info", "stateset"):
-            _gauges(scope_metrics, family, now_ns)
-        # gaugehistogram: no OTLP twin that a Prometheus view reads back; left out.
+        # Encoded apart, and left out whole if it cannot be (a NaN count, a value past
+        # uint64): one odd family of a custom collector must not stop the others.
+        scratch = metrics_pb2.ScopeMetrics()
+        try:
+            _family(scratch, family, start_ns, now_ns)
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:
+            if family.name not in _REFUSED:
+                _REFUSED.add(family.name)
+                log.warning("metric %s is not pushed over OTLP: %s", family.name, exc)
+            continue
+        scope_metrics.metrics.extend(scratch.metrics)
     return request
+
+
+#: Families left out of a push, each logged once.
+_REFUSED: set[str] = set()
+
+
+def _family(scope_metrics: Any, family: Metric, start_ns: int, now_ns: int) -> None:
+    created = {
+        _key(s.labels): int(s.value * 1e9)
+        for s in family.samples
+        if s.name.endswith("_created") and math.isfinite(s.value)
+    }
+    if family.type == "counter":
+        _counter(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
+    elif family.type == "histogram":
+        _histogram(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
+    elif family.type == "summary":
+        _summary(scope_metrics.metrics.add(), family, created, start_ns, now_ns)
+    elif family.type in ("gauge", "unknown", "untyped", "info", "stateset"):
+        _gauges(scope_metrics, family, now_ns)
+    # gaugehistogram: no OTLP twin that a Prometheus view reads back; left out.
 
 
 def _counter(
@@ -213,7 +241,9 @@ def _histogram(
             counts.append(max(0, round(entry["count"] - below)))
         point.explicit_bounds.extend(bounds)
         point.bucket_counts.extend(counts)
-        point.count = round(entry["count"])
+        # From the buckets, which a receiver checks it against: OpenMetrics lets a
+        # histogram leave out _count (prometheus_client does with negative bounds).
+        point.count = sum(counts)
         point.sum = entry["sum"]
         point.start_time_unix_nano = created.get(key, start_ns)
         point.time_unix_nano = now_ns
@@ -235,6 +265,15 @@ def _summary(
         point.sum = entry["sum"]
         point.start_time_unix_nano = created.get(key, start_ns)
         point.time_unix_nano = now_ns
+
+
+def _settle(done: asyncio.Future[bool], result: bool | BaseException) -> None:
+    if done.done():
+        return  # the caller gave up waiting (a stop's timeout)
+    if isinstance(result, BaseException):
+        done.set_exception(result)
+    else:
+        done.set_result(result)
 
 
 class MetricExport:
@@ -283,7 +322,8 @@ class MetricExport:
             )
 
     async def stop(self, timeout: float = 3.0) -> None:
-        """Stop pushing, after a last push (given ``timeout`` seconds at most)."""
+        """Stop pushing, after a last push given ``timeout`` seconds at most: a POST still
+        waiting then is left to its daemon thread, which does not hold up the exit."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -291,10 +331,36 @@ class MetricExport:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         try:
-            await asyncio.wait_for(self.push(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.push()
         except TimeoutError:
+            self.failed += 1
             log.warning("the last metrics push did not finish within %.0f s", timeout)
         self.exporter.shutdown()
+
+    def abandon(self) -> None:
+        """Stop pushing at once, without a last push (what a crash leaves)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
+    def _post_off_loop(self, request: ExportMetricsServiceRequest) -> asyncio.Future[bool]:
+        """``_post`` on a daemon thread of its own (not the loop's executor, whose
+        threads the interpreter waits for at exit: a collector that never answers would
+        hold a stopping service up for the exporter's whole timeout)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+
+        def post() -> None:
+            try:
+                result: bool | BaseException = self._post(request)
+            except Exception as exc:  # handed to the loop, raised there
+                result = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits now
+                loop.call_soon_threadsafe(_settle, done, result)
+
+        threading.Thread(target=post, name="atoll-metric-push", daemon=True).start()
+        return done
 
     async def _run(self) -> None:
         while True:
@@ -312,7 +378,7 @@ class MetricExport:
                 start_ns=self.start_ns,
                 now_ns=int(self.clock.time() * 1e9),
             )
-            ok = await asyncio.to_thread(self._post, request)
+            ok = await self._post_off_loop(request)
         except Exception as exc:  # a push must never take the service down
             ok = False
             reason = f"{type(exc).__name__}: {exc}"

@@ -280,6 +280,9 @@ class ServiceRuntime:
         self.state = "stopped"
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.metric_export is not None:
+            self.metric_export.abandon()
+            self.metric_export = None
         await self._run_stop_hooks()
         self.relay.abandon()
         abandon = getattr(self._consumer, "abandon", None)

@@ -4,6 +4,8 @@ collector's ``/metrics`` then shows the names and values the service's own shows
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -17,7 +19,11 @@ from prometheus_client import (
     Summary,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -31,6 +37,7 @@ from atoll.observability._metric_export import (
     service_resource,
 )
 from atoll.observability.collector._metrics import MetricStore
+from atoll.observability.collector._pages import format_number
 from atoll.testing import wait_until
 from support import System
 
@@ -126,10 +133,16 @@ def test_the_push_interval_follows_the_standard_variable():
     assert export_interval({"OTEL_METRIC_EXPORT_INTERVAL": "-5"}) == 60.0
 
 
-def test_each_process_is_its_own_instance():
+def test_the_resource_is_made_as_the_traces_one(monkeypatch):
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES", "service.namespace=shop,deployment.environment=dev"
+    )
     resource = service_resource("orders")
     assert resource["service.name"] == "orders"
-    assert str(resource["service.instance.id"]).startswith(socket.gethostname())
+    assert resource["service.namespace"] == "shop"
+    assert resource["service.instance.id"]  # tells the replicas of one service apart
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=orders-7")
+    assert service_resource("orders")["service.instance.id"] == "orders-7"
 
 
 async def test_a_push_reaches_the_collector_and_a_failed_one_is_counted(live):
@@ -195,3 +208,113 @@ async def test_a_running_service_pushes_its_metrics(live, tmp_path, monkeypatch)
     finally:
         await system.stop()
     assert runtime.metric_export is None  # stopped, after a last push
+
+
+def push_into(store: MetricStore, registry: CollectorRegistry, now_ns: int, instance: str = "a"):
+    request = encode_metrics(
+        {"service.name": "shop", "service.instance.id": instance},
+        registry.collect(),
+        start_ns=0,
+        now_ns=now_ns,
+    )
+    return store.apply(request)
+
+
+class _Total(Collector):
+    """A counter whose total the test sets."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def collect(self):
+        family = CounterMetricFamily("shop_orders", "Orders.")
+        family.add_metric([], self.total)
+        yield family
+
+
+def test_a_pushed_counter_shows_its_rate_between_two_pushes():
+    total = _Total()
+    registry = CollectorRegistry()
+    registry.register(total)
+    store = MetricStore(clock=VirtualClock())
+    rates = []
+    for second, value in ((10, 10), (20, 20), (30, 35), (30, 35), (40, 5)):
+        total.total = value
+        push_into(store, registry, second * 10**9)
+        (family,) = store.view(text="shop_orders")
+        rates.append(family.series[0].rate)
+    # None before a second point; then per second; a repeated point (an exporter's
+    # retry) keeps the rate; after a restart the counter counts again from 0.
+    assert rates == [None, 1.0, 1.5, 1.5, 0.5]
+
+
+def test_a_series_own_job_or_instance_label_is_kept_apart():
+    registry = CollectorRegistry()
+    healthy = Gauge("up_healthy", "Healthy.", ["instance"], registry=registry)
+    healthy.labels("10.0.0.1:80").set(1)
+    healthy.labels("10.0.0.2:80").set(0)
+    store = MetricStore(clock=VirtualClock())
+    assert push_into(store, registry, 10**9).rejected == 0
+    (family,) = store.view(text="up_healthy")
+    assert sorted(s.labels["exported_instance"] for s in family.series) == [
+        "10.0.0.1:80",
+        "10.0.0.2:80",
+    ]
+    assert {s.instance for s in family.series} == {"a"}
+
+
+class _Odd(Collector):
+    def collect(self):
+        # OpenMetrics lets a histogram with negative bounds leave out _count and _sum.
+        yield HistogramMetricFamily(
+            "odd_offsets", "Offsets.", buckets=[("-1.0", 1), ("0.0", 2), ("+Inf", 3)]
+        )
+        # A count past uint64: no OTLP point can hold it.
+        yield SummaryMetricFamily("odd_huge", "Too many.", count_value=1e20, sum_value=1)
+
+
+def test_one_family_that_cannot_be_encoded_does_not_stop_the_others():
+    registry = a_registry()
+    registry.register(_Odd())
+    store = MetricStore(clock=VirtualClock())
+    assert push_into(store, registry, 10**9).rejected == 0
+    names = {family.name for family in store.view()}
+    assert "odd_offsets" in names  # its count taken from its buckets
+    assert "odd_huge" not in names  # left out, and logged
+    assert {"shop_requests", "shop_queue_depth", "shop_latency_seconds"} <= names
+
+
+def test_only_an_otlp_metrics_exporter_pushes():
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert otlp_metrics_endpoint({**base, "OTEL_METRICS_EXPORTER": "prometheus"}) is None
+    assert otlp_metrics_endpoint({**base, "OTEL_METRICS_EXPORTER": "console,otlp"}) is not None
+
+
+def test_values_read_as_people_write_them():
+    assert format_number(float("inf")) == "+Inf"
+    assert format_number(float("-inf"), "free_bytes") == "-Inf"
+    assert format_number(float("nan")) == "NaN"
+    assert format_number(-0.5, "offset_seconds") == "-500 ms"
+    assert format_number(5000, "uptime_seconds") == "83 min 20 s"
+    assert format_number(2048, "size_bytes") == "2 KiB"
+    assert format_number(7) == "7"
+
+
+async def test_a_collector_that_never_answers_does_not_hold_up_a_stop():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # takes connections, never answers
+        port = silent.getsockname()[1]
+        export = MetricExport(
+            {"service.name": "shop"},
+            a_registry().collect,
+            endpoint=f"http://127.0.0.1:{port}/v1/metrics",
+            interval=3600,
+        )
+        export.start()
+        started = time.monotonic()
+        await export.stop(timeout=0.5)
+        assert time.monotonic() - started < 2.0
+        assert export.failed == 1
+        # The POST still waiting is on a daemon thread: the interpreter will not wait.
+        assert all(t.daemon for t in threading.enumerate() if t.name == "atoll-metric-push")

@@ -299,8 +299,10 @@ class MetricStore(Collector):
         delta: bool,
     ) -> None:
         kind = family.kind
-        # The collector's own labels last: an attribute named job cannot stand for them.
-        labels = {**_labels(point.attributes), **own}
+        # The collector's own labels last: an attribute named job cannot stand for them,
+        # and keeps its value as exported_job (as Prometheus does without honor_labels):
+        # the gateway's per-instance series are told apart by their own "instance".
+        labels = _with_own(_labels(point.attributes), own)
         if kind == "histogram":
             labels.pop("le", None)
         elif kind == "summary":
@@ -316,6 +318,7 @@ class MetricStore(Collector):
             return
         series = family.series.get(key)
         add = delta
+        created = series is None
         if series is None:
             if self._count >= self.max_series:
                 outcome.reject(f"points of new series past the limit of {self.max_series}")
@@ -327,7 +330,7 @@ class MetricStore(Collector):
             outcome.accepted += 1  # an older cumulative value (a retry): kept the newer
             return
         series.updated = now
-        _update(series, kind, point, add=add, delta=delta)
+        _update(series, kind, point, add=add, delta=delta, new=created)
         outcome.accepted += 1
 
     def _expire(self, now: float) -> None:
@@ -348,6 +351,7 @@ class MetricStore(Collector):
     def jobs(self) -> list[str]:
         """The services (``job``) that have series now."""
         with self._lock:
+            self._expire(self.clock.time())
             found = {
                 series.labels.get("job", "")
                 for family in self._families.values()
@@ -454,14 +458,26 @@ def _invalid(kind: str, point: Any) -> str | None:
     return None
 
 
-def _update(series: _Series, kind: str, point: Any, *, add: bool, delta: bool) -> None:
+def _with_own(labels: dict[str, str], own: dict[str, str]) -> dict[str, str]:
+    """A point's labels with the collector's (``job``, ``instance``, the scope's) last;
+    a point's own label of one of those names is kept as ``exported_<name>``."""
+    for name in own:
+        if name in labels:
+            labels["exported_" + name] = labels.pop(name)
+    labels.update(own)
+    return labels
+
+
+def _update(series: _Series, kind: str, point: Any, *, add: bool, delta: bool, new: bool) -> None:
     """A point into its series (and a counter's rate)."""
     before, before_ns = series.value, series.time_ns
     if not delta:
         series.time_ns = point.time_unix_nano
     _take(series, kind, point, add=add)
     if kind == "counter":
-        series.rate = _rate(point, series.value, before, before_ns, delta=delta, new=not add)
+        rate = _rate(point, series.value, before, before_ns, delta=delta, new=new)
+        if rate is not None or new:
+            series.rate = rate  # a repeated point (a retry) keeps the rate it had
 
 
 def _rate(
@@ -474,9 +490,11 @@ def _rate(
         increase = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
         return float(increase) / (span / 1e9) if span > 0 else None
     span = int(point.time_unix_nano) - before_ns
-    if new or span <= 0 or value < before:
+    if new or span <= 0:
         return None
-    return (value - before) / (span / 1e9)
+    # Below the value before: the counter restarted from 0, as Prometheus' rate() reads it.
+    increase = value - before if value >= before else value
+    return increase / (span / 1e9)
 
 
 @dataclass(frozen=True, slots=True)

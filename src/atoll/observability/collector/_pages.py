@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import zlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -434,10 +435,13 @@ def logs_page(
 def format_number(value: float, name: str = "") -> str:
     """A metric value for reading: durations for ``*_seconds``, sizes for ``*_bytes``,
     whole numbers without decimals, others to four significant digits."""
-    if value != value:  # NaN  # noqa: PLR0124 - the portable NaN test
+    if math.isnan(value):
         return "NaN"
-    if name.endswith("_seconds") and abs(value) < 3600:
-        return format_duration(round(value * 1e9))
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if name.endswith("_seconds"):
+        sign = "-" if value < 0 else ""
+        return sign + format_duration(round(abs(value) * 1e9))
     if name.endswith("_bytes") and abs(value) >= 1024:
         unit = "B"
         for larger in ("KiB", "MiB", "GiB", "TiB"):
