@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -68,8 +69,6 @@ def _serve(args: argparse.Namespace, admin_port: int | None, *, reuse_port: bool
 
 
 async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: bool) -> int:
-    import logging  # noqa: PLC0415
-
     from atoll._heap import freeze_startup_heap  # noqa: PLC0415
     from atoll.gateway._gateway import Gateway  # noqa: PLC0415
     from atoll.observability import Tracing  # noqa: PLC0415
@@ -130,7 +129,10 @@ def _metric_export(gateway: Any) -> Any:
         export = MetricExport(
             service_resource("gateway"), gateway.metrics.registry.collect, endpoint=endpoint
         )
-    except ImportError:  # no otel extra: the admin /metrics still serves them
+    except Exception as exc:  # no otel extra, a bad exporter variable: /metrics serves them
+        logging.getLogger("atoll.gateway").warning(
+            "gateway: metrics are not pushed over OTLP: %s", exc
+        )
         return None
     export.start()
     return export

@@ -221,7 +221,7 @@ class ServiceRuntime:
                 endpoint=endpoint,
                 clock=self.clock,
             )
-        except ImportError as exc:  # no otel extra: the /metrics endpoint still serves
+        except Exception as exc:  # no otel extra, a bad exporter variable: /metrics still serves
             log.warning("service %s: metrics are not pushed over OTLP: %s", self.service.name, exc)
             return
         export.start()

@@ -318,3 +318,24 @@ async def test_a_collector_that_never_answers_does_not_hold_up_a_stop():
         assert export.failed == 1
         # The POST still waiting is on a daemon thread: the interpreter will not wait.
         assert all(t.daemon for t in threading.enumerate() if t.name == "atoll-metric-push")
+
+
+async def test_a_push_that_cannot_be_set_up_does_not_stop_a_service(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the exporter could not be made")
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("atoll.service._runtime.MetricExport", broken)
+    worker = Service("unpushed")
+
+    @worker.handles(Ping)
+    async def on_ping(ping: Ping, ctx: Context) -> None:
+        return
+
+    system = System(tmp_path)
+    try:
+        (runtime,) = await system.start(worker)
+        assert runtime.ready
+        assert runtime.metric_export is None
+    finally:
+        await system.stop()
