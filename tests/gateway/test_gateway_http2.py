@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import ssl
 import struct
 
@@ -17,6 +18,7 @@ import h2.exceptions
 import h2.settings
 import hpack
 import httpx
+import hyperframe.frame
 import pytest
 import websockets
 from gateway_support import admin_url, base_config, raw_request, running_gateway, url, write_config
@@ -959,3 +961,41 @@ async def test_a_larger_initial_window_lets_queued_data_go(tmp_path, stub):
         response = await raw.response(stream_id)
         assert response.ended
         assert json.loads(bytes(response.body))["path"] == "/hello"
+
+
+async def test_a_ping_flood_that_never_reads_stops_being_read(tmp_path, stub):
+    """CVE-2019-9512: every PING asks for an answer; a client that never reads them must
+    not make the gateway queue answers without bound. Reading stops while the write
+    buffer is full, so the client's own sending blocks."""
+    async with running_gateway(h2_config(tmp_path, stub)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(PREFACE + hyperframe.frame.SettingsFrame(0).serialize())
+        pings = hyperframe.frame.PingFrame(0, opaque_data=b"12345678").serialize() * 4000
+
+        def the_connection():
+            return next(c for c in gw.state.connections if c.h2 is not None)
+
+        await wait_until(
+            lambda: any(c.h2 is not None for c in gw.state.connections),
+            timeout=TIMEOUT,
+            what="the HTTP/2 connection",
+        )
+
+        sent = 0
+        paused = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * TIMEOUT
+        try:
+            while not paused and loop.time() < deadline:
+                writer.write(pings)
+                sent += len(pings)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await writer.drain()  # blocks once the gateway stops reading
+                paused = not the_connection().transport.is_reading()
+            assert paused, f"still reading after {sent} bytes of PINGs"
+            assert the_connection().transport.get_write_buffer_size() < 16 * 1024 * 1024
+        finally:
+            writer.transport.abort()
+        del reader
