@@ -37,7 +37,11 @@ from atoll.observability._metric_export import (
     service_resource,
 )
 from atoll.observability.collector._metrics import MetricStore
-from atoll.observability.collector._pages import format_number
+from atoll.observability.collector._pages import (
+    MAX_RENDERED_SERIES,
+    format_number,
+    metrics_page,
+)
 from atoll.testing import wait_until
 from support import System
 
@@ -339,3 +343,17 @@ async def test_a_push_that_cannot_be_set_up_does_not_stop_a_service(tmp_path, mo
         assert runtime.metric_export is None
     finally:
         await system.stop()
+
+
+def test_the_metrics_page_shows_a_bounded_number_of_series():
+    registry = CollectorRegistry()
+    gauge = Gauge("wide_family", "Many series.", ["n"], registry=registry)
+    for n in range(MAX_RENDERED_SERIES + 500):
+        gauge.labels(str(n)).set(n)
+    Gauge("after_it", "Past the cut.", registry=registry).set(1)
+    store = MetricStore(clock=VirtualClock(), max_series=10_000)
+    assert push_into(store, registry, 10**9).rejected == 0
+    page = metrics_page(jobs=store.jobs(), form={}, families=store.view(), stats=None)
+    assert page.count('class="series-row"') == MAX_RENDERED_SERIES
+    assert f"of {MAX_RENDERED_SERIES + 501:,} series" in page
+    assert 'id="metrics-cut"' in page

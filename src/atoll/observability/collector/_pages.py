@@ -30,6 +30,8 @@ from atoll.observability.collector._store import (
 MAX_RENDERED_SPANS: Final = 3000
 #: Likewise for a trace's log records, and for those shown in one span's details.
 MAX_RENDERED_LOGS: Final = 2000
+#: The Metrics page shows this many series at most (a page of 10,000 is megabytes).
+MAX_RENDERED_SERIES: Final = 2000
 MAX_SPAN_LOGS: Final = 200
 
 #: Distinct, readable on white and on dark grey; no pure red, which means "error".
@@ -540,11 +542,25 @@ def metrics_page(
         parts.append(f'<p class="notice empty" id="no-metrics">{hint}</p>')
     else:
         count = sum(len(f.series) for f in families)
+        shown, room = [], MAX_RENDERED_SERIES
+        for family in families:
+            if room <= 0:
+                break
+            kept = family.series[:room]
+            room -= len(kept)
+            shown.append(FamilyView(family.name, family.kind, family.help, kept))
+        cut = ""
+        if count > MAX_RENDERED_SERIES:
+            cut = (
+                f'<p class="notice" id="metrics-cut">Showing the first {MAX_RENDERED_SERIES:,}'
+                f" of {count:,} series: choose a service or a part of a name to see the rest"
+                ' (or all of them in <a href="/metrics">Prometheus format</a>).</p>'
+            )
         parts.append(
             f'<section class="results" id="metric-results"><div class="results-head"><h2>'
-            f"{len(families)} metric{'s' if len(families) != 1 else ''}, {count} series</h2>"
+            f"{len(families)} metric{'s' if len(families) != 1 else ''}, {count:,} series</h2>"
             '<span>latest values; <a href="/metrics">Prometheus format</a></span></div>'
-            f"{''.join(_family_html(f, color) for f in families)}</section>"
+            f"{cut}{''.join(_family_html(f, color) for f in shown)}</section>"
         )
     return _layout("Metrics", "".join(parts), stats, page="metrics")
 
