@@ -545,7 +545,6 @@ class H2Stream:
         "answered",
         "body_done",
         "closed",
-        "head_sent",
         "method",
         "path",
         "peer",
@@ -570,7 +569,6 @@ class H2Stream:
         self.answered = False
         #: The request body is no longer wanted (answered early, or reset).
         self.body_done = False
-        self.head_sent = False
         #: Request body bytes given back to the client's windows (see _resume_reading).
         self._returned = 0
         self._parser = httptools.HttpResponseParser(self)
@@ -686,11 +684,9 @@ class H2Stream:
                 empty = True
             headers.append((name, value))
         head_only = self.method == b"HEAD" or status in _NO_BODY or empty
-        if self._send_head(headers, end=head_only):
-            self.head_sent = True
-            if head_only:
-                self._answered()
-                self._sent_all()
+        if self._send_head(headers, end=head_only) and head_only:
+            self._answered()
+            self._sent_all()
 
     def _send_head(self, headers: list[tuple[bytes, bytes]], *, end: bool) -> bool:
         try:
@@ -843,13 +839,6 @@ class H2Stream:
         self._wake(error)
         if self.request is not None and not self.request.body.complete:
             self.request.body._fail(error)
-
-    # The gateway's shutdown and idle sweeps act on the connection (H2Session), not here.
-    def close_if_idle(self) -> None:
-        pass
-
-    def retire(self) -> None:
-        self.session.go_away()
 
 
 def _request_head(

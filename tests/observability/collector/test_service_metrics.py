@@ -180,15 +180,21 @@ class Ping(Command):
     n: int
 
 
-async def test_a_running_service_pushes_its_metrics(live, tmp_path, monkeypatch):
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", live.url)
-    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
-    worker = Service("pinged")
+def pinged_service(name: str) -> Service:
+    """A service that takes Pings and does nothing with them."""
+    service = Service(name)
 
-    @worker.handles(Ping)
+    @service.handles(Ping)
     async def on_ping(ping: Ping, ctx: Context) -> None:
         return
 
+    return service
+
+
+async def test_a_running_service_pushes_its_metrics(live, tmp_path, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", live.url)
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
+    worker = pinged_service("pinged")
     system = System(tmp_path)
     try:
         (runtime,) = await system.start(worker)
@@ -330,12 +336,7 @@ async def test_a_push_that_cannot_be_set_up_does_not_stop_a_service(tmp_path, mo
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr("atoll.service._runtime.MetricExport", broken)
-    worker = Service("unpushed")
-
-    @worker.handles(Ping)
-    async def on_ping(ping: Ping, ctx: Context) -> None:
-        return
-
+    worker = pinged_service("unpushed")
     system = System(tmp_path)
     try:
         (runtime,) = await system.start(worker)
