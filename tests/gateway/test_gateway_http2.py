@@ -903,6 +903,66 @@ async def test_what_would_break_the_upstream_request_line_is_a_400(tmp_path, stu
         assert (await raw.response(again)).status == 200
 
 
+@pytest.mark.parametrize(
+    ("declared", "sent"),
+    [(5, b"0123456789"), (10, b"01234")],
+    ids=["more than declared", "less than declared"],
+)
+async def test_a_body_that_breaks_its_content_length_resets_its_stream_only(
+    tmp_path, stub, declared, sent
+):
+    """RFC 9113 8.1.1: a malformed request is a stream error (PROTOCOL_ERROR), not the
+    connection's; and no byte past the declared length reaches the upstream."""
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        stub.release.clear()
+        held = await raw.request("/public/held")
+        await wait_until(lambda: gw.in_flight == 1, timeout=TIMEOUT, what="one held request")
+        stream_id = raw.conn.get_next_available_stream_id()
+        headers = raw.request_headers("/public/upload", method="POST")
+        raw.conn.send_headers(stream_id, [*headers, (b"content-length", b"%d" % declared)])
+        raw.conn.send_data(stream_id, sent, end_stream=True)
+        await raw.flush()
+        response = await raw.response(stream_id)
+        assert response.reset == ErrorCodes.PROTOCOL_ERROR, response.__dict__
+        assert raw.terminated is None
+        # The stream held before it, and streams after it, are answered.
+        again = await raw.request("/public/after")
+        stub.release.set()
+        assert (await raw.response(held)).status == 200
+        assert (await raw.response(again)).status == 200
+        await wait_until(lambda: gw.in_flight == 0, timeout=TIMEOUT, what="nothing in flight")
+        # The upstream saw no whole request on that stream (its body was cut off).
+        assert [hit["path"] for hit in stub.hits] == ["/public/held", "/public/after"]
+
+
+async def test_a_request_with_no_body_but_a_content_length_is_a_400(tmp_path, stub):
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        stream_id = await raw.request(
+            "/public/x", method="POST", headers=[(b"content-length", b"5")]
+        )
+        response = await raw.response(stream_id)
+        assert response.status == 400, response.headers
+        assert "Content-Length" in json.loads(bytes(response.body))["detail"]
+        assert not stub.hits
+        again = await raw.request("/public/ok")
+        assert (await raw.response(again)).status == 200
+
+
+async def test_a_content_length_that_is_not_digits_is_a_400_on_its_stream(tmp_path, stub):
+    """h2 would end the connection for it; it is one request's error."""
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        raw_unchecked(raw)
+        stream_id = await raw.request(
+            "/public/x", method="POST", headers=[(b"content-length", b"5x")], body=b"12345"
+        )
+        response = await raw.response(stream_id)
+        assert response.status == 400, response.headers
+        assert raw.terminated is None
+        assert not stub.hits
+        again = await raw.request("/public/ok")
+        assert (await raw.response(again)).status == 200
+
+
 async def test_streams_past_the_limit_are_refused_not_the_connection(tmp_path, stub):
     config = h2_config(tmp_path, stub, server={"http2_max_streams": 4})
     async with running_gateway(config) as gw, raw_h2(gw.port) as raw:

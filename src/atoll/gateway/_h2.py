@@ -38,6 +38,12 @@ Limits and defences, per connection:
   without bound (CVE-2019-9512, 9515);
 * a connection whose answers wait for a window the client never opens is closed after
   ``server.idle_timeout``;
+* a request whose body does not match its Content-Length (more DATA than it said, or
+  less by END_STREAM) is malformed: its stream is reset with PROTOCOL_ERROR before a
+  byte past the length reaches the handler, and the connection goes on (RFC 9113
+  8.1.1; h2 would end the whole connection, so its own check is off, see
+  :class:`_LengthUncheckedStream`); a Content-Length on a request that ends with its
+  HEADERS gets a 400;
 * a protocol error ends the connection with GOAWAY (h2 picks the error code).
 
 Shutdown, idle sweeps and trust changes refuse new streams, and once the open ones are
@@ -59,7 +65,7 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import AllowedStreamIDs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
@@ -71,6 +77,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream as _H2LibStream
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from atoll.gateway._server import (
@@ -155,6 +162,33 @@ class LiteralEncoder:
         return b"".join(parts)
 
 
+class _LengthUncheckedStream(_H2LibStream):
+    """h2's stream without its Content-Length checks.
+
+    h2 raises a mismatch between a request's Content-Length and its DATA (and a value
+    that is not digits) as a connection error, ending every stream of the client. RFC
+    9113 8.1.1 makes such a request malformed: a stream error. The session checks the
+    length itself, stream by stream (:meth:`H2Session._data`), and the value with the
+    other fields (``_field_refusal``: a 400).
+    """
+
+    def _initialize_content_length(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        del headers
+
+    def _track_content_length(self, length: int, end_stream: bool) -> None:
+        del length, end_stream
+
+
+class _H2Connection(H2Connection):
+    """h2's connection, its peer's streams made :class:`_LengthUncheckedStream`."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> _H2LibStream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        # h2 builds the stream by name; it adds no state, so its class can be swapped.
+        stream.__class__ = _LengthUncheckedStream
+        return stream
+
+
 class H2Session:
     """HTTP/2 on one client connection (see the module docstring)."""
 
@@ -184,7 +218,7 @@ class H2Session:
         self.state: ServerState = conn.state
         self.transport = conn.transport
         self.loop = asyncio.get_running_loop()
-        h2 = H2Connection(
+        h2 = _H2Connection(
             H2Configuration(
                 client_side=False,
                 header_encoding=None,
@@ -320,8 +354,13 @@ class H2Session:
             self._request(event)
         elif isinstance(event, StreamEnded):
             stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.request is not None:
-                stream.request.body._end()
+            if stream is not None and stream.request is not None and not stream.body_done:
+                request = stream.request
+                expected = request.content_length
+                if expected is not None and request.body.received != expected:
+                    stream.malformed("less body than its Content-Length")
+                else:
+                    request.body._end()
         elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
             # A larger SETTINGS_INITIAL_WINDOW_SIZE opens every stream's window too.
             self._window_opened(getattr(event, "stream_id", 0))
@@ -355,6 +394,11 @@ class H2Session:
         if refusal is not None:
             self._refuse(stream, request, refusal)
             return
+        if ended and request.content_length:
+            self._refuse(
+                stream, request, RequestError(400, "a Content-Length on a request with no body")
+            )
+            return
         if not ended and request.content_length is None:
             request.chunked = True  # forwarded upstream in chunked encoding
         stream.responding = request
@@ -383,10 +427,16 @@ class H2Session:
         if stream is None or stream.request is None or stream.body_done:
             self.give_back(length)  # nobody will read it: the connection's window reopens
             return
+        body = stream.request.body
+        expected = stream.request.content_length
+        if expected is not None and body.received + len(data) > expected:
+            self.give_back(length)  # not fed, so never read: the connection's window reopens
+            stream.malformed("more body than its Content-Length")
+            return
         padding = length - len(data)
         if padding:
             stream.give_back(padding)
-        stream.request.body._feed(data)
+        body._feed(data)
 
     def give_back(self, length: int, stream_id: int | None = None) -> None:
         """Re-open the client's window (the connection's, or a stream's) by ``length``."""
@@ -814,12 +864,18 @@ class H2Stream:
         if not self.answered:
             self.abort()
 
-    def abort(self) -> None:
+    def malformed(self, reason: str) -> None:
+        """The request broke HTTP/2's rules for its stream alone: reset it with
+        PROTOCOL_ERROR (RFC 9113 8.1.1); its handler's body read fails."""
+        log.info("gateway: an HTTP/2 request was malformed (%s); its stream is reset", reason)
+        self.abort(ErrorCodes.PROTOCOL_ERROR)
+
+    def abort(self, error_code: int = ErrorCodes.INTERNAL_ERROR) -> None:
         """Reset the stream at once."""
         if self.closed:
             return
         with contextlib.suppress(H2Error):
-            self.session.h2.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self.session.h2.reset_stream(self.stream_id, error_code)
         self.session.flush()
         self.lost(ConnectionResetError("the HTTP/2 stream was reset"))
         if self.responding is None:
