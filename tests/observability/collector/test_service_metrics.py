@@ -3,6 +3,7 @@ collector's ``/metrics`` then shows the names and values the service's own shows
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -41,6 +42,8 @@ from atoll.observability.collector._pages import (
     MAX_RENDERED_SERIES,
     format_number,
     metrics_page,
+    service_filter,
+    service_value,
 )
 from atoll.testing import wait_until
 from support import System
@@ -358,3 +361,30 @@ def test_the_metrics_page_shows_a_bounded_number_of_series():
     assert page.count('class="series-row"') == MAX_RENDERED_SERIES
     assert f"of {MAX_RENDERED_SERIES + 501:,} series" in page
     assert 'id="metrics-cut"' in page
+
+
+def test_series_without_a_service_have_an_option_of_their_own():
+    """The "(none)" option (series from a resource without ``service.name``) picks those
+    series only; it used to share its value with "All services"."""
+    store = MetricStore(clock=VirtualClock())
+    for resource, name in (({"service.name": "shop"}, "of_shop"), ({}, "of_nobody")):
+        registry = CollectorRegistry()
+        Gauge(name, "A gauge.", registry=registry).set(1)
+        store.apply(encode_metrics(resource, registry.collect(), start_ns=0, now_ns=10**9))
+    assert store.jobs() == ["", "shop"]
+
+    def shown(service: str) -> set[str]:
+        return {f.name for f in store.view(service_filter(service))}
+
+    assert shown("") == {"of_shop", "of_nobody"}
+    assert shown("shop") == {"of_shop"}
+    assert shown(service_value("")) == {"of_nobody"}
+    # A service whose name starts with the marker stays itself.
+    assert service_filter(service_value("=odd")) == "=odd"
+    assert service_filter(service_value("shop")) == "shop"
+    page = metrics_page(
+        jobs=store.jobs(), form={"service": "="}, families=store.view(""), stats=None
+    )
+    values = re.findall(r'<option value="([^"]*)"', page)
+    assert len(values) == len(set(values)), values
+    assert '<option value="=" selected>(none)</option>' in page

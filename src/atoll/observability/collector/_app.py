@@ -451,7 +451,9 @@ def _build_api(app: CollectorApp) -> FastAPI:  # noqa: C901, PLR0915 - one closu
             # Off the loop: it waits for the lock an export holds, metric by metric.
             jobs = await asyncio.to_thread(metric_store.jobs)
             families = await asyncio.to_thread(
-                metric_store.view, form.get("service", ""), form.get("name", "")
+                metric_store.view,
+                _pages.service_filter(form.get("service", "")),
+                form.get("name", ""),
             )
         page = _pages.metrics_page(
             jobs=jobs, form=form, families=families, stats=await stats_or_none()

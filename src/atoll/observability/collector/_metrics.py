@@ -359,9 +359,10 @@ class MetricStore(Collector):
             }
         return sorted(found)
 
-    def view(self, job: str = "", text: str = "") -> list[FamilyView]:
-        """The families and series for the Metrics page: of ``job`` (any when empty), and
-        whose name holds ``text`` (any case); by name, each family's series by label."""
+    def view(self, job: str | None = None, text: str = "") -> list[FamilyView]:
+        """The families and series for the Metrics page: of ``job`` (any when ``None``;
+        ``""`` is the series without one), and whose name holds ``text`` (any case); by
+        name, each family's series by label."""
         needle = text.strip().lower()
         with self._lock:
             self._expire(self.clock.time())
@@ -372,7 +373,11 @@ class MetricStore(Collector):
             ]
         views = []
         for name, kind, text_help, series in sorted(found, key=lambda family: family[0]):
-            shown = [_view(name, kind, s) for s in series if not job or s.labels.get("job") == job]
+            shown = [
+                _view(name, kind, s)
+                for s in series
+                if job is None or s.labels.get("job", "") == job
+            ]
             if shown:
                 shown.sort(key=lambda v: (v.job, v.instance, sorted(v.labels.items())))
                 views.append(FamilyView(name, kind, text_help, tuple(shown)))

@@ -498,6 +498,21 @@ def _family_html(family: FamilyView, color: Palette) -> str:
     )
 
 
+def service_value(job: str) -> str:
+    """The Metrics page's service option for ``job``: its name, but ``"="`` for the
+    series without one, and ``"="`` before a name that starts with it, so that no option
+    shares its value with "All services" (``""``) or with another service."""
+    return "=" + job if not job or job.startswith("=") else job
+
+
+def service_filter(value: str) -> str | None:
+    """The ``job`` a service option stands for (:func:`service_value` undone); ``None``
+    for all services."""
+    if not value:
+        return None
+    return value.removeprefix("=")
+
+
 def metrics_page(
     *,
     jobs: Sequence[str],
@@ -511,9 +526,10 @@ def metrics_page(
     color = Palette(jobs)
     service = form.get("service", "")
     options = [_option("", "All services", service)]
-    options += [_option(job, job or "(none)", service) for job in jobs]
-    if service and service not in jobs:
-        options.append(_option(service, service, service))
+    options += [_option(service_value(job), job or "(none)", service) for job in jobs]
+    wanted = service_filter(service)
+    if wanted is not None and wanted not in jobs:
+        options.append(_option(service, wanted or "(none)", service))
     parts = [
         f"""
 <form class="search" method="get" action="/series" id="metric-search">
