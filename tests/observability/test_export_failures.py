@@ -4,6 +4,8 @@ those dropped on a full queue: a collector that refuses them must not lose them 
 from __future__ import annotations
 
 import http.server
+import importlib
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,7 +18,9 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
 from atoll import Command, Context, Service
+from atoll.determinism import VirtualClock
 from atoll.observability import Tracing
+from atoll.observability._logs import EXPORTER_LOGGERS, RepeatLimit
 from atoll.observability._otlp import FastBatchSpanProcessor
 from atoll.persistence import SQLiteDatabase
 from atoll.service import ServiceRuntime
@@ -69,6 +73,78 @@ def test_a_refused_export_counts_its_spans_as_failed(refusing: str) -> None:
         assert tracing.dropped_spans == 0
     finally:
         tracing.shutdown()
+
+
+def _drop_repeat_limits() -> None:
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        for found in [f for f in logger.filters if isinstance(f, RepeatLimit)]:
+            logger.removeFilter(found)
+
+
+@pytest.fixture
+def fresh_repeat_limits() -> Iterator[None]:
+    """The limit is per process: earlier tests' records must not count here."""
+    _drop_repeat_limits()
+    yield
+    _drop_repeat_limits()
+
+
+@pytest.mark.usefixtures("fresh_repeat_limits")
+def test_an_exporter_failing_batch_after_batch_logs_once_a_minute(
+    refusing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK exporter logs every failed batch; under load with a collector down that
+    is lines by the second. The first gets through; the rest are counted, not logged."""
+    tracing = Tracing("svc", endpoint=refusing)
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(5):
+                spans(tracing, 3)
+                tracing.processor.force_flush()
+        assert Refusing.posts == 5
+        assert tracing.failed_spans == 15
+        from_exporters = [r for r in caplog.records if r.name in EXPORTER_LOGGERS]
+        assert len(from_exporters) == 1, [r.getMessage() for r in from_exporters]
+        assert "400" in from_exporters[0].getMessage()
+    finally:
+        tracing.shutdown()
+
+
+def test_the_limited_loggers_are_the_exporters_own() -> None:
+    """The names are the SDK modules' (a filter sees its own logger's records only)."""
+    for module in (
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+        "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    ):
+        assert importlib.import_module(module)._logger.name in EXPORTER_LOGGERS
+
+
+async def test_a_repeat_limit_says_how_many_it_held_back() -> None:
+    clock = VirtualClock()
+    limit = RepeatLimit(60.0, clock=clock)
+    logger = logging.getLogger("atoll.test.repeat_limit")
+    logger.propagate = False
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.addFilter(limit)
+    try:
+        for delay in (0.5, 0.7, 1.9):
+            logger.warning("retrying in %.2fs", delay)
+        logger.error("another kind")
+        await clock.advance(61)
+        logger.warning("retrying in %.2fs", 3.1)
+        assert [r.getMessage() for r in records] == [
+            "retrying in 0.50s",
+            "another kind",
+            "retrying in 3.10s (2 more like this in the last 60 s)",
+        ]
+    finally:
+        logger.removeFilter(limit)
+        logger.removeHandler(handler)
 
 
 class FailingExporter(SpanExporter):

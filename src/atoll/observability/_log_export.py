@@ -28,6 +28,7 @@ from opentelemetry.sdk._logs.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
+from atoll.observability._logs import limit_exporter_logs
 from atoll.observability._otlp import env_int
 from atoll.observability._tracing import otlp_signal_endpoint
 
@@ -215,6 +216,7 @@ class LogExport:
         self.provider = LoggerProvider(resource=resource)
         if exporter is None:
             exporter = OTLPLogExporter(endpoint=endpoint)
+        limit_exporter_logs()
         self.exporter = _CountingExporter(exporter)
         queue = env_int("OTEL_BLRP_MAX_QUEUE_SIZE", 2048)
         batch = min(env_int("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", 512), queue)

@@ -6,9 +6,12 @@ import contextvars
 import logging
 import os
 import sys
-from typing import Literal
+import threading
+from typing import Final, Literal
 
 import structlog
+
+from atoll.determinism import Clock, SystemClock
 
 LogFormat = Literal["json", "console"]
 
@@ -128,3 +131,57 @@ _extra_processors: list[structlog.types.Processor] = []
 def add_log_processor(processor: structlog.types.Processor) -> None:
     """Add a processor to every record, e.g. one that adds the current trace id."""
     _extra_processors.append(processor)
+
+
+#: The OpenTelemetry exporters' loggers. While a collector is down they log every failed
+#: batch and every retry, several lines a second under load (a filter on a logger sees
+#: only its own records, not its children's, hence each by name).
+EXPORTER_LOGGERS: Final = (
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+)
+
+
+class RepeatLimit(logging.Filter):
+    """Let the first record of each kind through, then at most one each ``interval``
+    seconds, which says how many like it were held back meanwhile.
+
+    A kind is a logger, a level and a message template (``record.msg`` before its
+    arguments), so "retrying in 0.98s" and "retrying in 1.93s" are one kind.
+    """
+
+    def __init__(self, interval: float = 60.0, *, clock: Clock | None = None) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock: Clock = clock or SystemClock()
+        self._lock = threading.Lock()
+        #: kind -> (when one was last let through, how many were held back since).
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        kind = (record.name, record.levelno, template)
+        now = self.clock.monotonic()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen[0] < self.interval:
+                self._seen[kind] = (seen[0], seen[1] + 1)
+                return False
+            self._seen[kind] = (now, 0)
+        held = seen[1] if seen is not None else 0
+        if held and isinstance(record.msg, str):
+            # Appended to the template: no "%" in it, so the arguments still fit.
+            record.msg += f" ({held} more like this in the last {self.interval:.0f} s)"
+        return True
+
+
+def limit_exporter_logs(interval: float = 60.0, *, clock: Clock | None = None) -> None:
+    """Put a :class:`RepeatLimit` on each of :data:`EXPORTER_LOGGERS` (once: later calls
+    leave the first in place). The exporters' failures stay counted in metrics."""
+    shared = RepeatLimit(interval, clock=clock)
+    for name in EXPORTER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatLimit) for f in logger.filters):
+            logger.addFilter(shared)

@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import Metric
 
 from atoll._version import __version__
 from atoll.determinism import Clock, SystemClock
+from atoll.observability._logs import limit_exporter_logs
 from atoll.observability._tracing import otlp_signal_endpoint
 
 log = logging.getLogger("atoll.observability")
@@ -305,6 +306,7 @@ class MetricExport:
             )
 
             exporter = OTLPMetricExporter(endpoint=endpoint)
+        limit_exporter_logs(clock=self.clock)
         self.exporter = exporter
         self.start_ns = int(self.clock.time() * 1e9)
         #: Pushes that reached the collector, and those that did not (after the

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from atoll.determinism import Clock, RandomSource, SystemClock
+from atoll.observability._logs import limit_exporter_logs
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context as OtelContext
@@ -243,6 +244,7 @@ class Tracing:
             from atoll.observability._otlp import FastOTLPSpanExporter  # noqa: PLC0415
 
             exporter = FastOTLPSpanExporter(endpoint=endpoint)
+        limit_exporter_logs(clock=clock)
         resource = Resource.create({"service.name": service})
         self.resource = resource
         self.provider = SdkTracerProvider(resource=resource)
