@@ -1,8 +1,16 @@
+import io
 import json
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
+
+from rich.console import Console
 
 from atoll import __version__
+from atoll.cli._up import Supervisor
+from atoll.config import load_config
 from atoll.testing import wait_until
 from atoll.transport import DeadLetter, OutgoingMessage
 from atoll.transport.sqlite import SQLiteTransport
@@ -107,3 +115,25 @@ def test_a_bad_policy_exits_2_naming_the_key_and_the_file(tmp_path):
     result = run("dlq", "list", "--config", str(config))
     assert result.returncode == 2
     assert "policies.b.retry.classifier" in " ".join(result.stderr.split())
+
+
+def test_the_token_command_up_prints_works_where_it_was_run(tmp_path, monkeypatch):
+    """`atoll up`'s banner suggests a token command: copied as printed, from where `atoll
+    up` ran, it must find the same configuration (it named none before)."""
+    config = Path("examples/shop/atoll.toml").resolve()
+    monkeypatch.chdir(tmp_path)  # not where the configuration is
+    out = io.StringIO()
+    supervisor = Supervisor(load_config(config), ["orders"], console=Console(file=out, width=400))
+    supervisor._summary()
+    command = re.search(r"TOKEN=\$\((atoll token [^)]*)\)", out.getvalue())
+    assert command is not None, out.getvalue()
+    argv = shlex.split(command.group(1))
+    minted = subprocess.run(
+        [sys.executable, "-m", "atoll", *argv[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert minted.returncode == 0, minted.stderr
+    assert minted.stdout.count(".") == 2  # a JWT

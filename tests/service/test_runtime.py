@@ -257,6 +257,14 @@ async def test_health_readiness_and_problem_json(system):
         assert bad.status_code == 422
         assert bad.headers["content-type"] == "application/problem+json"
         assert bad.json()["errors"][0]["location"] == ["body", "a"]
+        # A body that is not JSON at all is a 400 saying why, not a field error.
+        garbled = await client.post(
+            "/things", content=b'{"a": 1', headers={"content-type": "application/json"}
+        )
+        assert garbled.status_code == 400
+        assert garbled.headers["content-type"] == "application/problem+json"
+        assert garbled.json()["detail"].startswith("the request body is not valid JSON: ")
+        assert "at character" in garbled.json()["detail"]
         missing = await client.get("/nope")
         assert missing.status_code == 404
         assert missing.headers["content-type"] == "application/problem+json"

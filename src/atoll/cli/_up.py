@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from rich.console import Console
@@ -253,13 +255,24 @@ class Supervisor:
                 f"Gateway: http://{gateway.host}:{gateway.port} (routes: {admin}/routes)",
                 highlight=False,
             )
-            self.console.print(
-                "Try: TOKEN=$(atoll token --sub alice --scope orders:write --scope orders:read)\n"
-                f"     curl -X POST http://{gateway.host}:{gateway.port}/orders "
-                "-H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' "
-                """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'""",
-                highlight=False,
-            )
+            # Copied from the banner, the token command must find this configuration.
+            path = self.loaded.path
+            here = Path("atoll.toml").resolve()
+            config = "" if path.resolve() == here else f" --config {shlex.quote(str(path))}"
+            if any(child.name == "orders" for child in self.services()):  # the shop
+                self.console.print(
+                    "Try: TOKEN=$(atoll token --sub alice --scope orders:write"
+                    f" --scope orders:read{config})\n"
+                    f"     curl -X POST http://{gateway.host}:{gateway.port}/orders "
+                    "-H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' "
+                    """-d '{"customer_id": "c1", "items": [{"sku": "apple", "qty": 1}]}'""",
+                    highlight=False,
+                )
+            else:
+                self.console.print(
+                    f"A development token for its routes: atoll token --sub <subject>{config}",
+                    highlight=False,
+                )
         else:
             first = self.services()[0]
             self.console.print(

@@ -100,6 +100,20 @@ def _install_error_handlers(app: FastAPI) -> None:
             }
             for error in exc.errors()
         ]
+        malformed = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+        if malformed is not None:
+            # Not a field that failed validation: the body is not JSON at all (400, as
+            # for any request the server cannot parse), with the parser's reason.
+            reason = (malformed.get("ctx") or {}).get("error") or "JSON decode error"
+            location = malformed.get("loc", ())
+            at = f" at character {location[1]}" if len(location) > 1 else ""
+            return problem(
+                400,
+                f"the request body is not valid JSON: {reason}{at}",
+                title="Malformed request body",
+                errors=errors,
+                instance=request.url.path,
+            )
         where = ", ".join(".".join(str(p) for p in e["location"]) for e in errors) or "request"
         return problem(
             422,
