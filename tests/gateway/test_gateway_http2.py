@@ -963,6 +963,60 @@ async def test_a_content_length_that_is_not_digits_is_a_400_on_its_stream(tmp_pa
         assert (await raw.response(again)).status == 200
 
 
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([(b"authorization", b"Bearer ")], "surrounded by whitespace"),
+        ([(b"connection", b"keep-alive")], "connection-specific"),
+        ([(b"te", b"gzip")], "te header"),
+        ([(b"x-a", b"1"), (b":path", b"/late")], "pseudo-header"),
+    ],
+    ids=["value with whitespace", "connection field", "te not trailers", "late pseudo-header"],
+)
+async def test_a_malformed_header_block_is_a_400_on_its_stream_only(tmp_path, stub, fields, reason):
+    """RFC 9113 8.1.1: h2 would end the connection (every stream of the client) for what
+    makes one request malformed. An empty token (``Bearer `` with the variable unset) is
+    the usual way to meet it, and over HTTP/1.1 it is a 401 that says why."""
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        raw_unchecked(raw)
+        stub.release.clear()
+        held = await raw.request("/public/held")
+        await wait_until(lambda: gw.in_flight == 1, timeout=TIMEOUT, what="one held request")
+        stream_id = raw.conn.get_next_available_stream_id()
+        raw.conn.send_headers(
+            stream_id, [*raw.request_headers("/public/x"), *fields], end_stream=True
+        )
+        await raw.flush()
+        response = await raw.response(stream_id)
+        assert response.status == 400, response.__dict__
+        detail = json.loads(bytes(response.body))["detail"]
+        assert reason in detail.lower(), detail
+        assert "Bearer" not in detail  # a value is never quoted back: it may be a secret
+        assert raw.terminated is None
+        stub.release.set()
+        assert (await raw.response(held)).status == 200
+        again = await raw.request("/public/after")
+        assert (await raw.response(again)).status == 200
+        assert [hit["path"] for hit in stub.hits] == ["/public/held", "/public/after"]
+
+
+async def test_malformed_trailers_reset_their_stream_only(tmp_path, stub):
+    async with running_gateway(h2_config(tmp_path, stub)) as gw, raw_h2(gw.port) as raw:
+        raw_unchecked(raw)
+        stub.release.clear()
+        stream_id = raw.conn.get_next_available_stream_id()
+        raw.conn.send_headers(stream_id, raw.request_headers("/public/upload", method="POST"))
+        raw.conn.send_data(stream_id, b"part")
+        raw.conn.send_headers(stream_id, [(b"x-checksum", b" padded ")], end_stream=True)
+        await raw.flush()
+        response = await raw.response(stream_id)
+        stub.release.set()
+        assert response.reset == ErrorCodes.PROTOCOL_ERROR, response.__dict__
+        assert raw.terminated is None
+        again = await raw.request("/public/after")
+        assert (await raw.response(again)).status == 200
+
+
 async def test_streams_past_the_limit_are_refused_not_the_connection(tmp_path, stub):
     config = h2_config(tmp_path, stub, server={"http2_max_streams": 4})
     async with running_gateway(config) as gw, raw_h2(gw.port) as raw:

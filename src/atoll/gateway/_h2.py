@@ -42,8 +42,9 @@ Limits and defences, per connection:
   less by END_STREAM) is malformed: its stream is reset with PROTOCOL_ERROR before a
   byte past the length reaches the handler, and the connection goes on (RFC 9113
   8.1.1; h2 would end the whole connection, so its own check is off, see
-  :class:`_LengthUncheckedStream`); a Content-Length on a request that ends with its
-  HEADERS gets a 400;
+  :class:`_ServerStream`); a Content-Length on a request that ends with its HEADERS
+  gets a 400, and so does a header block h2 finds malformed (a value with surrounding
+  whitespace, a connection-specific field, a missing pseudo-header);
 * a protocol error ends the connection with GOAWAY (h2 picks the error code).
 
 Shutdown, idle sweeps and trust changes refuse new streams, and once the open ones are
@@ -78,6 +79,7 @@ from h2.events import (
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream as _H2LibStream
+from h2.utilities import HeaderValidationFlags
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from atoll.gateway._server import (
@@ -162,15 +164,41 @@ class LiteralEncoder:
         return b"".join(parts)
 
 
-class _LengthUncheckedStream(_H2LibStream):
-    """h2's stream without its Content-Length checks.
+class _ServerStream(_H2LibStream):
+    """h2's stream, its checks of a request made stream errors instead of the connection's.
 
-    h2 raises a mismatch between a request's Content-Length and its DATA (and a value
-    that is not digits) as a connection error, ending every stream of the client. RFC
-    9113 8.1.1 makes such a request malformed: a stream error. The session checks the
-    length itself, stream by stream (:meth:`H2Session._data`), and the value with the
-    other fields (``_field_refusal``: a 400).
+    h2 raises a malformed request (a field value with surrounding whitespace, a
+    connection-specific field, a missing pseudo-header, a Content-Length its DATA does
+    not match, ...) as a connection error, ending every stream of the client. RFC 9113
+    8.1.1 makes it a stream error. So a header block h2's validation refuses is kept
+    with the reason (``malformed``), and the session answers that request alone with a
+    400; the Content-Length is checked by the session, stream by stream
+    (:meth:`H2Session._data`), and its value with the other fields (``_field_refusal``).
     """
+
+    #: Why h2 refused the stream's header block, or its trailers; ``None`` if it did not.
+    malformed: str | None = None
+    malformed_trailers: str | None = None
+
+    def _process_received_headers(
+        self,
+        headers: Iterable[tuple[bytes, bytes]],
+        header_validation_flags: HeaderValidationFlags,
+        header_encoding: bool | str | None,
+    ) -> list[tuple[bytes, bytes]]:
+        received = list(headers)
+        try:
+            processed: list[tuple[bytes, bytes]] = super()._process_received_headers(
+                received, header_validation_flags, header_encoding
+            )
+        except ProtocolError as exc:
+            reason = _without_values(str(exc))
+            if header_validation_flags.is_trailer:
+                self.malformed_trailers = reason  # the session resets the stream
+            else:
+                self.malformed = reason  # never routed: the session refuses the request
+            return received
+        return processed
 
     def _initialize_content_length(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         del headers
@@ -179,13 +207,20 @@ class _LengthUncheckedStream(_H2LibStream):
         del length, end_stream
 
 
+def _without_values(reason: str) -> str:
+    """h2's reason without the field value it quotes (it may be a credential)."""
+    if "value" in reason:
+        reason = re.split(r"[\s:]*b['\"]", reason, maxsplit=1)[0]
+    return reason[:1].lower() + reason[1:].rstrip(".")
+
+
 class _H2Connection(H2Connection):
-    """h2's connection, its peer's streams made :class:`_LengthUncheckedStream`."""
+    """h2's connection, its peer's streams made :class:`_ServerStream`."""
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: AllowedStreamIDs) -> _H2LibStream:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         # h2 builds the stream by name; it adds no state, so its class can be swapped.
-        stream.__class__ = _LengthUncheckedStream
+        stream.__class__ = _ServerStream
         return stream
 
 
@@ -357,7 +392,10 @@ class H2Session:
             if stream is not None and stream.request is not None and not stream.body_done:
                 request = stream.request
                 expected = request.content_length
-                if expected is not None and request.body.received != expected:
+                trailers = getattr(self.h2.streams.get(event.stream_id), "malformed_trailers", None)
+                if trailers is not None:
+                    stream.malformed(f"its trailers: {trailers}")
+                elif expected is not None and request.body.received != expected:
                     stream.malformed("less body than its Content-Length")
                 else:
                     request.body._end()
@@ -381,6 +419,7 @@ class H2Session:
             return
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
+        malformed = getattr(self.h2.streams.get(stream_id), "malformed", None)
         method, path, fields, size = _request_head(event.headers or ())
         stream.method = method
         stream.path = path
@@ -390,7 +429,11 @@ class H2Session:
         stream.request = request
         if not ended:
             request.body = Body(stream)  # type: ignore[arg-type]
-        refusal = _refusal(request, fields, size, self.state)
+        refusal = (
+            RequestError(400, f"a header field breaks HTTP/2's rules: {malformed}")
+            if malformed is not None
+            else _refusal(request, fields, size, self.state)
+        )
         if refusal is not None:
             self._refuse(stream, request, refusal)
             return
