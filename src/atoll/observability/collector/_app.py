@@ -564,7 +564,8 @@ def _page_query(form: dict[str, str], now: float) -> TraceQuery:
 
 def _log_page_query(form: dict[str, str], now: float) -> LogQuery:
     limit_text = form.get("limit", "").strip() or "100"
-    if not limit_text.isdigit():
+    # isdigit() takes "²", which int() refuses.
+    if not (limit_text.isascii() and limit_text.isdigit()):
         raise QueryError(f"limit {limit_text!r} is not a whole number")
     return build_log_query(
         now=now,

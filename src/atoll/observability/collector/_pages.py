@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import zlib
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -434,6 +435,26 @@ def logs_page(
 # --- metrics -----------------------------------------------------------------------
 
 
+#: ``*_seconds`` metrics that hold a Unix time, by the Prometheus naming habits.
+_UNIX_TIME_NAME: Final = re.compile(
+    r"_(?:timestamp|time|not_after|not_before|next_update|expiry|expires|expiration)_seconds$"
+)
+_EPOCH_2001: Final = 1e9  # 2001-09-09 as Unix time
+_YEAR_9999: Final = 253402300799.0
+
+
+def _format_seconds(value: float, name: str) -> str:
+    if _UNIX_TIME_NAME.search(name) or _EPOCH_2001 <= value <= _YEAR_9999:
+        # A moment, not a duration (process_start_time_seconds, a certificate's
+        # not_after): over 1e9 s, a "duration" of 31 years is one too.
+        if 0 <= value <= _YEAR_9999:
+            return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    elif abs(value) < _YEAR_9999:
+        sign = "-" if value < 0 else ""
+        return sign + format_duration(round(abs(value) * 1e9))
+    return f"{value:.4g} s"
+
+
 def format_number(value: float, name: str = "") -> str:
     """A metric value for reading: durations for ``*_seconds``, sizes for ``*_bytes``,
     whole numbers without decimals, others to four significant digits."""
@@ -442,8 +463,7 @@ def format_number(value: float, name: str = "") -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if name.endswith("_seconds"):
-        sign = "-" if value < 0 else ""
-        return sign + format_duration(round(abs(value) * 1e9))
+        return _format_seconds(value, name)
     if name.endswith("_bytes") and abs(value) >= 1024:
         unit = "B"
         for larger in ("KiB", "MiB", "GiB", "TiB"):

@@ -23,6 +23,15 @@ class QueryError(ValueError):
     """A search parameter is invalid; the message names it."""
 
 
+#: Times and durations are stored as SQLite integers (int64): bounds past it are clamped
+#: (``end=9999-12-31`` means no end; ``start=0001-01-01``, from the beginning).
+_MAX_NS: Final = 2**63 - 1
+
+
+def _clamp_ns(value: float) -> int:
+    return 0 if value <= 0 else min(int(value), _MAX_NS)
+
+
 def parse_lookback(text: str) -> float:
     """Seconds in ``"15m"``, ``"1h"``, ``"7d"`` (units ms, s, m, h, d, w)."""
     match = _LOOKBACK.match(text)
@@ -41,7 +50,7 @@ def parse_time(name: str, text: str) -> int:
     else:
         if not math.isfinite(millis) or millis < 0:
             raise QueryError(f"{name} {text!r} is not a time")
-        return int(millis * 1_000_000)
+        return _clamp_ns(millis * 1_000_000)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -50,7 +59,7 @@ def parse_time(name: str, text: str) -> int:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1_000_000) * 1000
+    return _clamp_ns(int(moment.timestamp() * 1_000_000) * 1000)
 
 
 def parse_attribute(text: str) -> tuple[str, str]:
@@ -65,8 +74,14 @@ def parse_attribute(text: str) -> tuple[str, str]:
 def split_attributes(text: str) -> list[str]:
     """The page's one-line filter: ``key=value`` pairs separated by spaces, shell-quoted
     where a value has spaces (``http.route="/a b"``)."""
+    # Quotes group; a backslash is kept as typed (Windows paths, PHP class names), not
+    # taken as an escape the way shlex.split would.
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    lexer.escape = ""
     try:
-        return shlex.split(text)
+        return list(lexer)
     except ValueError as exc:
         raise QueryError(f"attribute filters {text!r}: {exc}") from None
 
@@ -76,7 +91,7 @@ def _duration_ns(name: str, millis: float | None) -> int | None:
         return None
     if not math.isfinite(millis) or millis < 0:
         raise QueryError(f"{name} must be a non-negative number of milliseconds")
-    return round(millis * 1_000_000)
+    return _clamp_ns(round(millis * 1_000_000))
 
 
 def check_limit(limit: int) -> None:
@@ -91,7 +106,7 @@ def time_range(
     (``start`` wins); ``None`` for an open end."""
     start_ns = parse_time("start", start) if start else None
     if start_ns is None and lookback and lookback.strip() not in ("", "all"):
-        start_ns = int((now - parse_lookback(lookback)) * 1e9)
+        start_ns = _clamp_ns((now - parse_lookback(lookback)) * 1e9)
     end_ns = parse_time("end", end) if end else None
     return start_ns, end_ns
 

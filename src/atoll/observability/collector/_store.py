@@ -497,7 +497,7 @@ def _value_candidates(value: str) -> list[object]:
     """What a searched attribute value may be stored as: the text, and the number."""
     candidates: list[object] = [value]
     try:
-        candidates.append(int(value))
+        whole = int(value)
     except ValueError:
         try:
             number = float(value)
@@ -506,6 +506,9 @@ def _value_candidates(value: str) -> list[object]:
         else:
             if math.isfinite(number):
                 candidates.append(number)
+    else:
+        if -(2**63) <= whole < 2**63:  # stored as int64; a longer one is only text
+            candidates.append(whole)
     return candidates
 
 
