@@ -514,3 +514,41 @@ async def test_allow_subjects_admits_only_the_subjects_named(auth_config, stub):
         refused = await client.get(url(gw, "/staff/x"), headers=bearer(token("mallory")))
         assert refused.headers["content-type"] == "application/problem+json"
         assert "'mallory' may not use this route" in refused.json()["detail"]
+
+
+# --- found by a review -------------------------------------------------------------------
+
+
+async def test_a_deeply_nested_token_header_is_a_401_not_a_500(auth_config):
+    header = _b64(b'{"alg":"RS256","x":' + b"[" * 1200 + b"]" * 1200 + b"}")  # 3 KB
+    payload = _b64(b'{"sub":"mallory","exp":4102444800}')
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        r = await client.get(url(gw, "/read/x"), headers=bearer(f"{header}.{payload}.c2ln"))
+        assert r.status_code == 401, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+
+
+async def test_one_key_pyjwt_cannot_load_does_not_freeze_the_key_set(auth_config, keys):
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        keys.publish({"rsa-2": new_key, "ec-1": keys.ec})  # rsa-1 out, rsa-2 in
+        document = json.loads(keys.jwks.read_text())
+        document["keys"].append({"kty": "OKP", "crv": "X25519", "kid": "dh", "x": _b64(bytes(32))})
+        keys.jwks.write_text(json.dumps(document))
+        await gw.gen.auth.keyset.refresh()
+        new = keys.token(new_key, "rsa-2", scope="orders:read")
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(new))).status_code == 200
+        retired = keys.token(keys.rsa, "rsa-1", scope="orders:read")
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(retired))).status_code == 401
+
+
+async def test_a_key_replaced_under_the_same_kid_empties_the_token_cache(auth_config, keys):
+    async with running_gateway(auth_config) as gw, httpx.AsyncClient() as client:
+        old = keys.token(keys.rsa, "rsa-1", scope="orders:read")
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(old))).status_code == 200
+        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        keys.publish({"rsa-1": new_key, "ec-1": keys.ec, "ed-1": keys.ed})  # leaked key replaced
+        await gw.gen.auth.keyset.refresh()
+        other = keys.token(keys.rsa, "rsa-1", scope="orders:read", jti="x")
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(other))).status_code == 401
+        assert (await client.get(url(gw, "/read/x"), headers=bearer(old))).status_code == 401

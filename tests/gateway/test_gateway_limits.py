@@ -15,6 +15,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from atoll.determinism import SystemClock
+from atoll.gateway import mint_token
+from atoll.gateway._limits import ip_limit_key
 
 REDIS_URL = os.environ.get("ATOLL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLOCK = SystemClock()
@@ -272,3 +274,158 @@ async def test_forwarded_entries_with_ports_name_their_address(tmp_path, stub):
         (200, "203.0.113.4"),
         (429, "203.0.113.4"),
     ]
+
+
+# --- found by a review -------------------------------------------------------------------
+
+
+async def test_per_subject_a_token_does_not_share_an_api_keys_bucket(tmp_path, stub):
+    """A token whose ``sub`` is an API key's name is another client."""
+    secret = "a-development-secret-of-32-bytes!!"
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 0.001, "burst": 2, "per": "subject"},
+        auth={
+            "jwt": {"algorithms": ["HS256"], "hs256_secret": secret},
+            "api_keys": {"keys": [{"name": "partner-a", "key": "pk-0123456789abcdef"}]},
+        },
+    )
+    config.write_text(
+        config.read_text().replace("rate_limit:", "auth: [jwt, api_key]\n  rate_limit:")
+    )
+    token = mint_token(subject="partner-a", scopes=[], secret=secret.encode())
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        for _ in range(2):
+            r = await client.get(url(gw, "/x"), headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+        r = await client.get(url(gw, "/x"), headers={"x-api-key": "pk-0123456789abcdef"})
+        assert r.status_code == 200, r.headers
+
+
+async def test_per_ip_groups_an_ipv6_client_by_its_64(tmp_path, stub):
+    """A host gets a /64 and may use a new address for every request."""
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 0.001, "burst": 2, "per": "ip"},
+        server={"trusted_proxies": ["127.0.0.1"]},
+    )
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        statuses = [
+            (
+                await client.get(url(gw, "/x"), headers={"x-forwarded-for": f"2001:db8::{i:x}"})
+            ).status_code
+            for i in range(1, 6)
+        ]
+        other_64 = await client.get(url(gw, "/x"), headers={"x-forwarded-for": "2001:db8:0:1::1"})
+        mapped = await client.get(url(gw, "/x"), headers={"x-forwarded-for": "::ffff:192.0.2.7"})
+        plain = await client.get(url(gw, "/x"), headers={"x-forwarded-for": "192.0.2.7"})
+    assert statuses == [200, 200, 429, 429, 429], statuses
+    assert other_64.status_code == 200
+    # An IPv4-mapped address is that IPv4 client: one bucket for both spellings.
+    assert (mapped.status_code, plain.status_code) == (200, 200)
+    assert ip_limit_key("::ffff:192.0.2.7") == ip_limit_key("192.0.2.7")
+
+
+async def test_a_redis_outage_logs_once_not_once_per_client(tmp_path, stub, caplog):
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 100, "burst": 100, "per": "ip", "shared": True},
+        rate_limits={"store": f"redis://127.0.0.1:{_free_port()}/0", "prefix": "flood"},
+        server={"trusted_proxies": ["127.0.0.1"]},
+    )
+    with caplog.at_level("INFO"):
+        async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+            for i in range(200):
+                r = await client.get(url(gw, "/x"), headers={"x-forwarded-for": f"203.0.113.{i}"})
+                assert r.status_code == 200
+            assert gw.gen.limits["limited"].degraded_total == 200
+    about_the_store = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING"
+        and ("shared state unavailable" in r.getMessage() or "store failed" in r.getMessage())
+    ]
+    assert len(about_the_store) == 1, about_the_store
+
+
+async def test_an_outage_and_its_end_are_logged_once_each(tmp_path, stub, own_redis, caplog):
+    process, redis_url = own_redis
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 1000, "burst": 1000, "per": "route", "shared": True},
+        rate_limits={"store": redis_url, "prefix": "outage"},
+    )
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with caplog.at_level("INFO"):
+        async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+            limits = gw.gen.limits["limited"]
+            assert (await client.get(url(gw, "/x"))).status_code == 200
+            process.terminate()
+            process.wait(10)
+            for _ in range(5):
+                assert (await client.get(url(gw, "/x"))).status_code == 200
+            degraded = limits.degraded_total
+            assert degraded >= 1
+            restarted = subprocess.Popen(
+                [
+                    *(shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                await wait_until_redis(redis_url)
+                await asyncio.sleep(1.2)  # past the store's retry interval
+                for _ in range(20):
+                    assert (await client.get(url(gw, "/x"))).status_code == 200
+                # Back through Redis: at most the first call after the interval was local.
+                assert limits.degraded_total <= degraded + 1
+            finally:
+                restarted.terminate()
+                restarted.wait(10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "atoll.gateway"]
+    assert sum("store failed" in m for m in messages) == 1, messages
+    assert sum("limits are shared again" in m for m in messages) == 1, messages
+
+
+async def wait_until_redis(redis_url):
+    client = Redis.from_url(redis_url)
+    try:
+        for _ in range(200):
+            try:
+                await client.ping()
+            except (OSError, RedisConnectionError):
+                await asyncio.sleep(0.05)
+            else:
+                return
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_reload_that_changes_only_the_prefix_uses_the_new_prefix(tmp_path, stub):
+    redis_url = REDIS_URL
+    old, new = (f"atoll-test-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    limit = {"rate": 100, "burst": 100, "per": "route", "shared": True}
+    config = limited_config(tmp_path, stub, limit, rate_limits={"store": redis_url, "prefix": old})
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        assert (await client.get(url(gw, "/x"))).status_code == 200
+        config.write_text(config.read_text().replace(old, new))
+        assert await gw.reload()
+        assert (await client.get(url(gw, "/x"))).status_code == 200
+    redis = Redis.from_url(redis_url)
+    try:
+        under_new = [k async for k in redis.scan_iter(match=f"{new}:*")]
+        under_old = [k async for k in redis.scan_iter(match=f"{old}:*")]
+        assert under_new, f"still written under the old prefix: {under_old}"
+    finally:
+        for prefix in (old, new):
+            keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await redis.delete(*keys)
+        await redis.aclose()

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 
@@ -126,7 +126,14 @@ class AuthError(Exception):
         return value.encode()
 
 
+#: The longest JOSE header read (an ``x5c`` chain of a few certificates fits): a
+#: longer one is refused before decoding, so a token cannot make JSON parsing costly.
+_MAX_HEADER_SEGMENT: Final = 16 * 1024
+
+
 def _b64json(segment: str) -> dict[str, Any]:
+    if len(segment) > _MAX_HEADER_SEGMENT:
+        raise ValueError("the header is too long")
     padded = segment + "=" * (-len(segment) % 4)
     data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
     if not isinstance(data, dict):
@@ -239,8 +246,11 @@ class KeySet:
         self._install(keys)
 
     def _install(self, keys: dict[str, jwt.PyJWK]) -> None:
+        # A key replaced under the same kid (a leaked one rotated out) counts as a change:
+        # tokens it verified must not stay accepted from the cache.
         if set(keys) != set(self.keys) or any(
-            keys[k].key_type != self.keys[k].key_type for k in keys
+            keys[k].key_type != self.keys[k].key_type or keys[k].key != self.keys[k].key
+            for k in keys
         ):
             self.version += 1
         self.keys = keys
@@ -275,7 +285,9 @@ def _parse_jwks(data: Any) -> dict[str, jwt.PyJWK]:
             continue  # symmetric keys never come from a key set
         try:
             keys[kid] = jwt.PyJWK(raw)
-        except jwt.PyJWKError as exc:
+        # PyJWT raises InvalidKeyError (not a PyJWKError) for a curve it cannot use (an
+        # X25519 key) or a bad member; one such key must not cost the whole set.
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
             log.warning("JWKS key %r skipped: %s", kid, exc)
     return keys
 
@@ -404,7 +416,8 @@ class Authenticator:
             raise self._fail(401, "the token is not a JWS compact serialization", "malformed")
         try:
             header = _b64json(parts[0])
-        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # RecursionError: JSON nested a thousand deep fits in 3 KB.
+        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
             raise self._fail(
                 401, "the token's header is not valid base64url JSON", "malformed"
             ) from None
@@ -438,6 +451,8 @@ class Authenticator:
             raise self._fail(401, "the token's signature is not valid", "bad_signature") from None
         except jwt.InvalidTokenError as exc:
             raise self._fail(401, f"the token is not valid: {exc}", "invalid") from None
+        except RecursionError:  # claims nested past the parser's depth (signed, though)
+            raise self._fail(401, "the token's claims are nested too deep", "invalid") from None
         exp = claims.get("exp")
         if isinstance(exp, bool) or not isinstance(exp, int | float):
             raise self._fail(401, "the token has no numeric 'exp' claim", "no_exp")

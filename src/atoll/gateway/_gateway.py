@@ -20,7 +20,7 @@ import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import structlog
@@ -31,7 +31,7 @@ from atoll.gateway._aggregate import aggregate
 from atoll.gateway._auth import Authenticator, AuthError, Identity
 from atoll.gateway._config import GatewayConfig, MirrorConfig, RouteConfig, load_gateway_config
 from atoll.gateway._forwarded import AddressFilter, TrustedProxies
-from atoll.gateway._limits import RouteLimits, client_key, gated
+from atoll.gateway._limits import RouteLimits, client_key, gated, ip_limit_key
 from atoll.gateway._metrics import GatewayMetrics
 from atoll.gateway._proxy import IDEMPOTENT, BodyTooLargeError, Call, UpstreamRuntime
 from atoll.gateway._routing import Router, fill_template
@@ -188,6 +188,15 @@ class Generation:
         return folded.startswith(self.identity_prefix) or folded in self.owned_folded
 
 
+#: Rate-limit keys ``per: subject``, by how the caller was identified.
+_SUBJECT_PREFIX: Final = {"client_cert": "cert:", "api_key": "key:"}
+
+
+def _store_key(config: GatewayConfig) -> tuple[str, str] | None:
+    url = config.rate_limit_store
+    return None if url is None else (url, config.rate_limit_prefix)
+
+
 def _forwarded_cert(gen: Generation, conn: Connection) -> bytes:
     """The connection's ``X-Forwarded-Client-Cert`` value, made once per connection
     (and again after a reload that changes the fields)."""
@@ -260,9 +269,10 @@ class Gateway:
         config = load_gateway_config(self.config_path, system=system, profile=profile)
         self._store_given = shared_store
         self.store: SharedState | None = None
-        self.store_url: str | None = None
+        #: The shared store's URL and key prefix: a reload that changes either makes a new one.
+        self.store_key: tuple[str, str] | None = None
         self.store = self._store_for(config)
-        self.store_url = config.rate_limit_store
+        self.store_key = _store_key(config)
         self.gen = self._build(config, {}, self.store)
         self._tls: ListenerTls | None = None
         #: Failed TLS handshakes by reason, with TLS on (shared with the listener).
@@ -321,7 +331,7 @@ class Gateway:
         url = config.rate_limit_store
         if self._store_given is not None:
             return gated(self._store_given, self.clock)
-        if url is not None and url != self.store_url:
+        if url is not None and _store_key(config) != self.store_key:
             from atoll.resilience.redis import RedisSharedState  # noqa: PLC0415 - optional
 
             return gated(
@@ -398,16 +408,17 @@ class Gateway:
         self.state.http2 = config.server.http2  # h2c on a plain listener: from now on
         self.state.http2_max_streams = config.server.http2_max_streams  # new connections
         old = self.gen
+        old_store = self.store if self.store is not store and self._store_given is None else None
         self.gen = generation
         self.store = store
-        self.store_url = config.rate_limit_store
+        self.store_key = _store_key(config)
         self._mtimes = self._stat()
         for upstream in generation.upstreams.values():
             upstream.start()
         self.reloads += 1
         self.last_reload_error = None
         log.info("gateway configuration reloaded from %s", self.config_path)
-        asyncio.get_running_loop().create_task(self._retire(old))
+        asyncio.get_running_loop().create_task(self._retire(old, old_store))
         return True
 
     def _crl(self, config: GatewayConfig) -> CrlInfo | None:
@@ -469,13 +480,12 @@ class Gateway:
             return {path.resolve(): path.stat().st_mtime}
         return {}
 
-    async def _retire(self, old: Generation) -> None:
-        """Stop what the old generation had alone, once its requests are done."""
+    async def _retire(self, old: Generation, old_store: SharedState | None = None) -> None:
+        """Stop what the old generation had alone (upstreams, a shared store another
+        URL or prefix replaced), once its requests are done."""
         await old.auth.stop()
         current = set(map(id, self.gen.upstreams.values()))
         gone = [u for u in old.upstreams.values() if id(u) not in current]
-        if not gone:
-            return
         # Requests that started on the old generation may still be using these.
         deadline = self.clock.monotonic() + self.gen.config.server.drain_timeout
         while any(i.outstanding for u in gone for i in u.instances):
@@ -484,6 +494,10 @@ class Gateway:
             await self.clock.sleep(0.05)
         for upstream in gone:
             await upstream.stop()
+        if old_store is not None:
+            # A limit check still under way on it fails, and that request decides locally.
+            with contextlib.suppress(Exception):
+                await old_store.aclose()
 
     async def _watch_files(self) -> None:
         assert self.watch_interval is not None
@@ -1037,14 +1051,15 @@ class Gateway:
         if per == "route":
             return "*"
         if per == "ip" or identity is None:
-            return client_key("ip:" + ip)
+            return ip_limit_key(ip)
         if per == "subject":
-            # A certificate's subject is a DN, a token's sub any string: apart, so that a
-            # token whose sub is "CN=x" does not share the bucket of the certificate CN=x.
-            prefix = "cert:" if identity.method == "client_cert" else "sub:"
+            # A certificate's subject is a DN, an API key's a name, a token's sub any
+            # string: apart, so that a token whose sub is "CN=x" or "partner-a" does not
+            # share the bucket of the certificate CN=x or of the API key partner-a.
+            prefix = _SUBJECT_PREFIX.get(identity.method, "sub:")
             return client_key(prefix + identity.subject)
         if per == "api_key" and identity.method != "api_key":
-            return client_key("ip:" + ip)
+            return ip_limit_key(ip)
         return client_key(f"{identity.method}:{identity.client}")
 
     def _target(self, route: RouteConfig, request: Request, params: dict[str, bytes]) -> bytes:

@@ -12,59 +12,92 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import logging
 import re
 from collections import OrderedDict
 
 from atoll.determinism import Clock
 from atoll.gateway._config import RateLimitConfig
-from atoll.resilience import Permit, RateLimiter, SharedState, SharedWindow
+from atoll.resilience import Permit, RateLimiter, SharedState, SharedStateDownError, SharedWindow
 
 log = logging.getLogger("atoll.gateway")
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9._:@/-]{1,64}$")
 
 
-class StoreUnavailableError(Exception):
-    """The shared store failed recently; limiters decide locally for a while."""
+class StoreUnavailableError(SharedStateDownError):
+    """The shared store failed recently; limiters decide locally for a while.
+
+    A :class:`SharedStateDownError`: the gate has logged the outage once, so the
+    limiters' links count it without a warning each (one per client key, a second).
+    """
 
 
 class _GatedStore(SharedState):
-    """A store wrapper that fails fast for ``retry_interval`` after any failure."""
+    """A store wrapper that fails fast for ``retry_interval`` after any failure, and
+    logs an outage once when it begins and once when it ends."""
 
     def __init__(self, store: SharedState, clock: Clock, retry_interval: float = 1.0) -> None:
         self.store = store
         self.clock = clock
         self.retry_interval = retry_interval
         self.down_until = float("-inf")
+        self.healthy = True
 
     def _check(self) -> None:
         if self.clock.monotonic() < self.down_until:
             raise StoreUnavailableError("the shared rate-limit store failed recently")
+
+    def _succeeded(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            log.info("the shared rate-limit store answers again; limits are shared again")
+
+    def _failed(self, exc: BaseException | None) -> None:
+        self.down_until = self.clock.monotonic() + self.retry_interval
+        if self.healthy and exc is not None:
+            self.healthy = False
+            log.warning(
+                "the shared rate-limit store failed (%s: %s); limits are local until it"
+                " answers again",
+                type(exc).__name__,
+                exc,
+            )
 
     async def take_permit(
         self, name: str, *, now: float, interval: float, tolerance: float
     ) -> tuple[bool, float, float]:
         self._check()
         try:
-            return await self.store.take_permit(
+            result = await self.store.take_permit(
                 name, now=now, interval=interval, tolerance=tolerance
             )
-        except BaseException:
-            self.down_until = self.clock.monotonic() + self.retry_interval
+        except Exception as exc:
+            self._failed(exc)
+            raise StoreUnavailableError(f"the shared rate-limit store failed: {exc}") from exc
+        except BaseException:  # cancelled (the link's timeout): a hung store
+            self._failed(None)
             raise
+        self._succeeded()
+        return result
 
     async def reserve_permit(
         self, name: str, *, now: float, interval: float, tolerance: float, max_wait: float
     ) -> tuple[bool, float]:
         self._check()
         try:
-            return await self.store.reserve_permit(
+            result = await self.store.reserve_permit(
                 name, now=now, interval=interval, tolerance=tolerance, max_wait=max_wait
             )
+        except Exception as exc:
+            self._failed(exc)
+            raise StoreUnavailableError(f"the shared rate-limit store failed: {exc}") from exc
         except BaseException:
-            self.down_until = self.clock.monotonic() + self.retry_interval
+            self._failed(None)
             raise
+        self._succeeded()
+        return result
 
     async def sync_window(
         self,
@@ -94,6 +127,25 @@ def client_key(raw: str) -> str:
     if _SAFE_KEY.match(raw):
         return raw
     return "h-" + hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_limit_key(ip: str) -> str:
+    """The rate-limit key of a client address: an IPv4 address as it is, an IPv6 one by
+    its /64 (a host is given a /64 and may use a new address for every request, so a
+    key per address would neither limit it nor bound the limiter table)."""
+    if ":" in ip:
+        try:
+            address = ipaddress.IPv6Address(ip.partition("%")[0])
+        except ValueError:
+            pass
+        else:
+            mapped = address.ipv4_mapped
+            if mapped is not None:
+                return client_key(f"ip:{mapped}")
+            network = ipaddress.IPv6Network((address, 64), strict=False)
+            return client_key(f"ip:{network.network_address}/64")
+    return client_key("ip:" + ip)
 
 
 class RouteLimits:

@@ -60,7 +60,7 @@ from atoll.resilience._propagation import (
 from atoll.resilience._ratelimit import Permit, RateLimiter
 from atoll.resilience._registry import ResilienceRegistry
 from atoll.resilience._retry import Retry, RetryBudget
-from atoll.resilience._shared import SharedState, SharedWindow
+from atoll.resilience._shared import SharedState, SharedStateDownError, SharedWindow
 from atoll.resilience._timeout import Timeout
 from atoll.resilience._web import breakers_router, snapshot_to_json
 
@@ -99,6 +99,7 @@ __all__ = [
     "RetryBudget",
     "ServiceClient",
     "SharedState",
+    "SharedStateDownError",
     "SharedWindow",
     "StateChange",
     "Timeout",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from atoll.determinism import Clock
+from atoll.resilience._errors import ResilienceError
 
 log = logging.getLogger("atoll.resilience")
 
@@ -106,6 +107,12 @@ class SharedState(abc.ABC):
         """Release connections."""
 
 
+class SharedStateDownError(ResilienceError):
+    """Raised by a store (or a wrapper of one) that knows it is down and has reported it:
+    a :class:`StoreLink` counts it without logging, so one outage is not one warning per
+    component and interval."""
+
+
 class StoreLink:
     """One component's link to a :class:`SharedState`, with a short fuse.
 
@@ -141,6 +148,10 @@ class StoreLink:
         try:
             async with asyncio.timeout(self.timeout):
                 result = await operation()
+        except SharedStateDownError:
+            self.errors += 1
+            self._down_until = self._clock.monotonic() + self.retry_interval
+            return None
         except Exception as exc:
             # Logged once per interval at most: the link is left alone until it ends.
             self.errors += 1
