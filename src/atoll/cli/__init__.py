@@ -140,6 +140,20 @@ def up(
             f"{config}: system.transport: memory:// lives in one process; "
             "use --single-process or sqlite:///bus.db"
         )
+    gateway = loaded.config.gateway
+    if gateway is not None:
+        # Checked before any service starts: a typo in the gateway's file is one line
+        # and exit 2, as for atoll.toml, not a system started and stopped again.
+        try:
+            from atoll.gateway import load_gateway_config  # noqa: PLC0415 - gateway extra
+
+            load_gateway_config(
+                loaded.base_dir / gateway.config, system=loaded.path, profile=profile
+            )
+        except ImportError:
+            pass  # the gateway process reports the missing extra itself
+        except ConfigError as exc:
+            fail(str(exc))
     supervisor = Supervisor(loaded, names, console=console, restart=restart)
     raise typer.Exit(asyncio.run(supervisor.run()))
 

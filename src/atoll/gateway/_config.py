@@ -495,9 +495,11 @@ def read_gateway_file(path: str | Path) -> tuple[dict[str, Any], str]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(source, "", f"is not valid YAML: {exc}") from None
+            raise ConfigError(source, "", f"is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
-        data = {}
+        # Nothing but comments, or a file caught in the middle of a save: a gateway
+        # without routes would answer 404 to everything.
+        raise ConfigError(source, "", "is empty: it names no upstreams and no routes")
     if not isinstance(data, dict):
         raise ConfigError(source, "", "must hold a table of settings")
     return data, source
@@ -764,6 +766,9 @@ def _target(reader: _Reader, key: str, value: object) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise reader.error(key, f"must be 'host:port', got {value!r}")
+    if "://" in host or "/" in host or any(c.isspace() for c in host):
+        hint = " (TLS to an upstream is its 'tls' setting)" if "https://" in text else ""
+        raise reader.error(key, f"must be 'host:port', got {value!r}{hint}")
     return host.strip("[]"), int(port)
 
 
@@ -965,6 +970,8 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
     *,
     client_certs: bool = False,
 ) -> tuple[RouteConfig, ...]:
+    from atoll.gateway._routing import template_problem  # noqa: PLC0415 - it imports this module
+
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -1006,6 +1013,9 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
             path = reader.string(f"{key}.match.path", m["path"])
             if not path.startswith("/"):
                 raise reader.error(f"{key}.match.path", "must start with '/'")
+            problem = template_problem(path)
+            if problem is not None:
+                raise reader.error(f"{key}.match.path", problem)
         if "prefix" in m:
             prefix = reader.string(f"{key}.match.prefix", m["prefix"])
             if not prefix.startswith("/"):
@@ -1017,11 +1027,21 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
         methods = None
         if "methods" in m:
             listed = reader.strings(f"{key}.match.methods", m["methods"])
+            if not listed:
+                raise reader.error(
+                    f"{key}.match.methods", "lists no method: the route would never match"
+                )
             for j, method in enumerate(listed):
                 if method.upper() not in _METHODS:
                     raise reader.error(f"{key}.match.methods[{j}]", f"unknown method {method!r}")
             methods = frozenset(x.upper().encode() for x in listed)
         host = reader.string(f"{key}.match.host", m["host"]).lower() if "host" in m else None
+        if host is not None and (
+            not host or ("]:" in host if host.startswith("[") else ":" in host)
+        ):
+            raise reader.error(
+                f"{key}.match.host", "must be a host name without a port (ports are not compared)"
+            )
         match_headers = []
         for hname, hval in reader.table(f"{key}.match.headers", m.get("headers"), _ANY).items():
             hkey = f"{key}.match.headers.{hname}"
@@ -1056,11 +1076,22 @@ def _routes(  # noqa: C901, PLR0912, PLR0915 - a flat validator, one key after a
             strip_prefix = prefix.rstrip("/")
         elif strip not in (None, False):
             strip_prefix = reader.string(f"{key}.strip_prefix", strip).rstrip("/")
+            literal = prefix if prefix is not None else (path or "").split("{", 1)[0]
+            if strip_prefix and (
+                not literal.startswith(strip_prefix) or not strip_prefix.startswith("/")
+            ):
+                raise reader.error(
+                    f"{key}.strip_prefix",
+                    f"{strip_prefix!r} does not begin every path the route matches ({literal!r})",
+                )
         rewrite = None
         if "rewrite" in t:
             rewrite = reader.string(f"{key}.rewrite", t["rewrite"])
             if not rewrite.startswith("/"):
                 raise reader.error(f"{key}.rewrite", "must start with '/'")
+            problem = template_problem(rewrite.partition("?")[0])
+            if problem is not None:
+                raise reader.error(f"{key}.rewrite", problem)
             declared = set(_template_params(path or ""))
             for param in _template_params(rewrite):
                 if param not in declared:
@@ -1369,3 +1400,12 @@ def _cors(reader: _Reader, value: object) -> CorsConfig:
         allow_credentials=credentials,
         max_age=reader.whole("cors.max_age", t.get("max_age", d.max_age)),
     )
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error on one line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -136,16 +136,25 @@ class Generation:
         *,
         clock: Clock,
         store: SharedState | None,
+        previous: Generation | None = None,
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = upstreams
         self.auth = Authenticator(config.auth, clock, source=config.source)
-        self.limits: dict[str, RouteLimits] = {
-            route.name: RouteLimits(route.name, route.rate_limit, clock=clock, store=store)
-            for route in config.routes
-            if route.rate_limit is not None
-        }
+        self.limits: dict[str, RouteLimits] = {}
+        for route in config.routes:
+            if route.rate_limit is None:
+                continue
+            kept = previous.limits.get(route.name) if previous is not None else None
+            shared = store if route.rate_limit.shared else None
+            if kept is not None and kept.config == route.rate_limit and kept.store is shared:
+                # A reload for something else must not give every client a fresh burst.
+                self.limits[route.name] = kept
+            else:
+                self.limits[route.name] = RouteLimits(
+                    route.name, route.rate_limit, clock=clock, store=store
+                )
         self.registry = ResilienceRegistry([u.pipeline for u in upstreams.values()])
         # Folded (``_`` as ``-``) as WSGI/CGI servers fold names: a client's
         # ``X_Auth_Subject`` reaches those upstreams as the gateway's ``X-Auth-Subject``.
@@ -192,6 +201,20 @@ class Generation:
 _SUBJECT_PREFIX: Final = {"client_cert": "cert:", "api_key": "key:"}
 
 
+#: A file as the watch compares it: modification time (ns), size and inode.
+FileState = tuple[int, int, int]
+
+
+def _snapshot(files: Iterable[Path]) -> dict[Path, FileState]:
+    """The state of each of ``files`` that exists, by resolved path."""
+    out: dict[Path, FileState] = {}
+    for file in files:
+        with contextlib.suppress(OSError):
+            found = file.stat()
+            out[file.resolve()] = (found.st_mtime_ns, found.st_size, found.st_ino)
+    return out
+
+
 def _store_key(config: GatewayConfig) -> tuple[str, str] | None:
     url = config.rate_limit_store
     return None if url is None else (url, config.rate_limit_prefix)
@@ -227,6 +250,25 @@ def _valid_path(path: bytes) -> bool:
             if segment in (b".", b".."):
                 return False
     return True
+
+
+#: Percent-encoded unreserved characters (RFC 3986 2.3): the same URI as the character.
+_ENCODED_UNRESERVED: Final = re.compile(
+    rb"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[Dd]|2[Ee]|5[Ff]|7[Ee])"
+)
+_SLASHES: Final = re.compile(rb"//+")
+
+
+def _normalized_path(path: bytes) -> bytes:
+    """``path`` as routes are matched on and upstreams get it: percent-encoded unreserved
+    characters decoded (RFC 3986 6.2.2.2) and runs of slashes merged, as nginx does. An
+    upstream would read ``/%61dmin`` and ``//admin`` as ``/admin``: matched raw, they would
+    reach it through a route meant for other paths, past ``/admin``'s auth."""
+    if b"%" in path:
+        path = _ENCODED_UNRESERVED.sub(lambda m: bytes([int(m.group()[1:], 16)]), path)
+    if b"//" in path:
+        path = _SLASHES.sub(b"/", path)
+    return path
 
 
 class Gateway:
@@ -309,7 +351,8 @@ class Gateway:
         self._servers: list[asyncio.Server] = []
         self._watch: asyncio.Task[None] | None = None
         self._sweepers: list[asyncio.Task[None]] = []
-        self._mtimes = self._stat()
+        #: What the configuration's files were when last read: (mtime, size, inode).
+        self._mtimes: dict[Path, FileState] = _snapshot(config.files)
         self.reloads = 0
         self.reload_failures = 0
         self.last_reload_error: str | None = None
@@ -344,6 +387,7 @@ class Gateway:
         config: GatewayConfig,
         old: dict[str, UpstreamRuntime],
         store: SharedState | None,
+        current: Generation | None = None,
     ) -> Generation:
         upstreams: dict[str, UpstreamRuntime] = {}
         for name, upstream_config in config.upstreams.items():
@@ -362,14 +406,7 @@ class Gateway:
 
                     trace_breaker_changes(upstream.breaker)
                 upstreams[name] = upstream
-        return Generation(config, upstreams, clock=self.clock, store=store)
-
-    def _stat(self) -> dict[Path, float]:
-        out = {}
-        for file in self.gen.config.files:
-            with contextlib.suppress(OSError):
-                out[file] = file.stat().st_mtime
-        return out
+        return Generation(config, upstreams, clock=self.clock, store=store, previous=current)
 
     async def reload(self) -> bool:
         """Load the configuration again; keep the current one if the new one is bad.
@@ -381,17 +418,19 @@ class Gateway:
         config: GatewayConfig | None = None
         store = self.store
         generation: Generation | None = None
+        # Before reading: a save made while this reload runs shows as a change next time.
+        seen = _snapshot({*self._mtimes, self.config_path})
         try:
             config = load_gateway_config(self.config_path, system=self.system, profile=self.profile)
             store = self._store_for(config)
-            generation = self._build(config, self.gen.upstreams, store)
+            generation = self._build(config, self.gen.upstreams, store, self.gen)
             tls = config.server.tls
             if self._tls is not None and tls is not None:
                 server_context(tls, config.source)  # the new files load, or the reload fails
             crl = self._crl(config)
             await generation.auth.start()
         except Exception as exc:
-            await self._refuse(exc, config, store, generation)
+            await self._refuse(exc, config, store, generation, seen)
             return False
         if (self._tls is None) != (config.server.tls is None):
             log.warning("gateway: turning server.tls on or off takes a restart")
@@ -405,6 +444,7 @@ class Gateway:
                 log.error("gateway: the certificate was not renewed: %s", exc)  # noqa: TRY400 - the message says it all
         if self._tls is not None and config.server.http2 != self._tls.http2:
             log.warning("gateway: turning server.http2 on or off with TLS takes a restart")
+        self._apply_listener_settings(config)
         self.state.http2 = config.server.http2  # h2c on a plain listener: from now on
         self.state.http2_max_streams = config.server.http2_max_streams  # new connections
         old = self.gen
@@ -412,7 +452,7 @@ class Gateway:
         self.gen = generation
         self.store = store
         self.store_key = _store_key(config)
-        self._mtimes = self._stat()
+        self._mtimes = seen | _snapshot(f for f in config.files if f.resolve() not in seen)
         for upstream in generation.upstreams.values():
             upstream.start()
         self.reloads += 1
@@ -420,6 +460,23 @@ class Gateway:
         log.info("gateway configuration reloaded from %s", self.config_path)
         asyncio.get_running_loop().create_task(self._retire(old, old_store))
         return True
+
+    def _apply_listener_settings(self, config: GatewayConfig) -> None:
+        """What a reload can change on the listening side; the rest takes a restart."""
+        server, state = config.server, self.state
+        state.max_header_bytes = server.max_header_bytes
+        state.max_url_bytes = server.max_url_bytes
+        state.idle_timeout = server.idle_timeout
+        state.body_timeout = server.body_timeout
+        before = self.gen.config
+        for key, old, new in (
+            ("server.host", before.server.host, server.host),
+            ("server.port", before.server.port, server.port),
+            ("server.workers", before.server.workers, server.workers),
+            ("admin", before.admin, config.admin),
+        ):
+            if old != new:
+                log.warning("gateway: a change of %s takes a restart; not applied", key)
 
     def _crl(self, config: GatewayConfig) -> CrlInfo | None:
         """``server.tls.client_crl`` checked now (a list past its next update refuses the
@@ -443,6 +500,7 @@ class Gateway:
         config: GatewayConfig | None,
         store: SharedState | None,
         generation: Generation | None,
+        seen: dict[Path, FileState],
     ) -> None:
         """Count and log a refused reload, and undo what it had started."""
         self.reload_failures += 1
@@ -453,7 +511,7 @@ class Gateway:
                 exc,
                 extra={"file": exc.source, "key": exc.key},
             )
-            watched = self._stat_files(exc.source)
+            watched = [Path(exc.source)]
         else:
             self.last_reload_error = f"{self.config_path}: {type(exc).__name__}: {exc}"
             # Not one of the checks' findings: the traceback shows what refused it.
@@ -463,22 +521,14 @@ class Gateway:
                 exc_info=exc,
                 extra={"file": str(self.config_path)},
             )
-            watched = {}
-            for file in config.files if config is not None else (self.config_path,):
-                watched |= self._stat_files(str(file))
-        self._mtimes = self._stat() | watched
+            watched = list(config.files) if config is not None else [self.config_path]
+        self._mtimes = seen | _snapshot(f for f in watched if f.resolve() not in seen)
         if generation is not None:
             with contextlib.suppress(Exception):
                 await generation.auth.stop()
         if store is not self.store and self._store_given is None and store is not None:
             with contextlib.suppress(Exception):
                 await store.aclose()
-
-    def _stat_files(self, source: str) -> dict[Path, float]:
-        path = Path(source)
-        with contextlib.suppress(OSError):
-            return {path.resolve(): path.stat().st_mtime}
-        return {}
 
     async def _retire(self, old: Generation, old_store: SharedState | None = None) -> None:
         """Stop what the old generation had alone (upstreams, a shared store another
@@ -502,20 +552,25 @@ class Gateway:
     async def _watch_files(self) -> None:
         assert self.watch_interval is not None
         config_file = self.config_path.resolve()
+        pending: dict[Path, FileState] | None = None
         while True:
             await self.clock.sleep(self.watch_interval)
-            current = {}
-            for file in {*self._mtimes, config_file}:
-                with contextlib.suppress(OSError):
-                    current[file] = file.stat().st_mtime
-            if current != self._mtimes:
-                self._mtimes = current
-                try:
-                    await self.reload()
-                except Exception:
-                    # reload() refuses bad configurations itself; this is for a fault
-                    # after the swap, which must not end the watch either.
-                    log.exception("gateway configuration reload failed")
+            current = _snapshot({*self._mtimes, config_file})
+            if current == self._mtimes:
+                pending = None
+                continue
+            if current != pending:
+                # Changed since the last look: read it once it holds still for an
+                # interval, not half-written by an editor that saves in place.
+                pending = current
+                continue
+            pending = None
+            try:
+                await self.reload()
+            except Exception:
+                # reload() refuses bad configurations itself; this is for a fault after
+                # the swap, which must not end the watch either.
+                log.exception("gateway configuration reload failed")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -690,6 +745,11 @@ class Gateway:
             self._send_problem(request, None, 400, "the request path is not valid", rid)
             self._log(request, None, 400, started, rid, None, None)
             return
+        if b"%" in path or b"//" in path:
+            normal = _normalized_path(path)
+            if normal != path:
+                request.path = path = normal
+                request.raw_path = normal + b"?" + request.query if request.query else normal
         if repeated is not None:
             # Which one to route (or authenticate) by would be a guess, and a proxy in front
             # or the upstream may guess the other way (nginx refuses a repeated Host too).
@@ -1071,7 +1131,10 @@ class Gateway:
                 path = b"/" + path
         else:
             return request.raw_path
-        return path + b"?" + request.query if request.query else path
+        if not request.query:
+            return path
+        # A rewrite may carry a query of its own: the client's joins it.
+        return path + (b"&" if b"?" in path else b"?") + request.query
 
     async def _proxy(  # noqa: C901, PLR0911, PLR0912, PLR0915, PLR0917 - one flat path for speed
         self,

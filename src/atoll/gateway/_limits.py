@@ -169,6 +169,11 @@ class RouteLimits:
         self._max_keys = max_keys
         self._limiters: OrderedDict[str, RateLimiter] = OrderedDict()
 
+    @property
+    def store(self) -> SharedState | None:
+        """The shared store its limiters use (``None`` for local limits)."""
+        return self._store
+
     def _limiter(self, key: str) -> RateLimiter:
         limiters = self._limiters
         limiter = limiters.get(key)

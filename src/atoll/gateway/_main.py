@@ -17,9 +17,11 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
+import threading
+from typing import Any, Final
 
 from atoll.config import ConfigError
+from atoll.determinism import SystemClock
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +70,19 @@ def _serve(args: argparse.Namespace, admin_port: int | None, *, reuse_port: bool
         return runner.run(_run(args, admin_port, reuse_port))
 
 
+def load_listen_settings(args: argparse.Namespace) -> str:
+    """``host:port`` the gateway was to listen on (the options, else the file)."""
+    from atoll.gateway._config import load_gateway_config  # noqa: PLC0415
+
+    host, port = args.host, args.port
+    if host is None or port is None:
+        with contextlib.suppress(ConfigError):
+            server = load_gateway_config(args.config, system=args.system).server
+            host = host if host is not None else server.host
+            port = port if port is not None else server.port
+    return f"{host}:{port}"
+
+
 async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: bool) -> int:
     from atoll._heap import freeze_startup_heap  # noqa: PLC0415
     from atoll.gateway._gateway import Gateway  # noqa: PLC0415
@@ -88,8 +103,16 @@ async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: boo
             reuse_port=reuse_port,
         )
         await gateway.start()
-    except (ConfigError, OSError) as exc:
+    except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:
+        # Binding failed: the address is taken, not this host's, or not a host at all.
+        server = load_listen_settings(args)
+        sys.stderr.write(
+            f"error: {args.config}: server.host, server.port or admin.port: cannot listen"
+            f" on {server} (admin port {admin_port}): {exc.strerror or exc}\n"
+        )
         return 2
     metric_export = _metric_export(gateway)
     freeze_startup_heap()  # see atoll._heap: no 40 ms full collections while serving
@@ -138,13 +161,25 @@ def _metric_export(gateway: Any) -> Any:
     return export
 
 
+#: A worker that exits within this many seconds of starting is restarted after a
+#: growing delay (0.25 s, doubling, at most _MAX_BACKOFF), not at once in a loop.
+_QUICK_EXIT: Final = 5.0
+_MAX_BACKOFF: Final = 10.0
+
+
 def _supervise(args: argparse.Namespace, workers: int) -> int:  # noqa: C901 - signal plumbing
     base = [sys.executable, "-m", "atoll.gateway"]
     argv = [a for a in sys.argv[1:] if not a.startswith("--worker-index")]
     children: dict[int, subprocess.Popen[bytes]] = {}
     stopping = False
+    clock = SystemClock()
+    started: dict[int, float] = {}
+    #: Exits in a row soon after starting, by worker: restarts back off (a crash loop).
+    quick_exits: dict[int, int] = {}
+    pause = threading.Event()  # set by stop(): a backoff does not hold up a SIGTERM
 
     def spawn(index: int) -> None:
+        started[index] = clock.monotonic()
         children[index] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [*base, *argv, "--workers", str(workers), "--worker-index", str(index)],
             env=dict(os.environ),
@@ -154,6 +189,7 @@ def _supervise(args: argparse.Namespace, workers: int) -> int:  # noqa: C901 - s
         nonlocal stopping
         del frame
         stopping = True
+        pause.set()
         for child in children.values():
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signum)
@@ -182,9 +218,16 @@ def _supervise(args: argparse.Namespace, workers: int) -> int:  # noqa: C901 - s
                     stop(signal.SIGTERM, None)
                     code = 2
                     break
+                quick = clock.monotonic() - started[index] < _QUICK_EXIT
+                quick_exits[index] = quick_exits.get(index, 0) + 1 if quick else 0
+                delay = min(_MAX_BACKOFF, 0.25 * 2 ** (quick_exits[index] - 1)) if quick else 0.0
                 sys.stderr.write(
-                    f"gateway worker {index} exited ({child.returncode}); restarting\n"
+                    f"gateway worker {index} exited ({child.returncode}); restarting"
+                    + (f" in {delay:.1f} s\n" if delay else "\n")
                 )
-                spawn(index)
+                if delay:
+                    pause.wait(delay)
+                if not stopping:
+                    spawn(index)
     del args
     return code

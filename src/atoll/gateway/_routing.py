@@ -30,6 +30,22 @@ def compile_template(template: str) -> re.Pattern[bytes]:
     return re.compile(b"".join(out) + b"\\Z")
 
 
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a path template the router can use; ``None`` if it is."""
+    names = [m.group(1).decode() for m in _PARAM.finditer(template.encode())]
+    for name in names:
+        if names.count(name) > 1:
+            return f"declares {{{name}}} twice"
+    rest = _PARAM.sub(b"", template.encode())
+    if b"{" in rest or b"}" in rest:
+        return "has a '{' or '}' that is not a parameter such as {id} or {rest:path}"
+    try:
+        compile_template(template)
+    except re.error as exc:
+        return f"is not a usable template ({exc})"
+    return None
+
+
 def fill_template(template: str, params: dict[str, bytes]) -> bytes:
     """``template`` with each ``{name}`` replaced by the (still percent-encoded) value."""
     raw = template.encode()
@@ -91,7 +107,12 @@ class Router:
                 allowed = (allowed or set()) | set(route.methods)
                 continue
             return Match(route, params), None
-        return None, frozenset(allowed) if allowed else None
+        return None, _allow(allowed) if allowed else None
+
+
+def _allow(methods: set[bytes]) -> frozenset[bytes]:
+    """What a 405's ``Allow`` lists: a GET route answers HEAD too."""
+    return frozenset(methods | {b"HEAD"}) if b"GET" in methods else frozenset(methods)
 
 
 def _host_matches(pattern: bytes, host: bytes | None) -> bool:
