@@ -107,6 +107,18 @@ _CREDENTIALS = {
     "api_key": "an API key",
     "client_cert": "a client certificate (TLS)",
 }
+#: What the gateway's CORS answers carry: an upstream's own copies are dropped when the
+#: gateway adds them (a second Access-Control-Allow-Origin makes browsers refuse both).
+_CORS_RESPONSE = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-expose-headers",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-max-age",
+    }
+)
 _DROP_RESPONSE = frozenset(
     {
         b"connection",
@@ -1325,6 +1337,8 @@ class Gateway:
         head = [status_line(response.status)]
         hop_by_hop = response.hop_by_hop  # named by the instance's Connection: this hop's
         drop = _DROP_RESPONSE if hop_by_hop is None else _DROP_RESPONSE | hop_by_hop
+        if extra and any(name in _CORS_RESPONSE for name, _ in extra):
+            drop = drop | _CORS_RESPONSE
         headers = response.headers
         for rules in (gen.global_response_rules, route.response_headers):
             if not rules.empty:
@@ -1339,6 +1353,8 @@ class Gateway:
         close = not request.keep_alive or self.state.closing
         if close:
             head.append(b"connection: close\r\n")
+        elif request.version == "1.0":
+            head.append(b"connection: keep-alive\r\n")  # 1.0 closes unless told otherwise
         if request.method == b"HEAD" or response.status in (204, 304):
             length = response.header(b"content-length")
             if length is not None and response.status != 204:
@@ -1368,6 +1384,11 @@ class Gateway:
                         conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
                     conn.write(chunk)
+                if conn.closed:
+                    # The client went (a closed tab on an event stream): writes go nowhere,
+                    # and the upstream must not stream on to nobody, holding its connection.
+                    response.conn.abort()
+                    return
                 writable = conn.writable
                 if writable is not None:
                     await writable
@@ -1457,6 +1478,8 @@ class Gateway:
                 head += [name, b": ", value, b"\r\n"]
         if not request.keep_alive:
             head.append(b"connection: close\r\n")
+        elif request.version == "1.0":
+            head.append(b"connection: keep-alive\r\n")
         head.append(b"\r\n")
         if request.method != b"HEAD":  # a HEAD's answer ends at its head (RFC 9110)
             head.append(body)

@@ -337,6 +337,13 @@ class UpstreamRuntime:
         except UpstreamError:
             instance.failed()
             raise
+        except asyncio.CancelledError:
+            # The timeout's cancellation (its deadline passed), not the client going away:
+            # an instance that takes connections and never answers is ejected too.
+            deadline = current_deadline()
+            if deadline is not None and deadline.expired:
+                instance.failed()
+            raise
         if response.status >= 500:
             instance.failed()
         else:

@@ -23,7 +23,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -315,6 +315,11 @@ class ServerState:
                 conn.close_if_idle_since(before)
 
 
+#: How long a connection answered before its request body was read keeps reading (and
+#: dropping) the rest, so that the client reads the answer before the close.
+LINGER_SECONDS: Final = 5.0
+
+
 class Connection(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
@@ -527,6 +532,9 @@ class Connection(asyncio.Protocol):
                 request.content_length = int(value)
             elif name == b"transfer-encoding":
                 request.chunked = True
+        # Trailers of a chunked body come through on_header too: into a list of their
+        # own, never the request's fields (an X-Forwarded-For there would pick the client).
+        self._headers = []
         if request.chunked and request.content_length is not None:
             raise RequestError(400, "both Content-Length and Transfer-Encoding")
         if request.chunked or request.content_length:
@@ -569,13 +577,12 @@ class Connection(asyncio.Protocol):
         self.responding = None
         if self.closed:
             return
-        if (
-            not request.keep_alive
-            or self.state.closing
-            or not request.body.complete
-            or self.retired
-        ):
-            # A body not read to its end leaves the stream in an unknown place.
+        if not request.body.complete:
+            # A body not read to its end leaves the stream in an unknown place: closed,
+            # once the client has had the answer (see _linger).
+            self._linger()
+            return
+        if not request.keep_alive or self.state.closing or self.retired:
             self.close()
             return
         if self._pending:
@@ -624,6 +631,27 @@ class Connection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after an answer given before the request body was read (a 413, a 401 to
+        an upload), as nginx's lingering_close does: the answer, then our FIN, then the
+        rest of the body read and dropped until the client closes, or LINGER_SECONDS. A
+        close with unread bytes makes the kernel send a reset, and a client still sending
+        may lose the answer with it."""
+        transport = self.transport
+        if self.closed:
+            return
+        if transport.get_extra_info("sslcontext") is not None or not transport.can_write_eof():
+            self.close()  # TLS has no half-close of its own
+            return
+        transport.write_eof()
+        self.upgraded = self._drop
+        self._resume_reading()
+        self.closed = True  # no request more
+        self._loop.call_later(LINGER_SECONDS, transport.close)
+
+    def _drop(self, data: bytes) -> None:
+        del data  # the rest of a body nobody reads
 
     def abort(self) -> None:
         """Drop the connection at once."""

@@ -24,7 +24,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -224,12 +224,32 @@ class Response:
             self.conn.abort()
 
 
+#: The most bytes of header fields an upstream response may have (names, values and
+#: their separators); past it the request fails with a 502.
+MAX_RESPONSE_HEAD: Final = 64 * 1024
+
+
+def _read_framing(response: Response) -> None:
+    """Content-Length, chunking and the Connection options of ``response``'s fields."""
+    for name, value in response.headers:
+        if name == b"content-length" and value.isdigit():
+            response.content_length = int(value)
+        elif name == b"transfer-encoding":
+            response.chunked = True
+        elif name == b"connection" and value not in _PLAIN_CONNECTION:
+            options = connection_options(value)
+            if options is not None:
+                previous = response.hop_by_hop
+                response.hop_by_hop = options if previous is None else previous | options
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to an instance."""
 
     __slots__ = (
         "_counted",
         "_head_only",
+        "_head_size",
         "_headers",
         "_loop",
         "_paused",
@@ -240,6 +260,7 @@ class UpstreamConnection(asyncio.Protocol):
         "instance",
         "leftover",
         "parser",
+        "pooled",
         "response",
         "reused",
         "sending_body",
@@ -251,6 +272,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
         self._waiter: asyncio.Future[Response] | None = None
         self.response: Response | None = None
         self._head_only = False
@@ -258,6 +280,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._paused = False
         self.closed = False
+        #: In its instance's idle pool now (a flag, not a search of the pool).
+        self.pooled = False
         self.reused = False
         #: A streamed request body is still being written: not to be pooled meanwhile,
         #: even if the instance has answered already.
@@ -319,20 +343,35 @@ class UpstreamConnection(asyncio.Protocol):
             self.leftover = data[offset:]
             self.transport.pause_reading()
         except httptools.HttpParserError as exc:
-            error = UpstreamClosedError(self.instance.address, f"malformed response: {exc}")
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(error)
-            if self.response is not None:
-                self.response.body._fail(error)
-            self.abort()
+            self._fail(UpstreamClosedError(self.instance.address, f"malformed response: {exc}"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        """The response cannot be read: its waiter and body fail; the connection ends."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self.response is not None:
+            self.response.body._fail(error)
+        self.abort()
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
         self._headers = []
+        self._head_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.closed:
+            return
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > MAX_RESPONSE_HEAD:
+            # nginx's "upstream sent too big header": a 502, not megabytes held and relayed.
+            self._fail(
+                UpstreamClosedError(
+                    self.instance.address, f"response header fields over {MAX_RESPONSE_HEAD} bytes"
+                )
+            )
+            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -340,18 +379,17 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # an interim response (100 Continue): the real one follows
+        if self._waiter is None:
+            # A response nobody asked for (a 408 on an idle connection, an answer written
+            # twice): what follows on this connection cannot be matched to requests.
+            log.info(
+                "upstream %s answered a request it was not sent; closing", self.instance.address
+            )
+            self.abort()
+            return
         response = Response(self, status, self._headers)
         response.keep_alive = parser.should_keep_alive()
-        for name, value in self._headers:
-            if name == b"content-length" and value.isdigit():
-                response.content_length = int(value)
-            elif name == b"transfer-encoding":
-                response.chunked = True
-            elif name == b"connection" and value not in _PLAIN_CONNECTION:
-                options = connection_options(value)
-                if options is not None:
-                    previous = response.hop_by_hop
-                    response.hop_by_hop = options if previous is None else previous | options
+        _read_framing(response)
         response.upgrade = status == 101
         self.response = response
         waiter = self._waiter
@@ -556,6 +594,7 @@ class Instance:
         now = 0.0
         while idle:
             conn = idle.pop()
+            conn.pooled = False
             if conn.closed or conn.transport.is_closing():
                 continue
             if not now:
@@ -602,22 +641,28 @@ class Instance:
         return {"ssl": self.tls, "server_hostname": self.server_name}
 
     def pool_release(self, conn: UpstreamConnection) -> None:
+        if conn.closed or conn.pooled:
+            return  # never pooled twice: two requests would share one connection
         if len(self._idle) >= self.pool.max_idle:
             conn.abort()
             return
         conn.idle_since = self.clock.monotonic()
         conn.response = None
+        conn.pooled = True
         self._idle.append(conn)
 
     def pool_discard(self, conn: UpstreamConnection) -> None:
-        with contextlib.suppress(ValueError):
-            self._idle.remove(conn)
+        if conn.pooled:
+            conn.pooled = False
+            with contextlib.suppress(ValueError):
+                self._idle.remove(conn)
 
     def close_idle(self) -> None:
         """Close every idle connection."""
-        for conn in self._idle:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.pooled = False
             conn.abort()
-        self._idle.clear()
 
     @property
     def idle_connections(self) -> int:
