@@ -74,6 +74,7 @@ class OutboxRelay:
         self.last_error: str | None = None
 
     def start(self) -> None:
+        self._stopping = False  # started again after a stop: it publishes again
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:

@@ -20,16 +20,17 @@ from its :class:`~atoll.determinism.Clock`, so simulated runs stay reproducible.
 
 from __future__ import annotations
 
+import re
 import traceback
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     DEFAULT_TRACE_STATE,
@@ -75,18 +76,28 @@ def make_span_context(
     )
 
 
+#: W3C Trace Context's traceparent (lower-case hex only), as the SDK's propagator reads it.
+_TRACEPARENT: Final = re.compile(
+    r"\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*\Z"
+)
+
+
 def parse_traceparent(carrier: Mapping[str, str]) -> SpanContext | None:
     """The remote span context in W3C headers, parsed without the propagator machinery."""
     header = carrier.get("traceparent")
-    if not header or len(header) != 55 or header[2] != "-":
+    if not header:
         return None
-    try:
-        trace_id = int(header[3:35], 16)
-        span_id = int(header[36:52], 16)
-        flags = int(header[53:55], 16)
-    except ValueError:
+    found = _TRACEPARENT.match(header)
+    if found is None:
         return None
-    if header[:2] == "ff" or not trace_id or not span_id:
+    version, trace_hex, span_hex, flags_hex, more = found.groups()
+    # A later version may add fields after the flags (read as version 00's); 00 has none.
+    if version == "ff" or (more and version == "00"):
+        return None
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
+    flags = int(flags_hex, 16)
+    if not trace_id or not span_id:
         return None
     state = carrier.get("tracestate")
     return make_span_context(
@@ -98,6 +109,27 @@ def parse_traceparent(carrier: Mapping[str, str]) -> SpanContext | None:
     )
 
 
+#: Attribute value types stored as they are (the encoder's fast paths).
+_PLAIN: Final = frozenset({str, bool, int, float})
+
+
+def _cleaned(value: object, limit: int | None) -> AttributeValue | None:
+    """An attribute value as the SDK keeps it: primitives and sequences of them as they
+    are (strings cut to ``limit``), ``None`` dropped, anything else as its ``str()``
+    (a UUID, a Decimal), so that one odd value cannot cost the whole span."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value[:limit] if limit is not None else value
+    if isinstance(value, bool | int | float | bytes):
+        return value
+    if isinstance(value, list | tuple):
+        items = [_cleaned(item, limit) for item in value]
+        return tuple(item for item in items if item is not None)
+    text = str(value)
+    return text[:limit] if limit is not None else text
+
+
 class LeanTracer:
     """Makes :class:`LeanSpan`s for one service and ends them into ``processor``."""
 
@@ -105,13 +137,16 @@ class LeanTracer:
         "_parent_based",
         "_roots_always",
         "add_ended",
+        "attribute_limit",
         "clock",
         "encode",
+        "event_limit",
         "processor",
         "random",
         "resource",
         "sampler",
         "scope",
+        "value_limit",
     )
 
     def __init__(
@@ -129,6 +164,12 @@ class LeanTracer:
         self.clock = clock
         self.random = random
         self.scope = InstrumentationScope("atoll")
+        # The SDK's limits (OTEL_SPAN_EVENT_COUNT_LIMIT, OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT,
+        # OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT), read once, for what code adds to a span.
+        limits = SpanLimits()
+        self.event_limit: int | None = limits.max_events
+        self.attribute_limit: int | None = limits.max_span_attributes
+        self.value_limit: int | None = limits.max_span_attribute_length
         # A processor that takes ended lean spans (FastBatchSpanProcessor) encodes them
         # from their slots, in runs: no ReadableSpan is built.
         self.add_ended: Any = getattr(processor, "add_ended", None)
@@ -274,12 +315,22 @@ class LeanSpan(Span):
         return self._end is None and self._context.trace_flags.sampled
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        if self._end is None:
-            self._attributes[key] = value
+        if self._end is not None:
+            return
+        tracer = self._tracer
+        if type(value) not in _PLAIN or tracer.value_limit is not None:
+            value = _cleaned(value, tracer.value_limit)
+            if value is None:
+                return
+        attributes = self._attributes
+        limit = tracer.attribute_limit
+        if limit is not None and key not in attributes and len(attributes) >= limit:
+            return  # as the SDK's: past the limit, new keys are dropped
+        attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        if self._end is None:
-            self._attributes.update(attributes)
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
@@ -287,7 +338,20 @@ class LeanSpan(Span):
         if self._end is not None:
             return
         stamp = timestamp if timestamp is not None else int(self._tracer.clock.time() * 1e9)
-        self._events.append(Event(name, attributes, stamp))
+        if attributes:
+            limit = self._tracer.value_limit
+            attributes = {
+                key: cleaned
+                for key, value in attributes.items()
+                if (cleaned := _cleaned(value, limit)) is not None
+            }
+        events = self._events
+        limit = self._tracer.event_limit
+        if limit is not None and len(events) >= limit:
+            if not limit:
+                return
+            del events[0]  # as the SDK's bounded list: the oldest goes
+        events.append(Event(name, attributes, stamp))
 
     def add_link(self, context: SpanContext, attributes: Attributes = None) -> None:
         del context, attributes  # links are set at start on atoll's spans
@@ -308,8 +372,15 @@ class LeanSpan(Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
+        kind = type(exception)
+        module = kind.__module__
         event_attributes: dict[str, AttributeValue] = {
-            "exception.type": type(exception).__qualname__,
+            # As the SDK writes it: module-qualified but for builtins.
+            "exception.type": (
+                f"{module}.{kind.__qualname__}"
+                if module and module != "builtins"
+                else kind.__qualname__
+            ),
             "exception.message": str(exception),
             "exception.stacktrace": "".join(traceback.format_exception(exception)),
             "exception.escaped": str(escaped),

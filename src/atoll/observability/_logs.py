@@ -44,6 +44,8 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_trace_ids,
         add_message_context,
+        # structlog's own %-style arguments (log.info("charged %s", n)).
+        structlog.stdlib.PositionalArgumentsFormatter(),
         *_extra_processors,
     ]
     renderer: structlog.types.Processor
@@ -62,7 +64,8 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        # A stdlib record's extra={...} fields become fields of its line.
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)

@@ -20,8 +20,10 @@ runtime (``runtime.tracing``) or :func:`get_tracer` and use the attribute names 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -117,14 +119,17 @@ def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
 
 def otlp_signal_endpoint(signal: str, environ: Mapping[str, str] | None = None) -> str | None:
     """The endpoint of ``signal`` (``traces``, ``logs``) the standard variables name, as
-    the SDK reads them: none with ``OTEL_SDK_DISABLED=true`` or ``OTEL_<SIGNAL>_EXPORTER
-    =none``; else ``OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT`` as it is, or
-    ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/<signal>``."""
+    the SDK reads them: none with ``OTEL_SDK_DISABLED=true`` or an
+    ``OTEL_<SIGNAL>_EXPORTER`` list without ``otlp`` (``none``, ``console``); else
+    ``OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT`` as it is, or ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    + ``/v1/<signal>``."""
     env = os.environ if environ is None else environ
     name = signal.upper()
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    if env.get(f"OTEL_{name}_EXPORTER", "otlp").strip().lower() == "none":
+    # A list (OTEL_TRACES_EXPORTER=otlp,console); atoll exports OTLP when it names otlp.
+    listed = env.get(f"OTEL_{name}_EXPORTER", "").strip().lower() or "otlp"
+    if "otlp" not in {part.strip() for part in listed.split(",")}:
         return None
     explicit = env.get(f"OTEL_EXPORTER_OTLP_{name}_ENDPOINT")
     if explicit:
@@ -192,6 +197,11 @@ if OTEL_AVAILABLE:
             if self._queue is not None and len(self._queue) >= self.max_queue_size:
                 self.dropped += 1
             self.batch.on_end(span)
+
+        @property
+        def exporter(self) -> SpanExporter:
+            """The exporter batches go to (wrapped to count failures)."""
+            return self._counting
 
         def shutdown(self) -> None:
             self.batch.shutdown()  # type: ignore[no-untyped-call]
@@ -316,13 +326,44 @@ class Tracing:
             self.logs = LogExport(self.resource, endpoint)
             self.logs.install()
 
-    def shutdown(self) -> None:
-        """Export what is queued (bounded by the exporter's timeout) and stop."""
+    def flush(self, timeout: float = 3.0) -> None:
+        """Export what is queued, for ``timeout`` seconds at most (see :meth:`shutdown`);
+        tracing goes on."""
+        processor = self.processor
+        if processor is None:
+            return
+        flushing = threading.Thread(
+            target=processor.force_flush, name="atoll-otlp-traces-flush", daemon=True
+        )
+        flushing.start()
+        flushing.join(timeout)
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Export what is queued, for ``timeout`` seconds at most, and stop.
+
+        As :meth:`LogExport.shutdown`: an exporter retries each batch for its own timeout
+        (10 s by default), batch after batch, so with a collector down a flush on the
+        caller's thread would hold a service's stop for tens of seconds. It runs on a
+        daemon thread, waited for ``timeout``; then the exporter is shut down, which ends
+        its retries, and what is left is lost (and counted as failed).
+        """
         if self.logs is not None:
             self.logs.shutdown()
             self.logs = None
-        if self.provider is not None:
-            self.provider.shutdown()
+        provider = self.provider
+        if provider is None:
+            return
+        stopping = threading.Thread(
+            target=provider.shutdown, name="atoll-otlp-traces-stop", daemon=True
+        )
+        stopping.start()
+        stopping.join(timeout)
+        if stopping.is_alive():
+            exporter = getattr(self.processor, "exporter", None)
+            if exporter is not None:
+                with contextlib.suppress(Exception):
+                    exporter.shutdown()
+            stopping.join(0.5)
 
 
 #: A service's resource (by identity) -> its library tracer, both weakly held: how code

@@ -192,7 +192,9 @@ class RequestCorrelationMiddleware:
 
 
 #: Paths that are not traced: probes and scrapes would drown the traces that matter.
-UNTRACED_PATHS = "healthz,readyz,metrics"
+#: The instrumentation searches each pattern in the whole URL, host included: anchored,
+#: so /reports/metrics or a host named metrics-api is traced.
+UNTRACED_PATHS = r"^[a-z]+://[^/]+/(?:healthz|readyz|metrics)/?(?:\?.*)?$"
 
 
 #: Which semantic conventions the OpenTelemetry instrumentations follow.

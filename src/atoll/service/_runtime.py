@@ -131,6 +131,9 @@ class ServiceRuntime:
             if tracing is not None
             else Tracing(service.name, clock=self.clock, random=self.random)
         )
+        #: A Tracing the caller gave stays theirs: a stop flushes it, and shutting it
+        #: down is the caller's (so a runtime started again still traces).
+        self._owns_tracing = tracing is None
         self._owns_transport = owns_transport
         self._max_batch = max_batch
         self._drain_timeout = drain_timeout
@@ -267,7 +270,11 @@ class ServiceRuntime:
         if self.metric_export is not None:
             await self.metric_export.stop()
             self.metric_export = None
-        self.tracing.shutdown()
+        # Off the loop: a flush to a collector that is down takes up to its bound (3 s),
+        # and the loop runs the process's other services meanwhile.
+        await asyncio.to_thread(
+            self.tracing.shutdown if self._owns_tracing else self.tracing.flush
+        )
         self.state = "stopped"
         self.service.attach(None)
 
