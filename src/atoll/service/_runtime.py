@@ -272,9 +272,7 @@ class ServiceRuntime:
             self.metric_export = None
         # Off the loop: a flush to a collector that is down takes up to its bound (3 s),
         # and the loop runs the process's other services meanwhile.
-        await asyncio.to_thread(
-            self.tracing.shutdown if self._owns_tracing else self.tracing.flush
-        )
+        await asyncio.to_thread(self.tracing.shutdown if self._owns_tracing else self.tracing.flush)
         self.state = "stopped"
         self.service.attach(None)
 
