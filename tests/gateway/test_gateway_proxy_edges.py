@@ -155,3 +155,22 @@ async def test_8_http10_keep_alive_is_acknowledged(tmp_path, stub):
             gw.port, b"GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n", read_timeout=1
         )
     assert b"connection: keep-alive" in raw.lower().partition(b"\r\n\r\n")[0], raw[:300]
+
+
+async def test_an_h2c_upgrade_is_answered_as_http11(tmp_path, stub):
+    """What `curl --http2` sends on http://: the upgrade is ignored (RFC 7540 3.2 lets a
+    server; RFC 9113 dropped it), the request answered as HTTP/1.1, and what follows on
+    the connection read as usual."""
+    async with running_gateway(config(tmp_path, [stub.address])) as gw:
+        raw = await raw_request(
+            gw.port,
+            b"GET /first HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+            b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+            b"GET /second HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+    assert raw.count(b"HTTP/1.1 200") == 2, raw[:300]
+    assert b"101" not in raw.split(b"\r\n", 1)[0]
+    forwarded = [hit["headers"] for hit in stub.hits]
+    assert [hit["path"] for hit in stub.hits] == ["/first", "/second"]
+    assert "upgrade" not in forwarded[0]
+    assert "http2-settings" not in forwarded[0]

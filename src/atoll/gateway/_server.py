@@ -439,6 +439,15 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             request = self._last
             offset = int(exc.args[0]) if exc.args else len(data)
+            upgrade = request.header(b"upgrade") if request is not None else None
+            if upgrade is not None and upgrade.strip().lower() == b"h2c":
+                # What `curl --http2` sends on http:// (RFC 7540 3.2; dropped by RFC 9113):
+                # a server may ignore it. Answered as HTTP/1.1; the parser stopped at the
+                # upgrade, so a new one reads what follows (the request was complete).
+                self._parser = httptools.HttpRequestParser(self)
+                if offset < len(data):
+                    self.data_received(data[offset:])
+                return
             if request is not None:
                 request.upgrade = True
                 # Bytes after the head already belong to the upgraded protocol.
