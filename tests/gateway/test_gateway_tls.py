@@ -373,8 +373,10 @@ async def test_a_mixed_route_challenges_with_the_scheme_it_takes(tmp_path, stub,
             ("CN=billing+UID=7,O=Shop\\, Inc.,C=FR", "billing"),
         ),
         # Control characters as hex, so that "a\nb" and "ab" are two subjects.
-        ({"subject": ((("commonName", "a\nb"),),)}, ("CN=a\\0Ab", "a\nb")),
-        ({"subject": ((("commonName", "a\x00b"),),)}, ("CN=a\\00b", "a\x00b")),
+        # A common name with control characters would read as another once they are
+        # stripped from a header: the escaped subject stands in for it.
+        ({"subject": ((("commonName", "a\nb"),),)}, ("CN=a\\0Ab", "CN=a\\0Ab")),
+        ({"subject": ((("commonName", "a\x00b"),),)}, ("CN=a\\00b", "CN=a\\00b")),
         ({"subject": ((("commonName", " "),),)}, ("CN=\\ ", " ")),
         ({"subject": ((("commonName", "#x "),),)}, ("CN=\\#x\\ ", "#x ")),
         (

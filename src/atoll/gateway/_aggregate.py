@@ -68,12 +68,14 @@ async def _fetch(
         raise PartFailedError(
             502, f"{part.name}: upstream {part.upstream} failed ({type(exc).__name__})"
         ) from exc
-    if response.status >= 400:
+    if not 200 <= response.status < 300:
+        # A redirect or a 304 holds no part (FastAPI answers /orders/7 with a 307 to
+        # /orders/7/ and an empty body): taken as a success it would be a silent null.
         try:
             detail_body = _DECODER.decode(body) if body else None
         except msgspec.DecodeError:
             detail_body = None
-        status = response.status if response.status < 500 else 502
+        status = response.status if 400 <= response.status < 500 else 502
         raise PartFailedError(
             status, f"{part.name}: upstream {part.upstream} answered {response.status}", detail_body
         )
@@ -94,6 +96,42 @@ def _read_outcomes(done: set[asyncio.Task[Any]]) -> None:
     for task in done:
         if not task.cancelled():
             task.exception()
+
+
+async def _gather_parts(
+    parts: tuple[Any, ...], tasks: list[asyncio.Task[Any]], deadline: Any
+) -> tuple[set[asyncio.Task[Any]], set[asyncio.Task[Any]]]:
+    """Wait for the parts until all are done, the deadline passes, or a required part
+    fails: then the answer is known, and the parts still running are not waited for."""
+    required = {task for part, task in zip(parts, tasks, strict=True) if part.mode == "required"}
+    done: set[asyncio.Task[Any]] = set()
+    pending = set(tasks)
+    while pending:
+        timeout = deadline.remaining() if deadline is not None else None
+        finished, pending = await asyncio.wait(
+            pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not finished:
+            break  # the deadline
+        done |= finished
+        if any(t in required and (t.cancelled() or t.exception()) for t in finished):
+            break
+    return done, pending
+
+
+def _required_failure(
+    parts: tuple[Any, ...], tasks: list[asyncio.Task[Any]], done: set[asyncio.Task[Any]]
+) -> PartFailedError | None:
+    """The first required part that failed (it ends the answer), if one did."""
+    for part, task in zip(parts, tasks, strict=True):
+        if part.mode != "required" or task not in done or task.cancelled():
+            continue
+        failure = task.exception()
+        if isinstance(failure, PartFailedError):
+            return failure
+        if failure is not None:
+            return PartFailedError(502, f"{part.name}: {type(failure).__name__}")
+    return None
 
 
 async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat on the hot path
@@ -123,13 +161,17 @@ async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat o
     deadline = current_deadline()
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(_fetch(gen, part, params, forwarded, span)) for part in parts]
-    timeout = deadline.remaining() if deadline is not None else None
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    done, pending = await _gather_parts(parts, tasks, deadline)
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
     _read_outcomes(done)
+    failed = _required_failure(parts, tasks, done)
+    if failed is not None:
+        # A required part that failed is the answer, whatever the parts cut short say.
+        gateway._send_problem(request, route, failed.status, failed.detail, rid, cors=extra)
+        return failed.status
     result: dict[str, Any] = {}
     partial: list[str] = []
     for part, task in zip(parts, tasks, strict=True):

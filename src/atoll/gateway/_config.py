@@ -527,7 +527,7 @@ def load_gateway_config(
     data = _expand(source, "", data, env)
     reader = _Reader(source)
     top = reader.table("", data, _TOP)
-    files = [Path(path).resolve()]
+    files = [Path(path).absolute()]
     services: dict[str, tuple[tuple[str, int], ...]] | None = None
     system_path: Path | None = Path(system) if system is not None else None
     if system_path is None and "services_from" in top:
@@ -550,6 +550,7 @@ def load_gateway_config(
             files.append(server.tls.client_crl)
     admin = _admin(reader, top.get("admin"))
     upstreams = _upstreams(reader, top.get("upstreams"), services, Path(path).parent)
+    files += _upstream_tls_files(upstreams)
     auth = _auth(reader, top.get("auth"), Path(path).parent)
     client_certs = server.tls is not None and server.tls.client_ca is not None
     routes = _routes(reader, top.get("routes"), upstreams, auth, client_certs=client_certs)
@@ -588,12 +589,24 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 - a bind-all address is reached on loopback
 
 
+def _upstream_tls_files(upstreams: Mapping[str, UpstreamConfig]) -> list[Path]:
+    """The upstreams' CA and client certificate files: a renewal is picked up like a
+    changed configuration."""
+    found = []
+    for upstream in upstreams.values():
+        if upstream.tls is not None:
+            found += [f for f in (upstream.tls.ca, upstream.tls.cert, upstream.tls.key) if f]
+    return found
+
+
 def _tls_file(reader: _Reader, t: dict[str, Any], name: str, base: Path) -> Path | None:
     """``server.tls.NAME``, a file relative to the config's folder, or ``None`` if unset."""
     if t.get(name) is None:
         return None
     key = f"server.tls.{name}"
-    file = (base / reader.string(key, t[name])).resolve()
+    # Absolute, not resolved: a renewal that re-points a symlink (certbot's live/ links)
+    # is then a change of the watched path's file.
+    file = (base / reader.string(key, t[name])).absolute()
     if not file.is_file():
         raise reader.error(key, f"no such file: {file}")
     return file
@@ -780,7 +793,7 @@ def _upstream_tls(reader: _Reader, key: str, value: object, base: Path) -> Upstr
         if given is None:
             files[name] = None
             continue
-        file = (base / reader.string(f"{key}.{name}", given)).resolve()
+        file = (base / reader.string(f"{key}.{name}", given)).absolute()
         if not file.is_file():
             raise reader.error(f"{key}.{name}", f"no such file: {file}")
         files[name] = file

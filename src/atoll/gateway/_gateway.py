@@ -18,6 +18,8 @@ import logging
 import math
 import re
 import socket
+import ssl
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -29,7 +31,13 @@ from atoll.config import ConfigError
 from atoll.determinism import Clock, RandomSource, SystemClock
 from atoll.gateway._aggregate import aggregate
 from atoll.gateway._auth import Authenticator, AuthError, Identity
-from atoll.gateway._config import GatewayConfig, MirrorConfig, RouteConfig, load_gateway_config
+from atoll.gateway._config import (
+    GatewayConfig,
+    MirrorConfig,
+    RouteConfig,
+    UpstreamConfig,
+    load_gateway_config,
+)
 from atoll.gateway._forwarded import AddressFilter, TrustedProxies
 from atoll.gateway._limits import RouteLimits, client_key, gated, ip_limit_key
 from atoll.gateway._metrics import GatewayMetrics
@@ -218,13 +226,24 @@ FileState = tuple[int, int, int]
 
 
 def _snapshot(files: Iterable[Path]) -> dict[Path, FileState]:
-    """The state of each of ``files`` that exists, by resolved path."""
+    """The state of each of ``files`` that exists, by absolute path (not resolved: stat
+    follows a symlink, so one re-pointed to a renewed file reads as changed)."""
     out: dict[Path, FileState] = {}
     for file in files:
         with contextlib.suppress(OSError):
             found = file.stat()
-            out[file.resolve()] = (found.st_mtime_ns, found.st_size, found.st_ino)
+            out[file.absolute()] = (found.st_mtime_ns, found.st_size, found.st_ino)
     return out
+
+
+def _tls_files(config: UpstreamConfig) -> tuple[FileState | None, ...]:
+    """The state of an upstream's TLS files: a renewed CA or client certificate under
+    the same name makes a new upstream (its TLS context is built once)."""
+    tls = config.tls
+    if tls is None:
+        return ()
+    found = _snapshot(f for f in (tls.ca, tls.cert, tls.key) if f is not None)
+    return tuple(found.get(f.absolute()) for f in (tls.ca, tls.cert, tls.key) if f is not None)
 
 
 def _store_key(config: GatewayConfig) -> tuple[str, str] | None:
@@ -291,7 +310,7 @@ class Gateway:
     override the file's (``0``: a free port, for tests).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one attribute after another
         self,
         config_path: str | Path,
         *,
@@ -322,6 +341,10 @@ class Gateway:
         self._admin_override = admin_port
         config = load_gateway_config(self.config_path, system=system, profile=profile)
         self._store_given = shared_store
+        #: Each upstream's TLS files as they were when it was built (see _tls_files).
+        self._upstream_tls: weakref.WeakKeyDictionary[
+            UpstreamRuntime, tuple[FileState | None, ...]
+        ] = weakref.WeakKeyDictionary()
         self.store: SharedState | None = None
         #: The shared store's URL and key prefix: a reload that changes either makes a new one.
         self.store_key: tuple[str, str] | None = None
@@ -404,7 +427,12 @@ class Gateway:
         upstreams: dict[str, UpstreamRuntime] = {}
         for name, upstream_config in config.upstreams.items():
             previous = old.get(name)
-            if previous is not None and previous.config == upstream_config:
+            tls_files = _tls_files(upstream_config)
+            if (
+                previous is not None
+                and previous.config == upstream_config
+                and self._upstream_tls.get(previous) == tls_files
+            ):
                 upstreams[name] = previous
             else:
                 upstream = UpstreamRuntime(
@@ -418,6 +446,7 @@ class Gateway:
 
                     trace_breaker_changes(upstream.breaker)
                 upstreams[name] = upstream
+                self._upstream_tls[upstream] = tls_files
         return Generation(config, upstreams, clock=self.clock, store=store, previous=current)
 
     async def reload(self) -> bool:
@@ -448,8 +477,11 @@ class Gateway:
             log.warning("gateway: turning server.tls on or off takes a restart")
         elif self._tls is not None and config.server.tls is not None:
             try:  # loaded once above already: only a file changed in between fails here
+                required = self._tls.listener.verify_mode == ssl.CERT_REQUIRED
                 if self._tls.replace(config.server.tls, config.source):
                     self.state.trust_changed()
+                if not required and self._tls.listener.verify_mode == ssl.CERT_REQUIRED:
+                    self.state.retire_anonymous()
                 self.tls_not_after = tls_not_after(config.server.tls)
                 self.tls_crl = crl
             except ConfigError as exc:
@@ -464,7 +496,7 @@ class Gateway:
         self.gen = generation
         self.store = store
         self.store_key = _store_key(config)
-        self._mtimes = seen | _snapshot(f for f in config.files if f.resolve() not in seen)
+        self._mtimes = seen | _snapshot(f for f in config.files if f.absolute() not in seen)
         for upstream in generation.upstreams.values():
             upstream.start()
         self.reloads += 1
@@ -534,7 +566,7 @@ class Gateway:
                 extra={"file": str(self.config_path)},
             )
             watched = list(config.files) if config is not None else [self.config_path]
-        self._mtimes = seen | _snapshot(f for f in watched if f.resolve() not in seen)
+        self._mtimes = seen | _snapshot(f for f in watched if f.absolute() not in seen)
         if generation is not None:
             with contextlib.suppress(Exception):
                 await generation.auth.stop()
@@ -563,7 +595,7 @@ class Gateway:
 
     async def _watch_files(self) -> None:
         assert self.watch_interval is not None
-        config_file = self.config_path.resolve()
+        config_file = self.config_path.absolute()
         pending: dict[Path, FileState] | None = None
         while True:
             await self.clock.sleep(self.watch_interval)
@@ -599,6 +631,10 @@ class Gateway:
             lambda: Connection(self.state),
             sock=_listen(host, port, reuse_port=self.reuse_port),
             ssl=None if self._tls is None else self._tls.listener,
+            # asyncio holds a silent handshake 60 s by default, before idle_timeout applies.
+            ssl_handshake_timeout=(
+                None if self._tls is None else min(10.0, config.server.idle_timeout)
+            ),
         )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]

@@ -27,9 +27,11 @@ Limits and defences, per connection:
   line); HPACK's list limit and h2's cap on CONTINUATION frames end the connection;
 * a frame announced over the maximum frame size ends the connection on its 9-byte
   header (h2 looks only once all of it has come);
-* request bodies are flow-controlled by consumption: a stream's window and the
-  connection's are re-opened only as the handler takes the bytes, so a connection holds
-  at most the connection window (1 MiB) of unread request bodies;
+* request bodies are flow-controlled by consumption, stream by stream: a stream's
+  window (64 KiB) is re-opened only as its handler takes the bytes, the connection's as
+  data arrives (as nginx does), so a connection holds at most ``http2_max_streams`` x
+  64 KiB of unread bodies and a slow upload does not stall the others; a stream counts
+  against the limit until its answer is sent, not only while its handler runs;
 * "rapid reset" (CVE-2023-44487): resets of unanswered streams are scored, the score
   halving every 10 s; past 300 (about 20 resets a second, kept up) the connection gets
   GOAWAY ENHANCE_YOUR_CALM and is closed;
@@ -96,7 +98,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("atoll.gateway")
 
-#: The connection's receive window: unread request bodies of all its streams, at most.
+#: A stream's receive window: its unread request body, at most (as nginx's 64 KiB).
+#: The connection's window is reopened as data arrives, so the streams' windows are
+#: what bound a connection's unread bodies (``http2_max_streams`` x this); a window the
+#: connection shared, reopened only as handlers read, would let a few uploads to a slow
+#: upstream stall every other upload on the connection.
+_STREAM_WINDOW: Final = 64 * 1024
 _CONNECTION_WINDOW: Final = 4 * BODY_HIGH_WATER
 #: Consumed request body bytes are given back to the client's windows in steps this big.
 _WINDOW_STEP: Final = 16 * 1024
@@ -269,7 +276,7 @@ class H2Session:
             client=False,
             initial_values={
                 SettingCodes.MAX_CONCURRENT_STREAMS: _PROVISIONAL_MAX_STREAMS,
-                SettingCodes.INITIAL_WINDOW_SIZE: BODY_HIGH_WATER,
+                SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
                 SettingCodes.MAX_HEADER_LIST_SIZE: header_limit,
             },
         )
@@ -409,10 +416,13 @@ class H2Session:
 
     def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
-        if self._going_away or self.state.closing or self._active >= self.state.http2_max_streams:
+        limit = self.state.http2_max_streams
+        # Streams whose answers wait for the client's window count too (they hold memory):
+        # a stream leaves the count when it is done, not when its handler returns.
+        if self._going_away or self.state.closing or max(self._active, len(self.streams)) >= limit:
             with contextlib.suppress(H2Error):  # the client may have reset it already
                 self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            if self._active >= self.state.http2_max_streams:
+            if max(self._active, len(self.streams)) >= limit:
                 # Past the limit it was told (or while reset streams' handlers run):
                 # scored as a reset, so opening and cancelling in a loop still ends.
                 self._count_reset()
@@ -466,14 +476,13 @@ class H2Session:
     def _data(self, event: DataReceived) -> None:
         length = event.flow_controlled_length
         data = event.data or b""
+        self.give_back(length)  # the connection's window, at once (see _STREAM_WINDOW)
         stream = self.streams.get(event.stream_id)
         if stream is None or stream.request is None or stream.body_done:
-            self.give_back(length)  # nobody will read it: the connection's window reopens
             return
         body = stream.request.body
         expected = stream.request.content_length
         if expected is not None and body.received + len(data) > expected:
-            self.give_back(length)  # not fed, so never read: the connection's window reopens
             stream.malformed("more body than its Content-Length")
             return
         padding = length - len(data)
@@ -489,14 +498,18 @@ class H2Session:
             self.h2.increment_flow_control_window(length, stream_id)
 
     def _window_opened(self, stream_id: int) -> None:
-        self._stalled_since = None
         if stream_id:
             stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream.send_queued()
+            waiting = [stream] if stream is not None else []
         else:
-            for stream in list(self.streams.values()):
-                stream.send_queued()
+            waiting = list(self.streams.values())
+        before = sum(stream._out_size for stream in waiting)
+        for stream in waiting:
+            stream.send_queued()
+        if not before or sum(stream._out_size for stream in waiting) < before:
+            # Only answers that moved end a stall: a window opened by a byte a minute
+            # must not keep a connection that never reads open for ever.
+            self._stalled_since = None
 
     def stalled(self) -> None:
         """An answer waits for the client's window."""
@@ -719,24 +732,17 @@ class H2Stream:
         step = taken - self._returned
         if step >= _WINDOW_STEP or (step > 0 and body.complete):
             self._returned = taken
-            self.session.give_back(step)
             if not body.complete:
                 self.session.give_back(step, self.stream_id)
-            self.session.flush_soon()
+                self.session.flush_soon()
 
     def give_back(self, length: int) -> None:
-        """Padding: nobody reads it, so both windows reopen at once."""
-        self.session.give_back(length)
+        """Padding: nobody reads it, so the stream's window reopens at once (the
+        connection's already has)."""
         self.session.give_back(length, self.stream_id)
 
     def release(self) -> None:
-        """The stream is over: what its handler never read goes back to the connection's
-        window."""
-        request = self.request
-        if request is None or request.body.received <= self._returned:
-            return
-        unread, self._returned = request.body.received - self._returned, request.body.received
-        self.session.give_back(unread)
+        """The stream is over (the connection's window was given back as data came)."""
 
     # -- the response: HTTP/1.1 bytes in, frames out -------------------------------------
 

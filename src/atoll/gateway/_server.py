@@ -303,6 +303,13 @@ class ServerState:
             if conn.client_cert is not None:
                 conn.retire()
 
+    def retire_anonymous(self) -> None:
+        """Client certificates became required: connections made without one end once
+        their request in progress is answered (they would be served on otherwise)."""
+        for conn in list(self.connections):
+            if conn.client_cert is None:
+                conn.retire()
+
     async def sweep_idle(self) -> None:
         """Close keep-alive connections idle for ``idle_timeout`` (one timer for all of them,
         rather than one per request)."""

@@ -258,7 +258,9 @@ def client_subject(peercert: object) -> tuple[str, str] | None:
         parts = []
         for name, value in rdn:
             if name == "commonName" and not common:
-                common = value
+                # A name with control characters would read as another once they are
+                # stripped from a header ("bill\ring" as "billing"): the subject instead.
+                common = value if _printable(value) else ""
             parts.append(f"{_SHORT_NAMES.get(name, name)}={escape_dn_value(value)}")
         rdns.append("+".join(parts))
     if rdns:
@@ -399,7 +401,9 @@ class ListenerTls:
         # today's fails the handshake. The fatal alert makes OpenSSL drop the session from
         # its cache, and the client's next handshake is a full one. (TLS 1.3 does not
         # resume here: no tickets are issued.)
-        if connection.session_reused:
+        if connection.session_reused and self.listener.verify_mode != ssl.CERT_NONE:
+            # (Without client certificates there is nothing a resumption could skip; and
+            # a session resumed from a ticket has an id of the client's, never recorded.)
             session = connection.session
             if session is None or self._sessions.get(session.id) != self.generation:
                 connection.stale_session = True  # type: ignore[attr-defined]  # read by failed()
