@@ -266,6 +266,20 @@ def _forwarded_cert(gen: Generation, conn: Connection) -> bytes:
     return made[1]
 
 
+def _checked_path(path: bytes) -> bytes | None:
+    """``path`` as routes see it (:func:`_normalized_path`; the same object when nothing
+    changes), or ``None`` if it is refused: not from the root, a NUL, a backslash or a
+    dot segment, also percent-encoded."""
+    if not path or path[0] != 0x2F:  # an int compare: no buffer taken
+        return None
+    if _UNUSUAL.search(path) is None:
+        return path  # the common case, in one C call (bytes-in-bytes tests cost ~0.1 µs each)
+    if not _valid_path(path):
+        return None
+    normal = _normalized_path(path)
+    return path if normal == path else normal
+
+
 def _valid_path(path: bytes) -> bool:
     if not path.startswith(b"/"):
         return False
@@ -288,6 +302,9 @@ _ENCODED_UNRESERVED: Final = re.compile(
     rb"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[Dd]|2[Ee]|5[Ff]|7[Ee])"
 )
 _SLASHES: Final = re.compile(rb"//+")
+#: What a path must hold to be refused or normalised: a percent sign, a backslash, two
+#: slashes or a segment starting with a dot. A path with none is taken as it is.
+_UNUSUAL: Final = re.compile(rb"[%\\]|//|/\.")
 
 
 def _normalized_path(path: bytes) -> bytes:
@@ -787,17 +804,15 @@ class Gateway:
             request.client = gen.trusted_proxies.client(request.client, xff)
         if rid is None or not gen.trust_request_id or not _REQUEST_ID.match(rid):
             rid = b"%032x" % self.random.getrandbits(128)
-        path = request.path
         method = request.method
-        if not _valid_path(path):
+        path = _checked_path(request.path)  # normalised (no new local: see below)
+        if path is None:
             self._send_problem(request, None, 400, "the request path is not valid", rid)
             self._log(request, None, 400, started, rid, None, None)
             return
-        if b"%" in path or b"//" in path:
-            normal = _normalized_path(path)
-            if normal != path:
-                request.path = path = normal
-                request.raw_path = normal + b"?" + request.query if request.query else normal
+        if path is not request.path:
+            request.path = path
+            request.raw_path = path + b"?" + request.query if request.query else path
         if repeated is not None:
             # Which one to route (or authenticate) by would be a guess, and a proxy in front
             # or the upstream may guess the other way (nginx refuses a repeated Host too).

@@ -337,6 +337,17 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
+            if self._waiter is not None:
+                # The head is still coming, so all of this was head (or interim answers):
+                # counted per read, not per field (nginx's "upstream sent too big header").
+                self._head_size += len(data)
+                if self._head_size > MAX_RESPONSE_HEAD:
+                    self._fail(
+                        UpstreamClosedError(
+                            self.instance.address,
+                            f"a response head over {MAX_RESPONSE_HEAD} bytes",
+                        )
+                    )
         except httptools.HttpParserUpgrade as exc:
             # A 101: the caller takes the transport over, with any bytes after the head.
             offset = int(exc.args[0]) if exc.args else len(data)
@@ -358,20 +369,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
-        self._head_size = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.closed:
-            return
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_RESPONSE_HEAD:
-            # nginx's "upstream sent too big header": a 502, not megabytes held and relayed.
-            self._fail(
-                UpstreamClosedError(
-                    self.instance.address, f"response header fields over {MAX_RESPONSE_HEAD} bytes"
-                )
-            )
-            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -421,6 +420,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Write a request; the future resolves with the response head."""
         loop = self._loop or asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
+        self._head_size = 0
         self._head_only = head_only
         self.response = None
         if not self._counted:
