@@ -39,3 +39,12 @@ def certs(tmp_path):
     directory.mkdir()
     write_certificates(directory)
     return directory
+
+
+@pytest.fixture
+async def three():
+    """The shop's order, payment and shipping upstreams, for aggregation."""
+    stubs = [await Stub(name).start() for name in ("orders", "payments", "shipping")]
+    yield stubs
+    for stub in stubs:
+        await stub.stop()

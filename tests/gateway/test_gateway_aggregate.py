@@ -1,20 +1,11 @@
 """Aggregate routes: required, optional and fallback parts, with a stopped upstream."""
 
 import httpx
-import pytest
-from gateway_support import Stub, base_config, running_gateway, url, write_config
+from gateway_support import base_config, running_gateway, url, write_config
 
 from atoll.determinism import SystemClock
 
 CLOCK = SystemClock()
-
-
-@pytest.fixture
-async def three():
-    stubs = [await Stub(name).start() for name in ("orders", "payments", "shipping")]
-    yield stubs
-    for stub in stubs:
-        await stub.stop()
 
 
 def details_config(tmp_path, orders, payments, shipping, *, payment="optional", timeout=2):

@@ -5,23 +5,14 @@ import asyncio
 import time
 
 import httpx
-import pytest
 import uvicorn
-from gateway_support import Stub, running_gateway, url
+from gateway_support import running_gateway, url
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from test_gateway_aggregate import details_config
 
 from support import free_port
-
-
-@pytest.fixture
-async def three():
-    stubs = [await Stub(name).start() for name in ("orders", "payments", "shipping")]
-    yield stubs
-    for stub in stubs:
-        await stub.stop()
 
 
 async def test_a_required_parts_failure_answers_at_once(tmp_path, three):

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from atoll.determinism import Clock, RandomSource, SystemClock
@@ -329,14 +329,8 @@ class Tracing:
     def flush(self, timeout: float = 3.0) -> None:
         """Export what is queued, for ``timeout`` seconds at most (see :meth:`shutdown`);
         tracing goes on."""
-        processor = self.processor
-        if processor is None:
-            return
-        flushing = threading.Thread(
-            target=processor.force_flush, name="atoll-otlp-traces-flush", daemon=True
-        )
-        flushing.start()
-        flushing.join(timeout)
+        if self.processor is not None:
+            _bounded(self.processor.force_flush, "atoll-otlp-traces-flush", timeout)
 
     def shutdown(self, timeout: float = 3.0) -> None:
         """Export what is queued, for ``timeout`` seconds at most, and stop.
@@ -353,17 +347,23 @@ class Tracing:
         provider = self.provider
         if provider is None:
             return
-        stopping = threading.Thread(
-            target=provider.shutdown, name="atoll-otlp-traces-stop", daemon=True
-        )
-        stopping.start()
-        stopping.join(timeout)
+        stopping = _bounded(provider.shutdown, "atoll-otlp-traces-stop", timeout)
         if stopping.is_alive():
             exporter = getattr(self.processor, "exporter", None)
             if exporter is not None:
                 with contextlib.suppress(Exception):
                     exporter.shutdown()
             stopping.join(0.5)
+
+
+def _bounded(work: Callable[[], object], name: str, timeout: float) -> threading.Thread:
+    """Run ``work`` on a daemon thread and wait ``timeout`` seconds at most for it (an
+    exporter's retries are not interrupted from outside; the process does not wait for
+    the thread at exit). The thread, to see whether it finished."""
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return thread
 
 
 #: A service's resource (by identity) -> its library tracer, both weakly held: how code
