@@ -657,10 +657,18 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self.closed:
             return
-        if transport.get_extra_info("sslcontext") is not None or not transport.can_write_eof():
-            self.close()  # TLS has no half-close of its own
+        if (
+            transport.is_closing()
+            or transport.get_extra_info("sslcontext") is not None
+            or not transport.can_write_eof()
+        ):
+            self.close()  # gone already, or TLS, which has no half-close of its own
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):  # the client went meanwhile
+            self.close()
+            return
         self.upgraded = self._drop
         self._resume_reading()
         self.closed = True  # no request more
