@@ -64,6 +64,11 @@ class Shop:
         urls = [f"http://127.0.0.1:{port}" for port in self.ports.values()]
 
         async def ready():
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(
+                    f"atoll up exited with {self.process.returncode}; its log ends:\n"
+                    + self.log_tail()
+                )
             for url in urls:
                 try:
                     if (await client.get(f"{url}/readyz")).status_code != 200:
@@ -72,7 +77,17 @@ class Shop:
                     return False
             return True
 
-        await wait_until(ready, timeout=60, what=f"the shop to be ready (log: {self.log})")
+        try:
+            await wait_until(ready, timeout=60, what=f"the shop to be ready (log: {self.log})")
+        except AssertionError as error:
+            # CI keeps no files: the log's end is the only account of what hung.
+            raise AssertionError(f"{error}\nthe log ends:\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as error:
+            return f"(no log: {error})"
 
     def stop(self) -> int:
         assert self.process is not None
