@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 import structlog
-from gateway_support import base_config, running_gateway, url, write_config
+from gateway_support import base_config, raw_request, running_gateway, url, write_config
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -429,3 +429,43 @@ async def test_a_reload_that_changes_only_the_prefix_uses_the_new_prefix(tmp_pat
             if keys:
                 await redis.delete(*keys)
         await redis.aclose()
+
+
+def test_the_ratelimit_block_is_the_ratelimit_fields_on_the_wire():
+    from atoll.gateway._gateway import _ratelimit_block, _ratelimit_headers  # noqa: PLC0415
+    from atoll.resilience import Permit  # noqa: PLC0415
+
+    for permit in (
+        Permit(True, 0.0, 10, 9, 0.25, True),
+        Permit(True, 0.0, 10, 0, 3.0001, True),
+        Permit(False, 1.5, 10, None, None, False),  # what a limiter says without a TAT
+    ):
+        wire = b"".join(b"%b: %b\r\n" % pair for pair in _ratelimit_headers(permit))
+        assert _ratelimit_block(permit) == wire
+
+
+async def test_a_limited_cors_answer_carries_each_field_once(tmp_path, stub):
+    config = limited_config(
+        tmp_path,
+        stub,
+        {"rate": 100, "burst": 5, "per": "ip"},
+        cors={"allow_origins": ["https://shop.example"]},
+    )
+    async with running_gateway(config) as gw:
+        answer = await raw_request(
+            gw.port,
+            b"GET /x HTTP/1.1\r\nHost: t\r\nOrigin: https://shop.example\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    head = answer.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+    names = [line.split(b":", 1)[0] for line in head[1:]]
+    assert head[0].startswith(b"http/1.1 200")
+    for name in (
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+        b"access-control-allow-origin",
+    ):
+        assert names.count(name) == 1, (name, head)
+    assert b"ratelimit-remaining: 4" in head
+    assert b"access-control-allow-origin: https://shop.example" in head

@@ -983,9 +983,6 @@ class Gateway:
                     )
                     return
                 deadline = incoming.earliest(deadline)
-        extra = _ratelimit_headers(permit) if permit is not None else []
-        if cors_headers:
-            extra += cors_headers
         span = None
         lean = self._lean
         if lean is not None:
@@ -996,6 +993,7 @@ class Gateway:
         try:
             with scope:
                 if route.aggregate is not None:
+                    extra = _extra_headers(permit, cors_headers)
                     status = await aggregate(
                         self, gen, request, route, match.params, forwarded, rid, extra, span
                     )
@@ -1013,7 +1011,8 @@ class Gateway:
                         match.params,
                         forwarded,
                         rid,
-                        extra,
+                        permit,
+                        cors_headers,
                         span,
                         identity_block,
                     )
@@ -1207,7 +1206,8 @@ class Gateway:
         params: dict[str, bytes],
         forwarded: list[tuple[bytes, bytes]],
         rid: bytes,
-        extra: list[tuple[bytes, bytes]],
+        permit: Permit | None,
+        cors: list[tuple[bytes, bytes]] | None,
         span: Any,
         identity_block: bytes = b"",
     ) -> int:
@@ -1226,7 +1226,7 @@ class Gateway:
             if body is not None and len(body) > limit:
                 # A chunked (or HTTP/2) body that arrived whole with its head: no
                 # Content-Length was there to refuse it by, and no stream will count it.
-                return self._too_large(request, route, limit, rid, extra)
+                return self._too_large(request, route, limit, rid, _extra_headers(permit, cors))
         elif request.content_length is not None and request.content_length <= _BUFFER_BODY:
             try:
                 body = await request.body.read()
@@ -1234,7 +1234,13 @@ class Gateway:
                 return 499
             except RequestError as exc:
                 self._send_problem(
-                    request, route, exc.status, exc.detail, rid, close=True, cors=extra
+                    request,
+                    route,
+                    exc.status,
+                    exc.detail,
+                    rid,
+                    close=True,
+                    cors=_extra_headers(permit, cors),
                 )
                 return exc.status
         else:
@@ -1267,7 +1273,7 @@ class Gateway:
                 f"upstream {upstream.name} is failing; its circuit breaker is open",
                 rid,
                 headers=[(b"retry-after", str(retry).encode())],
-                cors=extra,
+                cors=_extra_headers(permit, cors),
             )
             return 503
         except BulkheadFullError:
@@ -1278,7 +1284,7 @@ class Gateway:
                 f"upstream {upstream.name} is at capacity",
                 rid,
                 headers=[(b"retry-after", b"1")],
-                cors=extra,
+                cors=_extra_headers(permit, cors),
             )
             return 503
         except RateLimitedError as exc:
@@ -1290,7 +1296,7 @@ class Gateway:
                 f"upstream {upstream.name} is at its rate limit",
                 rid,
                 headers=[(b"retry-after", str(retry).encode())],
-                cors=extra,
+                cors=_extra_headers(permit, cors),
             )
             return 503
         except (CallTimeoutError, DeadlineExceededError, TimeoutError):
@@ -1300,11 +1306,11 @@ class Gateway:
                 504,
                 f"upstream {upstream.name} did not answer in time",
                 rid,
-                cors=extra,
+                cors=_extra_headers(permit, cors),
             )
             return 504
         except BodyTooLargeError:
-            return self._too_large(request, route, limit, rid, extra)
+            return self._too_large(request, route, limit, rid, _extra_headers(permit, cors))
         except UpstreamError as exc:
             log.warning("upstream %s: %s", upstream.name, exc)
             self._send_problem(
@@ -1313,15 +1319,23 @@ class Gateway:
                 502,
                 f"upstream {upstream.name} could not be reached",
                 rid,
-                cors=extra,
+                cors=_extra_headers(permit, cors),
             )
             return 502
         except RequestError as exc:  # the streamed body turned out malformed
-            self._send_problem(request, route, exc.status, exc.detail, rid, close=True, cors=extra)
+            self._send_problem(
+                request,
+                route,
+                exc.status,
+                exc.detail,
+                rid,
+                close=True,
+                cors=_extra_headers(permit, cors),
+            )
             return exc.status
         except ConnectionError:
             return 499  # the client went away while its body was streaming
-        await self._relay(request, route, gen, response, rid, extra)
+        await self._relay(request, route, gen, response, rid, permit, cors)
         return response.status
 
     def _mirror(
@@ -1381,14 +1395,19 @@ class Gateway:
         gen: Generation,
         response: Response,
         rid: bytes,
-        extra: list[tuple[bytes, bytes]],
+        permit: Permit | None = None,
+        cors: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Send an upstream response to the client: whole if it is all here, else streamed."""
+        """Send an upstream response to the client: whole if it is all here, else streamed.
+
+        ``permit``: the rate limiter's, told in ``RateLimit-*`` fields; ``cors``: the
+        gateway's CORS fields, which replace the upstream's.
+        """
         conn = request.conn
         head = [status_line(response.status)]
         hop_by_hop = response.hop_by_hop  # named by the instance's Connection: this hop's
         drop = _DROP_RESPONSE if hop_by_hop is None else _DROP_RESPONSE | hop_by_hop
-        if extra and any(name in _CORS_RESPONSE for name, _ in extra):
+        if cors:
             drop = drop | _CORS_RESPONSE
         headers = response.headers
         for rules in (gen.global_response_rules, route.response_headers):
@@ -1399,8 +1418,11 @@ class Gateway:
             if name not in drop and name != rid_name:  # the gateway's id, not a second one
                 head += [name, b": ", value, b"\r\n"]
         head += [rid_name, b": ", rid, b"\r\n"]
-        for name, value in extra:
-            head += [name, b": ", value, b"\r\n"]
+        if permit is not None:
+            head.append(_ratelimit_block(permit))
+        if cors:
+            for name, value in cors:
+                head += [name, b": ", value, b"\r\n"]
         close = not request.keep_alive or self.state.closing
         if close:
             head.append(b"connection: close\r\n")
@@ -1614,6 +1636,30 @@ def _ratelimit_headers(permit: Permit) -> list[tuple[bytes, bytes]]:
     if reset is not None:
         headers.append((b"ratelimit-reset", b"%d" % math.ceil(reset)))
     return headers
+
+
+#: The three RateLimit fields a local limiter's permit always has, formatted at once.
+_RATELIMIT_BLOCK: Final = (
+    b"ratelimit-limit: %d\r\nratelimit-remaining: %d\r\nratelimit-reset: %d\r\n"
+)
+
+
+def _ratelimit_block(permit: Permit) -> bytes:
+    """:func:`_ratelimit_headers` as they go on the wire (a gateway's every limited answer)."""
+    _, _, limit, remaining, reset, _ = permit
+    if remaining is None or reset is None:
+        return b"".join(b"%b: %b\r\n" % field for field in _ratelimit_headers(permit))
+    return _RATELIMIT_BLOCK % (limit, remaining, math.ceil(reset))
+
+
+def _extra_headers(
+    permit: Permit | None, cors: list[tuple[bytes, bytes]] | None
+) -> list[tuple[bytes, bytes]]:
+    """The fields the gateway adds to an answer: the rate limit's, then CORS."""
+    extra = _ratelimit_headers(permit) if permit is not None else []
+    if cors:
+        extra += cors
+    return extra
 
 
 def _apply_rules(headers: list[tuple[bytes, bytes]], rules: Any) -> list[tuple[bytes, bytes]]:

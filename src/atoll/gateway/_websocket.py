@@ -105,7 +105,7 @@ async def pass_through(  # noqa: PLR0917 - the request's parts, passed flat
         return 502
     if response.status != 101:
         request.keep_alive = False
-        await gateway._relay(request, route, gen, response, rid, [])
+        await gateway._relay(request, route, gen, response, rid)
         up.abort()
         return response.status
     instance.succeeded()
