@@ -82,6 +82,12 @@ def stored_spans(url: str) -> int:
     return int(httpx.get(f"{url}/api/stats", timeout=5).json()["spans"])
 
 
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user and system) a process has used: /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def steal_ticks() -> int:
     """CPU time (in USER_HZ ticks, all CPUs) the hypervisor gave to others: /proc/stat."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
@@ -132,19 +138,22 @@ def main() -> None:
                 untraced.append(off["rate"])
                 cpu_off.append(off["cpu_us_per_message"])
                 before = stored_spans(url)
+                collector_cpu = process_cpu(collector.pid)
                 os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = url
                 on = messaging.run_pair(count, "flood")
                 traced.append(on["rate"])
                 cpu_on.append(on["cpu_us_per_message"])
                 os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
                 stored.append(settled_spans(url) - before)
+                collector_cpu = process_cpu(collector.pid) - collector_cpu
                 dropped.append(int(on["dropped_spans"]))
                 cpu = "producer_cpu_us_per_message", "consumer_cpu_us_per_message"
                 main = "consumer_main_thread_cpu_us_per_message"
                 print(
                     f"  CPU us/msg producer/consumer: off {off[cpu[0]]:.0f}/{off[cpu[1]]:.0f},"
                     f" on {on[cpu[0]]:.0f}/{on[cpu[1]]:.0f}; consumer main thread:"
-                    f" off {off[main]:.0f}, on {on[main]:.0f}"
+                    f" off {off[main]:.0f}, on {on[main]:.0f}; collector"
+                    f" {collector_cpu / max(stored[-1], 1) * 1e6:.0f} us/span"
                 )
                 print(
                     f"untraced {untraced[-1]:,.0f} msg/s ({cpu_off[-1]:.0f} us CPU/msg),"
