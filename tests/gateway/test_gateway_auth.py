@@ -552,3 +552,58 @@ async def test_a_key_replaced_under_the_same_kid_empties_the_token_cache(auth_co
         other = keys.token(keys.rsa, "rsa-1", scope="orders:read", jti="x")
         assert (await client.get(url(gw, "/read/x"), headers=bearer(other))).status_code == 401
         assert (await client.get(url(gw, "/read/x"), headers=bearer(old))).status_code == 401
+
+
+# --- the cache by Authorization value ---------------------------------------------------
+
+
+async def test_a_token_found_by_its_authorization_value_is_checked_as_by_its_text():
+    from atoll.determinism import VirtualClock  # noqa: PLC0415
+    from atoll.gateway._auth import Authenticator, AuthError  # noqa: PLC0415
+    from atoll.gateway._config import AuthConfig, JwtConfig  # noqa: PLC0415
+
+    clock = VirtualClock()
+    jwt = JwtConfig(
+        issuer=(ISS,),
+        audience=(AUD,),
+        algorithms=("HS256",),
+        hs256_secret=SECRET.encode(),
+        leeway=0,
+        cache_size=2,
+        cache_ttl=600,
+    )
+    auth = Authenticator(AuthConfig(jwt=jwt), clock)
+    await auth.start()
+
+    def token(subject, ttl):
+        return mint_token(
+            subject=subject, ttl=ttl, secret=SECRET.encode(), issuer=ISS, audience=AUD, clock=clock
+        )
+
+    short = token("alice", 60)
+    header = b"Bearer " + short.encode()
+    assert auth.cached_header(header) is None  # nothing verified yet
+    auth.remember_header(header, short)
+    assert auth.cached_header(header) is None  # nor is a token that is not cached
+    assert (await auth.bearer(short)).subject == "alice"
+    auth.remember_header(header, short)
+    assert auth.cached_header(header).subject == "alice"
+    assert auth.cached_header(b"bearer " + short.encode()) is None  # only the exact value
+    await clock.advance(61)  # the token expired while cached
+    with pytest.raises(AuthError, match="expired"):
+        auth.cached_header(header)
+
+    long = token("bob", 3600)
+    long_header = b"Bearer " + long.encode()
+    await auth.bearer(long)
+    auth.remember_header(long_header, long)
+    await clock.advance(601)  # past the cache's ttl: verified again, not found here
+    assert auth.cached_header(long_header) is None
+    assert long_header not in auth._by_header
+
+    # Never more entries by value than the cache holds.
+    for n in range(5):
+        t = token(f"user-{n}", 3600)
+        await auth.bearer(t)
+        auth.remember_header(b"Bearer " + t.encode(), t)
+    assert len(auth._by_header) <= max(len(auth._cache), jwt.cache_size)

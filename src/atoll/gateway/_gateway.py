@@ -878,7 +878,10 @@ class Gateway:
             try:
                 found = self._identify(gen, route, authorization, api_key, request.conn)
                 if isinstance(found, str):  # a bearer token not verified recently
-                    found = await gen.auth.bearer(found)
+                    token = found
+                    found = await gen.auth.bearer(token)
+                    assert authorization is not None  # a token came in it
+                    gen.auth.remember_header(authorization, token)
                     self._check_scopes(route, found)
                 identity = found
             except AuthError as exc:
@@ -1091,7 +1094,7 @@ class Gateway:
             },
         )
 
-    def _identify(
+    def _identify(  # noqa: C901 - each credential in turn, the cached token first
         self,
         gen: Generation,
         route: RouteConfig,
@@ -1107,6 +1110,10 @@ class Gateway:
         """
         token = None
         if authorization is not None and "jwt" in route.auth:
+            identity = gen.auth.cached_header(authorization)
+            if identity is not None:
+                self._check_scopes(route, identity)
+                return identity
             scheme, _, token = authorization.partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
                 if api_key is None or "api_key" not in route.auth:
@@ -1121,6 +1128,8 @@ class Gateway:
             identity = gen.auth.cached(text)
             if identity is None:
                 return text
+            assert authorization is not None  # the token came in it
+            gen.auth.remember_header(authorization, text)
         elif api_key is not None and "api_key" in route.auth:
             identity = gen.auth.api_key(api_key.strip())
         elif "client_cert" in route.auth and conn.client_cert is not None:
