@@ -287,3 +287,37 @@ async def test_fields_an_upstream_names_in_connection_do_not_reach_the_client(tm
         for writer in writers:
             writer.close()
         await server.wait_closed()
+
+
+async def test_a_reload_that_changes_the_identity_prefix_reclassifies_field_names(tmp_path, stub):
+    def config(prefix):
+        return base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "open", "match": {"prefix": "/"}, "upstream": "a"}],
+            auth={"identity_prefix": prefix},
+        )
+
+    path = write_config(tmp_path / "gw.yaml", config("X-Auth-"))
+    async with running_gateway(path) as gw, httpx.AsyncClient() as client:
+        await client.get(url(gw, "/x"), headers={"x-user-id": "7", "x-auth-subject": "root"})
+        names = [name for name, _ in stub.hits[-1]["header_list"]]
+        assert "x-user-id" in names
+        assert "x-auth-subject" not in names
+        write_config(path, config("X-User-"))
+        assert await gw.reload()
+        # The names seen before are judged again under the new prefix.
+        await client.get(url(gw, "/x"), headers={"x-user-id": "7", "x-auth-subject": "root"})
+        names = [name for name, _ in stub.hits[-1]["header_list"]]
+        assert "x-user-id" not in names
+        assert "x-auth-subject" in names
+
+
+async def test_made_up_field_names_do_not_grow_the_gateway(config, stub):
+    async with running_gateway(config) as gw, httpx.AsyncClient() as client:
+        for batch in range(30):
+            headers = {f"x-made-up-{batch}-{n}": "1" for n in range(50)}
+            r = await client.get(url(gw, "/open/x"), headers=headers)
+            assert r.status_code == 200
+        names = {name for name, _ in stub.hits[-1]["header_list"]}
+        assert {f"x-made-up-29-{n}" for n in range(50)} <= names  # still forwarded
+        assert len(gw.gen.header_kinds) <= 1024

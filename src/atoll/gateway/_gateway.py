@@ -207,6 +207,8 @@ class Generation:
         )
         self.global_request_rules = config.request_headers
         self.global_response_rules = config.response_headers
+        #: :meth:`header_kind`'s answers, by field name.
+        self.header_kinds: dict[bytes, int] = {}
         tls = config.server.tls
         #: The ``X-Forwarded-Client-Cert`` fields sent, if any.
         self.forward_client_cert = () if tls is None else tls.forward_client_cert
@@ -216,6 +218,44 @@ class Generation:
         folded = name.replace(b"_", b"-")
         return folded.startswith(self.identity_prefix) or folded in self.owned_folded
 
+    def header_kind(self, name: bytes, drop: frozenset[bytes]) -> int:
+        """What the gateway does with a request field ``name`` (lower case): one of the
+        ``_FIELD_*`` kinds, remembered for the next request (field names repeat: a
+        dictionary lookup instead of eight tests a field). ``drop``: the gateway's own
+        set of dropped fields, which tracing changes."""
+        if name in drop:
+            kind = _FIELD_DROP
+        elif name == self.request_id_header:
+            kind = _FIELD_REQUEST_ID
+        elif name.startswith(self.identity_prefix) or (b"_" in name and self.forged(name)):
+            kind = _FIELD_OWNED  # only the gateway says who the caller is
+        elif name == b"authorization":
+            kind = _FIELD_AUTHORIZATION
+        elif name == self.auth.api_key_header:
+            kind = _FIELD_API_KEY
+        elif name == b"origin":
+            kind = _FIELD_ORIGIN
+        elif name == b"x-forwarded-for":
+            kind = _FIELD_FORWARDED_FOR
+        else:
+            kind = _FIELD_FORWARD
+        kinds = self.header_kinds
+        if len(kinds) < _MAX_FIELD_KINDS:  # a client's made-up names must not grow it
+            kinds[name] = kind
+        return kind
+
+
+# What the gateway does with a request field (Generation.header_kind).
+_FIELD_FORWARD: Final = 0  # passed on as it came
+_FIELD_DROP: Final = 1  # hop-by-hop, or the gateway's own (Host, traceparent...): read, not sent
+_FIELD_REQUEST_ID: Final = 2
+_FIELD_OWNED: Final = 3  # an identity field (or one folding into it): dropped
+_FIELD_AUTHORIZATION: Final = 4
+_FIELD_API_KEY: Final = 5
+_FIELD_ORIGIN: Final = 6  # read, and passed on
+_FIELD_FORWARDED_FOR: Final = 7
+#: Field names whose kind a generation remembers, at most.
+_MAX_FIELD_KINDS: Final = 1024
 
 #: Rate-limit keys ``per: subject``, by how the caller was identified.
 _SUBJECT_PREFIX: Final = {"client_cert": "cert:", "api_key": "key:"}
@@ -753,14 +793,20 @@ class Gateway:
         deadline_value: bytes | None = None
         forwarded: list[tuple[bytes, bytes]] = []
         xff: bytes | None = None
-        identity_prefix = gen.identity_prefix
         rid_name = gen.request_id_header
-        api_key_name = gen.auth.api_key_header
         drop = self._drop_request
+        kinds = gen.header_kinds
         repeated: str | None = None  # a header that must appear once, seen twice
         hop_by_hop: frozenset[bytes] | None = None  # what the client's Connection names
-        for name, value in request.headers:
-            if name in drop:
+        for pair in request.headers:
+            name, value = pair
+            kind = kinds.get(name)
+            if kind is None:
+                kind = gen.header_kind(name, drop)
+            if kind == _FIELD_FORWARD:
+                forwarded.append(pair)
+                continue
+            if kind == _FIELD_DROP:
                 if name == b"host":
                     if host is not None:
                         repeated = "Host"
@@ -777,26 +823,21 @@ class Gateway:
                     if options is not None:
                         hop_by_hop = options if hop_by_hop is None else hop_by_hop | options
                 continue
-            if name == rid_name:
+            if kind == _FIELD_REQUEST_ID:
                 rid = value
-                continue
-            if name.startswith(identity_prefix) or (b"_" in name and gen.forged(name)):
-                continue  # only the gateway says who the caller is, and what it forwards
-            if name == b"authorization":
+            elif kind == _FIELD_AUTHORIZATION:
                 if authorization is not None:
                     repeated = "Authorization"
-                authorization = value
-                continue  # forwarded below, unless the gateway verified it (forward_token)
-            if name == api_key_name:
-                api_key = value
-                continue  # the key is a secret of the gateway's; never forwarded
-            if name == b"origin":
+                authorization = value  # forwarded below, unless verified (forward_token)
+            elif kind == _FIELD_API_KEY:
+                api_key = value  # the key is a secret of the gateway's; never forwarded
+            elif kind == _FIELD_ORIGIN:
                 origin = value
-            elif name == b"x-forwarded-for":
+                forwarded.append(pair)
+            elif kind == _FIELD_FORWARDED_FOR:
                 # Repeated fields are one list (RFC 9110 5.3): keep every hop.
                 xff = value if xff is None else xff + b", " + value
-                continue
-            forwarded.append((name, value))
+            # _FIELD_OWNED: only the gateway says who the caller is, and what it forwards.
         if hop_by_hop is not None and b"x-forwarded-for" in hop_by_hop:
             xff = None  # the client's chain was for this hop only
         if xff is not None and gen.trusted_proxies is not None:
