@@ -5,7 +5,10 @@ passed on, anything else is a 502, or 504 when the deadline ran out), ``optional
 (left out and named in ``"_partial"``) or has a ``fallback`` value (used in its place
 and also named in ``"_partial"``, so the client knows which data is not live). Every
 call runs under the route's one deadline, propagated to the upstreams in
-``X-Atoll-Deadline``; when it passes, calls still running are cancelled.
+``X-Atoll-Deadline``; when it passes, calls still running are cancelled, as they are
+when the client goes away (its connection closes, or it resets its HTTP/2 stream). A
+part's call carries the client's fields but for those about the client's copy of the
+aggregate (conditions, ranges, Accept): a part is asked for its current JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ if TYPE_CHECKING:
 
 #: The largest part body read (bytes): aggregates are for small JSON documents.
 MAX_PART_BODY = 4 * 1024 * 1024
+#: Client fields a part's GET does not carry: those of a body, the client's Accept (a
+#: part asks for JSON), and conditions and ranges, which are about the client's copy of
+#: the aggregate, not the part's (a part's 304 or 206 would fail the whole answer).
+_NOT_FOR_PARTS: frozenset[bytes] = frozenset(
+    {
+        b"content-type",
+        b"content-length",
+        b"content-encoding",
+        b"accept-encoding",
+        b"accept",
+        b"range",
+        b"if-range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+    }
+)
 _DECODER = msgspec.json.Decoder()
 
 
@@ -47,11 +68,7 @@ async def _fetch(
 ) -> Any:
     upstream = gen.upstreams[part.upstream]
     target = fill_template(part.path, params)
-    common = b"".join(
-        b"%b: %b\r\n" % pair
-        for pair in forwarded
-        if pair[0] not in (b"content-type", b"content-length", b"accept-encoding")
-    )
+    common = b"".join(b"%b: %b\r\n" % pair for pair in forwarded if pair[0] not in _NOT_FOR_PARTS)
     call = Call(
         b"GET %b HTTP/1.1\r\n" % target, common + b"accept: application/json\r\n", None, None
     )
@@ -99,24 +116,30 @@ def _read_outcomes(done: set[asyncio.Task[Any]]) -> None:
 
 
 async def _gather_parts(
-    parts: tuple[Any, ...], tasks: list[asyncio.Task[Any]], deadline: Any
+    parts: tuple[Any, ...],
+    tasks: list[asyncio.Task[Any]],
+    deadline: Any,
+    lost: asyncio.Future[None],
 ) -> tuple[set[asyncio.Task[Any]], set[asyncio.Task[Any]]]:
-    """Wait for the parts until all are done, the deadline passes, or a required part
-    fails: then the answer is known, and the parts still running are not waited for."""
+    """Wait for the parts until all are done, the deadline passes, a required part
+    fails, or the client is gone (``lost``): then the answer is known (or unwanted), and
+    the parts still running are not waited for."""
     required = {task for part, task in zip(parts, tasks, strict=True) if part.mode == "required"}
     done: set[asyncio.Task[Any]] = set()
-    pending = set(tasks)
-    while pending:
+    pending: set[asyncio.Future[Any]] = set(tasks)
+    while pending and not lost.done():
         timeout = deadline.remaining() if deadline is not None else None
         finished, pending = await asyncio.wait(
-            pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            pending | {lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
+        pending.discard(lost)
+        finished.discard(lost)
         if not finished:
-            break  # the deadline
-        done |= finished
+            break  # the deadline, or the client left
+        done |= finished  # type: ignore[arg-type] # the parts' tasks, lost taken out
         if any(t in required and (t.cancelled() or t.exception()) for t in finished):
             break
-    return done, pending
+    return done, pending  # type: ignore[return-value] # likewise
 
 
 def _required_failure(
@@ -134,7 +157,7 @@ def _required_failure(
     return None
 
 
-async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat on the hot path
+async def aggregate(  # noqa: C901, PLR0912, PLR0917 - the request's parts, passed flat on the hot path
     gateway: Gateway,
     gen: Generation,
     request: Request,
@@ -161,12 +184,15 @@ async def aggregate(  # noqa: C901, PLR0917 - the request's parts, passed flat o
     deadline = current_deadline()
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(_fetch(gen, part, params, forwarded, span)) for part in parts]
-    done, pending = await _gather_parts(parts, tasks, deadline)
+    lost = request.conn.when_lost()
+    done, pending = await _gather_parts(parts, tasks, deadline, lost)
     for task in pending:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
     _read_outcomes(done)
+    if lost.done():
+        return 499  # the client went: its parts' calls are cancelled, nobody to answer
     failed = _required_failure(parts, tasks, done)
     if failed is not None:
         # A required part that failed is the answer, whatever the parts cut short say.

@@ -643,6 +643,7 @@ class H2Stream:
         "_drain",
         "_end_queued",
         "_fields",
+        "_lost_waiter",
         "_out",
         "_out_size",
         "_parser",
@@ -684,8 +685,19 @@ class H2Stream:
         self._out_size = 0
         self._end_queued = False
         self._drain: asyncio.Future[None] | None = None
+        self._lost_waiter: asyncio.Future[None] | None = None
 
     # -- what the gateway reads off a connection ----------------------------------------
+
+    def when_lost(self) -> asyncio.Future[None]:
+        """:meth:`Connection.when_lost <atoll.gateway._server.Connection.when_lost>`: done
+        once the stream is reset or its connection is gone."""
+        waiter = self._lost_waiter
+        if waiter is None:
+            waiter = self._lost_waiter = self.session.loop.create_future()
+            if self.closed:
+                waiter.set_result(None)
+        return waiter
 
     @property
     def client_cert(self) -> tuple[dict[str, object], str] | None:
@@ -938,6 +950,9 @@ class H2Stream:
     def lost(self, error: BaseException) -> None:
         """The stream (or the connection) is gone: producers and readers are told."""
         self.closed = True
+        waiter = self._lost_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self.body_done = True
         self._out.clear()
         self._out_size = 0

@@ -332,10 +332,12 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_current",
+        "_gone",
         "_header_bytes",
         "_headers",
         "_last",
         "_loop",
+        "_lost_waiter",
         "_parser",
         "_pending",
         "_preface",
@@ -378,6 +380,8 @@ class Connection(asyncio.Protocol):
         #: The request whose response is being written, if any.
         self.responding: Request | None = None
         self.closed = False
+        self._gone = False  # the transport is lost (closed means: no request more)
+        self._lost_waiter: asyncio.Future[None] | None = None
         self.upgraded: Callable[[bytes], None] | None = None
         self.peer_transport: asyncio.Transport | None = None
         self.peer = ""
@@ -425,6 +429,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - any cause ends it
         self.closed = True
+        self._gone = True
+        waiter = self._lost_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self.state.connections.discard(self)
         error = ConnectionResetError("the client closed the connection")
         for request in (self._current, self.responding, *self._pending):
@@ -436,6 +444,16 @@ class Connection(asyncio.Protocol):
             writable.exception()  # marked as seen: no producer may be waiting on it
         if self.upgraded is not None:
             self.upgraded(b"")
+
+    def when_lost(self) -> asyncio.Future[None]:
+        """A future done once the client's connection is gone: for work done on its
+        behalf (an aggregate's calls) to stop when nobody will read the answer."""
+        waiter = self._lost_waiter
+        if waiter is None:
+            waiter = self._lost_waiter = self._loop.create_future()
+            if self._gone:
+                waiter.set_result(None)
+        return waiter
 
     def data_received(self, data: bytes) -> None:
         if self.upgraded is not None:
