@@ -268,3 +268,20 @@ async def test_stop_waits_for_a_request_in_flight(tmp_path, raw):
             await running.__aexit__(None, None, None)
         # stop() waited for the request: it was answered (by its timeout), not cut off.
         assert (await pending).status_code == 504
+
+
+@pytest.mark.parametrize("status", [101, 600, 99])
+async def test_an_invalid_status_or_an_unasked_for_101_is_502(tmp_path, raw, status):
+    """Relayed, they would leave the client lost: a 101 switches protocols nobody asked
+    for (and what follows on the connection is read as another protocol); 600 and 099
+    are no HTTP status at all (RFC 9110 15). nginx: "upstream sent invalid status"."""
+    async with running_gateway(gateway_config(tmp_path, raw)) as gw, httpx.AsyncClient() as client:
+        assert (await client.get(url(gw, "/warm"))).status_code == 200
+        raw.status = status
+        r = await client.post(url(gw, "/x"))
+        assert r.status_code == 502, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        raw.status = 200
+        after = await client.get(url(gw, "/after"))
+        assert after.status_code == 200
+        assert after.json()["n"] >= 2

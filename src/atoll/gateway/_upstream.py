@@ -253,6 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_headers",
         "_loop",
         "_paused",
+        "_upgrade",
         "_waiter",
         "_writable",
         "closed",
@@ -276,6 +277,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[Response] | None = None
         self.response: Response | None = None
         self._head_only = False
+        self._upgrade = False  # the request in flight asked for a protocol upgrade
         self._counted = False
         self._writable: asyncio.Future[None] | None = None
         self._paused = False
@@ -378,6 +380,18 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # an interim response (100 Continue): the real one follows
+        if not 100 <= status <= 599 or (status == 101 and not self._upgrade):
+            # RFC 9110 15: three digits, 1xx to 5xx; a 101 only answers an upgrade. Relayed,
+            # a 600 or an unasked-for 101 would leave the client (and this connection's
+            # framing) lost: nginx's "upstream sent invalid status", a 502.
+            self._fail(
+                UpstreamClosedError(
+                    self.instance.address,
+                    f"an invalid status {status}"
+                    + (" to a request that asked for no upgrade" if status == 101 else ""),
+                )
+            )
+            return
         if self._waiter is None:
             # A response nobody asked for (a 408 on an idle connection, an answer written
             # twice): what follows on this connection cannot be matched to requests.
@@ -416,12 +430,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     # use
 
-    def send(self, data: bytes, *, head_only: bool = False) -> asyncio.Future[Response]:
-        """Write a request; the future resolves with the response head."""
+    def send(
+        self, data: bytes, *, head_only: bool = False, upgrade: bool = False
+    ) -> asyncio.Future[Response]:
+        """Write a request; the future resolves with the response head. ``upgrade``: the
+        request asks for a protocol upgrade, so a 101 may answer it."""
         loop = self._loop or asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
         self._head_size = 0
         self._head_only = head_only
+        self._upgrade = upgrade
         self.response = None
         if not self._counted:
             self._counted = True

@@ -93,7 +93,7 @@ async def pass_through(  # noqa: PLR0917 - the request's parts, passed flat
         up = await instance.connect_fresh()
         try:
             async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
-                response = await up.send(b"".join(head))
+                response = await up.send(b"".join(head), upgrade=True)
         except BaseException:
             up.abort()
             raise
