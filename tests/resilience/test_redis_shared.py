@@ -50,7 +50,10 @@ async def prefix():
 @pytest.fixture
 async def stores(prefix):
     """Two stores with their own connections: two instances of one service."""
-    made = [RedisSharedState.from_url(REDIS_URL, prefix=prefix) for _ in range(2)]
+    # The tests' VirtualClock drives the limits, as in a simulation.
+    made = [
+        RedisSharedState.from_url(REDIS_URL, prefix=prefix, server_time=False) for _ in range(2)
+    ]
     yield made
     for store in made:
         await store.aclose()
@@ -360,3 +363,31 @@ async def test_slow_redis_costs_at_most_the_short_timeout():
         await breaker.aclose()
         await store.aclose()
         await proxy.stop()
+
+
+async def test_instances_with_skewed_clocks_share_one_limit_on_the_servers_clock(prefix):
+    """Two gateways' hosts, one 30 s ahead: on their own clocks the one ahead finds the
+    limit's arrival time in its past and is granted a fresh burst; on Redis's, not."""
+    now = time.time()
+    outcomes = {}
+    for server_time in (False, True):
+        stores = [
+            RedisSharedState.from_url(
+                REDIS_URL, prefix=f"{prefix}-{server_time}", server_time=server_time
+            )
+            for _ in range(2)
+        ]
+        try:
+            on_time = RateLimiter(
+                "api", rate=1, burst=3, shared=stores[0], clock=VirtualClock(start=now)
+            )
+            ahead = RateLimiter(
+                "api", rate=1, burst=3, shared=stores[1], clock=VirtualClock(start=now + 30)
+            )
+            granted = [(await on_time.try_acquire()).granted for _ in range(3)]
+            assert granted == [True, True, True]
+            outcomes[server_time] = (await ahead.try_acquire()).granted
+        finally:
+            for store in stores:
+                await store.aclose()
+    assert outcomes == {False: True, True: False}

@@ -66,13 +66,18 @@ return tostring(until_ms)
 """
 
 # KEYS[1]: the limiter's theoretical arrival time. ARGV: now, interval, tolerance,
-# max wait (all ms). Returns {granted (0/1), wait or retry-after (ms, as a string),
-# the stored tat minus now afterwards (ms, as a string)}.
+# max wait (all ms); now '' for the Redis server's clock (TIME). Returns {granted (0/1),
+# wait or retry-after (ms, as a string), the stored tat minus now afterwards (ms, as a
+# string)}.
 # Numbers are written with '%.3f': Lua's tostring keeps 14 significant digits, which at
 # epoch milliseconds (13 digits) would leave 0.1 ms steps and spurious refusals; the
 # comparison tolerates 1 microsecond of float dust for the same reason.
 _GCRA = """
 local now = tonumber(ARGV[1])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
 local interval = tonumber(ARGV[2])
 local tolerance = tonumber(ARGV[3])
 local max_wait = tonumber(ARGV[4])
@@ -100,18 +105,41 @@ class RedisSharedState(SharedState):
     live in one Redis Cluster slot) and expire on their own. Give ``client`` short socket
     timeouts: the policies bound every operation anyway, but a client that gives up
     early frees its connection sooner. :meth:`from_url` does that.
+
+    ``server_time``: rate limits read the Redis server's clock (``TIME``), not the
+    ``now`` each caller passes. Instances on several hosts then share one clock: with
+    their own, a host whose clock is ahead finds every limiter's theoretical arrival
+    time in its past and is granted a fresh burst, and one whose clock is behind is
+    refused for its skew. Pass ``False`` to use the callers' clocks, as a simulation on
+    a :class:`~atoll.determinism.VirtualClock` must. Breakers' windows keep the callers'
+    clocks either way: a skew shifts when a bucket starts, not what a limit grants.
     """
 
-    def __init__(self, client: Redis, *, prefix: str = "atoll", owns_client: bool = False) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str = "atoll",
+        owns_client: bool = False,
+        server_time: bool = True,
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._owns = owns_client
+        self.server_time = server_time
         self._sync = client.register_script(_SYNC)
         self._open = client.register_script(_OPEN)
         self._gcra = client.register_script(_GCRA)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "atoll", socket_timeout: float = 0.25) -> Self:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "atoll",
+        socket_timeout: float = 0.25,
+        server_time: bool = True,
+    ) -> Self:
         """A store with its own client for ``url`` (closed by :meth:`aclose`)."""
         client = Redis.from_url(
             url,
@@ -119,7 +147,11 @@ class RedisSharedState(SharedState):
             socket_connect_timeout=socket_timeout,
             retry_on_timeout=False,
         )
-        return cls(client, prefix=prefix, owns_client=True)
+        return cls(client, prefix=prefix, owns_client=True, server_time=server_time)
+
+    def _now(self, now: float) -> str:
+        """The GCRA script's ``now`` argument: empty for the server's clock."""
+        return "" if self.server_time else repr(now * 1000)
 
     def _key(self, kind: str, name: str, part: str) -> str:
         return f"{self._prefix}:{kind}:{{{name}}}:{part}"
@@ -164,7 +196,7 @@ class RedisSharedState(SharedState):
         reply: list[Any] = await self._gcra(
             keys=[self._key("limiter", name, "tat")],
             args=[
-                repr(now * 1000),
+                self._now(now),
                 repr(interval * 1000),
                 repr(tolerance * 1000),
                 repr(max_wait * 1000),
@@ -177,7 +209,7 @@ class RedisSharedState(SharedState):
     ) -> tuple[bool, float, float]:
         reply: list[Any] = await self._gcra(
             keys=[self._key("limiter", name, "tat")],
-            args=[repr(now * 1000), repr(interval * 1000), repr(tolerance * 1000), "0"],
+            args=[self._now(now), repr(interval * 1000), repr(tolerance * 1000), "0"],
         )
         return bool(int(reply[0])), max(0.0, float(reply[1]) / 1000), float(reply[2]) / 1000
 
