@@ -174,3 +174,39 @@ async def test_an_h2c_upgrade_is_answered_as_http11(tmp_path, stub):
     assert [hit["path"] for hit in stub.hits] == ["/first", "/second"]
     assert "upgrade" not in forwarded[0]
     assert "http2-settings" not in forwarded[0]
+
+
+async def test_a_client_leaving_a_silent_stream_releases_the_upstream_at_once(tmp_path):
+    """An event stream that has nothing to say for minutes: the client's leaving must
+    let go of the upstream then, not at the stream's next event."""
+
+    async def quiet(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n7\r\ndata: x\r\n")
+        await writer.drain()
+        await reader.read()  # nothing more to send; returns when the gateway lets go
+
+    async with Scripted(quiet) as up, running_gateway(config(tmp_path, [up.address])) as gw:
+        for version in ("1.1", "2"):
+            if version == "1.1":
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+                await reader.readuntil(b"data: x")
+                writer.close()  # the browser tab closes
+                await writer.wait_closed()
+            else:
+                from test_gateway_http2 import RawH2  # noqa: PLC0415
+
+                client = await RawH2.open(gw.port)
+                stream = await client.request("/events")
+                await client.until(lambda e: getattr(e, "data", b"").endswith(b"data: x"))
+                client.conn.reset_stream(stream)
+                await client.flush()
+            for _ in range(100):
+                if up.open == 0 and gw.in_flight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            left = (gw.in_flight, up.open, gw.gen.upstreams["a"].instances[0].outstanding)
+            assert left == (0, 0, 0), version
+            if version == "2":
+                await client.close()

@@ -1500,6 +1500,12 @@ class Gateway:
             head.append(b"connection: close\r\n\r\n")
             request.keep_alive = False
         conn.write(b"".join(head))
+        upstream_conn = response.conn
+        # The client going (a closed tab on an event stream) ends the upstream's stream at
+        # once, not at its next chunk, which may be minutes away: nobody reads what it
+        # sends, and its connection must not be held for nobody.
+        lost = conn.when_lost()
+        lost.add_done_callback(upstream_conn.abort_on)
         try:
             while (chunk := await response.body.chunk()) is not None:
                 if chunked:
@@ -1508,19 +1514,21 @@ class Gateway:
                 else:
                     conn.write(chunk)
                 if conn.closed:
-                    # The client went (a closed tab on an event stream): writes go nowhere,
-                    # and the upstream must not stream on to nobody, holding its connection.
-                    response.conn.abort()
+                    upstream_conn.abort()  # the client went: writes go nowhere
                     return
                 writable = conn.writable
                 if writable is not None:
                     await writable
         except (UpstreamError, ConnectionError) as exc:
+            upstream_conn.abort()
+            if conn.closed:
+                return  # the client went first, and the upstream was let go for it
             # Mid-body there is no status left to change: cut the client off so it knows.
             log.warning("response from upstream %s broken off: %s", route.upstream, exc)
-            response.conn.abort()
             conn.abort()
             return
+        finally:
+            lost.remove_done_callback(upstream_conn.abort_on)
         if chunked:
             conn.write(b"0\r\n\r\n")
 

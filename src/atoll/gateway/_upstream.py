@@ -480,6 +480,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
+    def abort_on(self, _: object) -> None:
+        """:meth:`abort`, as a done-callback (of a client's ``when_lost`` future)."""
+        self.abort()
+
     def abort(self) -> None:
         """Drop the connection."""
         self._uncount()
