@@ -9,7 +9,8 @@ import contextlib
 import h2.errors
 import h2.events
 import h2.settings
-from gateway_support import base_config, running_gateway, write_config
+import httpx
+from gateway_support import base_config, running_gateway, url, write_config
 from test_gateway_http2 import TIMEOUT, h2_config, raw_h2
 
 from atoll.testing import wait_until
@@ -125,3 +126,26 @@ async def test_a_client_leaving_during_the_websocket_handshake_releases_the_upst
         writer.close()
         await wait_until(lambda: len(stub.hits) == 1, timeout=TIMEOUT, what="handshake upstream")
         await wait_until(lambda: gw.in_flight == 0, timeout=3, what="handler released")
+
+
+async def test_the_access_log_names_the_protocol(tmp_path, stub):
+    import structlog  # noqa: PLC0415
+
+    path = write_config(
+        tmp_path / "gw.yaml",
+        base_config(
+            {"a": {"targets": [stub.address]}},
+            [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
+            server={"port": 8080, "access_log": True},
+        ),
+    )
+    async with running_gateway(path) as gw:
+        seen = []
+        for http2 in (False, True):
+            with structlog.testing.capture_logs() as logs:
+                async with httpx.AsyncClient(http1=not http2, http2=http2) as client:
+                    r = await client.get(url(gw, "/x"))
+                    assert r.status_code == 200
+            [line] = [entry for entry in logs if entry.get("event") == "request"]
+            seen.append(line["protocol"])
+    assert seen == ["HTTP/1.1", "HTTP/2"]

@@ -1666,6 +1666,7 @@ class Gateway:
             "request",
             method=request.method.decode(),
             path=request.path.decode("latin-1")[:500],
+            protocol=getattr(request.conn, "protocol", None) or f"HTTP/{request.version}",
             status=status,
             duration_ms=round((self.clock.monotonic() - started) * 1000, 3),
             route=route.name if route is not None else None,

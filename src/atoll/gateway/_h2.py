@@ -639,6 +639,9 @@ class H2Session:
 class H2Stream:
     """One stream, as the :class:`~atoll.gateway._server.Connection` its request sees."""
 
+    #: What the access log names (an HTTP/1.1 connection has none: its request's version).
+    protocol = "HTTP/2"
+
     __slots__ = (
         "_drain",
         "_end_queued",
