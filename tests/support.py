@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (importable because pytest puts tests/ on sys.path)."""
 
 import asyncio
+import contextlib
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,47 @@ SHOP = ROOT / "examples" / "shop"
 FAST_RETRY = RedeliveryPolicy(max_attempts=3, backoff_base=0.01, backoff_cap=0.02)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+#: Ports are handed out below the kernel's ephemeral range (32768 and up by default):
+#: ``bind(0)`` picks from that range, where every outgoing connection (a service's pool
+#: to PostgreSQL, a subprocess's client) is also given its port, so a port found free can
+#: be taken by one before the process it was meant for listens on it; a shop whose
+#: service lost its port that way restarted it until the test gave up. Below the range,
+#: only listeners compete, and this process hands each port out once.
+_FIRST_PORT = 10000
+_LAST_PORT = _ephemeral_low() - 1
+_next_port = _FIRST_PORT + random.Random().randrange(_LAST_PORT - _FIRST_PORT)
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free to listen on (see above)."""
+    global _next_port  # noqa: PLW0603 - one sequence for the whole test run
+    for _ in range(2000):
+        first = _next_port
+        if first + count - 1 > _LAST_PORT:
+            _next_port = _FIRST_PORT
+            continue
+        _next_port = first + count
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports between {_FIRST_PORT} and {_LAST_PORT}")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free to listen on, not handed out before in this test run (see above)."""
+    return free_ports(1)
 
 
 class System:

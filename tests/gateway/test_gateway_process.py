@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,21 +13,12 @@ from typer.testing import CliRunner
 
 from atoll.gateway.cli import app as token_app
 from atoll.testing import wait_until
-from support import SHOP, free_port
+from support import SHOP, free_port, free_ports
 
 
 def free_port_pair() -> int:
     """A port that is free together with the next one (worker n's admin port is base + n)."""
-    for _ in range(100):
-        base = free_port()
-        with socket.socket() as first, socket.socket() as second:
-            try:
-                first.bind(("127.0.0.1", base))
-                second.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no two adjacent free ports")
+    return free_ports(2)
 
 
 async def test_two_workers_share_the_port_and_stop_gracefully(tmp_path, stub):

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -28,6 +27,7 @@ from atoll.resilience import (
     RateLimiter,
 )
 from atoll.resilience.redis import RedisSharedState
+from support import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -160,12 +160,6 @@ async def test_instances_share_one_rate_limit(stores):
     with pytest.raises(RateLimitedError):
         await limiters[1].call(ok)
     assert sum(limiter.degraded_total for limiter in limiters) == 0
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class OwnRedis:

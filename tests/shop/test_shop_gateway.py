@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ from test_shop_crash import pids_of
 
 from atoll.gateway import load_gateway_config, mint_token
 from atoll.testing import wait_until
-from support import SHOP, free_port
+from support import SHOP, free_ports
 
 
 @pytest.mark.timeout(120)
@@ -101,15 +100,7 @@ async def test_the_shop_answers_through_its_gateway(tmp_path):
 
 def free_port_pair() -> int:
     """A port whose next one is free too (for a service with two instances)."""
-    for _ in range(100):
-        first = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", first + 1))
-            except OSError:
-                continue
-        return first
-    raise AssertionError("no two consecutive free ports")
+    return free_ports(2)
 
 
 def shop_with_two(tmp_path, service: str) -> tuple[Shop, int]:

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +15,8 @@ from typing import Any
 
 import pytest
 import redis
+
+from support import free_port
 
 REDIS_URL = os.environ.get("ATOLL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -44,12 +45,6 @@ def delete_namespace(namespace: str, url: str = REDIS_URL) -> None:
             client.unlink(*batch)
     finally:
         client.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

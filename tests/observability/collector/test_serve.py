@@ -16,14 +16,9 @@ from otlp import make_request, simple_trace
 from prometheus_client.parser import text_string_to_metric_families
 
 from atoll.observability.collector import CollectorError, SpanStore, serve_collector
+from support import free_port
 
 PB = {"content-type": "application/x-protobuf"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_serve_collector_until_cancelled_keeps_what_it_acknowledged(db_path):
