@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -148,7 +149,10 @@ def up(
             from atoll.gateway import load_gateway_config  # noqa: PLC0415 - gateway extra
 
             load_gateway_config(
-                loaded.base_dir / gateway.config, system=loaded.path, profile=profile
+                loaded.base_dir / gateway.config,
+                system=loaded.path,
+                profile=profile,
+                environ={**os.environ, **gateway.env},  # as the gateway process gets it
             )
         except ImportError:
             pass  # the gateway process reports the missing extra itself

@@ -19,7 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from atoll.cli._run import INSTANCE_VARIABLE, declare_subscriptions
-from atoll.config import LoadedConfig
+from atoll.config import ConfigError, LoadedConfig
+from atoll.config._model import GatewaySection
 from atoll.determinism import SystemClock
 from atoll.observability import otlp_endpoint, tracing_disabled
 
@@ -130,7 +131,7 @@ class Supervisor:
             self.gateway = _Child(
                 "gateway",
                 "bright_blue",
-                f"http://{gateway.host}:{gateway.admin_port}",
+                f"http://{_admin_address(loaded, gateway)}:{gateway.admin_port}",
                 [
                     "-m",
                     "atoll.gateway",
@@ -377,3 +378,23 @@ def _die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def _admin_address(loaded: LoadedConfig, gateway: GatewaySection) -> str:
+    """Where the gateway's admin listener answers: its file's ``admin.host`` (it does
+    not listen on the public ``host``), as a URL's host part."""
+    host = "127.0.0.1"
+    with contextlib.suppress(ImportError, ConfigError):
+        from atoll.gateway import load_gateway_config  # noqa: PLC0415 - gateway extra
+
+        host = load_gateway_config(
+            loaded.base_dir / gateway.config,
+            system=loaded.path,
+            profile=loaded.profile,
+            environ={**os.environ, **gateway.env},
+        ).admin.host
+    if host in {"", "0.0.0.0"}:  # noqa: S104 - every address: the local one answers
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]" if ":" in host else host

@@ -76,7 +76,13 @@ async def _fetch(
         call.parent = span
     try:
         response = await upstream.exchange(call, b"GET", True)
-        body = await response.body.read(limit=MAX_PART_BODY)
+        try:
+            body = await response.body.read(limit=MAX_PART_BODY)
+        except BaseException:
+            # Cut off mid-body (the deadline, the client gone, a body too large): the
+            # connection is not left half-read, held open and counted as outstanding.
+            response.discard()
+            raise
     except TimeoutError as exc:
         raise PartFailedError(
             504, f"{part.name}: upstream {part.upstream} did not answer in time"

@@ -562,6 +562,12 @@ def load_gateway_config(
         store = reader.string("rate_limits.store", store)
         if not store.startswith(("redis://", "rediss://", "unix://")):
             raise reader.error("rate_limits.store", "must be a redis:// URL")
+        from redis.connection import parse_url  # noqa: PLC0415 - only with a store
+
+        try:
+            parse_url(store)  # type: ignore[no-untyped-call] # as the client will, but now
+        except ValueError as exc:  # its messages name the part, never the password
+            raise reader.error("rate_limits.store", f"is not a valid URL: {exc}") from None
     if store is None and any(r.rate_limit and r.rate_limit.shared for r in routes):
         shared = next(r for r in routes if r.rate_limit and r.rate_limit.shared)
         raise reader.error(

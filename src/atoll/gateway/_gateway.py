@@ -162,6 +162,9 @@ class Generation:
         self.router = Router(config.routes)
         self.upstreams = upstreams
         self.auth = Authenticator(config.auth, clock, source=config.source)
+        if previous is not None:
+            # Prometheus counters only go up in one process: refusals go on counting.
+            self.auth.failures = previous.auth.failures
         self.limits: dict[str, RouteLimits] = {}
         for route in config.routes:
             if route.rate_limit is None:
@@ -364,7 +367,8 @@ class Gateway:
 
     ``config_path`` (a YAML or TOML file) and ``system`` (an ``atoll.toml`` for
     ``service:`` upstreams) are re-read on :meth:`reload`. ``port`` and ``admin_port``
-    override the file's (``0``: a free port, for tests).
+    override the file's (``0``: a free port, for tests); ``admin=False`` opens no admin
+    listener, whatever the file says.
     """
 
     def __init__(  # noqa: PLR0915 - one attribute after another
@@ -376,6 +380,7 @@ class Gateway:
         host: str | None = None,
         port: int | None = None,
         admin_port: int | None = None,
+        admin: bool = True,
         clock: Clock | None = None,
         random: RandomSource | None = None,
         tracing: Any = None,
@@ -396,6 +401,7 @@ class Gateway:
         self._host_override = host
         self._port_override = port
         self._admin_override = admin_port
+        self._admin_enabled = admin
         config = load_gateway_config(self.config_path, system=system, profile=profile)
         self._store_given = shared_store
         #: Each upstream's TLS files as they were when it was built (see _tls_files).
@@ -454,6 +460,7 @@ class Gateway:
         self._drained: asyncio.Future[None] | None = None
         self.port = 0
         self.admin_port = 0
+        self._admin_server: asyncio.Server | None = None
 
     # -- generations -----------------------------------------------------------------
 
@@ -496,6 +503,8 @@ class Gateway:
                     upstream_config, source=config.source, clock=self.clock, random=self.random
                 )
                 upstream.tracer = self._lean
+                if previous is not None:
+                    upstream.carry_counts(previous)
                 if self._lean is not None and upstream.breaker is not None:
                     from atoll.observability._tracing import (  # noqa: PLC0415 - tracing on
                         trace_breaker_changes,
@@ -696,12 +705,13 @@ class Gateway:
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
         admin_port = config.admin.port if self._admin_override is None else self._admin_override
-        if admin_port or self._admin_override == 0:
+        if self._admin_enabled and (admin_port or self._admin_override == 0):
             admin = await loop.create_server(
                 lambda: Connection(self.admin_state),
                 sock=_listen(config.admin.host, admin_port, reuse_port=False),
             )
             self._servers.append(admin)
+            self._admin_server = admin
             self.admin_port = admin.sockets[0].getsockname()[1]
         if self.watch_interval is not None:
             self._watch = loop.create_task(self._watch_files())
@@ -710,25 +720,27 @@ class Gateway:
             loop.create_task(self.admin_state.sweep_idle()),
         ]
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
+    async def stop(self, drain_timeout: float | None = None) -> None:  # noqa: C901 - in order
         """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
         for task in (self._watch, *self._sweepers):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # The admin listener stays open through the drain: /readyz answers 503 there
+        # (what a load balancer's probe must see) and /metrics can still be scraped.
         for server in self._servers:
-            server.close()
+            if server is not self._admin_server:
+                server.close()
         self.state.closing = True
-        self.admin_state.closing = True
+        self.admin_state.closing = True  # its connections close after each answer
         for conn in list(self.state.connections) + list(self.admin_state.connections):
             conn.close_if_idle()
-        timeout = self.gen.config.server.drain_timeout if drain_timeout is None else drain_timeout
-        if self.in_flight:
-            self._drained = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._drained
+        await self._drain(
+            self.gen.config.server.drain_timeout if drain_timeout is None else drain_timeout
+        )
+        if self._admin_server is not None:
+            self._admin_server.close()
         for conn in list(self.state.connections) + list(self.admin_state.connections):
             conn.abort()
         await self._stop_mirrors()
@@ -742,19 +754,29 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
 
+    async def _drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the requests in flight to finish."""
+        if self.in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._drained
+
     # -- the request path ----------------------------------------------------------------
 
     def _bad_request(self, conn: Connection, exc: RequestError) -> None:
-        self.metrics.bad_requests += 1
+        public = conn.state is self.state
+        if public:  # a scan of the admin port is not the public listener's bad requests
+            self.metrics.bad_requests += 1
         conn.write(problem_bytes(exc.status, exc.detail, close=True))
         conn.close()
-        if conn.state is self.state and self.gen.config.server.access_log:
+        if public and self.gen.config.server.access_log:
             # No Request was made (the head did not parse): what is known of it.
             method, path = conn.request_line()
             access_log.info(
                 "request",
-                method=method,
-                path=path,
+                method=_loggable(method),
+                path=_loggable(path),
                 status=exc.status,
                 duration_ms=None,
                 route=None,
@@ -1060,6 +1082,13 @@ class Gateway:
                         span,
                         identity_block,
                     )
+        except Exception:
+            # A defect: answered here, so that the request has one access log line and its
+            # route counts the 500 the client gets (handle() answers those raised earlier).
+            status = 500
+            log.exception("gateway: unexpected error on %s", request.path[:200])
+            if request.conn.responding is request and not request.conn.closed:
+                self._send_problem(request, route, 500, "internal error", rid, close=True)
         finally:
             if span is not None:
                 span.set_attribute("http.response.status_code", status)
@@ -1500,12 +1529,12 @@ class Gateway:
             head.append(b"connection: close\r\n\r\n")
             request.keep_alive = False
         conn.write(b"".join(head))
-        upstream_conn = response.conn
         # The client going (a closed tab on an event stream) ends the upstream's stream at
         # once, not at its next chunk, which may be minutes away: nobody reads what it
-        # sends, and its connection must not be held for nobody.
+        # sends, and its connection must not be held for nobody. Discarded, not aborted:
+        # a body already whole has put its connection back, maybe under another request.
         lost = conn.when_lost()
-        lost.add_done_callback(upstream_conn.abort_on)
+        lost.add_done_callback(response.discard_on)
         try:
             while (chunk := await response.body.chunk()) is not None:
                 if chunked:
@@ -1514,13 +1543,13 @@ class Gateway:
                 else:
                     conn.write(chunk)
                 if conn.closed:
-                    upstream_conn.abort()  # the client went: writes go nowhere
+                    response.discard()  # the client went: writes go nowhere
                     return
                 writable = conn.writable
                 if writable is not None:
                     await writable
         except (UpstreamError, ConnectionError) as exc:
-            upstream_conn.abort()
+            response.discard()
             if conn.closed:
                 return  # the client went first, and the upstream was let go for it
             # Mid-body there is no status left to change: cut the client off so it knows.
@@ -1528,7 +1557,7 @@ class Gateway:
             conn.abort()
             return
         finally:
-            lost.remove_done_callback(upstream_conn.abort_on)
+            lost.remove_done_callback(response.discard_on)
         if chunked:
             conn.write(b"0\r\n\r\n")
 
@@ -1664,8 +1693,8 @@ class Gateway:
             return
         access_log.info(
             "request",
-            method=request.method.decode(),
-            path=request.path.decode("latin-1")[:500],
+            method=_loggable(request.method.decode("latin-1")),
+            path=_loggable(request.path.decode("latin-1")[:500]),
             protocol=getattr(request.conn, "protocol", None) or f"HTTP/{request.version}",
             status=status,
             duration_ms=round((self.clock.monotonic() - started) * 1000, 3),
@@ -1673,7 +1702,7 @@ class Gateway:
             upstream=upstream,
             request_id=rid.decode(),
             client=request.client,
-            subject=identity.subject if identity is not None else None,
+            subject=_loggable(identity.subject) if identity is not None else None,
         )
 
     # -- admin ---------------------------------------------------------------------------------
@@ -1685,6 +1714,18 @@ class Gateway:
             await handle_admin(self, request)
         finally:
             request.conn.finish(request)
+
+
+#: What a client may send that a terminal would act on: C0 and C1 controls, DEL.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _loggable(text: str | None) -> str | None:
+    """``text`` from a client with its control characters escaped (ESC as ``\\x1b``): the
+    console log is read on terminals, where ESC sequences clear, retitle or rewrite."""
+    if text is None or _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 def _ratelimit_headers(permit: Permit) -> list[tuple[bytes, bytes]]:

@@ -56,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     admin_port = args.admin_port if args.admin_port is not None else config.admin.port
     if admin_port and args.worker_index:
         admin_port += args.worker_index
-    return _serve(args, admin_port or None, reuse_port=workers > 1)
+    return _serve(args, admin_port, reuse_port=workers > 1)
 
 
-def _serve(args: argparse.Namespace, admin_port: int | None, *, reuse_port: bool) -> int:
+def _serve(args: argparse.Namespace, admin_port: int, *, reuse_port: bool) -> int:
+    """Serve in this process; ``admin_port`` 0: no admin listener (as in the file)."""
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up (uvicorn[standard] brings it)
 
@@ -83,7 +84,7 @@ def load_listen_settings(args: argparse.Namespace) -> str:
     return f"{host}:{port}"
 
 
-async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: bool) -> int:
+async def _run(args: argparse.Namespace, admin_port: int, reuse_port: bool) -> int:
     from atoll._heap import freeze_startup_heap  # noqa: PLC0415
     from atoll.gateway._gateway import Gateway  # noqa: PLC0415
     from atoll.observability import Tracing  # noqa: PLC0415
@@ -98,7 +99,8 @@ async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: boo
             profile=args.profile,
             host=args.host,
             port=args.port,
-            admin_port=admin_port,
+            admin_port=admin_port or None,
+            admin=bool(admin_port),
             tracing=tracing if tracing.enabled else None,
             reuse_port=reuse_port,
         )
@@ -111,7 +113,7 @@ async def _run(args: argparse.Namespace, admin_port: int | None, reuse_port: boo
         server = load_listen_settings(args)
         sys.stderr.write(
             f"error: {args.config}: server.host, server.port or admin.port: cannot listen"
-            f" on {server} (admin port {admin_port}): {exc.strerror or exc}\n"
+            f" on {server} (admin port {admin_port or 'none'}): {exc.strerror or exc}\n"
         )
         return 2
     metric_export = _metric_export(gateway)

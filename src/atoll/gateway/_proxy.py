@@ -210,6 +210,16 @@ class UpstreamRuntime:
         self.requests_total = 0
         self.failures_total = 0
 
+    def carry_counts(self, previous: UpstreamRuntime) -> None:
+        """Go on from the counters of the upstream this one replaces (a reload changed
+        its settings): Prometheus counters must not fall back to zero while the process
+        runs, or ``rate()`` loses what came before. Instances are matched by address."""
+        self.requests_total += previous.requests_total
+        self.failures_total += previous.failures_total
+        ejections = {i.address: i.ejections_total for i in previous.instances}
+        for instance in self.instances:
+            instance.ejections_total += ejections.get(instance.address, 0)
+
     @property
     def breaker(self) -> CircuitBreaker | None:
         """The upstream's circuit breaker, if it has one."""
@@ -417,7 +427,10 @@ def _set_target(span: Any, call: Call, target: bytes) -> None:
     if instance is not None:
         span.set_attribute("server.address", instance.host)
         span.set_attribute("server.port", instance.port)
-        span.set_attribute("url.full", f"http://{instance.address}{target.decode('latin-1')}")
+        # Without the query, as the access log and the SERVER span have it: a query may
+        # carry a credential (?token=, a signed URL's signature), and traces are exported.
+        path = target.partition(b"?")[0].decode("latin-1")
+        span.set_attribute("url.full", f"http://{instance.address}{path}")
 
 
 def _read_outcome(task: asyncio.Task[None]) -> None:

@@ -56,7 +56,11 @@ def _algorithm_for(key: object) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
         return "RS256"
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "ES256"
+        # RFC 7518 3.4: the curve names the algorithm (P-256 ES256, P-384 ES384, P-521 ES512).
+        by_curve = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+        if key.curve.name not in by_curve:
+            raise ValueError(f"unsupported elliptic curve {key.curve.name}")
+        return by_curve[key.curve.name]
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return "EdDSA"
     raise ValueError(f"unsupported key type {type(key).__name__}")

@@ -219,9 +219,15 @@ class Response:
         return None
 
     def discard(self) -> None:
-        """Give the response up (a retry replaced it): its connection is not reused unread."""
+        """Give the response up (a retry replaced it, its reader went): its connection is
+        not reused unread. Once the body is complete the connection may carry another
+        request already (it went back to the pool), so it is left alone."""
         if not self.body.complete:
             self.conn.abort()
+
+    def discard_on(self, _: object) -> None:
+        """:meth:`discard`, as a done-callback (of a client's ``when_lost`` future)."""
+        self.discard()
 
 
 #: The most bytes of header fields an upstream response may have (names, values and
@@ -479,10 +485,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self._paused and not self.closed:
             self._paused = False
             self.transport.resume_reading()
-
-    def abort_on(self, _: object) -> None:
-        """:meth:`abort`, as a done-callback (of a client's ``when_lost`` future)."""
-        self.abort()
 
     def abort(self) -> None:
         """Drop the connection."""

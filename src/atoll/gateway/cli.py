@@ -6,6 +6,7 @@ Mount it on the ``atoll`` app with ``app.command("token")(token)``; until then i
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,13 +18,16 @@ from atoll.config import ConfigError, load_config
 
 def _gateway_file(
     config: Path, gateway: Path | None, profile: str | None
-) -> tuple[Path, Path | None]:
+) -> tuple[Path, Path | None, dict[str, str]]:
+    """The gateway's file, the ``atoll.toml`` naming it, and the environment the gateway
+    reads it with (``[gateway] env`` over this process's, as ``atoll up`` starts it)."""
     if gateway is not None:
-        return gateway, None
+        return gateway, None, dict(os.environ)
     loaded = load_config(config, profile=profile)
     if loaded.config.gateway is None:
         raise ConfigError(str(config), "gateway", "no [gateway] section; pass --gateway FILE")
-    return loaded.base_dir / loaded.config.gateway.config, loaded.path
+    section = loaded.config.gateway
+    return loaded.base_dir / section.config, loaded.path, {**os.environ, **section.env}
 
 
 def token(  # noqa: PLR0917 - typer passes the options as parameters
@@ -55,8 +59,8 @@ def token(  # noqa: PLR0917 - typer passes the options as parameters
     from atoll.gateway._tokens import mint_token  # noqa: PLC0415
 
     try:
-        path, system = _gateway_file(config, gateway, profile)
-        settings = load_gateway_config(path, system=system, profile=profile)
+        path, system, environ = _gateway_file(config, gateway, profile)
+        settings = load_gateway_config(path, system=system, profile=profile, environ=environ)
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise typer.Exit(2) from None
@@ -67,8 +71,8 @@ def token(  # noqa: PLR0917 - typer passes the options as parameters
     if key is None and jwt.hs256_secret is None:
         sys.stderr.write(f"error: {path}: auth.jwt.hs256_secret is not set; pass --key PEM\n")
         raise typer.Exit(2)
-    sys.stdout.write(
-        mint_token(
+    try:
+        minted = mint_token(
             subject=subject,
             scopes=scope or [],
             ttl=ttl,
@@ -78,8 +82,11 @@ def token(  # noqa: PLR0917 - typer passes the options as parameters
             issuer=jwt.issuer[0] if jwt.issuer else None,
             audience=jwt.audience[0] if jwt.audience else None,
         )
-        + "\n"
-    )
+    except (OSError, ValueError, TypeError) as exc:  # unreadable, not PEM, encrypted, odd key
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        sys.stderr.write(f"error: --key {key}: {reason}\n")
+        raise typer.Exit(2) from None
+    sys.stdout.write(minted + "\n")
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
