@@ -40,32 +40,31 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def test_admin_port_zero_on_the_command_line_does_not_open_the_files_admin_port(tmp_path):
-    """`--admin-port 0` (like `admin.port: 0` in the file) must not serve the admin
-    endpoints; it used to fall back to the file's admin.port and listen there."""
-    port, file_admin = free_port(), free_port()
+def _config_with_admin_port(tmp_path, admin_port):
     config = base_config(
         {"a": {"targets": ["127.0.0.1:9"]}},
         [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
     )
-    config["admin"] = {"port": file_admin}
-    path = write_config(tmp_path / "gw.yaml", config)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "atoll.gateway",
-            "--config",
-            str(path),
-            "--port",
-            str(port),
-            "--admin-port",
-            "0",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    config["admin"] = {"port": admin_port}
+    return write_config(tmp_path / "gw.yaml", config)
+
+
+def _gateway(path, *args, output=None):
+    """`python -m atoll.gateway --config PATH ARGS...`, its output to ``output``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "atoll.gateway", "--config", str(path), *args],
+        stdout=output if output is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if output is not None else subprocess.DEVNULL,
         env=ENV,
     )
+
+
+def test_admin_port_zero_on_the_command_line_does_not_open_the_files_admin_port(tmp_path):
+    """`--admin-port 0` (like `admin.port: 0` in the file) must not serve the admin
+    endpoints; it used to fall back to the file's admin.port and listen there."""
+    port, file_admin = free_port(), free_port()
+    path = _config_with_admin_port(tmp_path, file_admin)
+    process = _gateway(path, "--port", str(port), "--admin-port", "0")
     try:
         _wait_listening(port, process)
         time.sleep(0.3)
@@ -77,35 +76,15 @@ def test_admin_port_zero_on_the_command_line_does_not_open_the_files_admin_port(
 
 
 def test_admin_port_zero_with_two_workers_starts(tmp_path):
-    """With `--workers 2 --admin-port 0`, every worker falls back to the same
-    admin.port of the file (not + index): the second cannot bind it and the whole
-    gateway exits 2 instead of serving."""
+    """With `--workers 2 --admin-port 0`, every worker used to fall back to the same
+    admin.port of the file (not + index): the second could not bind it and the whole
+    gateway exited 2 instead of serving."""
     port, file_admin = free_port(), free_ports(2)
-    config = base_config(
-        {"a": {"targets": ["127.0.0.1:9"]}},
-        [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
-    )
-    config["admin"] = {"port": file_admin}
-    path = write_config(tmp_path / "gw.yaml", config)
+    path = _config_with_admin_port(tmp_path, file_admin)
     log = tmp_path / "gw.log"
     with log.open("w") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "atoll.gateway",
-                "--config",
-                str(path),
-                "--port",
-                str(port),
-                "--admin-port",
-                "0",
-                "--workers",
-                "2",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=ENV,
+        process = _gateway(
+            path, "--port", str(port), "--admin-port", "0", "--workers", "2", output=out
         )
         try:
             deadline = time.monotonic() + 20

@@ -1277,7 +1277,7 @@ class Gateway:
         # A rewrite may carry a query of its own: the client's joins it.
         return path + (b"&" if b"?" in path else b"?") + request.query
 
-    async def _proxy(  # noqa: C901, PLR0911, PLR0912, PLR0915, PLR0917 - one flat path for speed
+    async def _proxy(  # noqa: C901, PLR0911, PLR0912, PLR0917 - one flat path for speed
         self,
         gen: Generation,
         request: Request,
@@ -1312,16 +1312,7 @@ class Gateway:
             except ConnectionError:
                 return 499
             except RequestError as exc:
-                self._send_problem(
-                    request,
-                    route,
-                    exc.status,
-                    exc.detail,
-                    rid,
-                    close=True,
-                    cors=_extra_headers(permit, cors),
-                )
-                return exc.status
+                return self._body_refused(request, route, exc, rid, _extra_headers(permit, cors))
         else:
             stream = request.body
         lines = [b"%b: %b\r\n" % pair for pair in forwarded]
@@ -1402,16 +1393,7 @@ class Gateway:
             )
             return 502
         except RequestError as exc:  # the streamed body turned out malformed
-            self._send_problem(
-                request,
-                route,
-                exc.status,
-                exc.detail,
-                rid,
-                close=True,
-                cors=_extra_headers(permit, cors),
-            )
-            return exc.status
+            return self._body_refused(request, route, exc, rid, _extra_headers(permit, cors))
         except ConnectionError:
             return 499  # the client went away while its body was streaming
         await self._relay(request, route, gen, response, rid, permit, cors)
@@ -1562,6 +1544,19 @@ class Gateway:
             conn.write(b"0\r\n\r\n")
 
     # -- answers made by the gateway ---------------------------------------------------------
+
+    def _body_refused(
+        self,
+        request: Request,
+        route: RouteConfig,
+        exc: RequestError,
+        rid: bytes,
+        cors: list[tuple[bytes, bytes]],
+    ) -> int:
+        """The answer to a request body that broke its framing or a limit as it came;
+        the connection closes after it (where the next request starts is unknown)."""
+        self._send_problem(request, route, exc.status, exc.detail, rid, close=True, cors=cors)
+        return exc.status
 
     def _too_large(
         self,
