@@ -120,6 +120,36 @@ async def test_upstream_request_counter_survives_a_reload_that_tunes_the_upstrea
         assert after >= before, f"{series} went from {before} to {after} on a reload"
 
 
+async def test_policy_counters_survive_a_reload_that_rebuilds_the_upstream(tmp_path, stub):
+    def cfg(max_idle):
+        breaker = {"window_size": 100, "minimum_calls": 50, "failure_rate": 0.5, "wait": 5}
+        return base_config(
+            {
+                "a": {
+                    "targets": [stub.address],
+                    "pool": {"max_idle": max_idle},
+                    "policy": {"breaker": breaker},
+                }
+            },
+            [{"name": "a", "match": {"prefix": "/"}, "upstream": "a"}],
+        )
+
+    path = write_config(tmp_path / "gw.yaml", cfg(16))
+    series = 'atoll_breaker_calls_total{breaker="a",outcome="success"}'
+    async with running_gateway(path) as gw, httpx.AsyncClient() as client:
+        for _ in range(3):
+            assert (await client.get(url(gw, "/x"))).status_code == 200
+        before = _value((await client.get(admin_url(gw, "/metrics"))).text, series)
+        assert before == 3, series
+        old_breaker = gw.gen.upstreams["a"].breaker
+        write_config(path, cfg(32))  # a pool setting: the upstream and its breaker are new
+        assert await gw.reload()
+        assert gw.gen.upstreams["a"].breaker is not old_breaker
+        assert (await client.get(url(gw, "/x"))).status_code == 200
+        after = _value((await client.get(admin_url(gw, "/metrics"))).text, series)
+        assert after == 4, f"{series} went from {before} to {after} across a reload"
+
+
 async def test_an_error_while_proxying_is_one_500_line_and_a_500_in_the_metrics(
     tmp_path, stub, monkeypatch
 ):

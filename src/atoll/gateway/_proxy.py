@@ -44,6 +44,7 @@ from atoll.resilience import (
     policy_from_config,
     register_classifier,
 )
+from atoll.resilience._pipeline import ORDER as PIPELINE_ORDER
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -161,6 +162,16 @@ class BodyTooLargeError(Exception):
     """A streamed request body went over the limit."""
 
 
+def _counter_names(kind: type) -> tuple[str, ...]:
+    """The ``*_total`` counters a policy class keeps (in its ``__slots__``)."""
+    return tuple(
+        name
+        for klass in kind.__mro__
+        for name in getattr(klass, "__slots__", ())
+        if name.endswith("_total") and not name.startswith("_")  # _max_total: a setting
+    )
+
+
 class UpstreamRuntime:
     """An upstream with its instances, balancer, health checks and pipelines."""
 
@@ -219,6 +230,15 @@ class UpstreamRuntime:
         ejections = {i.address: i.ejections_total for i in previous.instances}
         for instance in self.instances:
             instance.ejections_total += ejections.get(instance.address, 0)
+        # And its policies' (atoll_breaker_calls_total, atoll_retry_retries_total...):
+        # each new policy goes on from the one of its kind it replaces.
+        for slot in PIPELINE_ORDER:
+            policy: Any = getattr(self.pipeline, slot, None)
+            old: Any = getattr(previous.pipeline, slot, None)
+            kind: type = type(policy)
+            if policy is not None and kind is type(old):
+                for name in _counter_names(kind):
+                    setattr(policy, name, getattr(policy, name) + getattr(old, name))
 
     @property
     def breaker(self) -> CircuitBreaker | None:
