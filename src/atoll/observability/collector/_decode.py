@@ -51,6 +51,14 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from atoll.observability.collector import _json
 from atoll.observability.collector._errors import MalformedRequestError
 
+try:
+    from atoll.observability.collector import _native
+except ImportError:  # built without a C compiler (hatch_build.py): Python decodes
+    _native = None  # type: ignore[assignment]
+
+#: Whether the C span decoder was built and is used by default.
+NATIVE: Final = _native is not None
+
 #: A span as stored: see ``_store._SPAN_COLUMNS`` for the order.
 SpanRow = tuple[
     bytes,  # trace_id
@@ -299,8 +307,8 @@ def add_terms(terms: set[Term], attributes: dict[str, Any]) -> None:
             terms.add((key, "true" if value else "false"))
 
 
-def _raw_request_class() -> type[Message]:
-    """``ExportTraceServiceRequest`` with ``Span.attributes`` read as raw bytes.
+def _raw_request_classes() -> tuple[type[Message], type[Message]]:
+    """``ExportTraceServiceRequest`` and ``Span`` with ``Span.attributes`` read as raw bytes.
 
     The wire format is the same (a repeated length-delimited field), so upb parses the
     same bodies; each attribute then comes out as the bytes of its ``KeyValue`` instead
@@ -317,11 +325,12 @@ def _raw_request_class() -> type[Message]:
             attributes.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
             attributes.ClearField("type_name")
         pool.Add(proto)
-    found = pool.FindMessageTypeByName(ExportTraceServiceRequest.DESCRIPTOR.full_name)
-    return message_factory.GetMessageClass(found)
+    request = pool.FindMessageTypeByName(ExportTraceServiceRequest.DESCRIPTOR.full_name)
+    span_type = pool.FindMessageTypeByName(trace_pb2.Span.DESCRIPTOR.full_name)
+    return message_factory.GetMessageClass(request), message_factory.GetMessageClass(span_type)
 
 
-_RawExportTraceServiceRequest: Final = _raw_request_class()
+_RawExportTraceServiceRequest, _RawSpan = _raw_request_classes()
 _unpack_double: Final = struct.Struct("<d").unpack_from
 #: Raw attributes remembered (most repeat from span to span: messaging.system,
 #: http.route, db.system...); the cache is emptied when it reaches this size.
@@ -516,10 +525,15 @@ def _digest(data: bytes) -> bytes:
 class OTLPDecoder:
     """Turns export requests into :class:`DecodedBatch` es. Safe to use from several threads."""
 
-    __slots__ = ("_collect_terms", "_raw_cache", "_resources", "_scopes")
+    __slots__ = ("_collect_terms", "_native", "_raw_cache", "_resources", "_scopes")
 
     def __init__(
-        self, resources: Interner, scopes: Interner, *, collect_terms: bool = True
+        self,
+        resources: Interner,
+        scopes: Interner,
+        *,
+        collect_terms: bool = True,
+        native: bool = True,
     ) -> None:
         self._resources = resources
         self._scopes = scopes
@@ -528,8 +542,14 @@ class OTLPDecoder:
         self._collect_terms = collect_terms
         #: Scalar attributes already parsed, by their bytes (see _raw_span_attributes).
         self._raw_cache: dict[bytes, _Parsed] = {}
+        #: Decode protobuf spans with the C walk when it was built (``NATIVE``).
+        self._native = native and _native is not None
 
     def decode_protobuf(self, body: bytes) -> DecodedBatch:
+        if self._native:
+            batch = self._decode_native(body)
+            if batch is not None:
+                return batch
         request = _parse_protobuf(_RawExportTraceServiceRequest, body)
         return self._convert(request, raw_attributes=True)
 
@@ -761,98 +781,119 @@ class OTLPDecoder:
         """The valid spans of a parsed request, as rows to store."""
         return self._convert(request, raw_attributes=False)
 
-    def _convert(self, request: Any, *, raw_attributes: bool) -> DecodedBatch:  # noqa: C901 - one flat hot loop
+    def _convert(self, request: Any, *, raw_attributes: bool) -> DecodedBatch:
         # raw_attributes: the request is a _RawExportTraceServiceRequest.
-        raw_cache = self._raw_cache
-
-        def reject(span: Any, reason: str) -> None:
-            if raw_attributes:
-                # upb parsed the rest of the span: its attributes must parse too, or the
-                # request is malformed (and a 400) as upb's full parse would have it.
-                _raw_span_attributes(span.attributes, None, raw_cache)
-            batch.reject(reason)
-
         batch = DecodedBatch(terms=set() if self._collect_terms else None)
-        rows = batch.spans
-        operations = batch.operations
-        terms = batch.terms
+        convert_span = self._convert_span
         for resource_spans in request.resource_spans:
             resource_id = self._resource(resource_spans.resource, batch)
             service = batch.resources[resource_id].service
             for scope_spans in resource_spans.scope_spans:
                 scope_id = self._scope(scope_spans.scope, batch)
                 for span in scope_spans.spans:
-                    trace_id = span.trace_id
-                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
-                        reject(span, "trace_id")
-                        continue
-                    span_id = span.span_id
-                    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
-                        reject(span, "span_id")
-                        continue
-                    parent: bytes | None = span.parent_span_id
-                    if parent:
-                        if len(parent) != 8:
-                            reject(span, "parent_span_id")
-                            continue
-                        if parent == _ZERO_SPAN_ID:
-                            parent = None
-                    else:
-                        parent = None
-                    start = span.start_time_unix_nano
-                    end = span.end_time_unix_nano
-                    if start > MAX_INT64 or end > MAX_INT64:
-                        reject(span, "time")
-                        continue
-                    name = span.name
-                    operations.add((service, name))
-                    attributes = span.attributes
-                    attribute_json = None
-                    if attributes:
-                        values = (
-                            _raw_span_attributes(attributes, terms, raw_cache)
-                            if raw_attributes
-                            else _span_attributes(attributes, terms)
-                        )
-                        attribute_json = _json_text(values)
-                    events = span.events
-                    links = span.links
-                    dropped = None
-                    if (
-                        span.dropped_attributes_count
-                        or span.dropped_events_count
-                        or span.dropped_links_count
-                    ):
-                        dropped = _json_text(
-                            {
-                                "attributes": span.dropped_attributes_count,
-                                "events": span.dropped_events_count,
-                                "links": span.dropped_links_count,
-                            }
-                        )
-                    status = span.status
-                    rows.append(
-                        (
-                            trace_id,
-                            span_id,
-                            parent,
-                            resource_id,
-                            scope_id,
-                            name,
-                            span.kind,
-                            start,
-                            end - start if end > start else 0,
-                            status.code,
-                            status.message or None,
-                            span.trace_state or None,
-                            span.flags,
-                            attribute_json,
-                            events_json(events) if events else None,
-                            links_json(links) if links else None,
-                            dropped,
-                        )
-                    )
+                    convert_span(span, resource_id, scope_id, service, batch, raw_attributes)
         return batch
+
+    def _convert_span(  # noqa: PLR0917 - the span and where it belongs; positional: a hot loop
+        self,
+        span: Any,
+        resource_id: int,
+        scope_id: int,
+        service: str,
+        batch: DecodedBatch,
+        raw_attributes: bool,
+    ) -> None:
+        """One span's row appended to ``batch``, or the span rejected (counted)."""
+        trace_id = span.trace_id
+        reason = None
+        parent: bytes | None = span.parent_span_id
+        if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+            reason = "trace_id"
+        elif len(span.span_id) != 8 or span.span_id == _ZERO_SPAN_ID:
+            reason = "span_id"
+        elif parent and len(parent) != 8:
+            reason = "parent_span_id"
+        elif span.start_time_unix_nano > MAX_INT64 or span.end_time_unix_nano > MAX_INT64:
+            reason = "time"
+        if reason is not None:
+            if raw_attributes:
+                # upb parsed the rest of the span: its attributes must parse too, or the
+                # request is malformed (and a 400) as upb's full parse would have it.
+                _raw_span_attributes(span.attributes, None, self._raw_cache)
+            batch.reject(reason)
+            return
+        if not parent or parent == _ZERO_SPAN_ID:
+            parent = None
+        start = span.start_time_unix_nano
+        end = span.end_time_unix_nano
+        name = span.name
+        batch.operations.add((service, name))
+        attributes = span.attributes
+        attribute_json = None
+        if attributes:
+            values = (
+                _raw_span_attributes(attributes, batch.terms, self._raw_cache)
+                if raw_attributes
+                else _span_attributes(attributes, batch.terms)
+            )
+            attribute_json = _json_text(values)
+        events = span.events
+        links = span.links
+        dropped = None
+        if span.dropped_attributes_count or span.dropped_events_count or span.dropped_links_count:
+            dropped = _json_text(
+                {
+                    "attributes": span.dropped_attributes_count,
+                    "events": span.dropped_events_count,
+                    "links": span.dropped_links_count,
+                }
+            )
+        status = span.status
+        batch.spans.append(
+            (
+                trace_id,
+                span.span_id,
+                parent,
+                resource_id,
+                scope_id,
+                name,
+                span.kind,
+                start,
+                end - start if end > start else 0,
+                status.code,
+                status.message or None,
+                span.trace_state or None,
+                span.flags,
+                attribute_json,
+                events_json(events) if events else None,
+                links_json(links) if links else None,
+                dropped,
+            )
+        )
+
+    def _decode_native(self, body: bytes) -> DecodedBatch | None:
+        """``body``'s spans decoded by the C walk (``_native.c``), which hands unusual
+        spans back to :meth:`_convert_span`; ``None`` if the request's outer structure
+        is unusual and it must be decoded in Python."""
+        batch = DecodedBatch(terms=set() if self._collect_terms else None)
+
+        def resource(raw: bytes) -> tuple[int, str]:
+            resource_id = self._resource(_parse_protobuf(Resource, raw), batch)
+            return resource_id, batch.resources[resource_id].service
+
+        def scope(raw: bytes) -> int:
+            return self._scope(_parse_protobuf(InstrumentationScope, raw), batch)
+
+        def slow_span(raw: bytes, resource_id: int, scope_id: int, service: str) -> None:
+            span = _parse_protobuf(_RawSpan, raw)
+            self._convert_span(span, resource_id, scope_id, service, batch, True)
+
+        assert _native is not None
+        if _native.decode_spans(
+            body, batch.spans, batch.operations, batch.terms, resource, scope, slow_span
+        ):
+            return batch
+        return None
 
 
 # --- OTLP/JSON ids -------------------------------------------------------------------

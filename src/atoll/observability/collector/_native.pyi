@@ -1,0 +1,15 @@
+# The C span decoder (_native.c); see OTLPDecoder._decode_native.
+
+from collections.abc import Callable
+from typing import Any
+
+def decode_spans(
+    body: bytes,
+    rows: list[Any],
+    operations: set[tuple[str, str]],
+    terms: set[tuple[str, str | int | float]] | None,
+    resource: Callable[[bytes], tuple[int, str]],
+    scope: Callable[[bytes], int],
+    slow_span: Callable[[bytes, int, int, str], None],
+    /,
+) -> bool: ...
