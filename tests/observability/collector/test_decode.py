@@ -396,15 +396,17 @@ def test_scalar_key_value_reads_the_usual_encodings():
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue  # noqa: PLC0415
 
     from atoll.observability.collector._decode import _scalar_key_value  # noqa: PLC0415
+    from atoll.observability.collector._terms import term_hash  # noqa: PLC0415
 
     def raw(**value: object) -> bytes:
         return KeyValue(key="k", value=AnyValue(**value)).SerializeToString()
 
-    assert _scalar_key_value(raw(string_value="x")) == ("k", "x", "x")
-    assert _scalar_key_value(raw(string_value="")) == ("k", "", "")
-    assert _scalar_key_value(raw(int_value=-(2**63))) == ("k", -(2**63), -(2**63))
-    assert _scalar_key_value(raw(bool_value=False)) == ("k", False, "false")
-    assert _scalar_key_value(raw(double_value=float("inf"))) == ("k", "inf", "inf")
+    assert _scalar_key_value(raw(string_value="x")) == ("k", "x", term_hash("k", "x"))
+    assert _scalar_key_value(raw(string_value="")) == ("k", "", term_hash("k", ""))
+    low = -(2**63)
+    assert _scalar_key_value(raw(int_value=low)) == ("k", low, term_hash("k", low))
+    assert _scalar_key_value(raw(bool_value=False)) == ("k", False, term_hash("k", "false"))
+    assert _scalar_key_value(raw(double_value=float("inf"))) == ("k", "inf", term_hash("k", "inf"))
     # What it leaves to upb: long strings, bytes, arrays, no value, invalid UTF-8.
     assert _scalar_key_value(raw(string_value="x" * 200)) is None
     assert _scalar_key_value(raw(bytes_value=b"x")) is None

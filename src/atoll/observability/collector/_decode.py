@@ -50,6 +50,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 
 from atoll.observability.collector import _json
 from atoll.observability.collector._errors import MalformedRequestError
+from atoll.observability.collector._terms import Term, term_hash
 
 try:
     from atoll.observability.collector import _native
@@ -138,11 +139,6 @@ class ScopeRow:
     name: str
     version: str
     attributes: str | None
-
-
-#: An attribute as the attribute index holds it: the key, and the value as SQLite's
-#: ``json_each`` reads it from the stored JSON, booleans as ``'true'``/``'false'``.
-Term = tuple[str, str | int | float]
 
 
 @dataclass(slots=True)
@@ -251,7 +247,7 @@ def _span_attributes(attributes: Sequence[KeyValue], terms: set[Term] | None) ->
     nearly all of them) are read inline with no call per attribute (a consumer span has
     eight); a span with an array, map, bytes or empty value is done the general way."""
     values: dict[str, Any] = {}
-    found: list[Term] = []
+    found: list[tuple[str, str | int | float]] = []
     for kv in attributes:
         value = kv.value
         kind = value.WhichOneof("value")
@@ -282,7 +278,7 @@ def _span_attributes(attributes: Sequence[KeyValue], terms: set[Term] | None) ->
             return values
     if terms is not None:
         if len(found) == len(values):  # no key twice: exactly add_terms' terms
-            terms.update(found)
+            terms.update([term_hash(key, value) for key, value in found])
         else:
             add_terms(terms, values)
     return values
@@ -294,17 +290,13 @@ def add_terms(terms: set[Term], attributes: dict[str, Any]) -> None:
     What the attribute index takes, as the search's ``json_each`` check reads the stored
     JSON: strings, integers, finite floats (non-finite ones are stored as strings
     already) and booleans as ``'true'``/``'false'``; arrays, maps and nulls are not
-    indexed. The value length limit is applied when the index is written.
+    indexed. Each is added as its term (:func:`~._terms.term_hash`).
     """
     for key, value in attributes.items():
         kind = value.__class__
-        if kind is str or kind is int:
-            terms.add((key, value))
-        elif kind is float:
-            if math.isfinite(value):  # the decoders store others as strings; be sure
-                terms.add((key, value))
-        elif kind is bool:
-            terms.add((key, "true" if value else "false"))
+        # Non-finite floats: the decoders store them as strings; be sure.
+        if kind is str or kind is int or kind is bool or (kind is float and math.isfinite(value)):
+            terms.add(term_hash(key, value))
 
 
 def _raw_request_classes() -> tuple[type[Message], type[Message]]:
@@ -335,8 +327,8 @@ _unpack_double: Final = struct.Struct("<d").unpack_from
 #: Raw attributes remembered (most repeat from span to span: messaging.system,
 #: http.route, db.system...); the cache is emptied when it reaches this size.
 _RAW_CACHE_LIMIT: Final = 8192
-#: A parsed attribute: its key, the value as stored, and the value as indexed.
-_Parsed = tuple[str, Any, str | int | float]
+#: A parsed attribute: its key, the value as stored, and its term.
+_Parsed = tuple[str, Any, Term]
 # Protobuf wire format: a tag byte is field_number << 3 | wire type.
 _KEY_TAG: Final = 0x0A  # KeyValue.key (1), length-delimited
 _VALUE_TAG: Final = 0x12  # KeyValue.value (2), length-delimited
@@ -373,7 +365,7 @@ def _scalar_key_value(raw: bytes) -> _Parsed | None:  # noqa: C901, PLR0911, PLR
             if raw[at] >= _CONTINUES or at + 1 + raw[at] != end:
                 return None
             text = raw[at + 1 :].decode()
-            return key, text, text
+            return key, text, term_hash(key, text)
         if tag == _INT_TAG:  # two's complement in a varint
             number = shift = 0
             while True:
@@ -389,18 +381,18 @@ def _scalar_key_value(raw: bytes) -> _Parsed | None:  # noqa: C901, PLR0911, PLR
                 return None
             if number >= 1 << 63:
                 number -= 1 << 64
-            return key, number, number
+            return key, number, term_hash(key, number)
         if tag == _BOOL_TAG:
             if at + 1 != end or raw[at] > 1:
                 return None
             flag = raw[at] == 1
-            return key, flag, "true" if flag else "false"
+            return key, flag, term_hash(key, flag)
         if tag == _DOUBLE_TAG:
             if at + 8 != end:
                 return None
             number = _unpack_double(raw, at)[0]
             stored = number if math.isfinite(number) else str(number)
-            return key, stored, stored
+            return key, stored, term_hash(key, stored)
     except (IndexError, UnicodeDecodeError):
         return None
     return None
@@ -440,7 +432,7 @@ def _raw_span_attributes(
         if parsed is not None:
             key, value, term = parsed
             values[key] = value
-            found.append((key, term))
+            found.append(term)
             continue
         kv = _parse_protobuf(KeyValue, raw)
         values[kv.key] = any_value(kv.value)

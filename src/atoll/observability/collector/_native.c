@@ -31,6 +31,7 @@
 #define MAX_EVENTS 32
 #define MAX_LINKS 32
 #define TERM_SLOTS 512
+#define BLOOM_HASHES 7 /* as _terms.BLOOM_HASHES */
 
 typedef struct {
     const uint8_t *data;
@@ -228,6 +229,40 @@ static int buffer_hex(Buffer *b, Slice s) {
     return 0;
 }
 
+/* --- attribute terms: what the attribute index (a Bloom filter per chunk) holds -------
+ *
+ * A term is a 64-bit hash of the attribute's key and value, exactly as
+ * `_terms.term_hash` computes it in Python: two CRC-32s (zlib's, the second seeded) of
+ * the key's UTF-8, a NUL, a tag ('s' for text, 'n' for an integer) and the value (its
+ * UTF-8, or its decimal digits). Booleans are the texts 'true' and 'false'. */
+
+static uint32_t CRC_TABLE[256];
+#define TERM_SEED 0x9E3779B9u
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        CRC_TABLE[i] = c;
+    }
+}
+
+/* zlib's crc32(crc, data, len). */
+static uint32_t crc_update(uint32_t crc, const uint8_t *data, Py_ssize_t len) {
+    uint32_t c = crc ^ 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < len; i++) c = CRC_TABLE[(c ^ data[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+typedef struct {
+    uint32_t plain, seeded;
+} TermHash;
+
+static void term_add(TermHash *h, const uint8_t *data, Py_ssize_t len) {
+    h->plain = crc_update(h->plain, data, len);
+    h->seeded = crc_update(h->seeded, data, len);
+}
+
 /* --- attributes ---------------------------------------------------------------------- */
 
 enum { VALUE_STRING = 1, VALUE_BOOL = 2, VALUE_INT = 3 };
@@ -326,8 +361,6 @@ typedef struct {
     PyObject *resource_id;
     PyObject *scope_id;
     PyObject *service;
-    PyObject *true_text;
-    PyObject *false_text;
     /* Terms already added, by the bytes of their KeyValue: most attributes repeat from
      * span to span (messaging.system, the destination...), and a hit skips making the
      * term and adding it to the set again. Direct-mapped; a clash replaces. */
@@ -606,34 +639,36 @@ static size_t slot_of(Slice raw) {
     return (size_t)(hash % TERM_SLOTS);
 }
 
-/* Add the span's attribute terms, as the Python decoder collects them. */
+/* Add the span's attribute terms (their hashes), as the Python decoder collects them. */
 static int add_terms(Context *ctx, const Attribute *attrs, int count) {
     for (int i = 0; i < count; i++) {
         const Attribute *a = &attrs[i];
         size_t slot = slot_of(a->raw);
         if (ctx->seen_term[slot] != NULL && same_bytes(ctx->seen_raw[slot], a->raw)) continue;
-        PyObject *key = utf8(a->key), *term;
-        if (key == NULL) return -1;
-        if (a->kind == VALUE_STRING) {
-            term = utf8(a->text);
-        } else if (a->kind == VALUE_INT) {
-            term = PyLong_FromLongLong(a->number);
+        TermHash h = {0, TERM_SEED};
+        term_add(&h, a->key.data, a->key.len);
+        if (a->kind == VALUE_INT) {
+            char digits[24];
+            int n = snprintf(digits, sizeof digits, "%lld", (long long)a->number);
+            term_add(&h, (const uint8_t *)"\0n", 2);
+            term_add(&h, (const uint8_t *)digits, n);
         } else {
-            term = Py_NewRef(a->number ? ctx->true_text : ctx->false_text);
+            term_add(&h, (const uint8_t *)"\0s", 2);
+            if (a->kind == VALUE_STRING) {
+                term_add(&h, a->text.data, a->text.len);
+            } else if (a->number) {
+                term_add(&h, (const uint8_t *)"true", 4);
+            } else {
+                term_add(&h, (const uint8_t *)"false", 5);
+            }
         }
-        if (term == NULL) {
-            Py_DECREF(key);
+        PyObject *term = PyLong_FromUnsignedLongLong(((uint64_t)h.plain << 32) | h.seeded);
+        if (term == NULL) return -1;
+        if (PySet_Add(ctx->terms, term) < 0) {
+            Py_DECREF(term);
             return -1;
         }
-        PyObject *pair = PyTuple_Pack(2, key, term);
-        Py_DECREF(key);
-        Py_DECREF(term);
-        if (pair == NULL) return -1;
-        if (PySet_Add(ctx->terms, pair) < 0) {
-            Py_DECREF(pair);
-            return -1;
-        }
-        Py_XSETREF(ctx->seen_term[slot], pair);
+        Py_XSETREF(ctx->seen_term[slot], term);
         ctx->seen_raw[slot] = a->raw;
     }
     return 0;
@@ -827,6 +862,7 @@ PyDoc_STRVAR(decode_spans_doc,
 "decode_spans(body, rows, operations, terms, resource, scope, slow_span) -> bool\n\n"
 "Append the rows of an ExportTraceServiceRequest's spans to `rows`, their (service,\n"
 "name) pairs to `operations` and their attribute terms to `terms` (unless None).\n"
+"`terms` gets 64-bit hashes (see _terms.term_hash).\n"
 "`resource(bytes) -> (id, service)` and `scope(bytes) -> id` are called with each\n"
 "resource and scope as encoded; `slow_span(bytes, resource_id, scope_id, service)`\n"
 "with each span this walk does not take itself. Returns False, having perhaps added\n"
@@ -850,9 +886,6 @@ static PyObject *decode_spans(PyObject *module, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "terms must be a set or None");
         goto done;
     }
-    ctx.true_text = PyUnicode_InternFromString("true");
-    ctx.false_text = PyUnicode_InternFromString("false");
-    if (ctx.true_text == NULL || ctx.false_text == NULL) goto done;
     Slice request = {(const uint8_t *)body.buf, body.len};
     if (!plain_message(request, 1u << 1, 0)) {
         result = Py_NewRef(Py_False);
@@ -867,8 +900,6 @@ static PyObject *decode_spans(PyObject *module, PyObject *args) {
 done:
     for (int i = 0; i < TERM_SLOTS; i++) Py_XDECREF(ctx.seen_term[i]);
     Py_XDECREF(ctx.last_name_text);
-    Py_XDECREF(ctx.true_text);
-    Py_XDECREF(ctx.false_text);
     PyMem_Free(ctx.attributes.data);
     PyMem_Free(ctx.events.data);
     PyMem_Free(ctx.links.data);
@@ -877,8 +908,50 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(make_bloom_doc,
+"make_bloom(terms, bits) -> bytes\n\n"
+"A Bloom filter of `bits` bits (a power of two) holding the 64-bit `terms`, as\n"
+"`_terms.make_bloom` makes it.");
+
+static PyObject *make_bloom(PyObject *module, PyObject *args) {
+    PyObject *terms;
+    Py_ssize_t bits;
+    if (!PyArg_ParseTuple(args, "On:make_bloom", &terms, &bits)) return NULL;
+    if (bits < 8 || (bits & (bits - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "bits must be a power of two, at least 8");
+        return NULL;
+    }
+    PyObject *bloom = PyBytes_FromStringAndSize(NULL, bits / 8);
+    if (bloom == NULL) return NULL;
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(bloom);
+    memset(out, 0, (size_t)(bits / 8));
+    PyObject *iterator = PyObject_GetIter(terms), *item;
+    if (iterator == NULL) {
+        Py_DECREF(bloom);
+        return NULL;
+    }
+    uint64_t mask = (uint64_t)bits - 1;
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        uint64_t term = PyLong_AsUnsignedLongLong(item);
+        Py_DECREF(item);
+        if (term == (uint64_t)-1 && PyErr_Occurred()) break;
+        uint64_t first = term >> 32, step = (term & 0xFFFFFFFFu) | 1;
+        for (uint64_t i = 0; i < BLOOM_HASHES; i++) {
+            uint64_t bit = (first + i * step) & mask;
+            out[bit >> 3] |= (uint8_t)(1u << (bit & 7));
+        }
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred()) {
+        Py_DECREF(bloom);
+        return NULL;
+    }
+    return bloom;
+}
+
 static PyMethodDef methods[] = {
     {"decode_spans", decode_spans, METH_VARARGS, decode_spans_doc},
+    {"make_bloom", make_bloom, METH_VARARGS, make_bloom_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -894,4 +967,7 @@ static struct PyModuleDef module = {
     NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    crc_init();
+    return PyModule_Create(&module);
+}

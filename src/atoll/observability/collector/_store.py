@@ -1,7 +1,7 @@
 """The span store: one SQLite file, split into segments that retention drops whole.
 
-Layout. Spans live in *segments*: a pair of tables ``spans_N`` (one row per span) and
-``attrs_N`` (one row per searchable span attribute), written in arrival order. A new
+Layout. Spans live in *segments*: a table ``spans_N`` (one row per span), written in
+arrival order, and ``chunks_N`` (the attribute index of its chunks of spans). A new
 segment starts when the current one holds ``max_spans / segments`` spans or is older
 than ``max_age / segments``. Retention drops the oldest segments whole (``DROP TABLE``),
 which costs a fraction of deleting rows one by one from tables with indexes, so pruning
@@ -18,9 +18,9 @@ Indexes, per segment, and why each is there:
 * ``spans_N(start_ns)``: newest-first search and time ranges without a sort.
 * ``logs_N(trace_id)``, partial (records with a trace id): a trace's logs for the trace
   view.
-* ``attrs_N`` is itself the attribute index: a WITHOUT ROWID table keyed by
-  ``(key, value, chunk)``, one row per distinct scalar attribute in a chunk of spans,
-  from the terms the decoder collected while it read the attributes (see below).
+* ``chunks_N`` is the attribute index: one row per chunk of spans (a range of ids),
+  holding a Bloom filter of the chunk's distinct scalar attributes (``_terms``), from
+  the terms the decoder collected while it read the attributes (see below).
 
 Writes. One writer thread owns the write connection. Requests queue their decoded
 batches; the writer takes everything queued (up to ``max_transaction_spans``) into one
@@ -55,7 +55,6 @@ from atoll.observability.collector._decode import (
     ResourceRow,
     ScopeRow,
     SpanRow,
-    Term,
     add_terms,
 )
 from atoll.observability.collector._errors import (
@@ -64,13 +63,22 @@ from atoll.observability.collector._errors import (
     CollectorOverloadedError,
     CollectorStorageError,
 )
+from atoll.observability.collector._terms import (
+    Term,
+    bloom_bits,
+    make_bloom,
+    might_contain,
+    term_hash,
+)
 from atoll.persistence._sqlite import Synchronous, connect_sqlite, map_sqlite_error
 
 log = logging.getLogger("atoll.collector")
 T = TypeVar("T")
 
-#: 2 added log records (``logs_N``, ``segments.log_count``); files of 1 are upgraded.
-SCHEMA_VERSION: Final = 2
+#: 2 added log records (``logs_N``, ``segments.log_count``); 3 replaced the attribute
+#: index's rows (``attrs_N``) by a Bloom filter per chunk (``chunks_N.bloom``). Files of
+#: 1 and 2 are upgraded.
+SCHEMA_VERSION: Final = 3
 _APPLICATION_ID: Final = 0x61746F6C  # "atol": marks the file as a collector store
 
 _GLOBAL_SCHEMA: Final = (
@@ -149,6 +157,15 @@ def _logs_schema(n: int) -> tuple[str, ...]:
     )
 
 
+def _chunks_schema(n: int) -> tuple[str, ...]:
+    return (
+        (
+            f"CREATE TABLE chunks_{n} (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL,"
+            " bloom BLOB NOT NULL)"
+        ),
+    )
+
+
 def _segment_schema(n: int) -> tuple[str, ...]:
     # `value` has no declared type on purpose: no affinity, so '123' and 123 stay apart.
     return (
@@ -174,13 +191,7 @@ def _segment_schema(n: int) -> tuple[str, ...]:
         )""",
         f"CREATE UNIQUE INDEX spans_{n}_trace ON spans_{n}(trace_id, span_id)",
         f"CREATE INDEX spans_{n}_start ON spans_{n}(start_ns)",
-        f"""CREATE TABLE attrs_{n} (
-            key TEXT NOT NULL,
-            value NOT NULL,
-            chunk INTEGER NOT NULL,
-            PRIMARY KEY (key, value, chunk)
-        ) WITHOUT ROWID""",
-        f"CREATE TABLE chunks_{n} (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL)",
+        *_chunks_schema(n),
         *_logs_schema(n),
     )
 
@@ -427,7 +438,7 @@ class _Segment:
     created_at: float
     last_write_at: float
     span_count: int
-    #: Spans with ids up to this one have their rows in ``attrs_N``.
+    #: Spans with ids up to this one are in a chunk of the attribute index.
     indexed_upto: int = 0
     max_id: int = 0
     #: The attribute terms of the spans after ``indexed_upto``, as the decoder collected
@@ -447,6 +458,8 @@ class _AttributeTerm:
     candidates: list[object]
     resource_ids: list[int]
     indexed: bool
+    #: The terms the value may be indexed under, one per candidate.
+    hashes: tuple[Term, ...] = ()
 
 
 #: Beyond this many chunks holding a value, listing their id ranges costs more than it
@@ -531,7 +544,6 @@ class SpanStore:
         max_pending_spans: int = 100_000,
         max_transaction_spans: int = 20_000,
         index_attributes: bool = True,
-        max_indexed_value_length: int = 256,
         index_chunk: int = 8192,
         index_delay: float = 1.0,
         query_timeout: float = 10.0,
@@ -541,7 +553,6 @@ class SpanStore:
         self.retention = retention or Retention()
         self.synchronous: Synchronous = synchronous
         self.index_attributes = index_attributes
-        self.max_indexed_value_length = max_indexed_value_length
         self.index_chunk = index_chunk
         self.index_delay = index_delay
         self.query_timeout = query_timeout
@@ -681,6 +692,8 @@ class SpanStore:
                     conn.execute(statement)
                 if version == 1:
                     _upgrade_from_1(conn)
+                if version in {1, 2}:
+                    _upgrade_from_2(conn)
                 conn.execute(f"PRAGMA application_id={_APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -906,12 +919,13 @@ class SpanStore:
     # --- the attribute index ---------------------------------------------------------
     #
     # Coarse on purpose: for each *chunk* of spans (a range of ids, at least
-    # ``index_chunk`` spans or what arrived in ``index_delay`` seconds), one row per
-    # distinct (key, value). Attributes repeat a lot across spans (db.system, http.route,
-    # an order id on every span of its trace), so this is many times fewer index rows
-    # than one per span and attribute; a search then checks the attribute JSON of the
-    # spans in the chunks that have the value, newest first, and stops at its limit.
-    # Spans not yet in a chunk are checked the same way.
+    # ``index_chunk`` spans or what arrived in ``index_delay`` seconds), one row with a
+    # Bloom filter of the chunk's distinct (key, value) terms (``_terms``). A row per term
+    # cost about as much as storing the span rows (two unique ids a span, in random
+    # order into a B-tree); a filter costs a few hashes a term. A search checks the
+    # attribute JSON of the spans in the chunks whose filter may have the value (about
+    # 1% of the others too), newest first, and stops at its limit. Spans not yet in a
+    # chunk are checked the same way.
 
     def _unindexed(self) -> int:
         return sum(s.max_id - s.indexed_upto for s in self._segments)
@@ -946,12 +960,11 @@ class SpanStore:
                 continue
             n, low, high = segment.id, segment.indexed_upto + 1, segment.max_id
             terms = segment.terms
-            longest = self.max_indexed_value_length
             conn.execute("BEGIN IMMEDIATE")
             try:
-                # One row per distinct (key, value) in the chunk, from the terms the
-                # decoder collected; spans stored before a restart have theirs read back
-                # from their attribute JSON, by the same function.
+                # The chunk's Bloom filter, from the terms the decoder collected; spans
+                # stored before a restart have theirs read back from their attribute
+                # JSON, by the same function.
                 if terms is None:
                     terms = set()
                     for (text,) in conn.execute(
@@ -960,15 +973,10 @@ class SpanStore:
                         (low, high),
                     ):
                         add_terms(terms, _loads(text, {}))
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO attrs_{n} (key, value, chunk) VALUES (?, ?, ?)",
-                    [
-                        (key, value, low)
-                        for key, value in terms
-                        if value.__class__ is not str or len(value) <= longest
-                    ],
+                bloom = make_bloom(terms, bloom_bits(len(terms)))
+                conn.execute(
+                    f"INSERT INTO chunks_{n} (lo, hi, bloom) VALUES (?, ?, ?)", (low, high, bloom)
                 )
-                conn.execute(f"INSERT INTO chunks_{n} (lo, hi) VALUES (?, ?)", (low, high))
                 conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (high, n))
                 conn.execute("COMMIT")
             except BaseException:
@@ -1027,7 +1035,7 @@ class SpanStore:
         n = segment.id
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(f"DROP TABLE IF EXISTS attrs_{n}")
+            conn.execute(f"DROP TABLE IF EXISTS attrs_{n}")  # schema 2 and before
             conn.execute(f"DROP TABLE IF EXISTS chunks_{n}")
             conn.execute(f"DROP TABLE IF EXISTS spans_{n}")
             conn.execute(f"DROP TABLE IF EXISTS logs_{n}")
@@ -1216,8 +1224,12 @@ class SpanStore:
                     (key, *candidates),
                 )
             ]
-            indexed = self.index_attributes and len(value) <= self.max_indexed_value_length
-            terms.append(_AttributeTerm(key, candidates, resource_ids, indexed=indexed))
+            hashes = tuple(term_hash(key, candidate) for candidate in candidates)  # type: ignore[arg-type]
+            terms.append(
+                _AttributeTerm(
+                    key, candidates, resource_ids, indexed=self.index_attributes, hashes=hashes
+                )
+            )
         return terms
 
     def _attribute_clause(
@@ -1233,11 +1245,11 @@ class SpanStore:
         )
         params: list[object] = [term.key, *term.candidates]
         if term.indexed:
-            ranges = conn.execute(
-                f"SELECT c.lo, c.hi FROM attrs_{n} AS a JOIN chunks_{n} AS c ON c.lo = a.chunk"
-                f" WHERE a.key = ? AND a.value IN ({marks})",
-                (term.key, *term.candidates),
-            ).fetchall()
+            ranges = [
+                (lo, hi)
+                for lo, hi, bloom in conn.execute(f"SELECT lo, hi, bloom FROM chunks_{n}")
+                if any(might_contain(bloom, h) for h in term.hashes)
+            ]
             where = [f"s.id > {int(indexed_upto)}"]
             if len(ranges) <= _MAX_CHUNK_RANGES:
                 where += [f"s.id BETWEEN {int(lo)} AND {int(hi)}" for lo, hi in ranges]
@@ -1535,6 +1547,18 @@ def _logs_only_trace(trace_id: bytes, logs: list[LogRecord]) -> Trace:
         root_missing=True,
     )
     return Trace(trace_id.hex(), summary, [], {}, logs)
+
+
+def _upgrade_from_2(conn: sqlite3.Connection) -> None:
+    """Schema 2 to 3, in the caller's transaction: the attribute index's rows give way to
+    a Bloom filter per chunk. Every segment's index is dropped and rebuilt by the indexer
+    from the stored attributes; until then, searches read the spans themselves."""
+    for (n,) in conn.execute("SELECT id FROM segments").fetchall():
+        conn.execute(f"DROP TABLE IF EXISTS attrs_{n}")
+        conn.execute(f"DROP TABLE IF EXISTS chunks_{n}")
+        for statement in _chunks_schema(n):
+            conn.execute(statement)
+    conn.execute("UPDATE segments SET indexed_upto = 0")
 
 
 def _upgrade_from_1(conn: sqlite3.Connection) -> None:
