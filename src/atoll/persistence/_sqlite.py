@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from atoll.determinism import Clock, SystemClock
 from atoll.persistence._base import (
@@ -113,8 +113,10 @@ def _begin_without_waiting(conn: sqlite3.Connection, busy_timeout: float) -> boo
     return True
 
 
-def _none(value: None) -> None:
-    return value
+#: The adapter for ``None``: ``{}.get(None)`` is ``None``, and a method in C costs less
+#: than a Python function (about 600 instructions a call against 1,400).
+_NO_ADAPTERS: Final[dict[None, None]] = {}
+_none: Final = _NO_ADAPTERS.get
 
 
 def register_identity_adapters() -> None:

@@ -370,3 +370,20 @@ def test_int64_extremes_and_a_negative_kind():
     assert raw  # ten bytes of varint: read as int64
     span.kind = -1  # type: ignore[assignment]
     assert_same(make_request("svc", [span]).SerializeToString())
+
+
+@pytest.mark.parametrize("special", ['"', "\\", "\x00", "\x1f", "\n", "\x7f", "é", "😀"])
+def test_a_character_to_escape_is_found_at_any_position(special):
+    # The C walk copies eight bytes at a time when none needs escaping.
+    spans = [
+        make_span(
+            trace_id(i + 1),
+            span_id(i + 1),
+            name=("a" * i + special + "b" * (17 - i)),
+            attributes={"k": "x" * i + special + "y" * (17 - i)},
+        )
+        for i in range(18)
+    ]
+    batch = assert_same(make_request("svc", spans).SerializeToString())
+    assert isinstance(batch, DecodedBatch)
+    assert len(batch.spans) == 18

@@ -60,11 +60,12 @@ except ImportError:  # built without a C compiler (hatch_build.py): Python decod
 #: Whether the C span decoder was built and is used by default.
 NATIVE: Final = _native is not None
 
-#: A span as stored: see ``_store._SPAN_COLUMNS`` for the order.
+#: A span as stored: see ``_store._SPAN_COLUMNS`` for the order. The C decoder gives the
+#: ids as ``bytearray``, which SQLite binds without an adapter call (equal to the bytes).
 SpanRow = tuple[
-    bytes,  # trace_id
-    bytes,  # span_id
-    bytes | None,  # parent_id
+    bytes | bytearray,  # trace_id
+    bytes | bytearray,  # span_id
+    bytes | bytearray | None,  # parent_id
     int,  # resource_id
     int,  # scope_id
     str,  # name
