@@ -136,7 +136,7 @@ def test_values_are_kept_with_their_types():
     batch = decoder.convert(
         make_request("svc", [make_span(trace_id(), span_id(), attributes=attributes)])
     )
-    stored = json.loads(batch.spans[0][13])
+    stored = json.loads(batch.spans[0][11])
     assert stored == {
         "s": "text",
         "i": -(2**63),

@@ -60,9 +60,12 @@ except ImportError:  # built without a C compiler (hatch_build.py): Python decod
 #: Whether the C span decoder was built and is used by default.
 NATIVE: Final = _native is not None
 
-#: A span as stored: see ``_store._SPAN_COLUMNS`` for the order. The C decoder gives the
+#: A span as stored: see ``_store._INSERT_COLUMNS`` for the order. The C decoder gives the
 #: ids as ``bytearray``, which SQLite binds without an adapter call (equal to the bytes).
-SpanRow = tuple[
+#: A span with none of the usual NULLs' values (a status message, a trace state, events,
+#: links, dropped counts) is a *short* row, without them: each NULL bound costs an
+#: adapter call, five of them more than a tenth of storing the span.
+ShortSpanRow = tuple[
     bytes | bytearray,  # trace_id
     bytes | bytearray,  # span_id
     bytes | bytearray | None,  # parent_id
@@ -73,14 +76,31 @@ SpanRow = tuple[
     int,  # start_ns
     int,  # duration_ns
     int,  # status code
-    str | None,  # status message
-    str | None,  # trace_state
     int,  # flags
     str | None,  # attributes (JSON object)
+]
+FullSpanRow = tuple[
+    bytes | bytearray,  # trace_id
+    bytes | bytearray,  # span_id
+    bytes | bytearray | None,  # parent_id
+    int,  # resource_id
+    int,  # scope_id
+    str,  # name
+    int,  # kind
+    int,  # start_ns
+    int,  # duration_ns
+    int,  # status code
+    int,  # flags
+    str | None,  # attributes (JSON object)
+    str | None,  # status message
+    str | None,  # trace_state
     str | None,  # events (JSON array)
     str | None,  # links (JSON array)
     str | None,  # dropped counts (JSON object)
 ]
+SpanRow = ShortSpanRow | FullSpanRow
+#: The length of a short row.
+SHORT_ROW: Final = 12
 
 #: A log record as stored: see ``_store._LOG_COLUMNS`` for the order.
 LogRow = tuple[
@@ -176,6 +196,20 @@ class DecodedBatch:
         parts = [f"{count} with {_REASONS[reason]}" for reason, count in self.reasons.items()]
         noun = self.noun if self.rejected == 1 else f"{self.noun}s"
         return f"{self.rejected} {noun} rejected: " + "; ".join(parts)
+
+
+def _full_row(  # noqa: PLR0917 - the five usually NULL fields
+    row: ShortSpanRow,
+    message: str,
+    trace_state: str,
+    events: str | None,
+    links: str | None,
+    dropped: str | None,
+) -> SpanRow:
+    """``row`` as it is, or with the five usually NULL fields if one of them is not."""
+    if message or trace_state or events is not None or links is not None or dropped is not None:
+        return (*row, message or None, trace_state or None, events, links, dropped)
+    return row
 
 
 class Interner:
@@ -653,22 +687,25 @@ class OTLPDecoder:
                                 zip(("attributes", "events", "links"), dropped_counts, strict=True)
                             )
                         )
+                    row: ShortSpanRow = (
+                        trace_id,
+                        span_id,
+                        parent,
+                        resource_id,
+                        scope_id,
+                        name,
+                        kind,
+                        start,
+                        end - start if end > start else 0,
+                        code,
+                        flags,
+                        _json_text(attributes) if attributes else None,
+                    )
                     rows.append(
-                        (
-                            trace_id,
-                            span_id,
-                            parent,
-                            resource_id,
-                            scope_id,
-                            name,
-                            kind,
-                            start,
-                            end - start if end > start else 0,
-                            code,
-                            message or None,
-                            trace_state or None,
-                            flags,
-                            _json_text(attributes) if attributes else None,
+                        _full_row(
+                            row,
+                            message,
+                            trace_state,
                             _json_text(events) if events else None,
                             _json_text(links) if links else None,
                             dropped,
@@ -842,22 +879,25 @@ class OTLPDecoder:
                 }
             )
         status = span.status
+        row: ShortSpanRow = (
+            trace_id,
+            span.span_id,
+            parent,
+            resource_id,
+            scope_id,
+            name,
+            span.kind,
+            start,
+            end - start if end > start else 0,
+            status.code,
+            span.flags,
+            attribute_json,
+        )
         batch.spans.append(
-            (
-                trace_id,
-                span.span_id,
-                parent,
-                resource_id,
-                scope_id,
-                name,
-                span.kind,
-                start,
-                end - start if end > start else 0,
-                status.code,
-                status.message or None,
-                span.trace_state or None,
-                span.flags,
-                attribute_json,
+            _full_row(
+                row,
+                status.message,
+                span.trace_state,
                 events_json(events) if events else None,
                 links_json(links) if links else None,
                 dropped,

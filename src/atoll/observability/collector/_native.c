@@ -730,7 +730,13 @@ static int decode_span(Context *ctx, Slice raw) {
     if (done < 0) return -1;
     if (done == 0) return slow_span(ctx, raw);
 
-    PyObject *row = PyTuple_New(17);
+    /* A short row (12 fields) unless the span has one of the five usually NULL fields:
+     * each NULL bound costs an adapter call (see ShortSpanRow in _decode.py). */
+    int dropped = span.dropped_attributes || span.dropped_events || span.dropped_links;
+    int full = span.status_message.len || span.trace_state.len || span.event_count ||
+               span.link_count || dropped;
+    Py_ssize_t size = full ? 17 : 12;
+    PyObject *row = PyTuple_New(size);
     if (row == NULL) return -1;
     /* Ids as bytearray: CPython's sqlite3 binds a bytearray as it is, where bytes cost an
      * adapter lookup and call each (about 1,300 instructions). They compare equal. */
@@ -754,31 +760,34 @@ static int decode_span(Context *ctx, Slice raw) {
     PyTuple_SET_ITEM(row, 8,
                      PyLong_FromUnsignedLongLong(span.end > span.start ? span.end - span.start : 0));
     PyTuple_SET_ITEM(row, 9, PyLong_FromUnsignedLongLong(span.status_code));
-    PyTuple_SET_ITEM(row, 10, optional_text(span.status_message));
-    PyTuple_SET_ITEM(row, 11, optional_text(span.trace_state));
-    PyTuple_SET_ITEM(row, 12, PyLong_FromUnsignedLongLong(span.flags));
-    PyTuple_SET_ITEM(row, 13, span.attribute_count ? buffer_text(&ctx->attributes)
+    PyTuple_SET_ITEM(row, 10, PyLong_FromUnsignedLongLong(span.flags));
+    PyTuple_SET_ITEM(row, 11, span.attribute_count ? buffer_text(&ctx->attributes)
                                                    : Py_NewRef(Py_None));
-    PyTuple_SET_ITEM(row, 14, span.event_count ? buffer_text(&ctx->events) : Py_NewRef(Py_None));
-    PyTuple_SET_ITEM(row, 15, span.link_count ? buffer_text(&ctx->links) : Py_NewRef(Py_None));
-    if (span.dropped_attributes || span.dropped_events || span.dropped_links) {
-        Buffer *json = &ctx->scratch;
-        json->len = 0;
-        if (BUFFER_LITERAL(json, "{\"attributes\":") < 0 ||
-            buffer_unsigned(json, span.dropped_attributes) < 0 ||
-            BUFFER_LITERAL(json, ",\"events\":") < 0 ||
-            buffer_unsigned(json, span.dropped_events) < 0 ||
-            BUFFER_LITERAL(json, ",\"links\":") < 0 ||
-            buffer_unsigned(json, span.dropped_links) < 0 || BUFFER_LITERAL(json, "}") < 0) {
-            Py_XDECREF(name);
-            Py_DECREF(row);
-            return -1;
+    if (full) {
+        PyTuple_SET_ITEM(row, 12, optional_text(span.status_message));
+        PyTuple_SET_ITEM(row, 13, optional_text(span.trace_state));
+        PyTuple_SET_ITEM(row, 14,
+                         span.event_count ? buffer_text(&ctx->events) : Py_NewRef(Py_None));
+        PyTuple_SET_ITEM(row, 15, span.link_count ? buffer_text(&ctx->links) : Py_NewRef(Py_None));
+        if (dropped) {
+            Buffer *json = &ctx->scratch;
+            json->len = 0;
+            if (BUFFER_LITERAL(json, "{\"attributes\":") < 0 ||
+                buffer_unsigned(json, span.dropped_attributes) < 0 ||
+                BUFFER_LITERAL(json, ",\"events\":") < 0 ||
+                buffer_unsigned(json, span.dropped_events) < 0 ||
+                BUFFER_LITERAL(json, ",\"links\":") < 0 ||
+                buffer_unsigned(json, span.dropped_links) < 0 || BUFFER_LITERAL(json, "}") < 0) {
+                Py_XDECREF(name);
+                Py_DECREF(row);
+                return -1;
+            }
+            PyTuple_SET_ITEM(row, 16, buffer_text(json));
+        } else {
+            PyTuple_SET_ITEM(row, 16, Py_NewRef(Py_None));
         }
-        PyTuple_SET_ITEM(row, 16, buffer_text(json));
-    } else {
-        PyTuple_SET_ITEM(row, 16, Py_NewRef(Py_None));
     }
-    for (Py_ssize_t i = 0; i < 17; i++) {
+    for (Py_ssize_t i = 0; i < size; i++) {
         if (PyTuple_GET_ITEM(row, i) == NULL) {
             Py_XDECREF(name);
             Py_DECREF(row);

@@ -49,6 +49,7 @@ import msgspec
 
 from atoll.determinism import Clock, SystemClock
 from atoll.observability.collector._decode import (
+    SHORT_ROW,
     DecodedBatch,
     Interner,
     LogRow,
@@ -116,6 +117,16 @@ _GLOBAL_SCHEMA: Final = (
     ) WITHOUT ROWID""",
 )
 
+#: The columns of a span row as the decoder gives it (``_decode.SpanRow``): a short row
+#: has the first ``SHORT_ROW`` of them; the rest are NULL.
+_INSERT_COLUMNS: Final = (
+    "trace_id, span_id, parent_id, resource_id, scope_id, name, kind, start_ns,"
+    " duration_ns, status, flags, attributes, status_message, trace_state, events, links,"
+    " dropped"
+)
+_INSERT_SHORT: Final = ", ".join(_INSERT_COLUMNS.split(", ")[:SHORT_ROW])
+
+#: The columns the reader selects (``_trace_sync``).
 _SPAN_COLUMNS: Final = (
     "trace_id, span_id, parent_id, resource_id, scope_id, name, kind, start_ns,"
     " duration_ns, status, status_message, trace_state, flags, attributes, events, links,"
@@ -799,7 +810,7 @@ class SpanStore:
             if self.index_attributes and self._unindexed() >= self.index_chunk:
                 await self._index()
 
-    def _write_sync(self, batches: Sequence[DecodedBatch], size: int, now: float) -> int:
+    def _write_sync(self, batches: Sequence[DecodedBatch], size: int, now: float) -> int:  # noqa: C901 - one transaction, in order
         """Store the batches in one transaction; returns how many spans were inserted
         (the rest were duplicates). Every log record is inserted."""
         conn = self._conn
@@ -839,14 +850,23 @@ class SpanStore:
             inserted = 0
             if with_spans:
                 before = conn.execute(f"SELECT coalesce(max(id), 0) FROM spans_{n}").fetchone()[0]
-                rows: Iterable[SpanRow] = itertools.chain.from_iterable(b.spans for b in with_spans)
-                min_start = min(min(row[7] for row in b.spans) for b in with_spans)
-                max_start = max(max(row[7] for row in b.spans) for b in with_spans)
+                rows: list[SpanRow] = list(
+                    itertools.chain.from_iterable(b.spans for b in with_spans)
+                )
+                min_start = min(row[7] for row in rows)
+                max_start = max(row[7] for row in rows)
+                short = [row for row in rows if len(row) == SHORT_ROW]
                 inserted = conn.executemany(
-                    f"INSERT OR IGNORE INTO spans_{n} ({_SPAN_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
+                    f"INSERT OR IGNORE INTO spans_{n} ({_INSERT_SHORT})"
+                    f" VALUES ({_marks(range(SHORT_ROW))})",
+                    short,
                 ).rowcount
+                if len(short) < len(rows):
+                    inserted += conn.executemany(
+                        f"INSERT OR IGNORE INTO spans_{n} ({_INSERT_COLUMNS})"
+                        f" VALUES ({_marks(range(17))})",
+                        [row for row in rows if len(row) != SHORT_ROW],
+                    ).rowcount
                 conn.execute(
                     "UPDATE segments SET span_count = span_count + ?, last_write_at = ?,"
                     " min_start_ns = min(coalesce(min_start_ns, ?), ?),"
