@@ -387,3 +387,60 @@ def test_a_character_to_escape_is_found_at_any_position(special):
     batch = assert_same(make_request("svc", spans).SerializeToString())
     assert isinstance(batch, DecodedBatch)
     assert len(batch.spans) == 18
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def _ld(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+@pytest.mark.parametrize("where", ["event", "link", "resource", "scope", "span"])
+def test_nesting_is_limited_from_the_request_as_upb_limits_it(where):
+    # Parts handed to upb are parsed inside the messages that hold them: a value nested
+    # just under upb's limit counted from a part, over it counted from the request, must
+    # be a 400 both ways (found by a review: the C path accepted it).
+    for depth in range(40, 52):
+        value = _ld(1, b"x")
+        for _ in range(depth):
+            value = _ld(5, _ld(1, value))  # an array holding the value
+        kv = _ld(1, b"k") + _ld(2, value)
+        span = _ld(1, trace_id(1)) + _ld(2, span_id(2)) + _ld(5, b"op")
+        resource = _ld(1, _ld(1, b"service.name") + _ld(2, _ld(1, b"svc")))
+        scope = _ld(1, b"lib")
+        if where == "event":
+            span += _ld(11, _ld(2, b"e") + _ld(3, kv))
+        elif where == "link":
+            span += _ld(13, _ld(1, trace_id(3)) + _ld(2, span_id(4)) + _ld(4, kv))
+        elif where == "resource":
+            resource += _ld(1, kv)
+        elif where == "scope":
+            scope += _ld(3, kv)
+        else:
+            span += _ld(9, kv)
+        body = _ld(1, _ld(1, resource) + _ld(2, _ld(1, scope) + _ld(2, span)))
+        assert_same(body)
+
+
+def test_a_long_string_costs_memory_in_proportion():
+    import tracemalloc  # noqa: PLC0415
+
+    span = make_span(trace_id(1), span_id(1), attributes={"big": "x" * 4_000_000})
+    body = make_request("svc", [span]).SerializeToString()
+    decoder = OTLPDecoder(Interner(), Interner())
+    tracemalloc.start()
+    try:
+        decoder.decode_protobuf(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The JSON text and its buffer: about twice the string, not six times (a review
+    # found every string reserved six bytes a byte).
+    assert peak < 3 * len(body)

@@ -560,3 +560,47 @@ async def test_a_schema_2_file_gets_filters_rebuilt_from_its_rows(db_path):
     assert "attrs_1" not in tables
     assert version == 3
     assert might_contain(bloom, term_hash("order.id", "O-2"))
+
+
+async def test_spans_read_back_are_indexed_in_chunks_of_index_chunk(db_path):
+    store = SpanStore(db_path, index_chunk=100, index_delay=3600)
+    await store.open()
+    decoder = OTLPDecoder(store.resources, store.scopes)
+    for b in range(5):
+        spans = [
+            make_span(trace_id(), span_id(), attributes={"order.id": f"O-{b}-{i}"})
+            for i in range(100)
+        ]
+        batch = decoder.convert(make_request("svc", spans))
+        batch.terms = None  # as after a restart: the indexer reads the rows
+        await store.write(batch)
+    await store.index_now()
+    try:
+        assert len(await found(store, attributes=(("order.id", "O-3-7"),))) == 1
+    finally:
+        await store.close()
+    with sqlite3.connect(db_path) as conn:
+        chunks = conn.execute("SELECT lo, hi FROM chunks_1 ORDER BY lo").fetchall()
+    conn.close()
+    # One chunk (and one short transaction) per 100 spans, not one for the segment.
+    assert chunks == [(1 + 100 * i, 100 * (i + 1)) for i in range(5)]
+
+
+async def test_arrays_and_maps_are_not_searched_by_their_json_indexed_or_not(db_path):
+    # The index holds scalars; the JSON check looks at scalars too, so a search gives the
+    # same answer before the spans are indexed and after (a review found it did not).
+    store = SpanStore(db_path, index_delay=3600)
+    await store.open()
+    try:
+        await put(
+            store,
+            "svc",
+            [make_span(trace_id(), span_id(), attributes={"k": [1, 2], "m": {"a": 1}, "s": "v"})],
+        )
+        for _ in range(2):
+            assert await found(store, attributes=(("k", "[1,2]"),)) == []
+            assert await found(store, attributes=(("m", '{"a":1}'),)) == []
+            assert len(await found(store, attributes=(("s", "v"),))) == 1
+            await store.index_now()
+    finally:
+        await store.close()

@@ -910,15 +910,20 @@ class OTLPDecoder:
         is unusual and it must be decoded in Python."""
         batch = DecodedBatch(terms=set() if self._collect_terms else None)
 
+        # Each part is parsed inside the messages that hold it in the request, as a
+        # parse of the whole request would: upb's nesting limit counts from the root.
         def resource(raw: bytes) -> tuple[int, str]:
-            resource_id = self._resource(_parse_protobuf(Resource, raw), batch)
+            request = _parse_protobuf(_RawExportTraceServiceRequest, _nest(raw, 1, 1))
+            resource_id = self._resource(request.resource_spans[0].resource, batch)
             return resource_id, batch.resources[resource_id].service
 
         def scope(raw: bytes) -> int:
-            return self._scope(_parse_protobuf(InstrumentationScope, raw), batch)
+            request = _parse_protobuf(_RawExportTraceServiceRequest, _nest(raw, 1, 2, 1))
+            return self._scope(request.resource_spans[0].scope_spans[0].scope, batch)
 
         def slow_span(raw: bytes, resource_id: int, scope_id: int, service: str) -> None:
-            span = _parse_protobuf(_RawSpan, raw)
+            request = _parse_protobuf(_RawExportTraceServiceRequest, _nest(raw, 2, 2, 1))
+            span = request.resource_spans[0].scope_spans[0].spans[0]
             self._convert_span(span, resource_id, scope_id, service, batch, True)
 
         assert _native is not None
@@ -927,6 +932,24 @@ class OTLPDecoder:
         ):
             return batch
         return None
+
+
+def _nest(raw: bytes, *fields: int) -> bytes:
+    """``raw`` as field ``fields[0]`` of a message that is field ``fields[1]`` of another,
+    and so on outwards (protobuf's wire format: a tag, a length, the bytes)."""
+    for number in fields:
+        size = len(raw)
+        length = bytearray()
+        while True:
+            byte = size & 0x7F
+            size >>= 7
+            if size:
+                length.append(byte | 0x80)
+            else:
+                length.append(byte)
+                break
+        raw = bytes([number << 3 | 2]) + bytes(length) + raw
+    return raw
 
 
 # --- OTLP/JSON ids -------------------------------------------------------------------

@@ -960,7 +960,8 @@ class SpanStore:
 
     async def index_now(self) -> None:
         """Index the attributes of every span stored so far."""
-        await self._in_writer(self._index_sync)
+        while self._unindexed():
+            await self._in_writer(self._index_sync)
 
     async def _index_loop(self) -> None:
         while True:
@@ -978,33 +979,48 @@ class SpanStore:
         for segment in list(self._segments):
             if segment.max_id <= segment.indexed_upto:
                 continue
-            n, low, high = segment.id, segment.indexed_upto + 1, segment.max_id
-            terms = segment.terms
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                # The chunk's Bloom filter, from the terms the decoder collected; spans
-                # stored before a restart have theirs read back from their attribute
-                # JSON, by the same function.
-                if terms is None:
-                    terms = set()
-                    for (text,) in conn.execute(
-                        f"SELECT attributes FROM spans_{n}"
-                        " WHERE id BETWEEN ? AND ? AND attributes IS NOT NULL",
-                        (low, high),
-                    ):
-                        add_terms(terms, _loads(text, {}))
-                bloom = make_bloom(terms, bloom_bits(len(terms)))
-                conn.execute(
-                    f"INSERT INTO chunks_{n} (lo, hi, bloom) VALUES (?, ?, ?)", (low, high, bloom)
-                )
-                conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (high, n))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            segment.indexed_upto = high
-            segment.terms = set()
+            if segment.terms is not None:
+                # The terms the decoder collected: one chunk for all the spans after the
+                # last one (``index_chunk`` of them, or what came within ``index_delay``).
+                self._add_chunk_sync(conn, segment, segment.max_id, segment.terms)
+                segment.terms = set()
+            else:
+                # Spans stored before a restart (or by an older version): their terms are
+                # read back from their attribute JSON, by the same function, one chunk of
+                # ``index_chunk`` spans a call, so that the writer (whose thread this is)
+                # stores what arrives between two chunks.
+                low = segment.indexed_upto + 1
+                high = min(segment.max_id, low + self.index_chunk - 1)
+                terms: set[Term] = set()
+                for (text,) in conn.execute(
+                    f"SELECT attributes FROM spans_{segment.id}"
+                    " WHERE id BETWEEN ? AND ? AND attributes IS NOT NULL",
+                    (low, high),
+                ):
+                    add_terms(terms, _loads(text, {}))
+                self._add_chunk_sync(conn, segment, high, terms)
+                if segment.indexed_upto == segment.max_id:
+                    segment.terms = set()  # caught up: the decoder's terms from now on
+
+    def _add_chunk_sync(
+        self, conn: sqlite3.Connection, segment: _Segment, high: int, terms: set[Term]
+    ) -> None:
+        """Index the spans of ``segment`` after ``indexed_upto`` up to ``high``: one row
+        with the Bloom filter of their ``terms``."""
+        n, low = segment.id, segment.indexed_upto + 1
+        bloom = make_bloom(terms, bloom_bits(len(terms)))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                f"INSERT INTO chunks_{n} (lo, hi, bloom) VALUES (?, ?, ?)", (low, high, bloom)
+            )
+            conn.execute("UPDATE segments SET indexed_upto = ? WHERE id = ?", (high, n))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        segment.indexed_upto = high
 
     # --- retention ----------------------------------------------------------------
 
@@ -1259,9 +1275,12 @@ class SpanStore:
         (looked at only in the chunks whose index says so, and in the tail not indexed
         yet), or its resource has it."""
         marks = _marks(term.candidates)
+        # Scalars only, as the index holds them: json_each gives an array or a map as its
+        # JSON text, which the index does not hold (a search for it would find spans not
+        # indexed yet, and none once they are).
         has = (
             f"EXISTS (SELECT 1 FROM json_each(s.attributes) AS j WHERE j.key = ?"
-            f" AND {_INDEXED_VALUE} IN ({marks}))"
+            f" AND j.type NOT IN ('array', 'object') AND {_INDEXED_VALUE} IN ({marks}))"
         )
         params: list[object] = [term.key, *term.candidates]
         if term.indexed:
