@@ -6,7 +6,9 @@ In one process, no HTTP: consumer spans as atoll's services make them (the runti
 eight messaging attributes, random message and conversation ids), encoded by atoll's
 exporter into requests of 512 spans, as ``benchmarks/tracing.py`` sends them.
 
-* ``decode-raw-vs-upb``: µs of CPU per span to turn a request into rows,
+* ``decode-c-vs-python``: µs of CPU per span to turn a request into rows, the C walk
+  (``_native.c``, the default) against the Python decoder below.
+* ``decode-raw-vs-upb``: µs of CPU per span to turn a request into rows in Python,
   ``OTLPDecoder.decode_protobuf`` (attributes read from their raw bytes) against upb's
   full parse of the same request then the same conversion (how it was done before).
 * ``store-10k-vs-100k-segments``: µs of CPU per span (all threads) for
@@ -94,17 +96,22 @@ def request_bodies(count: int) -> list[bytes]:
     return [encode_encoded(spans[i : i + BATCH]) for i in range(0, len(spans), BATCH)]
 
 
-def decode_cost(bodies: list[bytes], count: int) -> tuple[float, float]:
+def decode_cost(bodies: list[bytes], count: int) -> tuple[float, float, float]:
+    """µs of CPU a span: the C walk, the Python decoder, upb's full parse then Python."""
+    results = []
+    for native in (True, False):
+        decoder = OTLPDecoder(Interner(), Interner(), native=native)
+        start = time.process_time()
+        for body in bodies:
+            decoder.decode_protobuf(body)
+        results.append(time.process_time() - start)
     decoder = OTLPDecoder(Interner(), Interner())
     start = time.process_time()
     for body in bodies:
-        decoder.decode_protobuf(body)
-    raw = time.process_time() - start
-    start = time.process_time()
-    for body in bodies:
         decoder.convert(ExportTraceServiceRequest.FromString(body))
-    upb = time.process_time() - start
-    return raw / count * 1e6, upb / count * 1e6
+    results.append(time.process_time() - start)
+    native, raw, upb = (elapsed / count * 1e6 for elapsed in results)
+    return native, raw, upb
 
 
 def bind_cost(bodies: list[bytes]) -> float:
@@ -178,8 +185,11 @@ def main() -> None:
     args = parser.parse_args()
     count = 60_000 if args.quick else 200_000
     bodies = request_bodies(count)
-    raw, upb = decode_cost(bodies, count)
-    print(f"decode: raw attributes {raw:.2f} us/span, upb's full parse {upb:.2f}")
+    native, raw, upb = decode_cost(bodies, count)
+    print(
+        f"decode: C {native:.2f} us/span, Python with raw attributes {raw:.2f},"
+        f" upb's full parse {upb:.2f}"
+    )
     # Alternated, best of three each: the first inserts of a process also pay for memory.
     binds = [(bind_cost(bodies), stock_bind_cost(bodies)) for _ in range(3)]
     adapted, stock = min(a for a, _ in binds), min(s for _, s in binds)
@@ -193,6 +203,12 @@ def main() -> None:
             f" segments, a trace looked up in {result['get_trace_ms']:.1f} ms"
         )
     cases = {
+        "decode-c-vs-python": {
+            "atoll": round(native, 2),
+            "peer": round(raw, 2),
+            "unit": "us of CPU per span",
+            "ratio": round(raw / native, 3),
+        },
         "decode-raw-vs-upb": {
             "atoll": round(raw, 2),
             "peer": round(upb, 2),
