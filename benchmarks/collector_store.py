@@ -9,7 +9,7 @@ exporter into requests of 512 spans, as ``benchmarks/tracing.py`` sends them.
 * ``decode-c-vs-python``: µs of CPU per span to turn a request into rows, the C walk
   (``_native.c``, the default) against the Python decoder below.
 * ``decode-raw-vs-upb``: µs of CPU per span to turn a request into rows in Python,
-  ``OTLPDecoder.decode_protobuf`` (attributes read from their raw bytes) against upb's
+  ``OTLPDecoder(native=False).decode_protobuf`` (attributes read from their raw bytes) against upb's
   full parse of the same request then the same conversion (how it was done before).
 * ``store-10k-vs-100k-segments``: µs of CPU per span (all threads) for
   ``SpanStore.write``, one request at a time, attribute index on, with the default cap of
