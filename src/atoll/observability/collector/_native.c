@@ -192,29 +192,12 @@ static int buffer_add(Buffer *b, const char *text, Py_ssize_t len) {
 
 static const char HEX[] = "0123456789abcdef";
 
-/* A JSON string as msgspec writes it: '"' and '\' escaped, control characters as \b \t
- * \n \f \r or \u00xx, everything else (0x7F and non-ASCII included) as it is. */
-/* The bytes `s` takes as a JSON string, quotes included (see buffer_json_string). */
-static Py_ssize_t json_string_size(Slice s) {
-    Py_ssize_t size = s.len + 2;
-    for (Py_ssize_t i = 0; i < s.len; i++) {
-        if (s.len - i >= 8 && !needs_escape(load64(s.data + i))) {
-            i += 7;
-            continue;
-        }
-        uint8_t c = s.data[i];
-        if (c == '"' || c == '\\' || c == '\b' || c == '\t' || c == '\n' || c == '\f' ||
-            c == '\r')
-            size += 1;
-        else if (c < 0x20)
-            size += 5;
-    }
-    return size;
-}
-
+/* A JSON string as msgspec writes it: '"' and '\\' escaped, control characters as \b \t
+ * \n \f \r or \u00xx, everything else (0x7F and non-ASCII included) as it is. Room for
+ * the string as it is, then for each escape as it comes: a long string must not make the
+ * buffer six times its size. */
 static int buffer_json_string(Buffer *b, Slice s) {
-    /* Exactly what it needs: a long string must not make every buffer six times larger. */
-    if (buffer_reserve(b, json_string_size(s)) < 0) return -1;
+    if (buffer_reserve(b, s.len + 2) < 0) return -1;
     char *out = b->data + b->len;
     *out++ = '"';
     for (Py_ssize_t i = 0; i < s.len; i++) {
@@ -229,6 +212,10 @@ static int buffer_json_string(Buffer *b, Slice s) {
             *out++ = (char)c;
             continue;
         }
+        /* An escape (six bytes at most), the rest of the string and the closing quote. */
+        b->len = out - b->data;
+        if (buffer_reserve(b, 6 + (s.len - i - 1) + 1) < 0) return -1;
+        out = b->data + b->len;
         *out++ = '\\';
         switch (c) {
         case '"': *out++ = '"'; break;
