@@ -142,13 +142,13 @@ def requests(draw: st.DrawFn) -> ExportTraceServiceRequest:
     return request
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(requests(), st.booleans())
 def test_generated_requests_decode_as_in_python(request, terms):
     assert_same(request.SerializeToString(), terms=terms)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(requests(), st.data())
 def test_mutated_requests_decode_as_in_python(request, data):
     body = bytearray(request.SerializeToString())
